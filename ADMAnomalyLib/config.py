@@ -1,0 +1,151 @@
+"""Configuration dataclasses and named presets.
+
+The ``paper`` preset holds the settings of Kim et al. (2021) exactly as ``method.md`` gives them;
+``small`` keeps every paper choice except the CtoC width and epochs so it trains on a 2-core CPU;
+``tiny`` exists for tests. Every size the method names is a field here, never a literal in code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTRASTS: tuple[str, ...] = ("flair", "t1", "t1c", "t2")
+"""Canonical contrast order of the four input channels."""
+
+
+@dataclass
+class PreprocessConfig:
+    """How a case becomes network input."""
+
+    image_size: int = 128
+    """Side of the square slice the networks see (bilinear resize)."""
+    pad_to_square: bool = True
+    """Zero-pad non-square slices before resizing so the anatomy keeps its aspect ratio."""
+    orientation: str = "LPS"
+    """Canonical orientation (SimpleITK DICOMOrient code) every case is brought to before slicing,
+    so that axial slices and in-plane directions follow the direction cosines, not the array order."""
+    brain_threshold: float = 0.0
+    """A voxel is brain when |value| > this in any contrast (used when no mask is supplied)."""
+    min_brain_pixels: int = 64
+    """A slice with fewer brain pixels (at network resolution) is treated as containing no brain."""
+    grid_tolerance: float = 1e-4
+    """Relative tolerance when comparing spacing, origin and direction of the four contrasts."""
+
+
+@dataclass
+class ModelConfig:
+    """Network and mixture sizes (method.md, 'Networks')."""
+
+    n_contrasts: int = 4
+    ctoc_width: int = 64
+    """Width of the CtoC stem; doubled by each of the two stride-2 convs (64 -> 128 -> 256)."""
+    ctoc_res_blocks: int = 4
+    ctoc_stem_kernel: int = 7
+    median_bias: bool = True
+    """Feed the median map to CtoC's last layer as an intensity bias (method.md)."""
+    dr_encoder_widths: tuple[int, ...] = (16, 8)
+    dr_latent: int = 3
+    dr_decoder_widths: tuple[int, ...] = (8, 16)
+    de_hidden: int = 8
+    de_dropout: float = 0.5
+    n_components: int = 6
+    eps: float = 1e-6
+    """Lower bound on covariance eigenvalues: Lambda_p = ReLU(Lambda - eps) + eps."""
+    use_ctoc: bool = True
+    """Include Z_ct in the density features (False gives the ADM_dr ablation)."""
+    use_dr: bool = True
+    """Include Z_dr in the density features (False gives the ADM_ct ablation)."""
+
+    @property
+    def feature_dim(self) -> int:
+        """Dimension of the per-pixel feature z fed to the density estimator."""
+        return (self.n_contrasts if self.use_ctoc else 0) + (self.dr_latent if self.use_dr else 0)
+
+
+@dataclass
+class TrainConfig:
+    """Two-step training schedule (method.md, 'Training')."""
+
+    epochs_ctoc: int = 50
+    epochs_joint: int = 50
+    batch_size: int = 16
+    lr_ctoc: float = 2e-4
+    lr_joint: float = 1e-3
+    lambda_energy: float = 5e-4
+    joint: bool = True
+    """Optimise the DR and DE losses jointly (False gives the ADM_woj ablation: each loss updates
+    only its own sub-network)."""
+    lesion_margin: int = 3
+    """Slices within this many slices of a labelled lesion are neither training nor validation."""
+    intensity_scale: tuple[float, float] = (0.9, 1.1)
+    """Range of the random per-contrast intensity scaling applied to training slices."""
+    seed: int = 0
+    amp: str = "auto"
+    """'auto' (bf16 where supported), 'bf16' or 'off'."""
+    max_gmm_pixels_per_batch: int = 32768
+    """Brain pixels sampled per batch for the mixture statistics of the energy loss."""
+
+
+@dataclass
+class ADMConfig:
+    """Everything needed to rebuild, train and apply one model."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "paper"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable form (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ADMConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are rejected so typos do not pass silently."""
+        return cls(
+            preprocess=_build(PreprocessConfig, data.get("preprocess", {})),
+            model=_build(ModelConfig, data.get("model", {})),
+            train=_build(TrainConfig, data.get("train", {})),
+            preset=str(data.get("preset", "custom")),
+        )
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        kwargs[name] = tuple(value) if isinstance(default, tuple) else value
+    return cls(**kwargs)
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    "small": {
+        "model": {"ctoc_width": 16},
+        "train": {"epochs_ctoc": 12, "epochs_joint": 6, "batch_size": 16},
+    },
+    "tiny": {
+        "model": {"ctoc_width": 4, "ctoc_res_blocks": 1},
+        "train": {"epochs_ctoc": 1, "epochs_joint": 1, "batch_size": 4},
+        "preprocess": {"image_size": 32, "min_brain_pixels": 8},
+    },
+}
+
+
+def preset(name: str, **overrides: dict[str, Any]) -> ADMConfig:
+    """Return the named preset, optionally with section overrides, e.g.
+    ``preset("small", train={"epochs_joint": 2})``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in PRESETS[name].items()}
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    config = ADMConfig.from_dict(sections)
+    config.preset = name
+    return config
