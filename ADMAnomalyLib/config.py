@@ -86,6 +86,9 @@ class TrainConfig:
     """'auto' (bf16 where supported), 'bf16' or 'off'."""
     max_gmm_pixels_per_batch: int = 32768
     """Brain pixels sampled per batch for the mixture statistics of the energy loss."""
+    fallback_threshold_percentile: float = 99.0
+    """Without labelled validation slices the threshold is this percentile of the normal training
+    energies."""
 
 
 @dataclass

@@ -1,0 +1,144 @@
+"""Public Python API; the CLI and the Slicer module call these functions and nothing deeper."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import SimpleITK as sitk
+
+from .cases import CaseFiles, case_from_images, find_cases, load_case
+from .config import ADMConfig, CONTRASTS, PRESETS, preset
+from .device import describe_device, resolve_device
+from .errors import ADMError, InputError, ModelFileError, OutputError
+from .infer import Prediction, anomaly_mask, percentile_threshold, predict_case
+from .io import write_image_atomic, write_text_atomic
+from .model import ADMModel
+from .train import train
+
+__all__ = [
+    "ADMConfig", "ADMModel", "CONTRASTS", "FolderReport", "PRESETS", "Prediction", "anomaly_mask",
+    "default_model_path", "describe_device", "find_cases", "load_case", "load_model", "output_paths",
+    "percentile_threshold", "predict", "predict_case", "predict_folder", "preset", "resolve_device", "train",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "ADMAnomaly_default.admm"
+MODEL_ENV_VARIABLE = "ADMANOMALY_MODEL"
+
+
+def default_model_path() -> Path:
+    """The bundled model: ``$ADMANOMALY_MODEL`` if set, else ``Resources/Models/ADMAnomaly_default.admm``
+    beside the package (repository checkout or installed Slicer extension)."""
+    override = os.environ.get(MODEL_ENV_VARIABLE)
+    if override:
+        return Path(override)
+    package = Path(__file__).resolve().parent
+    candidates = [package.parent / "Resources" / "Models" / DEFAULT_MODEL_NAME,
+                  package / "Resources" / "Models" / DEFAULT_MODEL_NAME]
+    return next((path for path in candidates if path.exists()), candidates[0])
+
+
+def load_model(path: str | Path | ADMModel | None = None) -> ADMModel:
+    """Load a model file; ``None`` loads the bundled default."""
+    if isinstance(path, ADMModel):
+        return path
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: model file not found")
+    return ADMModel.load(path)
+
+
+def predict(
+    model: ADMModel | str | Path | None,
+    images: dict[str, sitk.Image],
+    mask: sitk.Image | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> Prediction:
+    """Energy map of four in-memory volumes keyed by ``CONTRASTS`` (all on one grid)."""
+    model = load_model(model)
+    case = case_from_images(images, mask=mask, tolerance=model.config.preprocess.grid_tolerance)
+    return predict_case(model, case, device, batch_size, progress=progress, should_cancel=should_cancel)
+
+
+def output_paths(output_dir: str | Path, case_id: str) -> tuple[Path, Path]:
+    """Where :func:`predict_folder` writes a case's energy map and anomaly map."""
+    output_dir = Path(output_dir)
+    return output_dir / f"{case_id}_energy.nii.gz", output_dir / f"{case_id}_anomaly.nii.gz"
+
+
+@dataclass
+class FolderReport:
+    """Outcome of a folder run: cases written, skipped as already done, and failed with a message."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def predict_folder(
+    model: ADMModel | str | Path | None,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    device: str = "auto",
+    threshold: float | None = None,
+    skip_existing: bool = True,
+    batch_size: int = 16,
+    pattern: dict[str, str] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> FolderReport:
+    """Predict every case of ``input_dir`` into ``output_dir``; resumable and robust per case.
+
+    Cases whose two outputs already exist are skipped; a failing case is logged in the report (and
+    ``errors.log``) and the batch goes on. Outputs are written atomically."""
+    model = load_model(model)
+    resolve_device(device)
+    output_dir = ensure_writable_folder(output_dir)
+    chosen = threshold if threshold is not None else model.threshold
+    if chosen is None:
+        raise InputError("the model has no validation threshold; pass threshold=")
+    cases = find_cases(input_dir, pattern)
+    report = FolderReport()
+    for number, files in enumerate(cases, start=1):
+        energy_path, anomaly_path = output_paths(output_dir, files.case_id)
+        if skip_existing and energy_path.exists() and anomaly_path.exists():
+            report.skipped.append(files.case_id)
+        else:
+            try:
+                prediction = predict_case(model, load_case(files, model.config.preprocess.grid_tolerance),
+                                          device, batch_size)
+                write_image_atomic(prediction.energy, energy_path)
+                write_image_atomic(prediction.anomaly(chosen), anomaly_path)
+                report.done.append(files.case_id)
+            except ADMError as exc:
+                report.failed[files.case_id] = str(exc)
+                log.error("%s: %s", files.case_id, exc)
+        if progress is not None:
+            progress(number, len(cases), files.case_id)
+    write_text_atomic(json.dumps({"threshold": chosen, **report.__dict__}, indent=2), output_dir / "report.json")
+    if report.failed:
+        lines = "".join(f"{case}\t{message}\n" for case, message in report.failed.items())
+        write_text_atomic(lines, output_dir / "errors.log")
+    return report
+
+
+def ensure_writable_folder(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and check it can be written, else :class:`OutputError`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {folder} is not writable")
+    return folder
+
+

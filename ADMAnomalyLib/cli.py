@@ -1,0 +1,246 @@
+"""Command line: ``admanomaly train | predict | evaluate | demo | info`` mirroring :mod:`ADMAnomalyLib.api`.
+
+Exit codes: 0 success; 1 unexpected internal error; 2 bad input or usage; 3 unusable model file;
+4 output not writable; 5 device unavailable; 6 some cases of a folder failed (the rest were written);
+130 cancelled or interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import PRESETS, preset
+from .errors import ADMError
+
+EXIT_PARTIAL = 6
+EXIT_INTERRUPTED = 130
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu or cuda (default: auto)")
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                        help="progress as a bar on stderr, JSON lines on stdout (for GUIs), or nothing")
+
+
+def _parse_pattern(items: Sequence[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    pattern = {}
+    for item in items:
+        key, sep, glob = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--pattern expects KEY=GLOB, got {item!r}")
+        pattern[key.strip()] = glob.strip()
+    return pattern
+
+
+def _add_pattern(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pattern", action="append", metavar="KEY=GLOB",
+                        help="per-contrast file pattern inside each case folder, e.g. --pattern flair='FLAIR_*' "
+                             "(keys: flair, t1, t1c, t2, label, mask); default: BraTS 2018/19 and 2023 names")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``admanomaly`` command."""
+    parser = argparse.ArgumentParser(prog="admanomaly", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model on the normal slices of a folder of cases")
+    train.add_argument("data_dir", type=Path, help="folder of cases (lesion labels optional)")
+    train.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.admm)")
+    train.add_argument("--preset", choices=sorted(PRESETS), default="small", help="size preset (default: small)")
+    train.add_argument("--epochs-ctoc", type=int, help="epochs of step 1 (CtoC)")
+    train.add_argument("--epochs-joint", type=int, help="epochs of step 2 (DR + DE)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lambda-energy", type=float, help="weight of the mean energy in step 2 (paper: 5e-4)")
+    train.add_argument("--components", type=int, help="number of mixture components C (paper: 6)")
+    train.add_argument("--lesion-margin", type=int, help="slices kept away from any labelled lesion")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="any other config value, e.g. --set model.use_dr=false (JSON values)")
+    train.add_argument("--resume", action="store_true", help="continue from <output>.ckpt after an interruption")
+    _add_device(train)
+    _add_progress(train)
+    _add_pattern(train)
+
+    predict = commands.add_parser("predict", help="write <case>_energy.nii.gz and <case>_anomaly.nii.gz")
+    predict.add_argument("model", help="model file, or 'default' for the bundled model")
+    predict.add_argument("input", type=Path, help="a case folder or a folder of cases")
+    predict.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    predict.add_argument("--threshold", type=float, help="energy threshold (default: the model's)")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs exist")
+    _add_device(predict)
+    _add_progress(predict)
+    _add_pattern(predict)
+
+    evaluate = commands.add_parser("evaluate", help="pixel AUROC/AUPRC/Dice inside the brain, with the FLAIR baseline")
+    evaluate.add_argument("model", help="model file, or 'default'")
+    evaluate.add_argument("data_dir", type=Path, help="folder of labelled cases")
+    evaluate.add_argument("--slices", choices=("lesion", "all"), default="lesion",
+                          help="score lesion slices only (validation protocol) or whole brains")
+    evaluate.add_argument("--threshold", type=float)
+    evaluate.add_argument("--json", type=Path, default=Path("evaluation.json"), help="JSON report to write")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    _add_device(evaluate)
+    _add_pattern(evaluate)
+
+    demo = commands.add_parser("demo", help="run the bundled model on the bundled MS case")
+    demo.add_argument("-o", "--output", type=Path, default=Path("admanomaly_demo"), help="output folder")
+    _add_device(demo)
+
+    info = commands.add_parser("info", help="print a model file's settings, threshold and validation metrics")
+    info.add_argument("model", help="model file, or 'default'")
+    return parser
+
+
+def _model_argument(value: str) -> Path | None:
+    return None if value == "default" else Path(value)
+
+
+def _config_from_args(args: argparse.Namespace):
+    overrides: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
+    for flag, section, name in (("epochs_ctoc", "train", "epochs_ctoc"), ("epochs_joint", "train", "epochs_joint"),
+                                ("batch_size", "train", "batch_size"), ("lambda_energy", "train", "lambda_energy"),
+                                ("lesion_margin", "train", "lesion_margin"), ("seed", "train", "seed"),
+                                ("components", "model", "n_components")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[section][name] = value
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ADMError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(section, {})[name] = value
+    try:
+        return preset(args.preset, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise ADMError(f"invalid configuration: {exc}") from None
+
+
+def _json_line(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import api
+
+    if args.command == "train":
+        config = _config_from_args(args)
+        api.train(args.data_dir, args.output, config, device=args.device, resume=args.resume,
+                  progress=_json_line if args.progress == "json" else None,
+                  pattern=_parse_pattern(args.pattern), show_progress_bar=args.progress == "bar",
+                  metadata={"training_command": "admanomaly " + " ".join(args.argv)})
+        if args.progress != "json":
+            print(f"model written to {args.output}")
+        return 0
+
+    if args.command == "predict":
+        def case_progress(done: int, total: int, case_id: str) -> None:
+            if args.progress == "json":
+                _json_line({"stage": "predict", "step": done, "steps": total, "case": case_id})
+            elif args.progress == "bar":
+                print(f"[{done}/{total}] {case_id}", file=sys.stderr, flush=True)
+
+        report = api.predict_folder(_model_argument(args.model), args.input, args.output, device=args.device,
+                                    threshold=args.threshold, skip_existing=not args.overwrite,
+                                    batch_size=args.batch_size, pattern=_parse_pattern(args.pattern),
+                                    progress=case_progress)
+        summary = f"{len(report.done)} written, {len(report.skipped)} skipped, {len(report.failed)} failed"
+        if args.progress == "json":
+            _json_line({"stage": "done", "done": report.done, "skipped": report.skipped, "failed": report.failed})
+        else:
+            print(summary)
+        for case_id, message in report.failed.items():
+            print(f"error: {case_id}: {message}", file=sys.stderr)
+        return EXIT_PARTIAL if report.failed else 0
+
+    if args.command == "evaluate":
+        from .evaluate import evaluate
+        from .io import write_text_atomic
+
+        model = api.load_model(_model_argument(args.model))
+        report = evaluate(model, args.data_dir, slices=args.slices, device=args.device, threshold=args.threshold,
+                          batch_size=args.batch_size, pattern=_parse_pattern(args.pattern),
+                          progress=lambda done, total, case: print(f"[{done}/{total}] {case}", file=sys.stderr))
+        print(format_table(report))
+        write_text_atomic(json.dumps(report, indent=2), args.json)
+        print(f"report written to {args.json}")
+        return 0
+
+    if args.command == "demo":
+        from .demo import run_demo
+
+        summary = run_demo(args.output, device=args.device)
+        print(f"demo case {summary['case']} with {summary['model']}")
+        print(f"AUROC {summary['auroc']:.3f}  AUPRC {summary['auprc']:.3f}  best Dice {summary['best_dice']:.3f}  "
+              f"Dice@threshold {summary['dice_at_threshold']:.3f}")
+        for name, path in summary["outputs"].items():
+            print(f"{name}: {path}")
+        return 0
+
+    if args.command == "info":
+        model = api.load_model(_model_argument(args.model))
+        print(json.dumps({"path": str(model.path), "threshold": model.threshold, "config": model.config.to_dict(),
+                          "validation": model.metadata.get("validation"),
+                          "training_command": model.metadata.get("training_command")}, indent=2))
+        return 0
+    raise AssertionError(args.command)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Plain-text table of the pooled metrics of an evaluation report."""
+    header = f"{'method':<16}{'AUROC':>8}{'AUPRC':>8}{'bestDice':>10}{'Dice@thr':>10}{'prec':>8}{'recall':>8}"
+    lines = [f"pixel metrics inside the brain, {report['slices']} slices, {len(report['cases'])} cases", header]
+    for method, result in report["methods"].items():
+        pooled = result["pooled"]
+        at = result.get("at_threshold") or {}
+        cells = [(pooled.get("auroc"), 8), (pooled.get("auprc"), 8), (pooled.get("best_f1"), 10),
+                 (at.get("dice"), 10), (at.get("precision"), 8), (at.get("recall"), 8)]
+        lines.append(f"{method:<16}" + "".join(_cell(value, width) for value, width in cells))
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int) -> str:
+    # Undefined metrics (no positive voxel, 0/0) arrive as None from the JSON-safe report.
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``admanomaly`` command; returns the exit code."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return _run(args)
+    except ADMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except argparse.ArgumentTypeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

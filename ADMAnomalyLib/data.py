@@ -1,0 +1,89 @@
+"""Training and validation slice sets built from prepared cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .preprocess import PreparedCase
+
+
+@dataclass
+class SliceSet:
+    """Slices stacked from several cases, at network resolution."""
+
+    images: np.ndarray
+    """(M, 4, N, N) float32, z-scored, zero outside the brain."""
+    brain: np.ndarray
+    """(M, N, N) bool."""
+    labels: np.ndarray | None
+    """(M, N, N) bool lesion labels, or None when no case had labels."""
+    case_ids: list[str]
+    """Case of each slice (length M)."""
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batches(
+        self, batch_size: int, generator: np.random.Generator | None = None
+    ) -> Iterator[np.ndarray]:
+        """Index batches over the set, shuffled when a generator is given."""
+        order = np.arange(len(self)) if generator is None else generator.permutation(len(self))
+        for start in range(0, len(self), batch_size):
+            yield order[start : start + batch_size]
+
+
+def lesion_free_slices(prepared: PreparedCase, margin: int) -> np.ndarray:
+    """Indices of brain slices at least ``margin + 1`` slices away from any labelled lesion.
+
+    Slices just next to a tumour can look abnormal although unlabelled, so they are kept out of
+    the normal training set."""
+    near_lesion = _dilate_1d(prepared.has_lesion, margin)
+    return np.flatnonzero(prepared.has_brain & ~near_lesion)
+
+
+def lesion_slices(prepared: PreparedCase) -> np.ndarray:
+    """Indices of brain slices that contain a labelled lesion (the validation set)."""
+    return np.flatnonzero(prepared.has_brain & prepared.has_lesion)
+
+
+def _dilate_1d(flags: np.ndarray, margin: int) -> np.ndarray:
+    flags = np.asarray(flags, dtype=bool)
+    if margin <= 0 or not flags.any():
+        return flags.copy()
+    dilated = np.zeros_like(flags)
+    for index in np.flatnonzero(flags):
+        dilated[max(0, index - margin) : index + margin + 1] = True
+    return dilated
+
+
+def stack_slices(cases: Sequence[tuple[PreparedCase, np.ndarray]]) -> SliceSet:
+    """Stack the chosen slice indices of each prepared case into one :class:`SliceSet`."""
+    chosen = [(case, np.asarray(index, dtype=int)) for case, index in cases if len(index)]
+    if not chosen:
+        size = 0
+        return SliceSet(np.zeros((0, 4, size, size), np.float32), np.zeros((0, size, size), bool), None, [])
+    images = np.concatenate([case.slices[index] for case, index in chosen]).astype(np.float32, copy=False)
+    brain = np.concatenate([case.brain[index] for case, index in chosen])
+    has_labels = any(case.label is not None for case, _ in chosen)
+    labels = None
+    if has_labels:
+        labels = np.concatenate(
+            [case.label[index] if case.label is not None else np.zeros_like(case.brain[index]) for case, index in chosen]
+        )
+    case_ids = [case.case_id for case, index in chosen for _ in index]
+    return SliceSet(images, brain, labels, case_ids)
+
+
+def random_intensity_scaling(
+    images: torch.Tensor, brain: torch.Tensor, scale_range: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """Multiply each contrast of each slice by a random factor in ``scale_range`` (method.md
+    augmentation); background stays zero."""
+    low, high = scale_range
+    batch, channels = images.shape[:2]
+    factors = torch.rand((batch, channels, 1, 1), generator=generator, device="cpu") * (high - low) + low
+    return images * factors.to(images.device) * brain.unsqueeze(1)

@@ -1,0 +1,69 @@
+"""Compute-device selection and mixed-precision policy."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+from .errors import DeviceError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Map 'auto' | 'cpu' | 'cuda' | 'cuda:N' to a usable device; a missing GPU is a DeviceError."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    name = (device or "auto").strip().lower()
+    if name == "gpu":
+        name = "cuda"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} requested but no CUDA GPU is available to PyTorch")
+        resolved = torch.device(name)
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+        return resolved
+    if name == "cpu":
+        return torch.device("cpu")
+    raise DeviceError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+def describe_device(device: torch.device) -> str:
+    """Human-readable name of a device, e.g. for the Slicer panel."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_native_bf16() -> bool:
+    # Without AVX512-BF16 or AMX, CPU bf16 is emulated and slower than fp32.
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_enabled(device: torch.device, amp: str = "auto") -> bool:
+    """Whether to autocast to bfloat16 under the policy 'auto' | 'bf16' | 'off'."""
+    if amp == "off":
+        return False
+    if amp == "bf16":
+        return True
+    if amp != "auto":
+        raise ValueError(f"amp must be auto, bf16 or off, not {amp!r}")
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return _cpu_has_native_bf16()
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device when enabled, else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -1,0 +1,139 @@
+"""Applying a trained model: slices -> energy maps -> energy image on the input grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .cases import CaseImages
+from .device import autocast, bf16_enabled, resolve_device
+from .errors import CancelledError
+from .gmm import energy
+from .model import ADMModel
+from .networks import translate_all
+from .preprocess import PreparedCase, native_brain_mask, prepare_case, slices_to_image
+
+ProgressCallback = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass
+class Prediction:
+    """Result of running a model on one case."""
+
+    energy: sitk.Image
+    """Anomaly energy E (float32) on exactly the input grid; background is below every brain energy."""
+    brain_mask: sitk.Image
+    """Brain mask (uint8) on the input grid."""
+    threshold: float | None
+    """The model's validation threshold (None for a model trained without lesion labels)."""
+    n_slices_processed: int
+
+    def anomaly(self, threshold: float | None = None) -> sitk.Image:
+        """Binary anomaly map at ``threshold`` (default: the model's)."""
+        chosen = self.threshold if threshold is None else threshold
+        if chosen is None:
+            raise ValueError("this model has no validation threshold; pass one explicitly")
+        return anomaly_mask(self.energy, self.brain_mask, chosen)
+
+
+def energy_slices(
+    model: ADMModel,
+    images: np.ndarray,
+    brain: np.ndarray,
+    device: torch.device,
+    batch_size: int = 16,
+    amp: str = "off",
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """Per-pixel energy of slices (M, 4, N, N) with brain masks (M, N, N); returns (M, N, N) float32.
+
+    Only meaningful at brain pixels; the caller masks the rest."""
+    if model.gmm is None:
+        raise ValueError("the model's mixture has not been fitted")
+    network = model.network.to(device).eval()
+    gmm = model.gmm.to(device)
+    use_bf16 = bf16_enabled(device, amp)
+    result = np.zeros(brain.shape, dtype=np.float32)
+    total = len(images)
+    with torch.inference_mode():
+        for start in range(0, total, batch_size):
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("cancelled by the user; no output was written")
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+            b = torch.from_numpy(np.ascontiguousarray(brain[start : start + batch_size])).to(device)
+            x_hat_ct = None
+            if model.config.model.use_ctoc:
+                with autocast(device, use_bf16):
+                    x_hat_ct = translate_all(network.ctoc, x, b).float()
+            z, _ = network.features(x, b, x_hat_ct)
+            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            result[start : start + len(x)] = energy(flat, gmm).reshape(b.shape).float().cpu().numpy()
+            if progress is not None:
+                progress(min(start + batch_size, total), total)
+    return result
+
+
+def predict_prepared(
+    model: ADMModel,
+    prepared: PreparedCase,
+    device: str | torch.device = "auto",
+    batch_size: int = 16,
+    amp: str = "off",
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> Prediction:
+    """Energy image of a prepared case; only slices that contain brain go through the networks."""
+    torch_device = resolve_device(device)
+    brain_slices = np.flatnonzero(prepared.has_brain)
+    network_res = np.zeros(prepared.brain.shape, dtype=np.float32)
+    if len(brain_slices):
+        network_res[brain_slices] = energy_slices(
+            model, prepared.slices[brain_slices], prepared.brain[brain_slices], torch_device,
+            batch_size, amp, progress, should_cancel,
+        )
+        # Bilinear upsampling mixes neighbouring pixels, so pixels outside the network-resolution
+        # brain get the lowest brain energy: the brain rim is then not pulled up or down artificially.
+        floor = float(network_res[brain_slices][prepared.brain[brain_slices]].min())
+        network_res[~prepared.brain] = floor
+    energy_image = slices_to_image(network_res, prepared, background=None)
+    return Prediction(energy_image, native_brain_mask(prepared), model.threshold, int(len(brain_slices)))
+
+
+def predict_case(
+    model: ADMModel,
+    case: CaseImages,
+    device: str | torch.device = "auto",
+    batch_size: int = 16,
+    amp: str = "off",
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> Prediction:
+    """Preprocess a validated case with the model's settings and predict its energy image."""
+    prepared = prepare_case(case, model.config.preprocess)
+    return predict_prepared(model, prepared, device, batch_size, amp, progress, should_cancel)
+
+
+def anomaly_mask(energy_image: sitk.Image, brain_mask: sitk.Image, threshold: float) -> sitk.Image:
+    """uint8 map: 1 where energy >= threshold inside the brain, on the energy image's grid."""
+    energy_array = sitk.GetArrayViewFromImage(energy_image)
+    brain_array = sitk.GetArrayViewFromImage(brain_mask) > 0
+    mask = sitk.GetImageFromArray(((energy_array >= threshold) & brain_array).astype(np.uint8))
+    mask.CopyInformation(energy_image)
+    return mask
+
+
+def percentile_threshold(energy_image: sitk.Image, brain_mask: sitk.Image, percentile: float) -> float:
+    """Energy value at ``percentile`` (0-100) of the brain voxels."""
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must lie in [0, 100], not {percentile}")
+    brain_array = sitk.GetArrayViewFromImage(brain_mask) > 0
+    values = sitk.GetArrayViewFromImage(energy_image)[brain_array]
+    if values.size == 0:
+        raise ValueError("the brain mask is empty")
+    return float(np.percentile(values, percentile))

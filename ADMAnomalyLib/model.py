@@ -1,0 +1,78 @@
+"""A trained ADM model: network weights, frozen mixture, threshold and provenance in one object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ADMConfig
+from .errors import ModelFileError
+from .gmm import GMMParams
+from .modelfile import FORMAT_VERSION, ModelFileContents, load_model_file, save_model_file
+from .networks import ADMNetwork
+
+
+@dataclass
+class ADMModel:
+    """Network plus the frozen GMM parameters estimated over all normal training pixels."""
+
+    config: ADMConfig
+    network: ADMNetwork
+    gmm: GMMParams | None = None
+    threshold: float | None = None
+    """Best-F1 energy threshold chosen on validation lesion slices (None if never validated)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def create(cls, config: ADMConfig) -> "ADMModel":
+        """A freshly initialised, untrained model for ``config``."""
+        return cls(config=config, network=ADMNetwork(config.model))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model file atomically (see :mod:`ADMAnomalyLib.modelfile`)."""
+        if self.gmm is None:
+            raise ValueError("the mixture has not been fitted; a model without it cannot score images")
+        state = {name: tensor.detach().cpu() for name, tensor in self.network.state_dict().items()}
+        contents = ModelFileContents(
+            config=self.config.to_dict(),
+            state_dict=state,
+            gmm={name: np.asarray(value) for name, value in self.gmm.to_dict().items()},
+            threshold=self.threshold,
+            metadata=self.metadata,
+            format_version=FORMAT_VERSION,
+        )
+        path = Path(path)
+        save_model_file(path, contents)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ADMModel":
+        """Read a model file; any inconsistency is a :class:`ModelFileError` naming the file."""
+        path = Path(path)
+        contents = load_model_file(path)
+        try:
+            config = ADMConfig.from_dict(contents.config)
+            network = ADMNetwork(config.model)
+            network.load_state_dict(contents.state_dict, strict=True)
+            gmm = GMMParams.from_dict(contents.gmm)
+            gmm.validate()
+            if gmm.means.shape != (config.model.n_components, config.model.feature_dim):
+                raise ValueError(f"mixture means have shape {tuple(gmm.means.shape)}")
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelFileError(f"{path}: not a consistent ADMAnomaly model ({message})") from None
+        network.eval()
+        return cls(config, network, gmm, contents.threshold, contents.metadata, path)
+
+    def to(self, device: torch.device) -> "ADMModel":
+        """Move the network and mixture to ``device`` (in place) and return self."""
+        self.network.to(device)
+        if self.gmm is not None:
+            self.gmm = self.gmm.to(device)
+        return self

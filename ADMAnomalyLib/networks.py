@@ -1,0 +1,214 @@
+"""The ADM networks (method.md, 'Networks'): CtoC translation, DR auto-encoder, DE estimator.
+
+Sizes come from :class:`~ADMAnomalyLib.config.ModelConfig`. The DR and DE parts always run in
+float32 with autocast disabled: they are tiny, and their outputs feed float64 mixture statistics
+whose covariances must resolve eigenvalues near ε = 1e-6, which bf16 (8-bit mantissa) cannot.
+Only CtoC benefits from (and tolerates) a caller's bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+
+def _norm_relu(channels: int) -> list[nn.Module]:
+    return [nn.InstanceNorm2d(channels, affine=True), nn.ReLU(inplace=True)]
+
+
+class ResidualBlock(nn.Module):
+    """``x + IN(Conv3×3(ReLU(IN(Conv3×3(x)))))`` with reflection padding (Johnson et al. 2016)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        # Convs followed by an affine InstanceNorm need no bias: the norm's shift replaces it.
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3, bias=False),
+            *_norm_relu(channels),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, 3, bias=False),
+            nn.InstanceNorm2d(channels, affine=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class CtoCNet(nn.Module):
+    """Contrast-to-contrast translator G_ct (style-transfer ResNet, one network for all contrasts).
+
+    ``forward(x_masked (B, n_contrasts, H, W), median_map (B, 1, H, W)) -> (B, 1, H, W)``; H and W
+    must be divisible by 4. With ``cfg.median_bias`` the median map is also concatenated to the
+    input of the output conv, giving the last layer the target contrast's intensity level.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        width, kernel = cfg.ctoc_width, cfg.ctoc_stem_kernel
+        self.median_bias = cfg.median_bias
+        self.encoder = nn.Sequential(
+            nn.ReflectionPad2d(kernel // 2),
+            nn.Conv2d(cfg.n_contrasts, width, kernel, bias=False),
+            *_norm_relu(width),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+            *_norm_relu(2 * width),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1, bias=False),
+            *_norm_relu(4 * width),
+            *(ResidualBlock(4 * width) for _ in range(cfg.ctoc_res_blocks)),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(4 * width, 2 * width, 3, stride=2, padding=1, output_padding=1, bias=False),
+            *_norm_relu(2 * width),
+            nn.ConvTranspose2d(2 * width, width, 3, stride=2, padding=1, output_padding=1, bias=False),
+            *_norm_relu(width),
+        )
+        # The output conv mirrors the stem (Johnson et al. use the same large kernel at both ends);
+        # no norm or activation, as the target intensities are z-scores of either sign.
+        self.head = nn.Sequential(
+            nn.ReflectionPad2d(kernel // 2),
+            nn.Conv2d(width + int(cfg.median_bias), 1, kernel),
+        )
+
+    def forward(self, x_masked: torch.Tensor, median_map: torch.Tensor) -> torch.Tensor:
+        if x_masked.shape[-2] % 4 or x_masked.shape[-1] % 4:
+            raise ValueError(f"CtoC needs H and W divisible by 4, got {tuple(x_masked.shape[-2:])}")
+        features = self.decoder(self.encoder(x_masked))
+        if self.median_bias:
+            features = torch.cat([features, median_map.to(features.dtype)], dim=1)
+        return self.head(features)
+
+
+@torch.no_grad()
+def brain_medians(x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-contrast median of ``x`` (B, K, H, W) over ``brain`` (B, H, W) -> (B, K).
+
+    The lower median (torch's convention: element ``(n − 1) // 2`` of the sorted values); a sample
+    without brain pixels gets 0, the background value.
+    """
+    masked = x.detach().float().masked_fill(~brain.bool().unsqueeze(1), float("nan"))
+    medians = masked.flatten(2).nanmedian(dim=2).values
+    return torch.nan_to_num(medians, nan=0.0).to(x.dtype)
+
+
+def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """``X̂_ct``: contrast k of ``x`` (B, K, H, W) synthesised from the others, for every k at once.
+
+    Input k is ``x`` with channel k replaced by its brain median (the channel position tells the
+    shared network which contrast to make). The K translations run as one batch of K·B samples;
+    output channel k comes from translation k, and pixels outside ``brain`` (B, H, W) are 0.
+    """
+    batch, n_contrasts, height, width = x.shape
+    medians = brain_medians(x, brain)  # (B, K)
+    target = torch.eye(n_contrasts, dtype=torch.bool, device=x.device)  # (translation k, channel)
+    fill = medians.view(1, batch, n_contrasts, 1, 1)
+    inputs = torch.where(target.view(n_contrasts, 1, n_contrasts, 1, 1), fill, x.unsqueeze(0))
+    median_maps = medians.mT.reshape(n_contrasts * batch, 1, 1, 1).expand(-1, 1, height, width)
+    out = ctoc(inputs.reshape(n_contrasts * batch, n_contrasts, height, width), median_maps)
+    x_hat = out.reshape(n_contrasts, batch, height, width).transpose(0, 1)
+    return x_hat * brain.unsqueeze(1).to(x_hat.dtype)
+
+
+class _Float32Module(nn.Module):
+    """Runs ``self.layers`` in float32 with autocast off (see the module docstring for why)."""
+
+    layers: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.layers(x.float())
+
+
+class DREncoder(_Float32Module):
+    """G_dr: 3×3 convs ``n_contrasts -> dr_encoder_widths (tanh) -> dr_latent`` (no final activation)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = cfg.n_contrasts
+        for width in cfg.dr_encoder_widths:
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.Tanh()]
+            channels = width
+        layers.append(nn.Conv2d(channels, cfg.dr_latent, 3, padding=1))
+        self.layers = nn.Sequential(*layers)
+
+
+class DRDecoder(_Float32Module):
+    """F_dr: 1×1 convs ``dr_latent -> dr_decoder_widths (tanh) -> n_contrasts``; 1×1 keeps Z_dr
+    spatially specific."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = cfg.dr_latent
+        for width in cfg.dr_decoder_widths:
+            layers += [nn.Conv2d(channels, width, 1), nn.Tanh()]
+            channels = width
+        layers.append(nn.Conv2d(channels, cfg.n_contrasts, 1))
+        self.layers = nn.Sequential(*layers)
+
+
+class DensityEstimator(_Float32Module):
+    """G_de: ``FC(d -> de_hidden)-tanh-Dropout-FC(-> n_components)-softmax``; (N, d) -> (N, C)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.feature_dim, cfg.de_hidden),
+            nn.Tanh(),
+            nn.Dropout(cfg.de_dropout),
+            nn.Linear(cfg.de_hidden, cfg.n_components),
+            nn.Softmax(dim=-1),
+        )
+
+
+class ADMNetwork(nn.Module):
+    """All ADM sub-networks; only those the configuration uses exist (``None`` otherwise).
+
+    ``ctoc`` when ``cfg.use_ctoc``; ``dr_encoder``/``dr_decoder`` when ``cfg.use_dr``; ``estimator``
+    always, on ``cfg.feature_dim`` inputs.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.feature_dim == 0:
+            raise ValueError("use_ctoc and use_dr are both off: the density estimator would have no features")
+        self.config = cfg
+        self.ctoc = CtoCNet(cfg) if cfg.use_ctoc else None
+        self.dr_encoder = DREncoder(cfg) if cfg.use_dr else None
+        self.dr_decoder = DRDecoder(cfg) if cfg.use_dr else None
+        self.estimator = DensityEstimator(cfg)
+
+    def translate(self, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+        """``X̂_ct`` (B, K, H, W) by :func:`translate_all` (requires ``use_ctoc``)."""
+        if self.ctoc is None:
+            raise RuntimeError("this configuration has no CtoC network (use_ctoc=False)")
+        return translate_all(self.ctoc, x, brain)
+
+    def features(
+        self, x: torch.Tensor, brain: torch.Tensor, x_hat_ct: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-pixel features ``z`` (B, d, H, W) = concat(|X − X̂_ct|, Z_dr), float32, and ``X̂_dr``
+        (B, K, H, W) or ``None`` without DR.
+
+        ``x_hat_ct`` may be a cached output of the frozen CtoC; otherwise it is computed (under the
+        caller's autocast/grad mode). Background pixels of ``z`` are not meaningful (Z_dr is not
+        masked): select brain pixels before estimating or scoring the mixture.
+        """
+        parts: list[torch.Tensor] = []
+        x_hat_dr = None
+        if self.ctoc is not None:
+            if x_hat_ct is None:
+                x_hat_ct = self.translate(x, brain)
+            parts.append((x.float() - x_hat_ct.float()).abs())
+        if self.dr_encoder is not None and self.dr_decoder is not None:
+            z_dr = self.dr_encoder(x)
+            x_hat_dr = self.dr_decoder(z_dr)
+            parts.append(z_dr)
+        return torch.cat(parts, dim=1), x_hat_dr
+
+    def memberships(self, z: torch.Tensor) -> torch.Tensor:
+        """Mixture memberships (N, C) of pixel features ``z`` (N, d), in float32."""
+        return self.estimator(z)

@@ -1,0 +1,280 @@
+"""A case on its native grid -> normalised axial network slices, and per-slice maps -> native grid.
+
+Forward (:func:`prepare_case`):
+
+1. brain mask: the supplied mask > 0, else ``|value| > brain_threshold`` in any contrast;
+2. per-contrast z-score over the brain voxels of the whole volume, 0 outside the brain;
+3. reorientation to ``cfg.orientation`` as decided by ``sitk.DICOMOrient`` from the direction
+   cosines (never from the array order). The *axial* axis is the one whose orientation letter is
+   S or I; it becomes the slice axis. With the default ``LPS`` a slice has rows running
+   anterior -> posterior and columns right -> left, slices run inferior -> superior;
+4. centred zero padding of each slice to a square (``cfg.pad_to_square``);
+5. bilinear resize to ``image_size`` x ``image_size`` (brain mask and label: bilinear of the
+   0/1 mask, > 0.5). Values outside the network-resolution brain are set to 0.
+
+The reorientation is a pure permutation/flip of the voxel array (no resampling), so it is applied
+to numpy views and inverted exactly by :func:`slices_to_image`, which copies size, spacing,
+origin and direction from the input, i.e. the output grid is the input grid bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .cases import CaseImages
+from .config import CONTRASTS, PreprocessConfig
+from .errors import InputError
+
+_AXIS_PAIRS = ({"R", "L"}, {"A", "P"}, {"S", "I"})
+
+
+@dataclass
+class SliceGeometry:
+    """How oriented, padded network slices relate to the native voxel grid."""
+
+    size: tuple[int, int, int]
+    """Native grid (SimpleITK order x, y, z) with its spacing, origin and direction."""
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    axes: tuple[int, int, int]
+    """Native numpy axes (z, y, x numbering) in oriented order: slice axis first, then rows, cols."""
+    flips: tuple[int, ...]
+    """Oriented axes reversed after the transpose."""
+    shape: tuple[int, int, int]
+    """Oriented array shape (slices, rows, cols) before padding."""
+    pad: tuple[int, int]
+    """Zero rows and columns added before the anatomy (top, left)."""
+    padded: tuple[int, int]
+    """Padded slice shape (rows, cols)."""
+
+    def to_oriented(self, native: np.ndarray) -> np.ndarray:
+        """View of a native numpy volume (z, y, x) in oriented order (slice, row, col)."""
+        view = native.transpose(self.axes)
+        return np.flip(view, self.flips) if self.flips else view
+
+    def to_native(self, oriented: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_oriented` (a view)."""
+        view = np.flip(oriented, self.flips) if self.flips else oriented
+        return view.transpose(np.argsort(self.axes))
+
+    def reference_image(self, pixel_type: int = sitk.sitkUInt8) -> sitk.Image:
+        """An empty image on the native grid."""
+        image = sitk.Image(list(self.size), pixel_type)
+        self.apply(image)
+        return image
+
+    def apply(self, image: sitk.Image) -> sitk.Image:
+        """Give ``image`` (of the native size) the native spacing, origin and direction."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+@dataclass
+class PreparedCase:
+    """A case as the networks see it, plus what is needed to map results back."""
+
+    case_id: str
+    slices: np.ndarray
+    """float32 (S, 4, N, N): z-scored contrasts in :data:`CONTRASTS` order, 0 outside the brain."""
+    brain: np.ndarray
+    """bool (S, N, N): brain at network resolution."""
+    label: Optional[np.ndarray]
+    """bool (S, N, N): lesion at network resolution, None without a label."""
+    has_brain: np.ndarray
+    """bool (S,): at least ``min_brain_pixels`` brain pixels at network resolution."""
+    has_lesion: np.ndarray
+    """bool (S,): any labelled voxel in the native slice (all False without a label)."""
+    zscore: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per contrast (mean, std) of the brain voxels used for normalisation."""
+    geometry: Optional[SliceGeometry] = field(default=None, repr=False)
+    native_brain: Optional[np.ndarray] = field(default=None, repr=False)
+    """bool native numpy volume (z, y, x) of the brain mask."""
+    native_lesion: Optional[np.ndarray] = field(default=None, repr=False)
+    """bool native numpy volume (z, y, x) of label != 0, None without a label."""
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.slices.shape[0])
+
+
+def orientation_axes(direction: tuple[float, ...], orientation: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Numpy transpose axes and flips that bring a volume with ``direction`` to ``orientation``
+    with the axial (S/I) axis first.
+
+    The decision is ``sitk.DICOMOrient``'s: a small probe image whose voxel values encode their
+    index is reoriented and the permutation read back, so the big volumes are never resampled.
+    """
+    code = orientation.upper()
+    if len(code) != 3 or any(sum(ch in pair for ch in code) != 1 for pair in _AXIS_PAIRS):
+        raise ValueError(f"orientation {orientation!r}: need one letter of each of RL, AP, SI")
+    shape = (4, 3, 2)  # numpy (z, y, x); distinct strides 6, 2, 1 identify each axis
+    probe = sitk.GetImageFromArray(np.arange(24, dtype=np.float32).reshape(shape))
+    probe.SetDirection(direction)
+    oriented = sitk.GetArrayFromImage(sitk.DICOMOrient(probe, code))
+    strides = {6: 0, 2: 1, 1: 2}
+    perm, flips = [], []
+    for axis in range(3):
+        step_index = [0, 0, 0]
+        step_index[axis] = 1
+        step = int(oriented[tuple(step_index)] - oriented[0, 0, 0])
+        perm.append(strides[abs(step)])
+        if step < 0:
+            flips.append(axis)
+    # Axial first: index axis p of the code is numpy axis 2 - p.
+    axial = 2 - next(i for i, ch in enumerate(code) if ch in "SI")
+    order = [axial] + [a for a in range(3) if a != axial]
+    axes = tuple(perm[o] for o in order)
+    new_flips = tuple(sorted(order.index(f) for f in flips))
+    return axes, new_flips
+
+
+def prepare_case(case: CaseImages, cfg: PreprocessConfig) -> PreparedCase:
+    """Turn a loaded case into normalised, oriented, resized axial slices (see module doc)."""
+    reference = case.images[CONTRASTS[0]]
+    arrays = [sitk.GetArrayViewFromImage(case.images[c]) for c in CONTRASTS]
+
+    if case.mask is not None:
+        brain = sitk.GetArrayViewFromImage(case.mask) > 0
+        how = "the supplied brain mask is empty"
+    else:
+        brain = np.abs(arrays[0]) > cfg.brain_threshold
+        for values in arrays[1:]:
+            brain |= np.abs(values) > cfg.brain_threshold
+        how = f"no voxel has |value| > {cfg.brain_threshold:g} in any contrast"
+    if not brain.any():
+        raise InputError(f"case {case.case_id}: empty brain ({how})")
+    lesion = sitk.GetArrayViewFromImage(case.label) != 0 if case.label is not None else None
+
+    axes, flips = orientation_axes(reference.GetDirection(), cfg.orientation)
+    size = reference.GetSize()
+    native_shape = (size[2], size[1], size[0])
+    shape = tuple(native_shape[a] for a in axes)
+    n_slices, rows, cols = shape
+    padded = (max(rows, cols),) * 2 if cfg.pad_to_square else (rows, cols)
+    pad = ((padded[0] - rows) // 2, (padded[1] - cols) // 2)
+    geometry = SliceGeometry(
+        size=tuple(size),
+        spacing=reference.GetSpacing(),
+        origin=reference.GetOrigin(),
+        direction=reference.GetDirection(),
+        axes=axes,
+        flips=flips,
+        shape=shape,
+        pad=pad,
+        padded=padded,
+    )
+
+    # One buffer holds every channel (contrasts, brain, label) so a single interpolate call
+    # resizes them all; filling it also performs the reorientation and padding.
+    n_channels = len(CONTRASTS) + 1 + (lesion is not None)
+    buffer = np.zeros((n_slices, n_channels) + padded, dtype=np.float32)
+    inner = (slice(None), slice(pad[0], pad[0] + rows), slice(pad[1], pad[1] + cols))
+
+    def put(channel: int, native: np.ndarray) -> None:
+        buffer[inner[0], channel, inner[1], inner[2]] = geometry.to_oriented(native)
+
+    outside = ~brain
+    zscore: dict[str, tuple[float, float]] = {}
+    for channel, (name, values) in enumerate(zip(CONTRASTS, arrays)):
+        inside = values[brain]
+        mean = float(inside.mean(dtype=np.float64))
+        std = float(inside.std(dtype=np.float64))
+        if not std > 1e-6 * max(1.0, abs(mean)):
+            raise InputError(
+                f"case {case.case_id}: contrast {name} is constant inside the brain (std 0)"
+            )
+        zscore[name] = (mean, std)
+        normalised = (values - np.float32(mean)) * np.float32(1.0 / std)
+        normalised[outside] = 0.0
+        put(channel, normalised)
+    put(len(CONTRASTS), brain)
+    if lesion is not None:
+        put(len(CONTRASTS) + 1, lesion)
+
+    size_net = (cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        resized = F.interpolate(
+            torch.from_numpy(buffer), size=size_net, mode="bilinear", align_corners=False
+        ).numpy()
+    del buffer
+    brain_net = resized[:, len(CONTRASTS)] > 0.5
+    slices = np.ascontiguousarray(resized[:, : len(CONTRASTS)])
+    slices *= brain_net[:, None]
+    label_net = resized[:, len(CONTRASTS) + 1] > 0.5 if lesion is not None else None
+
+    if lesion is not None:
+        has_lesion = geometry.to_oriented(lesion).any(axis=(1, 2))
+    else:
+        has_lesion = np.zeros(n_slices, dtype=bool)
+    return PreparedCase(
+        case_id=case.case_id,
+        slices=slices,
+        brain=brain_net,
+        label=label_net,
+        has_brain=brain_net.sum(axis=(1, 2)) >= cfg.min_brain_pixels,
+        has_lesion=np.ascontiguousarray(has_lesion),
+        zscore=zscore,
+        geometry=geometry,
+        native_brain=brain,
+        native_lesion=lesion,
+    )
+
+
+def slices_to_image(
+    values: np.ndarray, prepared: PreparedCase, background: Optional[float] = None
+) -> sitk.Image:
+    """Map per-slice maps at network resolution (S, N, N) back onto the case's native grid.
+
+    Upsampling is bilinear and normalised by the network-resolution brain mask, so values
+    outside the brain never leak into brain voxels near its edge. Native voxels outside the
+    brain get ``background`` (default: minimum over brain voxels minus 1). float32 output
+    with size, spacing, origin and direction of the input images.
+    """
+    geometry = prepared.geometry
+    values = np.asarray(values, dtype=np.float32)
+    expected = (prepared.n_slices,) + prepared.brain.shape[1:]
+    if values.shape != expected:
+        raise ValueError(f"slices_to_image: expected values of shape {expected}, got {values.shape}")
+    weight = prepared.brain.astype(np.float32)
+    # np.where, not a product: NaN/inf outside the brain must not reach the weighted channel.
+    inside = np.where(prepared.brain, values, np.float32(0))
+    stacked = torch.from_numpy(np.stack([inside, weight, values], axis=1))
+    with torch.no_grad():
+        up = F.interpolate(stacked, size=geometry.padded, mode="bilinear", align_corners=False)
+    weighted, coverage, plain = up[:, 0], up[:, 1], up[:, 2]
+    # Where no brain pixel contributes (e.g. a slice with too little brain) fall back to plain.
+    covered = coverage > 1e-3
+    merged = torch.where(covered, weighted / coverage.clamp_min(1e-3), plain).numpy()
+    rows, cols = geometry.shape[1:]
+    cropped = merged[:, geometry.pad[0] : geometry.pad[0] + rows, geometry.pad[1] : geometry.pad[1] + cols]
+    native = geometry.to_native(cropped)
+    brain = prepared.native_brain
+    if background is None:
+        background = float(native[brain].min()) - 1.0 if brain.any() else 0.0
+    out = np.where(brain, native, np.float32(background)).astype(np.float32, copy=False)
+    return geometry.apply(sitk.GetImageFromArray(np.ascontiguousarray(out)))
+
+
+def native_brain_mask(prepared: PreparedCase) -> sitk.Image:
+    """The brain mask used for normalisation, as uint8 (0/1) on the native grid."""
+    return _mask_image(prepared.native_brain, prepared.geometry)
+
+
+def native_label(prepared: PreparedCase) -> Optional[sitk.Image]:
+    """The lesion label (label != 0) as uint8 (0/1) on the native grid, or None."""
+    if prepared.native_lesion is None:
+        return None
+    return _mask_image(prepared.native_lesion, prepared.geometry)
+
+
+def _mask_image(mask: np.ndarray, geometry: SliceGeometry) -> sitk.Image:
+    return geometry.apply(sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8)))

@@ -1,0 +1,211 @@
+"""End-to-end engine tests: training (tiny preset, CPU), resume, inference, evaluation, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ADMAnomalyLib import api
+from ADMAnomalyLib.cli import main
+from ADMAnomalyLib.config import preset
+from ADMAnomalyLib.errors import CancelledError, DeviceError, OutputError, TrainingDataError
+from ADMAnomalyLib.evaluate import evaluate
+from ADMAnomalyLib.train import checkpoint_path_for
+from conftest import make_synthetic_case
+
+
+def tiny_config(**train):
+    return preset("tiny", train={"epochs_ctoc": 2, "epochs_joint": 2, "lesion_margin": 1, **train})
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cohort")
+    for number in range(2):
+        make_synthetic_case(folder, case_id=f"synth_{number}", seed=number)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_model(cohort, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("model") / "tiny.admm"
+    events = []
+    api.train(cohort, output, tiny_config(), device="cpu", progress=events.append, show_progress_bar=False)
+    stages = {event["stage"] for event in events}
+    assert {"ctoc", "joint", "gmm", "threshold", "done"} <= stages
+    return output
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in model.network.state_dict().items()}
+
+
+def test_trained_model_file_is_complete(trained_model):
+    model = api.load_model(trained_model)
+    assert model.threshold is not None and np.isfinite(model.threshold)
+    assert model.metadata["validation"]["source"] == "lesion slices"
+    assert model.metadata["training_data"]["train_slices"] > 0
+    assert not checkpoint_path_for(trained_model).exists(), "checkpoint must be removed after success"
+
+
+def test_prediction_keeps_grid_and_background_below_brain(trained_model, cohort):
+    case_dir = cohort / "synth_0"
+    flair = sitk.ReadImage(str(next(case_dir.glob("*_flair.nii.gz"))))
+    images = {name: sitk.ReadImage(str(next(case_dir.glob(f"*_{suffix}.nii.gz"))))
+              for name, suffix in (("flair", "flair"), ("t1", "t1"), ("t1c", "t1ce"), ("t2", "t2"))}
+    prediction = api.predict(trained_model, images, device="cpu")
+    energy = prediction.energy
+    assert energy.GetSize() == flair.GetSize()
+    assert energy.GetSpacing() == flair.GetSpacing()
+    assert energy.GetOrigin() == flair.GetOrigin()
+    assert energy.GetDirection() == flair.GetDirection()
+    values = sitk.GetArrayFromImage(energy)
+    brain = sitk.GetArrayFromImage(prediction.brain_mask) > 0
+    assert np.isfinite(values).all()
+    assert values[~brain].max() < values[brain].min()
+    anomaly = sitk.GetArrayFromImage(prediction.anomaly())
+    assert set(np.unique(anomaly)) <= {0, 1}
+    assert not anomaly[~brain].any()
+
+
+def test_cancel_then_resume_equals_uninterrupted_run(cohort, tmp_path):
+    reference = api.train(cohort, tmp_path / "a.admm", tiny_config(), device="cpu", show_progress_bar=False)
+    interrupted = tmp_path / "b.admm"
+    checkpoint = checkpoint_path_for(interrupted)
+    # Cancel as soon as the first epoch's checkpoint exists, i.e. in the middle of training.
+    with pytest.raises(CancelledError):
+        api.train(cohort, interrupted, tiny_config(), device="cpu", show_progress_bar=False,
+                  should_cancel=checkpoint.exists)
+    assert checkpoint.exists() and not interrupted.exists()
+    with pytest.raises(OutputError, match="resume"):
+        api.train(cohort, interrupted, tiny_config(), device="cpu", show_progress_bar=False)
+    resumed = api.train(cohort, interrupted, tiny_config(), device="cpu", resume=True, show_progress_bar=False)
+    expected, actual = weights(reference), weights(resumed)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    assert resumed.threshold == pytest.approx(reference.threshold)
+
+
+def test_resume_with_other_settings_is_refused(cohort, tmp_path):
+    output = tmp_path / "c.admm"
+    checkpoint = checkpoint_path_for(output)
+    with pytest.raises(CancelledError):
+        api.train(cohort, output, tiny_config(), device="cpu", show_progress_bar=False, should_cancel=checkpoint.exists)
+    with pytest.raises(Exception, match="different configuration"):
+        api.train(cohort, output, tiny_config(seed=7), device="cpu", resume=True, show_progress_bar=False)
+
+
+def test_training_without_any_lesion_free_slice_fails_clearly(tmp_path):
+    make_synthetic_case(tmp_path, case_id="synth_x", seed=3)
+    config = preset("tiny", train={"lesion_margin": 1000})
+    with pytest.raises(TrainingDataError, match="lesion-free"):
+        api.train(tmp_path, tmp_path / "m.admm", config, device="cpu", show_progress_bar=False)
+    assert not (tmp_path / "m.admm").exists()
+
+
+def test_evaluate_reports_adm_and_flair_baseline(trained_model, cohort):
+    report = evaluate(api.load_model(trained_model), cohort, device="cpu")
+    assert set(report["methods"]) == {"ADM", "FLAIR z-score"}
+    for result in report["methods"].values():
+        pooled = result["pooled"]
+        assert 0.0 <= pooled["auroc"] <= 1.0 and 0.0 <= pooled["auprc"] <= 1.0
+    # The synthetic lesion is bright in FLAIR: the trivial baseline must see it.
+    assert report["methods"]["FLAIR z-score"]["pooled"]["auroc"] > 0.9
+
+
+def test_cli_predict_writes_outputs_and_skips_done_cases(trained_model, cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", str(trained_model), str(cohort), "-o", str(out), "--device", "cpu", "--progress", "none"]) == 0
+    written = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert written == ["synth_0_anomaly.nii.gz", "synth_0_energy.nii.gz", "synth_1_anomaly.nii.gz", "synth_1_energy.nii.gz"]
+    assert not list(out.glob(".tmp*")), "no temporary file may be left behind"
+    before = (out / "synth_0_energy.nii.gz").stat().st_mtime_ns
+    assert main(["predict", str(trained_model), str(cohort), "-o", str(out), "--device", "cpu", "--progress", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert lines[-1]["stage"] == "done" and sorted(lines[-1]["skipped"]) == ["synth_0", "synth_1"]
+    assert (out / "synth_0_energy.nii.gz").stat().st_mtime_ns == before
+
+
+def test_cli_predict_partial_failure_keeps_going(trained_model, cohort, tmp_path, capsys):
+    data = tmp_path / "data"
+    make_synthetic_case(data, case_id="good", seed=1)
+    broken = make_synthetic_case(data, case_id="broken", seed=2)
+    next(broken.glob("*_t2.nii.gz")).write_bytes(b"not an image")
+    code = main(["predict", str(trained_model), str(data), "-o", str(tmp_path / "out"), "--device", "cpu",
+                 "--progress", "none"])
+    assert code == 6
+    assert (tmp_path / "out" / "good_energy.nii.gz").exists()
+    assert "broken" in (tmp_path / "out" / "errors.log").read_text()
+    assert "broken" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\nnot a model"])
+def test_cli_bad_model_file_exit_code(content, cohort, tmp_path, capsys):
+    model = tmp_path / "bad.admm"
+    model.write_bytes(content)
+    assert main(["predict", str(model), str(cohort), "-o", str(tmp_path / "o")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "bad.admm" in err[0]
+
+
+def test_cli_unwritable_output_exit_code(trained_model, cohort, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["predict", str(trained_model), str(cohort), "-o", str(blocker / "sub")]) == 4
+
+
+def test_cli_gpu_requested_without_gpu(trained_model, cohort, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["predict", str(trained_model), str(cohort), "-o", str(tmp_path / "o"), "--device", "cuda"]) == 5
+    with pytest.raises(DeviceError):
+        api.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["predict"], ["evaluate"], ["demo"], ["info"]])
+def test_cli_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: admanomaly" in capsys.readouterr().out
+
+
+def test_cli_train_and_info(cohort, tmp_path, capsys):
+    output = tmp_path / "cli.admm"
+    code = main(["train", str(cohort), "-o", str(output), "--preset", "tiny", "--epochs-ctoc", "1",
+                 "--epochs-joint", "1", "--lesion-margin", "1", "--device", "cpu", "--progress", "json",
+                 "--set", "model.n_components=3"])
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[-1] == {"stage": "done", "model": str(output)}
+    assert main(["info", str(output)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["model"]["n_components"] == 3
+    assert info["training_command"].startswith("admanomaly train")
+
+
+def test_cli_train_on_folder_without_cases(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", str(tmp_path / "empty"), "-o", str(tmp_path / "m.admm"), "--preset", "tiny"]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+
+
+def test_short_real_training_run_on_brats(brats_dir, tmp_path):
+    """Tiny preset on two real BraTS cases at 32x32, then inference and evaluation on a third."""
+    cases = api.find_cases(brats_dir)
+    assert len(cases) >= 3
+    config = preset("tiny", train={"epochs_ctoc": 1, "epochs_joint": 1, "batch_size": 16})
+    model = api.train(cases[:2], tmp_path / "real.admm", config, device="cpu", show_progress_bar=False)
+    assert model.metadata["validation"]["source"] == "lesion slices"
+    test_dir = tmp_path / "test_case"
+    test_dir.mkdir()
+    for path in cases[2].contrasts.values():
+        (test_dir / path.name).symlink_to(path)
+    (test_dir / cases[2].label.name).symlink_to(cases[2].label)
+    report = evaluate(api.load_model(tmp_path / "real.admm"), test_dir, device="cpu")
+    pooled = report["methods"]["ADM"]["pooled"]
+    assert np.isfinite(pooled["auroc"]) and pooled["auroc"] > 0.5
