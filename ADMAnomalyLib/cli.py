@@ -1,4 +1,4 @@
-"""Command line: ``admanomaly train | predict | evaluate | demo | info`` mirroring :mod:`ADMAnomalyLib.api`.
+"""Command line: ``admanomaly train | cache | predict | evaluate | demo | info`` mirroring :mod:`ADMAnomalyLib.api`.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad input or usage; 3 unusable model file;
 4 output not writable; 5 device unavailable; 6 some cases of a folder failed (the rest were written);
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model on the normal slices of a folder of cases")
-    train.add_argument("data_dir", type=Path, help="folder of cases (lesion labels optional)")
+    train.add_argument("data_dir", type=Path, help="folder of cases (lesion labels optional) or a slice cache")
     train.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.admm)")
     train.add_argument("--preset", choices=sorted(PRESETS), default="small", help="size preset (default: small)")
     train.add_argument("--epochs-ctoc", type=int, help="epochs of step 1 (CtoC)")
@@ -67,12 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--components", type=int, help="number of mixture components C (paper: 6)")
     train.add_argument("--lesion-margin", type=int, help="slices kept away from any labelled lesion")
     train.add_argument("--seed", type=int)
+    train.add_argument("--workers", type=int, help="DataLoader worker processes (default 0: read in the main process)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="any other config value, e.g. --set model.use_dr=false (JSON values)")
     train.add_argument("--resume", action="store_true", help="continue from <output>.ckpt after an interruption")
     _add_device(train)
     _add_progress(train)
     _add_pattern(train)
+
+    cache = commands.add_parser("cache", help="preprocess a large cohort once into a memory-mapped slice cache")
+    cache.add_argument("data_dir", type=Path, help="folder of cases")
+    cache.add_argument("-o", "--output", type=Path, required=True, help="new cache folder (pass it to train)")
+    cache.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                       help="preset whose preprocessing the cache uses (default: small)")
+    cache.add_argument("--lesion-margin", type=int)
+    _add_pattern(cache)
 
     predict = commands.add_parser("predict", help="write <case>_energy.nii.gz and <case>_anomaly.nii.gz")
     predict.add_argument("model", help="model file, or 'default' for the bundled model")
@@ -114,6 +123,7 @@ def _config_from_args(args: argparse.Namespace):
     for flag, section, name in (("epochs_ctoc", "train", "epochs_ctoc"), ("epochs_joint", "train", "epochs_joint"),
                                 ("batch_size", "train", "batch_size"), ("lambda_energy", "train", "lambda_energy"),
                                 ("lesion_margin", "train", "lesion_margin"), ("seed", "train", "seed"),
+                                ("workers", "train", "num_workers"),
                                 ("components", "model", "n_components")):
         value = getattr(args, flag)
         if value is not None:
@@ -142,13 +152,31 @@ def _run(args: argparse.Namespace) -> int:
     from . import api
 
     if args.command == "train":
+        from .distributed import init_from_environment, shutdown
+
         config = _config_from_args(args)
-        api.train(args.data_dir, args.output, config, device=args.device, resume=args.resume,
-                  progress=_json_line if args.progress == "json" else None,
-                  pattern=_parse_pattern(args.pattern), show_progress_bar=args.progress == "bar",
-                  metadata={"training_command": "admanomaly " + " ".join(args.argv)})
-        if args.progress != "json":
+        # Under torchrun every rank runs this same command; only rank 0 writes and reports.
+        context, device = init_from_environment(args.device)
+        try:
+            api.train(args.data_dir, args.output, config, device=device, resume=args.resume,
+                      progress=_json_line if args.progress == "json" else None,
+                      pattern=_parse_pattern(args.pattern), show_progress_bar=args.progress == "bar",
+                      metadata={"training_command": "admanomaly " + " ".join(args.argv)}, context=context)
+        finally:
+            shutdown(context)
+        if args.progress != "json" and context.is_main:
             print(f"model written to {args.output}")
+        return 0
+
+    if args.command == "cache":
+        from .cache import build_slice_cache
+
+        config = preset(args.preset)
+        config.train.lesion_margin = args.lesion_margin if args.lesion_margin is not None else config.train.lesion_margin
+        build_slice_cache(args.data_dir, args.output, config, pattern=_parse_pattern(args.pattern),
+                          progress=lambda done, total, case: print(f"[{done}/{total}] {case}", file=sys.stderr))
+        print(f"slice cache written to {args.output}; train with: admanomaly train {args.output} -o MODEL "
+              f"--preset {args.preset}")
         return 0
 
     if args.command == "predict":

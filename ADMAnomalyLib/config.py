@@ -57,11 +57,16 @@ class ModelConfig:
     """Include Z_ct in the density features (False gives the ADM_dr ablation)."""
     use_dr: bool = True
     """Include Z_dr in the density features (False gives the ADM_ct ablation)."""
+    density_intensities: bool = False
+    """Beyond the paper: also give the density estimator the z-scored intensities X themselves
+    (z = concat(Z_ct, Z_dr, X), 4 more dimensions), so the mixture models how bright each contrast
+    is, not only how well it is predicted. False is the faithful ADM."""
 
     @property
     def feature_dim(self) -> int:
         """Dimension of the per-pixel feature z fed to the density estimator."""
-        return (self.n_contrasts if self.use_ctoc else 0) + (self.dr_latent if self.use_dr else 0)
+        return ((self.n_contrasts if self.use_ctoc else 0) + (self.dr_latent if self.use_dr else 0)
+                + (self.n_contrasts if self.density_intensities else 0))
 
 
 @dataclass
@@ -86,9 +91,38 @@ class TrainConfig:
     """'auto' (bf16 where supported), 'bf16' or 'off'."""
     max_gmm_pixels_per_batch: int = 32768
     """Brain pixels sampled per batch for the mixture statistics of the energy loss."""
+    num_workers: int = 0
+    """DataLoader worker processes reading training batches (useful with a memory-mapped slice cache)."""
     fallback_threshold_percentile: float = 99.0
     """Without labelled validation slices the threshold is this percentile of the normal training
     energies."""
+
+
+@dataclass
+class PostprocessConfig:
+    """Beyond the paper: optional post-processing of the energy map at inference (all off by
+    default, which is the faithful ADM). Stored in the model file, so a model trained with these
+    settings applies them whenever it predicts; its threshold is then chosen on post-processed
+    energies."""
+
+    flip_tta: bool = False
+    """Test-time augmentation: average the energy of each slice and of its left-right mirror."""
+    smoothing_sigma_mm: float = 0.0
+    """3-D Gaussian smoothing of E on the native grid (sigma in mm; normalised inside the brain,
+    so background never leaks in); 0 = off."""
+    rim_erosion_mm: float = 0.0
+    """Voxels closer than this (mm) to the brain boundary get the lowest brain energy (the rim,
+    where skull-stripping residue and partial volume give false positives); 0 = off."""
+
+    @property
+    def native_active(self) -> bool:
+        """Whether any native-grid step (smoothing, rim) is enabled."""
+        return self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0
+
+    @property
+    def active(self) -> bool:
+        """Whether any post-processing is enabled."""
+        return self.flip_tta or self.native_active
 
 
 @dataclass
@@ -99,6 +133,8 @@ class ADMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "paper"
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    """Inference post-processing (absent in older model files, which load with the defaults: off)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (tuples become lists)."""
@@ -112,6 +148,7 @@ class ADMConfig:
             model=_build(ModelConfig, data.get("model", {})),
             train=_build(TrainConfig, data.get("train", {})),
             preset=str(data.get("preset", "custom")),
+            postprocess=_build(PostprocessConfig, data.get("postprocess", {})),
         )
 
 

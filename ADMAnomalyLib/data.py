@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .preprocess import PreparedCase
+from .cases import CaseFiles, load_case
+from .config import ADMConfig
+from .errors import TrainingDataError
+from .preprocess import PreparedCase, prepare_case
 
 
 @dataclass
@@ -87,3 +90,41 @@ def random_intensity_scaling(
     batch, channels = images.shape[:2]
     factors = torch.rand((batch, channels, 1, 1), generator=generator, device="cpu") * (high - low) + low
     return images * factors.to(images.device) * brain.unsqueeze(1)
+
+
+@dataclass
+class TrainingData:
+    """Normal training slices and labelled validation slices drawn from the same cases."""
+
+    train: SliceSet
+    validation: SliceSet
+    summary: dict[str, Any]
+
+
+def build_training_data(case_files: Sequence[CaseFiles], config: ADMConfig) -> TrainingData:
+    """Load and prepare every case, keep lesion-free slices (with the margin) for training and the
+    lesion slices for validation."""
+    if not case_files:
+        raise TrainingDataError("no case to train on")
+    train_parts, validation_parts, per_case = [], [], {}
+    for files in case_files:
+        prepared = prepare_case(load_case(files, config.preprocess.grid_tolerance), config.preprocess)
+        normal = lesion_free_slices(prepared, config.train.lesion_margin)
+        lesion = lesion_slices(prepared)
+        train_parts.append((prepared, normal))
+        validation_parts.append((prepared, lesion))
+        per_case[files.case_id] = {"normal_slices": int(len(normal)), "lesion_slices": int(len(lesion))}
+    train = stack_slices(train_parts)
+    if len(train) == 0:
+        raise TrainingDataError(
+            f"none of the {len(case_files)} case(s) has a lesion-free brain slice "
+            f"(lesion margin {config.train.lesion_margin} slices); nothing to learn normal anatomy from"
+        )
+    validation = stack_slices(validation_parts)
+    summary = {
+        "cases": sorted(per_case),
+        "per_case": per_case,
+        "train_slices": len(train),
+        "validation_slices": len(validation),
+    }
+    return TrainingData(train, validation, summary)

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from .cases import CaseImages
+from .config import PostprocessConfig
 from .device import autocast, bf16_enabled, resolve_device
 from .errors import CancelledError
 from .gmm import energy
@@ -50,12 +51,25 @@ def energy_slices(
     amp: str = "off",
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    x_hat_ct: np.ndarray | None = None,
+    flip_tta: bool | None = None,
 ) -> np.ndarray:
     """Per-pixel energy of slices (M, 4, N, N) with brain masks (M, N, N); returns (M, N, N) float32.
 
-    Only meaningful at brain pixels; the caller masks the rest."""
+    Only meaningful at brain pixels; the caller masks the rest. ``x_hat_ct`` (M, 4, N, N) may hold
+    precomputed CtoC translations of these slices (the evaluation study reuses them across model
+    variants that share one CtoC). ``flip_tta`` (default: the model's ``postprocess.flip_tta``)
+    averages the energies of the slices and of their left-right mirrors."""
     if model.gmm is None:
         raise ValueError("the model's mixture has not been fitted")
+    if flip_tta is None:
+        flip_tta = model.config.postprocess.flip_tta
+    if flip_tta:
+        plain = energy_slices(model, images, brain, device, batch_size, amp, progress, should_cancel, x_hat_ct, False)
+        # Columns run right -> left in the canonical LPS slices, so the last axis is the mirror axis.
+        mirrored = energy_slices(model, images[..., ::-1], brain[..., ::-1], device, batch_size, amp, None,
+                                 should_cancel, None if x_hat_ct is None else x_hat_ct[..., ::-1], False)
+        return 0.5 * (plain + mirrored[..., ::-1])
     network = model.network.to(device).eval()
     gmm = model.gmm.to(device)
     use_bf16 = bf16_enabled(device, amp)
@@ -67,11 +81,14 @@ def energy_slices(
                 raise CancelledError("cancelled by the user; no output was written")
             x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
             b = torch.from_numpy(np.ascontiguousarray(brain[start : start + batch_size])).to(device)
-            x_hat_ct = None
+            x_hat = None
             if model.config.model.use_ctoc:
-                with autocast(device, use_bf16):
-                    x_hat_ct = translate_all(network.ctoc, x, b).float()
-            z, _ = network.features(x, b, x_hat_ct)
+                if x_hat_ct is not None:
+                    x_hat = torch.from_numpy(np.ascontiguousarray(x_hat_ct[start : start + batch_size])).to(device).float()
+                else:
+                    with autocast(device, use_bf16):
+                        x_hat = translate_all(network.ctoc, x, b).float()
+            z, _ = network.features(x, b, x_hat)
             flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
             result[start : start + len(x)] = energy(flat, gmm).reshape(b.shape).float().cpu().numpy()
             if progress is not None:
@@ -102,7 +119,49 @@ def predict_prepared(
         floor = float(network_res[brain_slices][prepared.brain[brain_slices]].min())
         network_res[~prepared.brain] = floor
     energy_image = slices_to_image(network_res, prepared, background=None)
+    if model.config.postprocess.native_active:
+        energy_image = postprocess_energy(energy_image, prepared.native_brain, model.config.postprocess)
     return Prediction(energy_image, native_brain_mask(prepared), model.threshold, int(len(brain_slices)))
+
+
+def postprocess_energy(energy_image: sitk.Image, brain: np.ndarray, cfg: PostprocessConfig) -> sitk.Image:
+    """Native-grid post-processing of an energy image (``PostprocessConfig``): 3-D Gaussian
+    smoothing normalised inside ``brain`` (bool numpy (z, y, x)), then suppression of the brain rim.
+    Background keeps a value below every brain energy."""
+    values = postprocess_array(sitk.GetArrayFromImage(energy_image), brain, energy_image.GetSpacing(), cfg)
+    out = sitk.GetImageFromArray(values)
+    out.CopyInformation(energy_image)
+    return out
+
+
+def postprocess_array(
+    values: np.ndarray, brain: np.ndarray, spacing: tuple[float, ...], cfg: PostprocessConfig
+) -> np.ndarray:
+    """:func:`postprocess_energy` on numpy arrays (z, y, x); ``spacing`` in SimpleITK (x, y, z) order."""
+    brain = np.asarray(brain, dtype=bool)
+    values = np.asarray(values, dtype=np.float32)
+    if not brain.any():
+        return values.copy()
+    result = values.copy()
+    if cfg.smoothing_sigma_mm > 0:
+        def smooth(array: np.ndarray) -> np.ndarray:
+            image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+            image.SetSpacing(tuple(float(v) for v in spacing))
+            return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, float(cfg.smoothing_sigma_mm)))
+
+        weight = brain.astype(np.float32)
+        smoothed = smooth(np.where(brain, values, np.float32(0))) / np.maximum(smooth(weight), np.float32(1e-3))
+        result = np.where(brain, smoothed, result).astype(np.float32)
+    floor = float(result[brain].min())
+    if cfg.rim_erosion_mm > 0:
+        mask = sitk.GetImageFromArray(brain.astype(np.uint8))
+        mask.SetSpacing(tuple(float(v) for v in spacing))
+        # Distance (mm) of each brain voxel to the nearest background voxel.
+        depth = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+            mask, insideIsPositive=True, squaredDistance=False, useImageSpacing=True))
+        result = np.where(brain & (depth <= cfg.rim_erosion_mm), np.float32(floor), result)
+    result[~brain] = floor - 1.0
+    return result.astype(np.float32, copy=False)
 
 
 def predict_case(

@@ -190,7 +190,7 @@ class ADMNetwork(nn.Module):
     def features(
         self, x: torch.Tensor, brain: torch.Tensor, x_hat_ct: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-pixel features ``z`` (B, d, H, W) = concat(|X − X̂_ct|, Z_dr), float32, and ``X̂_dr``
+        """Per-pixel features ``z`` (B, d, H, W) = concat(|X − X̂_ct|, Z_dr[, X]), float32, and ``X̂_dr``
         (B, K, H, W) or ``None`` without DR.
 
         ``x_hat_ct`` may be a cached output of the frozen CtoC; otherwise it is computed (under the
@@ -207,6 +207,8 @@ class ADMNetwork(nn.Module):
             z_dr = self.dr_encoder(x)
             x_hat_dr = self.dr_decoder(z_dr)
             parts.append(z_dr)
+        if self.config.density_intensities:
+            parts.append(x.float())
         return torch.cat(parts, dim=1), x_hat_dr
 
     def memberships(self, z: torch.Tensor) -> torch.Tensor:

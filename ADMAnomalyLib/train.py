@@ -3,6 +3,10 @@
 Step 1 trains CtoC alone on ||X - X_ct||^2. Step 2 freezes CtoC and trains DR and DE on
 ||X - X_dr||^2 + lambda * mean(E). Afterwards the mixture is estimated once over all normal
 training pixels and frozen, and the best-F1 threshold is chosen on the lesion slices.
+
+Under torchrun the networks are wrapped in DistributedDataParallel, each rank trains on its shard
+of the slices, the final mixture comes from sufficient statistics summed over ranks and only rank 0
+writes checkpoints and the model file.
 """
 
 from __future__ import annotations
@@ -11,69 +15,39 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import __version__
-from .cases import CaseFiles, find_cases, load_case
+from .cases import CaseFiles, find_cases
 from .config import ADMConfig
-from .data import SliceSet, lesion_free_slices, lesion_slices, random_intensity_scaling, stack_slices
+from .data import SliceSet, TrainingData, build_training_data, random_intensity_scaling
 from .device import autocast, bf16_enabled, resolve_device
-from .errors import CancelledError, InputError, OutputError, TrainingDataError
-from .gmm import GMMAccumulator, energy, mixture_statistics
+from .distributed import (SINGLE_PROCESS, DistributedContext, all_reduce_sum_, barrier, shard_exact,
+                          shard_for_training)
+from .errors import CancelledError, InputError, OutputError
+from .gmm import GMMAccumulator, GMMParams, energy, mixture_statistics
 from .infer import energy_slices
 from .metrics import best_f1_threshold, detection_metrics
 from .model import ADMModel
-from .networks import translate_all
-from .preprocess import prepare_case
+from .networks import ADMNetwork, translate_all
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[dict[str, Any]], None]
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+_STAGES = ("ctoc", "joint")
 
-
-@dataclass
-class TrainingData:
-    """Normal training slices and labelled validation slices drawn from the same cases."""
-
-    train: SliceSet
-    validation: SliceSet
-    summary: dict[str, Any]
-
-
-def build_training_data(case_files: Sequence[CaseFiles], config: ADMConfig) -> TrainingData:
-    """Load and prepare every case, keep lesion-free slices (with the margin) for training and the
-    lesion slices for validation."""
-    if not case_files:
-        raise TrainingDataError("no case to train on")
-    train_parts, validation_parts, per_case = [], [], {}
-    for files in case_files:
-        prepared = prepare_case(load_case(files, config.preprocess.grid_tolerance), config.preprocess)
-        normal = lesion_free_slices(prepared, config.train.lesion_margin)
-        lesion = lesion_slices(prepared)
-        train_parts.append((prepared, normal))
-        validation_parts.append((prepared, lesion))
-        per_case[files.case_id] = {"normal_slices": int(len(normal)), "lesion_slices": int(len(lesion))}
-    train = stack_slices(train_parts)
-    if len(train) == 0:
-        raise TrainingDataError(
-            f"none of the {len(case_files)} case(s) has a lesion-free brain slice "
-            f"(lesion margin {config.train.lesion_margin} slices); nothing to learn normal anatomy from"
-        )
-    validation = stack_slices(validation_parts)
-    summary = {
-        "cases": sorted(per_case),
-        "per_case": per_case,
-        "train_slices": len(train),
-        "validation_slices": len(validation),
-    }
-    return TrainingData(train, validation, summary)
+__all__ = ["Trainer", "TrainingData", "build_training_data", "checkpoint_path_for", "choose_threshold",
+           "fit_frozen_gmm", "train"]
 
 
 def checkpoint_path_for(output_path: str | Path) -> Path:
@@ -82,8 +56,48 @@ def checkpoint_path_for(output_path: str | Path) -> Path:
     return output_path.with_name(output_path.name + ".ckpt")
 
 
+class _BatchDataset(Dataset):
+    """Maps an array of slice indices to one batch, so DataLoader workers read whole batches
+    (from memory or a memory-mapped slice cache)."""
+
+    def __init__(self, data: SliceSet) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        index = np.sort(index)  # sorted reads are sequential on a memory map
+        return torch.from_numpy(np.ascontiguousarray(self.data.images[index])), \
+            torch.from_numpy(np.ascontiguousarray(self.data.brain[index]))
+
+
+class _JointForward(nn.Module):
+    """Step 2's differentiable part as one module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, network: ADMNetwork, joint: bool) -> None:
+        super().__init__()
+        self.network = network
+        self.joint = joint
+
+    def forward(self, images: torch.Tensor, brain: torch.Tensor, x_hat_ct: torch.Tensor | None,
+                keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features, x_hat_dr = self.network.features(images, brain, x_hat_ct)
+        brain_features = features.permute(0, 2, 3, 1)[brain]
+        if keep is not None:
+            brain_features = brain_features[keep]
+        # ADM_woj: each loss updates only its own sub-network, so the energy does not reach DR.
+        density_input = brain_features if self.joint else brain_features.detach()
+        loss_dr = _masked_mse(x_hat_dr, images, brain) if x_hat_dr is not None else images.new_zeros(())
+        return loss_dr, density_input, self.network.estimator(density_input)
+
+
 class Trainer:
-    """Runs the two training steps on a :class:`TrainingData`, checkpointing every epoch."""
+    """Runs the two training steps on a :class:`TrainingData`, checkpointing every epoch.
+
+    Randomness (slice order, augmentation, pixel sampling, dropout) is drawn from generators seeded
+    by (seed, stage, epoch[, rank]), so a run resumed from a checkpoint continues exactly as an
+    uninterrupted one and ranks share the slice order without sharing augmentations."""
 
     def __init__(
         self,
@@ -93,19 +107,20 @@ class Trainer:
         progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
         show_progress_bar: bool = True,
+        context: DistributedContext = SINGLE_PROCESS,
     ) -> None:
         self.config = config
-        self.device = resolve_device(device)
+        self.context = context
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-        self.progress = progress
+        self.progress = progress if context.is_main else None
         self.should_cancel = should_cancel
-        self.show_progress_bar = show_progress_bar
+        self.show_progress_bar = show_progress_bar and context.is_main
         self.use_bf16 = bf16_enabled(self.device, config.train.amp)
+        # Identical initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(config.train.seed)
         self.model = ADMModel.create(config)
         self.model.network.to(self.device)
-        self.numpy_rng = np.random.default_rng(config.train.seed)
-        self.torch_rng = torch.Generator().manual_seed(config.train.seed)
         net, model_cfg = self.model.network, config.model
         self.ctoc_optimizer = (
             torch.optim.Adam(net.ctoc.parameters(), lr=config.train.lr_ctoc, betas=(0.5, 0.999))
@@ -113,12 +128,23 @@ class Trainer:
         )
         joint_parameters = [p for name, p in net.named_parameters() if not name.startswith("ctoc.")]
         self.joint_optimizer = torch.optim.Adam(joint_parameters, lr=config.train.lr_joint)
-        self.stage, self.epoch = "ctoc" if model_cfg.use_ctoc else "joint", 0
+        self.stage, self.epoch = ("ctoc" if model_cfg.use_ctoc else "joint"), 0
         self.history: list[dict[str, Any]] = []
+        self._ctoc = self._wrap(net.ctoc) if net.ctoc is not None else None
+        self._joint: nn.Module | None = None  # wrapped once CtoC is frozen, see fit()
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if not self.context.active:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        return {
+    def save_checkpoint(self) -> None:
+        """Write the resumable state atomically (a crash mid-write keeps the previous checkpoint)."""
+        if self.checkpoint_path is None or not self.context.is_main:
+            return
+        state = {
             "checkpoint_version": CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
             "stage": self.stage,
@@ -126,21 +152,12 @@ class Trainer:
             "network": self.model.network.state_dict(),
             "ctoc_optimizer": self.ctoc_optimizer.state_dict() if self.ctoc_optimizer else {},
             "joint_optimizer": self.joint_optimizer.state_dict(),
-            "torch_rng": self.torch_rng.get_state(),
-            "global_rng": torch.get_rng_state(),
-            "numpy_rng": _numpy_state_to_tensors(self.numpy_rng),
-            "history": [{k: float(v) if isinstance(v, float) else v for k, v in h.items()} for h in self.history],
+            "history": self.history,
         }
-
-    def save_checkpoint(self) -> None:
-        """Write the resumable state atomically (a crash mid-write keeps the previous checkpoint)."""
-        if self.checkpoint_path is None:
-            return
-        folder = self.checkpoint_path.parent
-        handle, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=folder)
+        handle, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=self.checkpoint_path.parent)
         try:
             with os.fdopen(handle, "wb") as stream:
-                torch.save(self._state(), stream)
+                torch.save(state, stream)
             os.replace(temp_name, self.checkpoint_path)
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)
@@ -151,7 +168,7 @@ class Trainer:
         if self.checkpoint_path is None or not self.checkpoint_path.exists():
             return False
         try:
-            # weights_only: the checkpoint is read with PyTorch's restricted unpickler, no code runs.
+            # weights_only: PyTorch's restricted unpickler, so no code from the file can run.
             state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise InputError(f"{self.checkpoint_path}: unreadable checkpoint ({str(exc).splitlines()[0]}); "
@@ -163,84 +180,90 @@ class Trainer:
         if self.ctoc_optimizer:
             self.ctoc_optimizer.load_state_dict(state["ctoc_optimizer"])
         self.joint_optimizer.load_state_dict(state["joint_optimizer"])
-        self.torch_rng.set_state(state["torch_rng"])
-        torch.set_rng_state(state["global_rng"])
-        self.numpy_rng = _numpy_rng_from_tensors(state["numpy_rng"])
         self.stage, self.epoch = state["stage"], int(state["epoch"])
         self.history = list(state["history"])
         log.info("resumed from %s at stage %s, epoch %d", self.checkpoint_path, self.stage, self.epoch)
         return True
 
     # -- training steps ------------------------------------------------------------------------------
-    def _batch(self, data: SliceSet, index: np.ndarray, augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(data.images[index]).to(self.device)
-        brain = torch.from_numpy(data.brain[index]).to(self.device)
-        if augment:
-            images = random_intensity_scaling(images, brain, self.config.train.intensity_scale, self.torch_rng)
-        return images, brain
+    def _seed(self, *parts: int) -> int:
+        return int(np.random.SeedSequence([self.config.train.seed, *parts]).generate_state(1)[0])
 
     def _check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
             raise CancelledError("training cancelled; resume later from the last epoch's checkpoint")
 
-    def _ctoc_step(self, images: torch.Tensor, brain: torch.Tensor) -> dict[str, float]:
-        network = self.model.network
+    def _ctoc_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
         with autocast(self.device, self.use_bf16):
-            reconstruction = translate_all(network.ctoc, images, brain)
+            reconstruction = translate_all(self._ctoc, images, brain)
         loss = _masked_mse(reconstruction.float(), images, brain)
         self.ctoc_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.ctoc_optimizer.step()
         return {"loss_ct": loss.item()}
 
-    def _joint_step(self, images: torch.Tensor, brain: torch.Tensor) -> dict[str, float]:
-        network, train_cfg = self.model.network, self.config.train
+    def _joint_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        train_cfg = self.config.train
         x_hat_ct = None
         if self.config.model.use_ctoc:
             with torch.no_grad(), autocast(self.device, self.use_bf16):
-                x_hat_ct = translate_all(network.ctoc, images, brain).float()
-        features, x_hat_dr = network.features(images, brain, x_hat_ct)
-        brain_features = features.permute(0, 2, 3, 1)[brain]
-        if len(brain_features) > train_cfg.max_gmm_pixels_per_batch:
-            keep = torch.randperm(len(brain_features), generator=self.torch_rng)[: train_cfg.max_gmm_pixels_per_batch]
-            brain_features = brain_features[keep.to(self.device)]
-        # ADM_woj: each loss updates only its own sub-network, so the energy does not reach DR.
-        density_input = brain_features if train_cfg.joint else brain_features.detach()
-        memberships = network.estimator(density_input)
-        mean_energy = energy(density_input, mixture_statistics(density_input, memberships, self.config.model.eps)).mean()
-        loss_dr = _masked_mse(x_hat_dr, images, brain) if x_hat_dr is not None else torch.zeros((), device=self.device)
+                x_hat_ct = translate_all(self.model.network.ctoc, images, brain).float()
+        n_brain = int(brain.sum())
+        keep = None
+        if n_brain > train_cfg.max_gmm_pixels_per_batch:
+            keep = torch.randperm(n_brain, generator=generator)[: train_cfg.max_gmm_pixels_per_batch].to(self.device)
+        loss_dr, density_input, memberships = self._joint(images, brain, x_hat_ct, keep)
+        statistics = mixture_statistics(density_input, memberships, self.config.model.eps)
+        mean_energy = energy(density_input, statistics).mean()
         loss = loss_dr + train_cfg.lambda_energy * mean_energy.to(loss_dr.dtype)
         self.joint_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.joint_optimizer.step()
         return {"loss_dr": loss_dr.item(), "energy": mean_energy.item(), "loss": loss.item()}
 
+    def _epoch_batches(self, data: SliceSet, stage: str) -> list[np.ndarray]:
+        order = np.random.default_rng(self._seed(_STAGES.index(stage), self.epoch)).permutation(len(data))
+        mine = shard_for_training(order, self.context)
+        size = self.config.train.batch_size
+        return [mine[start : start + size] for start in range(0, len(mine), size)]
+
     def _run_stage(self, stage: str, epochs: int, data: SliceSet) -> None:
         network = self.model.network
         step = self._ctoc_step if stage == "ctoc" else self._joint_step
         while self.stage == stage and self.epoch < epochs:
             network.train()
-            if stage == "joint":
-                network.ctoc.eval() if network.ctoc is not None else None
-            batches = list(data.batches(self.config.train.batch_size, self.numpy_rng))
+            if stage == "joint" and network.ctoc is not None:
+                network.ctoc.eval()
+            rank_seed = self._seed(_STAGES.index(stage), self.epoch, self.context.rank)
+            generator = torch.Generator().manual_seed(rank_seed)
+            torch.manual_seed(rank_seed)  # dropout
+            batches = self._epoch_batches(data, stage)
+            loader = DataLoader(_BatchDataset(data), batch_size=None, sampler=batches,
+                                num_workers=self.config.train.num_workers,
+                                pin_memory=self.device.type == "cuda")
             sums: dict[str, float] = {}
             started = time.perf_counter()
-            bar = tqdm(batches, desc=f"{stage} {self.epoch + 1}/{epochs}", disable=not self.show_progress_bar,
-                       leave=False, dynamic_ncols=True)
-            for number, index in enumerate(bar, start=1):
+            bar = tqdm(loader, total=len(batches), desc=f"{stage} {self.epoch + 1}/{epochs}",
+                       disable=not self.show_progress_bar, leave=False, dynamic_ncols=True)
+            for number, (images, brain) in enumerate(bar, start=1):
                 self._check_cancel()
-                losses = step(*self._batch(data, index, augment=True))
+                images = images.to(self.device, non_blocking=True)
+                brain = brain.to(self.device, non_blocking=True)
+                images = random_intensity_scaling(images, brain, self.config.train.intensity_scale, generator)
+                losses = step(images, brain, generator)
                 if not all(np.isfinite(v) for v in losses.values()):
                     raise FloatingPointError(f"non-finite loss in {stage} epoch {self.epoch + 1}: {losses}")
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + value
                 bar.set_postfix({k: f"{v / number:.4g}" for k, v in sums.items()})
                 self._report(stage=stage, epoch=self.epoch + 1, epochs=epochs, step=number, steps=len(batches),
-                             **{k: v for k, v in losses.items()})
+                             **losses)
             bar.close()
             self.epoch += 1
-            record = {"stage": stage, "epoch": self.epoch, "seconds": time.perf_counter() - started,
-                      **{k: v / len(batches) for k, v in sums.items()}}
+            seconds = time.perf_counter() - started
+            record = {"stage": stage, "epoch": self.epoch, "seconds": seconds,
+                      "slice_sets_per_second": len(batches) * self.config.train.batch_size / max(seconds, 1e-9),
+                      **{k: v / max(len(batches), 1) for k, v in sums.items()}}
             self.history.append(record)
             log.info("%s", record)
             if self.show_progress_bar:
@@ -260,11 +283,13 @@ class Trainer:
             self._run_stage("ctoc", train_cfg.epochs_ctoc, data.train)
         if self.model.network.ctoc is not None:
             self.model.network.ctoc.requires_grad_(False)
+        # Wrapped after freezing so DDP synchronises only DR and DE parameters.
+        self._joint = self._wrap(_JointForward(self.model.network, train_cfg.joint))
         self._run_stage("joint", train_cfg.epochs_joint, data.train)
         self._check_cancel()
         self.model.network.eval()
         self._report(stage="gmm")
-        self.model.gmm = fit_frozen_gmm(self.model, data.train, self.device, train_cfg.batch_size)
+        self.model.gmm = fit_frozen_gmm(self.model, data.train, self.device, train_cfg.batch_size, self.context)
         self._report(stage="threshold")
         threshold, validation = choose_threshold(self.model, data, self.device, train_cfg.batch_size)
         self.model.threshold = threshold
@@ -274,6 +299,7 @@ class Trainer:
             "validation": validation,
             "history": self.history,
             "device": str(self.device),
+            "processes": self.context.world_size,
             "bf16": self.use_bf16,
         })
         return self.model
@@ -286,15 +312,23 @@ def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, brain: torch.Ten
     return ((prediction - target) ** 2 * weight).sum() / (weight.sum() * prediction.shape[1]).clamp_min(1.0)
 
 
-def fit_frozen_gmm(model: ADMModel, data: SliceSet, device: torch.device, batch_size: int):
-    """Estimate pi, mu, Sigma once over every brain pixel of the normal training slices (dropout off)."""
+def fit_frozen_gmm(
+    model: ADMModel, data: SliceSet, device: torch.device, batch_size: int,
+    context: DistributedContext = SINGLE_PROCESS,
+) -> GMMParams:
+    """Estimate pi, mu, Sigma once over every brain pixel of the normal training slices (dropout off).
+
+    With several ranks each accumulates the sufficient statistics of its own slices and the sums
+    are all-reduced, so the result equals the single-process one to float64 rounding."""
     network = model.network.eval()
-    accumulator = GMMAccumulator(model.config.model.n_components, model.config.model.feature_dim)
+    accumulator = GMMAccumulator(model.config.model.n_components, model.config.model.feature_dim, device=device)
     use_bf16 = bf16_enabled(device, model.config.train.amp)
+    mine = shard_exact(len(data), context)
     with torch.inference_mode():
-        for index in data.batches(batch_size):
-            images = torch.from_numpy(data.images[index]).to(device)
-            brain = torch.from_numpy(data.brain[index]).to(device)
+        for start in range(0, len(mine), batch_size):
+            index = mine[start : start + batch_size]
+            images = torch.from_numpy(np.ascontiguousarray(data.images[index])).to(device)
+            brain = torch.from_numpy(np.ascontiguousarray(data.brain[index])).to(device)
             x_hat_ct = None
             if model.config.model.use_ctoc:
                 with autocast(device, use_bf16):
@@ -302,6 +336,7 @@ def fit_frozen_gmm(model: ADMModel, data: SliceSet, device: torch.device, batch_
             features, _ = network.features(images, brain, x_hat_ct)
             brain_features = features.permute(0, 2, 3, 1)[brain]
             accumulator.update(brain_features, network.estimator(brain_features))
+    all_reduce_sum_(list(accumulator.state().values()), context)
     return accumulator.finalize(model.config.model.eps)
 
 
@@ -312,36 +347,30 @@ def choose_threshold(
     percentile of the normal training energies."""
     amp = model.config.train.amp
     validation = data.validation
-    if len(validation) and validation.labels is not None and validation.labels[validation.brain].any():
+    if len(validation) and validation.labels is not None and np.asarray(validation.labels).any():
         energies = energy_slices(model, validation.images, validation.brain, device, batch_size, amp)
-        threshold, _ = best_f1_threshold(energies, validation.labels, validation.brain)
-        metrics = detection_metrics(energies, validation.labels, validation.brain)
-        summary = {"source": "lesion slices", "slices": len(validation), **_plain(metrics)}
+        labels, brain = np.asarray(validation.labels), np.asarray(validation.brain)
+        threshold, _ = best_f1_threshold(energies, labels, brain)
+        metrics = detection_metrics(energies, labels, brain)
+        summary = {"source": "lesion slices", "slices": len(validation),
+                   **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(metrics).items()}}
         return float(threshold), summary
     energies = energy_slices(model, data.train.images, data.train.brain, device, batch_size, amp)
     percentile = model.config.train.fallback_threshold_percentile
-    threshold = float(np.percentile(energies[data.train.brain], percentile))
+    threshold = float(np.percentile(energies[np.asarray(data.train.brain)], percentile))
     return threshold, {"source": f"{percentile} percentile of normal training energies", "slices": len(data.train)}
 
 
-def _plain(metrics: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-    return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(metrics).items()}
+def load_training_data(
+    data: str | Path | Sequence[CaseFiles], config: ADMConfig, pattern: dict[str, str] | None = None
+) -> TrainingData:
+    """Training data from a slice cache folder, a folder of cases, or a list of cases."""
+    from .cache import is_slice_cache, load_slice_cache
 
-
-def _numpy_state_to_tensors(rng: np.random.Generator) -> dict[str, Any]:
-    state = rng.bit_generator.state
-    # PCG64 state holds 128-bit integers; store them as strings so the restricted unpickler accepts them.
-    return {"bit_generator": state["bit_generator"], "state": {k: str(v) for k, v in state["state"].items()},
-            "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"])}
-
-
-def _numpy_rng_from_tensors(saved: dict[str, Any]) -> np.random.Generator:
-    rng = np.random.default_rng()
-    rng.bit_generator.state = {"bit_generator": saved["bit_generator"],
-                               "state": {k: int(v) for k, v in saved["state"].items()},
-                               "has_uint32": saved["has_uint32"], "uinteger": saved["uinteger"]}
-    return rng
+    if isinstance(data, (str, Path)) and is_slice_cache(data):
+        return load_slice_cache(data, config)
+    case_files = list(data) if not isinstance(data, (str, Path)) else find_cases(data, pattern)
+    return build_training_data(case_files, config)
 
 
 def train(
@@ -355,27 +384,31 @@ def train(
     pattern: dict[str, str] | None = None,
     show_progress_bar: bool = True,
     metadata: dict[str, Any] | None = None,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> ADMModel:
-    """Train a model on the cases in ``data_dir`` and write it to ``output_path``.
+    """Train a model on the cases in ``data_dir`` (or a slice cache) and write it to ``output_path``.
 
     A checkpoint ``<output>.ckpt`` is written every epoch; ``resume=True`` continues from it. The
-    checkpoint is removed once the model file is written."""
+    checkpoint is removed once the model file is written. ``context`` comes from
+    :func:`ADMAnomalyLib.distributed.init_from_environment` under torchrun."""
     output_path = Path(output_path)
     folder = output_path.parent if str(output_path.parent) else Path(".")
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise OutputError(f"cannot write the model to {output_path}: folder missing or not writable")
-    case_files = list(data_dir) if not isinstance(data_dir, (str, Path)) else find_cases(data_dir, pattern)
-    data = build_training_data(case_files, config)
+    data = load_training_data(data_dir, config, pattern)
     checkpoint = checkpoint_path_for(output_path)
     if not resume and checkpoint.exists():
         raise OutputError(f"{checkpoint} exists from an earlier run; pass resume=True (--resume) or delete it")
-    trainer = Trainer(config, device, checkpoint, progress, should_cancel, show_progress_bar)
+    barrier(context)  # every rank has checked the checkpoint before rank 0 may write one
+    trainer = Trainer(config, device, checkpoint, progress, should_cancel, show_progress_bar, context)
     if resume:
         trainer.load_checkpoint()
     model = trainer.fit(data)
     model.metadata.update(metadata or {})
-    model.save(output_path)
-    checkpoint.unlink(missing_ok=True)
-    if progress is not None:
-        progress({"stage": "done", "model": str(output_path)})
+    if context.is_main:
+        model.save(output_path)
+        checkpoint.unlink(missing_ok=True)
+        if progress is not None:
+            progress({"stage": "done", "model": str(output_path)})
+    barrier(context)
     return model
