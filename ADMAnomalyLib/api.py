@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -94,40 +96,90 @@ def predict_folder(
     batch_size: int = 16,
     pattern: dict[str, str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    workers: int = 1,
 ) -> FolderReport:
     """Predict every case of ``input_dir`` into ``output_dir``; resumable and robust per case.
 
     Cases whose two outputs already exist are skipped; a failing case is logged in the report (and
-    ``errors.log``) and the batch goes on. Outputs are written atomically."""
-    model = load_model(model)
+    ``errors.log``) and the batch goes on. Outputs are written atomically. ``workers > 1`` runs
+    cases in that many processes (each on its own GPU when several are visible)."""
+    loaded = load_model(model)
     resolve_device(device)
     output_dir = ensure_writable_folder(output_dir)
-    chosen = threshold if threshold is not None else model.threshold
+    chosen = threshold if threshold is not None else loaded.threshold
     if chosen is None:
         raise InputError("the model has no validation threshold; pass threshold=")
     cases = find_cases(input_dir, pattern)
     report = FolderReport()
-    for number, files in enumerate(cases, start=1):
+    pending = []
+    for files in cases:
         energy_path, anomaly_path = output_paths(output_dir, files.case_id)
         if skip_existing and energy_path.exists() and anomaly_path.exists():
             report.skipped.append(files.case_id)
         else:
-            try:
-                prediction = predict_case(model, load_case(files, model.config.preprocess.grid_tolerance),
-                                          device, batch_size)
-                write_image_atomic(prediction.energy, energy_path)
-                write_image_atomic(prediction.anomaly(chosen), anomaly_path)
-                report.done.append(files.case_id)
-            except ADMError as exc:
-                report.failed[files.case_id] = str(exc)
-                log.error("%s: %s", files.case_id, exc)
+            pending.append(files)
+    finished = len(report.skipped)
+
+    def record(case_id: str, error: str | None) -> None:
+        nonlocal finished
+        if error is None:
+            report.done.append(case_id)
+        else:
+            report.failed[case_id] = error
+            log.error("%s: %s", case_id, error)
+        finished += 1
         if progress is not None:
-            progress(number, len(cases), files.case_id)
+            progress(finished, len(cases), case_id)
+
+    if workers <= 1 or len(pending) <= 1:
+        for files in pending:
+            record(files.case_id, _predict_to_files(loaded, files, output_dir, device, chosen, batch_size))
+    else:
+        model_path = loaded.path if loaded.path is not None else default_model_path()
+        context = multiprocessing.get_context("spawn")  # fork after torch threads is unsafe
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(str(model_path), device, workers)) as pool:
+            futures = {pool.submit(_worker_predict, files, str(output_dir), chosen, batch_size): files
+                       for files in pending}
+            for future in as_completed(futures):
+                record(futures[future].case_id, future.result())
     write_text_atomic(json.dumps({"threshold": chosen, **report.__dict__}, indent=2), output_dir / "report.json")
     if report.failed:
         lines = "".join(f"{case}\t{message}\n" for case, message in report.failed.items())
         write_text_atomic(lines, output_dir / "errors.log")
     return report
+
+
+def _predict_to_files(model: ADMModel, files: CaseFiles, output_dir: Path, device: str, threshold: float,
+                      batch_size: int) -> str | None:
+    """Predict one case and write its two outputs; returns the error message or None."""
+    energy_path, anomaly_path = output_paths(output_dir, files.case_id)
+    try:
+        prediction = predict_case(model, load_case(files, model.config.preprocess.grid_tolerance), device, batch_size)
+        write_image_atomic(prediction.energy, energy_path)
+        write_image_atomic(prediction.anomaly(threshold), anomaly_path)
+    except ADMError as exc:
+        return str(exc)
+    return None
+
+
+_WORKER: dict[str, object] = {}
+
+
+def _init_worker(model_path: str, device: str, workers: int) -> None:
+    import torch
+
+    # Share the cores instead of oversubscribing them; spread workers over the visible GPUs.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    identity = multiprocessing.current_process()._identity
+    worker_index = (identity[0] - 1) if identity else 0
+    if resolve_device(device).type == "cuda" and torch.cuda.device_count() > 1:
+        device = f"cuda:{worker_index % torch.cuda.device_count()}"
+    _WORKER.update(model=load_model(model_path), device=device)
+
+
+def _worker_predict(files: CaseFiles, output_dir: str, threshold: float, batch_size: int) -> str | None:
+    return _predict_to_files(_WORKER["model"], files, Path(output_dir), _WORKER["device"], threshold, batch_size)
 
 
 def ensure_writable_folder(folder: str | Path) -> Path:
