@@ -1,4 +1,4 @@
-"""Command line: ``admanomaly train | cache | predict | evaluate | demo | info`` mirroring :mod:`ADMAnomalyLib.api`.
+"""Command line: ``admanomaly train | cache | predict | evaluate | study | demo | info`` mirroring :mod:`ADMAnomalyLib.api`.
 
 Exit codes: 0 success; 1 unexpected internal error; 2 bad input or usage; 3 unusable model file;
 4 output not writable; 5 device unavailable; 6 some cases of a folder failed (the rest were written);
@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, help="energy threshold (default: the model's)")
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs exist")
+    predict.add_argument("--workers", type=int, default=1, help="cases predicted in parallel processes (default 1)")
     _add_device(predict)
     _add_progress(predict)
     _add_pattern(predict)
@@ -108,6 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the bundled model on the bundled MS case")
     demo.add_argument("-o", "--output", type=Path, default=Path("admanomaly_demo"), help="output folder")
     _add_device(demo)
+
+    study = commands.add_parser("study", help="evaluation study: ADM, ablations, improvements and baselines on "
+                                              "patient-level folds; JSON, figures and docs/results.md")
+    study.add_argument("data_dir", type=Path, nargs="?", help="folder of labelled cases (e.g. ../shared/data/brats18)")
+    setting = study.add_mutually_exclusive_group()
+    setting.add_argument("--quick", action="store_true", help="2-core CPU setting, < 30 min (default)")
+    setting.add_argument("--full", action="store_true", help="GPU setting: paper preset, 50 + 50 epochs, 3 seeds")
+    study.add_argument("-o", "--output", type=Path, default=Path("runs/study"),
+                       help="folder for study.json and examples.npz (default: runs/study)")
+    study.add_argument("--docs", type=Path, default=Path("docs"), help="where results.md and figures/ go (default: docs)")
+    study.add_argument("--report-only", action="store_true",
+                       help="only regenerate the figures and results.md from OUTPUT/study.json")
+    study.add_argument("--no-report", action="store_true", help="write the JSON only")
+    study.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    study.add_argument("--folds", type=int)
+    study.add_argument("--seeds", help="comma-separated seeds")
+    study.add_argument("--image-size", type=int)
+    study.add_argument("--epochs-ctoc", type=int)
+    study.add_argument("--epochs-joint", type=int)
+    study.add_argument("--preset", choices=sorted(PRESETS))
+    study.add_argument("--max-cases", type=int, help="use only the first N cases (smoke tests)")
+    _add_device(study)
 
     info = commands.add_parser("info", help="print a model file's settings, threshold and validation metrics")
     info.add_argument("model", help="model file, or 'default'")
@@ -164,6 +188,8 @@ def _run(args: argparse.Namespace) -> int:
                       metadata={"training_command": "admanomaly " + " ".join(args.argv)}, context=context)
         finally:
             shutdown(context)
+        if config.postprocess.native_active and context.is_main:
+            _recalibrate(args)
         if args.progress != "json" and context.is_main:
             print(f"model written to {args.output}")
         return 0
@@ -189,7 +215,7 @@ def _run(args: argparse.Namespace) -> int:
         report = api.predict_folder(_model_argument(args.model), args.input, args.output, device=args.device,
                                     threshold=args.threshold, skip_existing=not args.overwrite,
                                     batch_size=args.batch_size, pattern=_parse_pattern(args.pattern),
-                                    progress=case_progress)
+                                    progress=case_progress, workers=args.workers)
         summary = f"{len(report.done)} written, {len(report.skipped)} skipped, {len(report.failed)} failed"
         if args.progress == "json":
             _json_line({"stage": "done", "done": report.done, "skipped": report.skipped, "failed": report.failed})
@@ -223,6 +249,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name}: {path}")
         return 0
 
+    if args.command == "study":
+        return _run_study(args)
+
     if args.command == "info":
         model = api.load_model(_model_argument(args.model))
         print(json.dumps({"path": str(model.path), "threshold": model.threshold, "config": model.config.to_dict(),
@@ -230,6 +259,55 @@ def _run(args: argparse.Namespace) -> int:
                           "training_command": model.metadata.get("training_command")}, indent=2))
         return 0
     raise AssertionError(args.command)
+
+
+def _recalibrate(args: argparse.Namespace) -> None:
+    """Smoothing / rim suppression change the energies: choose the model's threshold again on the
+    post-processed native energies of the lesion slices of the training folder."""
+    from .evaluate import calibrate_threshold
+    from .model import ADMModel
+
+    if not Path(args.data_dir).is_dir():
+        return
+    model = ADMModel.load(args.output)
+    threshold, summary = calibrate_threshold(model, str(args.data_dir), device=args.device,
+                                             pattern=_parse_pattern(args.pattern))
+    if threshold is not None:
+        model.threshold = threshold
+        model.metadata["validation"] = summary
+        model.save(args.output)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from . import study as study_module
+
+    output = args.output
+    if not args.report_only:
+        if args.data_dir is None:
+            raise ADMError("study needs DATA_DIR (or --report-only)")
+        overrides: dict[str, Any] = {"device": args.device}
+        for flag, name in (("folds", "n_folds"), ("image_size", "image_size"), ("epochs_ctoc", "epochs_ctoc"),
+                           ("epochs_joint", "epochs_joint"), ("preset", "preset"), ("max_cases", "max_cases")):
+            if getattr(args, flag) is not None:
+                overrides[name] = getattr(args, flag)
+        if args.seeds:
+            overrides["seeds"] = tuple(int(v) for v in args.seeds.split(","))
+        if args.methods:
+            overrides["methods"] = tuple(m.strip() for m in args.methods.split(","))
+        settings = (study_module.full_settings if args.full else study_module.quick_settings)(**overrides)
+        result = study_module.run_study(args.data_dir, output, settings,
+                                        progress=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}",
+                                                                              file=sys.stderr, flush=True),
+                                        command="admanomaly " + " ".join(args.argv))
+        print(study_module.format_table(result, markdown=False))
+        print(f"study written to {output / 'study.json'} in {result['runtime_s'] / 60:.1f} min")
+    if not args.no_report:
+        json_path = output / "study.json"
+        if not json_path.exists():
+            raise ADMError(f"{json_path}: no study JSON to report on")
+        report = study_module.make_report(json_path, args.docs)
+        print(f"report written to {report}")
+    return 0
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -113,11 +113,19 @@ class PostprocessConfig:
     rim_erosion_mm: float = 0.0
     """Voxels closer than this (mm) to the brain boundary get the lowest brain energy (the rim,
     where skull-stripping residue and partial volume give false positives); 0 = off."""
+    flair_weight: float = 0.0
+    """After smoothing and rim suppression, z-score E over the case's brain voxels and add this weight
+    times the FLAIR z-score (native grid, z-scored over the brain), combining the model's evidence
+    with FLAIR hyperintensity; 0 = off (E unchanged)."""
+    median_size: int = 0
+    """Last step: 3-D median filter of the score with this cubic window (odd, voxels), as published
+    FLAIR-thresholding baselines use; 0 = off."""
 
     @property
     def native_active(self) -> bool:
-        """Whether any native-grid step (smoothing, rim) is enabled."""
-        return self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0
+        """Whether any native-grid step (smoothing, rim, FLAIR term) is enabled."""
+        return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.flair_weight != 0
+                or self.median_size > 1)
 
     @property
     def active(self) -> bool:

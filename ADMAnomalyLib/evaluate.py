@@ -53,7 +53,7 @@ def evaluate(
     for number, files in enumerate(cases, start=1):
         case = load_case(files, model.config.preprocess.grid_tolerance)
         prepared = prepare_case(case, model.config.preprocess)
-        prediction = predict_prepared(model, prepared, device, batch_size)
+        prediction = predict_prepared(model, prepared, device, batch_size, native_flair=_flair_for(model, case, prepared))
         brain = sitk.GetArrayFromImage(prediction.brain_mask) > 0
         labels = sitk.GetArrayFromImage(case.label) > 0
         region = brain
@@ -75,3 +75,50 @@ def evaluate(
         "threshold": chosen,
     }
     return report
+
+
+def calibrate_threshold(
+    model: ADMModel,
+    data_dir: str,
+    device: str = "auto",
+    batch_size: int = 16,
+    pattern: dict[str, str] | None = None,
+) -> tuple[float | None, dict[str, Any]]:
+    """Best-F1 threshold of the model's (post-processed) native energies over the brain voxels of the
+    lesion slices of the labelled cases in ``data_dir``; ``(None, {})`` without labelled cases.
+
+    Used for models with native-grid post-processing (smoothing, rim suppression), whose energies
+    differ from the network-resolution ones the trainer calibrates on."""
+    from .metrics import best_f1_threshold, detection_metrics
+
+    scores, labels = [], []
+    for files in find_cases(data_dir, pattern):
+        if files.label is None:
+            continue
+        case = load_case(files, model.config.preprocess.grid_tolerance)
+        prepared = prepare_case(case, model.config.preprocess)
+        if not prepared.has_lesion.any():
+            continue
+        prediction = predict_prepared(model, prepared, device, batch_size, native_flair=_flair_for(model, case, prepared))
+        brain = sitk.GetArrayFromImage(prediction.brain_mask) > 0
+        oriented = np.zeros(prepared.geometry.shape, dtype=bool)
+        oriented[prepared.has_lesion] = True
+        region = brain & prepared.geometry.to_native(oriented)
+        scores.append(sitk.GetArrayFromImage(prediction.energy)[region])
+        labels.append(prepared.native_lesion[region])
+    if not scores:
+        return None, {}
+    s, y = np.concatenate(scores), np.concatenate(labels)
+    threshold, _ = best_f1_threshold(s, y)
+    metrics = detection_metrics(s, y)
+    summary = {"source": "lesion slices, native grid, post-processed energies", "cases": len(scores),
+               "auroc": metrics.auroc, "auprc": metrics.auprc, "best_f1": metrics.best_f1,
+               "best_threshold": metrics.best_threshold, "n_voxels": metrics.n_voxels,
+               "n_positive": metrics.n_positive}
+    return float(threshold), summary
+
+
+def _flair_for(model: ADMModel, case: CaseImages, prepared) -> np.ndarray | None:
+    from .infer import native_flair_zscore
+
+    return native_flair_zscore(case, prepared) if model.config.postprocess.flair_weight else None

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from .cases import CaseImages
-from .config import PostprocessConfig
+from .config import CONTRASTS, PostprocessConfig
 from .device import autocast, bf16_enabled, resolve_device
 from .errors import CancelledError
 from .gmm import energy
@@ -56,7 +56,7 @@ def energy_slices(
 ) -> np.ndarray:
     """Per-pixel energy of slices (M, 4, N, N) with brain masks (M, N, N); returns (M, N, N) float32.
 
-    Only meaningful at brain pixels; the caller masks the rest. ``x_hat_ct`` (M, 4, N, N) may hold
+    Computed at brain pixels only; the rest is 0 (the caller masks it). ``x_hat_ct`` (M, 4, N, N) may hold
     precomputed CtoC translations of these slices (the evaluation study reuses them across model
     variants that share one CtoC). ``flip_tta`` (default: the model's ``postprocess.flip_tta``)
     averages the energies of the slices and of their left-right mirrors."""
@@ -89,8 +89,10 @@ def energy_slices(
                     with autocast(device, use_bf16):
                         x_hat = translate_all(network.ctoc, x, b).float()
             z, _ = network.features(x, b, x_hat)
-            flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-            result[start : start + len(x)] = energy(flat, gmm).reshape(b.shape).float().cpu().numpy()
+            # The mixture is evaluated at brain pixels only (the rest is 0 and masked by the caller).
+            chunk = torch.zeros(b.shape, dtype=torch.float32, device=device)
+            chunk[b] = energy(z.permute(0, 2, 3, 1)[b], gmm).float()
+            result[start : start + len(x)] = chunk.cpu().numpy()
             if progress is not None:
                 progress(min(start + batch_size, total), total)
     return result
@@ -104,8 +106,13 @@ def predict_prepared(
     amp: str = "off",
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    native_flair: np.ndarray | None = None,
 ) -> Prediction:
-    """Energy image of a prepared case; only slices that contain brain go through the networks."""
+    """Energy image of a prepared case; only slices that contain brain go through the networks.
+
+    ``native_flair`` (z-scored FLAIR on the native numpy grid, see :func:`native_flair_zscore`) is
+    used only by models with ``postprocess.flair_weight``; without it the network-resolution FLAIR
+    is upsampled instead."""
     torch_device = resolve_device(device)
     brain_slices = np.flatnonzero(prepared.has_brain)
     network_res = np.zeros(prepared.brain.shape, dtype=np.float32)
@@ -119,25 +126,45 @@ def predict_prepared(
         floor = float(network_res[brain_slices][prepared.brain[brain_slices]].min())
         network_res[~prepared.brain] = floor
     energy_image = slices_to_image(network_res, prepared, background=None)
-    if model.config.postprocess.native_active:
-        energy_image = postprocess_energy(energy_image, prepared.native_brain, model.config.postprocess)
+    post = model.config.postprocess
+    if post.native_active:
+        if post.flair_weight and native_flair is None:
+            native_flair = sitk.GetArrayFromImage(
+                slices_to_image(prepared.slices[:, CONTRASTS.index("flair")], prepared, background=0.0))
+        energy_image = postprocess_energy(energy_image, prepared.native_brain, post, native_flair)
     return Prediction(energy_image, native_brain_mask(prepared), model.threshold, int(len(brain_slices)))
 
 
-def postprocess_energy(energy_image: sitk.Image, brain: np.ndarray, cfg: PostprocessConfig) -> sitk.Image:
+def native_flair_zscore(case: CaseImages, prepared: PreparedCase) -> np.ndarray:
+    """FLAIR z-scored with the case's brain statistics, float32 on the native numpy grid."""
+    mean, std = prepared.zscore["flair"]
+    values = sitk.GetArrayFromImage(case.images["flair"]).astype(np.float32)
+    return np.where(prepared.native_brain, (values - np.float32(mean)) / np.float32(std), 0.0).astype(np.float32)
+
+
+def postprocess_energy(energy_image: sitk.Image, brain: np.ndarray, cfg: PostprocessConfig,
+                       flair: np.ndarray | None = None) -> sitk.Image:
     """Native-grid post-processing of an energy image (``PostprocessConfig``): 3-D Gaussian
-    smoothing normalised inside ``brain`` (bool numpy (z, y, x)), then suppression of the brain rim.
-    Background keeps a value below every brain energy."""
-    values = postprocess_array(sitk.GetArrayFromImage(energy_image), brain, energy_image.GetSpacing(), cfg)
+    smoothing normalised inside ``brain`` (bool numpy (z, y, x)), suppression of the brain rim, then
+    the FLAIR term (``flair``: native z-scored FLAIR) and the median filter. Background stays below
+    every brain energy."""
+    values = postprocess_array(sitk.GetArrayFromImage(energy_image), brain, energy_image.GetSpacing(), cfg,
+                               flair=flair)
     out = sitk.GetImageFromArray(values)
     out.CopyInformation(energy_image)
     return out
 
 
 def postprocess_array(
-    values: np.ndarray, brain: np.ndarray, spacing: tuple[float, ...], cfg: PostprocessConfig
+    values: np.ndarray, brain: np.ndarray, spacing: tuple[float, ...], cfg: PostprocessConfig,
+    cache: dict | None = None,
+    flair: np.ndarray | None = None,
 ) -> np.ndarray:
-    """:func:`postprocess_energy` on numpy arrays (z, y, x); ``spacing`` in SimpleITK (x, y, z) order."""
+    """:func:`postprocess_energy` on numpy arrays (z, y, x); ``spacing`` in SimpleITK (x, y, z) order.
+
+    ``cache`` (a dict kept per case by the caller) stores the smoothed brain mask and the rim depth
+    map, which depend only on the brain, when one case is post-processed several times."""
+    cache = {} if cache is None else cache
     brain = np.asarray(brain, dtype=bool)
     values = np.asarray(values, dtype=np.float32)
     if not brain.any():
@@ -149,17 +176,35 @@ def postprocess_array(
             image.SetSpacing(tuple(float(v) for v in spacing))
             return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, float(cfg.smoothing_sigma_mm)))
 
-        weight = brain.astype(np.float32)
-        smoothed = smooth(np.where(brain, values, np.float32(0))) / np.maximum(smooth(weight), np.float32(1e-3))
+        key = ("weight", float(cfg.smoothing_sigma_mm))
+        if key not in cache:
+            cache[key] = np.maximum(smooth(brain.astype(np.float32)), np.float32(1e-3))
+        smoothed = smooth(np.where(brain, values, np.float32(0))) / cache[key]
         result = np.where(brain, smoothed, result).astype(np.float32)
     floor = float(result[brain].min())
     if cfg.rim_erosion_mm > 0:
-        mask = sitk.GetImageFromArray(brain.astype(np.uint8))
-        mask.SetSpacing(tuple(float(v) for v in spacing))
-        # Distance (mm) of each brain voxel to the nearest background voxel.
-        depth = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
-            mask, insideIsPositive=True, squaredDistance=False, useImageSpacing=True))
+        if "depth" not in cache:
+            mask = sitk.GetImageFromArray(brain.astype(np.uint8))
+            mask.SetSpacing(tuple(float(v) for v in spacing))
+            # Distance (mm) of each brain voxel to the nearest background voxel.
+            cache["depth"] = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+                mask, insideIsPositive=True, squaredDistance=False, useImageSpacing=True))
+        depth = cache["depth"]
         result = np.where(brain & (depth <= cfg.rim_erosion_mm), np.float32(floor), result)
+    if cfg.flair_weight:
+        if flair is None:
+            raise ValueError("postprocess.flair_weight needs the native FLAIR z-score")
+        inside = result[brain].astype(np.float64)
+        scale = float(inside.std()) or 1.0
+        standardised = (result - np.float32(inside.mean())) / np.float32(scale)
+        result = np.where(brain, standardised + np.float32(cfg.flair_weight) * flair, result).astype(np.float32)
+        floor = float(result[brain].min())
+    if cfg.median_size > 1:
+        from .baselines import median_filter
+
+        filtered = median_filter(np.where(brain, result, np.float32(floor)), int(cfg.median_size))
+        result = np.where(brain, filtered, result).astype(np.float32)
+        floor = float(result[brain].min())
     result[~brain] = floor - 1.0
     return result.astype(np.float32, copy=False)
 
@@ -175,7 +220,8 @@ def predict_case(
 ) -> Prediction:
     """Preprocess a validated case with the model's settings and predict its energy image."""
     prepared = prepare_case(case, model.config.preprocess)
-    return predict_prepared(model, prepared, device, batch_size, amp, progress, should_cancel)
+    flair = native_flair_zscore(case, prepared) if model.config.postprocess.flair_weight else None
+    return predict_prepared(model, prepared, device, batch_size, amp, progress, should_cancel, flair)
 
 
 def anomaly_mask(energy_image: sitk.Image, brain_mask: sitk.Image, threshold: float) -> sitk.Image:

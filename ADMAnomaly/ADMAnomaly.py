@@ -1,0 +1,777 @@
+"""ADMAnomaly: unsupervised pixel-wise anomaly detection in 4-contrast brain MRI (FLAIR, T1, T1c, T2).
+
+Thin Slicer layer over the bundled engine ``ADMAnomalyLib`` (ADM network, Kim et al. 2021):
+widgets and wiring live here; the MRML work lives in ``ADMAnomalyCore`` (Qt-free, tested with the
+PyPI package ``slicer-core``); every computation is the engine's.
+"""
+
+import logging
+import math
+import os
+import sys
+import time
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # Slicer < 5.3
+
+    def _(text):
+        return text
+
+
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if _MODULE_DIR not in sys.path:
+    sys.path.insert(0, _MODULE_DIR)
+
+from ADMAnomalyCore import engine as _engine  # noqa: E402  (puts the extension's ADMAnomalyLib on sys.path)
+from ADMAnomalyCore.logic import ADMAnomalyCoreLogic  # noqa: E402
+from ADMAnomalyCore.naming import CONTRAST_LABELS, guess_contrast_roles  # noqa: E402
+from ADMAnomalyLib import errors  # noqa: E402  (torch-free)
+
+#: Every widget the code looks up in Resources/UI/ADMAnomaly.ui, with its class
+#: (checked by Testing/Python/test_module_ui.py without Slicer).
+EXPECTED_WIDGETS = {
+    "inputsCollapsibleButton": "ctkCollapsibleButton",
+    "flairSelector": "qMRMLNodeComboBox",
+    "t1Selector": "qMRMLNodeComboBox",
+    "t1cSelector": "qMRMLNodeComboBox",
+    "t2Selector": "qMRMLNodeComboBox",
+    "autoFillButton": "QPushButton",
+    "modelComboBox": "QComboBox",
+    "modelBrowseButton": "QToolButton",
+    "modelInfoLabel": "QLabel",
+    "deviceComboBox": "QComboBox",
+    "deviceInfoLabel": "QLabel",
+    "inputStatusLabel": "QLabel",
+    "applyButton": "QPushButton",
+    "progressBar": "QProgressBar",
+    "statusLabel": "QLabel",
+    "outputsCollapsibleButton": "ctkCollapsibleButton",
+    "energySelector": "qMRMLNodeComboBox",
+    "segmentationSelector": "qMRMLNodeComboBox",
+    "thresholdCollapsibleButton": "ctkCollapsibleButton",
+    "thresholdModeComboBox": "QComboBox",
+    "thresholdLabel": "QLabel",
+    "thresholdSlider": "ctkSliderWidget",
+    "percentileLabel": "QLabel",
+    "percentileSlider": "ctkSliderWidget",
+    "resetThresholdButton": "QPushButton",
+    "statisticsLabel": "QLabel",
+    "trainingCollapsibleButton": "ctkCollapsibleButton",
+    "trainingFolderEdit": "ctkPathLineEdit",
+    "presetComboBox": "QComboBox",
+    "epochsCtoCSpinBox": "QSpinBox",
+    "epochsJointSpinBox": "QSpinBox",
+    "lambdaSpinBox": "QDoubleSpinBox",
+    "componentsSpinBox": "QSpinBox",
+    "trainingOutputEdit": "ctkPathLineEdit",
+    "resumeCheckBox": "QCheckBox",
+    "trainButton": "QPushButton",
+    "trainingProgressBar": "QProgressBar",
+    "trainingLog": "QPlainTextEdit",
+}
+
+_SETTINGS_MODELS_KEY = "ADMAnomaly/Models"
+_POLL_INTERVAL_MS = 200
+_THRESHOLD_DELAY_MS = 60
+
+
+def _savedModels() -> list:
+    """Model files used before (QSettings returns a plain string for a one-item list)."""
+    value = qt.QSettings().value(_SETTINGS_MODELS_KEY)
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value if v]
+
+
+#
+# ADMAnomaly
+#
+
+
+class ADMAnomaly(ScriptedLoadableModule):
+    """Module description shown in Slicer's module panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("ADM Anomaly")
+        self.parent.categories = [_("Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["ADMAnomaly developers"]
+        self.parent.helpText = _(
+            "Unsupervised pixel-wise anomaly detection in brain MRI from four co-registered contrasts "
+            "(FLAIR, T1, post-contrast T1, T2) with the ADM network (Kim et al., 2021): a per-voxel energy map "
+            "and an <i>Anomaly</i> segmentation from an adjustable threshold. Models are trained on normal scans only. "
+            "Research software, not a medical device. "
+            'See the <a href="https://github.com/admanomaly/ADMAnomaly">project page</a>.')
+        self.parent.acknowledgementText = _(
+            "Method: S. Kim, H. Kwon, J. Oh, S. Park, \"Unsupervised Anomaly Detection in MR Images using "
+            "Multi-Contrast Information\" (2021). PyTorch is installed through the PyTorch Utils extension "
+            "(SlicerPyTorch). Module layout follows the Slicer scripted-module template.")
+
+
+#
+# ADMAnomalyParameterNode
+#
+
+
+@parameterNodeWrapper
+class ADMAnomalyParameterNode:
+    """GUI state, saved with the scene.
+
+    flair, t1, t1c, t2 - input volumes. modelPath - model file ("" = bundled default). device - auto/GPU/CPU.
+    energyVolume, anomalySegmentation - outputs (overwritten by the next Apply when set).
+    thresholdMode/threshold/percentile - the segmentation's threshold. training* - the training panel."""
+
+    flair: vtkMRMLScalarVolumeNode
+    t1: vtkMRMLScalarVolumeNode
+    t1c: vtkMRMLScalarVolumeNode
+    t2: vtkMRMLScalarVolumeNode
+    modelPath: str = ""
+    device: Annotated[str, Choice(["auto", "GPU", "CPU"])] = "auto"
+    energyVolume: vtkMRMLScalarVolumeNode
+    anomalySegmentation: vtkMRMLSegmentationNode
+    thresholdMode: Annotated[str, Choice(["energy", "percentile"])] = "energy"
+    threshold: Annotated[float, WithinRange(-1.0e9, 1.0e9)] = 0.0
+    percentile: Annotated[float, WithinRange(0.0, 100.0)] = 99.0
+    trainingFolder: str = ""
+    trainingPreset: Annotated[str, Choice(["small", "paper", "tiny"])] = "small"
+    epochsCtoC: Annotated[int, WithinRange(1, 1000)] = 12
+    epochsJoint: Annotated[int, WithinRange(1, 1000)] = 6
+    lambdaEnergy: Annotated[float, WithinRange(0.0, 1.0)] = 5e-4
+    components: Annotated[int, WithinRange(1, 32)] = 6
+    trainingOutput: str = ""
+    trainingResume: bool = False
+
+
+#
+# ADMAnomalyWidget
+#
+
+
+class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Module panel: widgets and wiring only; work is done by ADMAnomalyLogic."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._inferenceJob = None
+        self._trainingJob = None
+        self._updatingGui = False
+        self._lastValidatedInputs = None
+        self._inputsValid = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ADMAnomaly.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = ADMAnomalyLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.autoFillButton.connect("clicked(bool)", lambda checked=False: self.autoFillInputs(onlyEmpty=False))
+        self.ui.modelBrowseButton.connect("clicked(bool)", self.onBrowseModel)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdSliderChanged)
+        self.ui.percentileSlider.connect("valueChanged(double)", self.onPercentileSliderChanged)
+        self.ui.resetThresholdButton.connect("clicked(bool)", self.onResetThreshold)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        # activated: user choices only, so a scene's saved epochs are not reset when it is loaded.
+        self.ui.presetComboBox.connect("activated(int)", self.onPresetChanged)
+        self.ui.trainingFolderEdit.connect("currentPathChanged(QString)", self.onTrainingPathsChanged)
+        self.ui.trainingOutputEdit.connect("currentPathChanged(QString)", self.onTrainingPathsChanged)
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(_POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollJobs)
+        self._thresholdTimer = qt.QTimer()
+        self._thresholdTimer.setSingleShot(True)
+        self._thresholdTimer.setInterval(_THRESHOLD_DELAY_MS)
+        self._thresholdTimer.connect("timeout()", self.applyThreshold)
+
+        self.initializeParameterNode()
+        self.populateModels()
+        self.updateDeviceLabel()
+
+    def cleanup(self) -> None:
+        if self._inferenceJob is not None:
+            self._inferenceJob.cleanup()  # stops the process and removes its temporary files
+        if self._trainingJob is not None:
+            self._trainingJob.cancel()
+        self._pollTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self.autoFillInputs(onlyEmpty=True)
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._inferenceJob is not None:
+            self._inferenceJob.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAdded(self, caller, event, node) -> None:
+        # A case was loaded: fill the empty selectors once the node has its final name.
+        if isinstance(node, vtkMRMLScalarVolumeNode) and not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            qt.QTimer.singleShot(100, lambda: self.autoFillInputs(onlyEmpty=True))
+
+    # -- parameter node ------------------------------------------------------------------------
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+            self.updateGuiFromParameterNode()
+
+    def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None or self._updatingGui:
+            return
+        self._updatingGui = True
+        try:
+            percentileMode = p.thresholdMode == "percentile"
+            self.ui.percentileSlider.setEnabled(percentileMode)
+            self.ui.thresholdSlider.setEnabled(not percentileMode)
+            self.ui.percentileSlider.value = p.percentile
+            if abs(self.ui.thresholdSlider.value - p.threshold) > 1e-9:
+                self.ui.thresholdSlider.value = p.threshold
+            self.ui.trainingFolderEdit.currentPath = p.trainingFolder
+            self.ui.trainingOutputEdit.currentPath = p.trainingOutput
+            self.updateInputStatus()
+            self.updateThresholdRange()
+        finally:
+            self._updatingGui = False
+        self.scheduleThreshold()
+
+    # -- inputs --------------------------------------------------------------------------------
+    def autoFillInputs(self, onlyEmpty: bool = True) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        selectors = {"flair": "flair", "t1": "t1", "t1c": "t1c", "t2": "t2"}
+        empty = [c for c, field in selectors.items() if getattr(p, field) is None] if onlyEmpty else list(selectors)
+        if not empty:
+            return
+        taken = {getattr(p, f).GetID() for f in selectors.values() if getattr(p, f) is not None} if onlyEmpty else set()
+        candidates = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                      if not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetAttribute("ADMAnomaly.Role")
+                      and n.GetID() not in taken]
+        guessed = guess_contrast_roles(reversed(candidates), only=empty)  # most recently loaded first
+        if guessed:
+            wasModified = p.StartModify()
+            for contrast, node in guessed.items():
+                setattr(p, selectors[contrast], node)
+            p.EndModify(wasModified)
+
+    def updateInputStatus(self) -> None:
+        p = self._parameterNode
+        nodes = (p.flair, p.t1, p.t1c, p.t2)
+        key = tuple((n.GetID(), n.GetImageData().GetMTime() if n.GetImageData() else 0) if n else None for n in nodes)
+        if key != self._lastValidatedInputs:
+            self._lastValidatedInputs = key
+            try:
+                self.logic.validateInputs(*nodes)
+                self._inputsValid = True
+                self.ui.inputStatusLabel.text = _("Inputs are valid.")
+                self.ui.inputStatusLabel.setStyleSheet("")
+            except errors.ADMError as exc:
+                self._inputsValid = False
+                self.ui.inputStatusLabel.text = str(exc)
+                self.ui.inputStatusLabel.setStyleSheet("color: #c0392b" if all(nodes) else "")
+        running = self._inferenceJob is not None
+        self.ui.applyButton.enabled = running or self._inputsValid
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+
+    # -- model and device ----------------------------------------------------------------------
+    def populateModels(self) -> None:
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(_("Bundled default model"), "")
+        paths = _savedModels()
+        current = self._parameterNode.modelPath if self._parameterNode else ""
+        if current and current not in paths:
+            paths.append(current)
+        for path in paths:
+            combo.addItem(os.path.basename(path), path)
+            combo.setItemData(combo.count - 1, path, qt.Qt.ToolTipRole)
+        index = combo.findData(current)
+        combo.setCurrentIndex(max(index, 0))
+        combo.blockSignals(wasBlocked)
+        self.updateModelInfo()
+
+    def addModel(self, path: str) -> None:
+        models = [m for m in _savedModels() if m != path]
+        qt.QSettings().setValue(_SETTINGS_MODELS_KEY, [path] + models[:9])
+        if self._parameterNode:
+            self._parameterNode.modelPath = path
+        self.populateModels()
+
+    def onBrowseModel(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Choose an ADMAnomaly model"), "",
+                                              _("ADMAnomaly models (*.admm);;All files (*)"))
+        if path:
+            self.addModel(path)
+
+    def onModelChanged(self, index: int) -> None:
+        if self._parameterNode:
+            self._parameterNode.modelPath = self.ui.modelComboBox.itemData(index) or ""
+        self.updateModelInfo()
+
+    def currentModel(self):
+        return (self._parameterNode.modelPath if self._parameterNode else "") or None
+
+    def updateModelInfo(self) -> None:
+        model = self.currentModel()
+        if _engine.torch_missing():
+            path = model or str(_engine.module_dir() / "Resources" / "Models")
+            self.ui.modelInfoLabel.text = _("PyTorch is installed on first use.") + f" ({os.path.basename(path)})"
+            return
+        try:
+            self.ui.modelInfoLabel.text = self.logic.modelSummary(self.logic.loadModel(model))
+            self.ui.modelInfoLabel.setStyleSheet("")
+        except errors.ADMError as exc:
+            self.ui.modelInfoLabel.text = str(exc)
+            self.ui.modelInfoLabel.setStyleSheet("color: #c0392b")
+
+    def updateDeviceLabel(self) -> None:
+        if _engine.torch_missing():
+            self.ui.deviceInfoLabel.text = _("(PyTorch not installed yet)")
+            return
+        try:
+            self.ui.deviceInfoLabel.text = _("detected: ") + self.logic.deviceDescription("auto")
+        except Exception as exc:  # a broken torch install must not break the panel
+            self.ui.deviceInfoLabel.text = str(exc).splitlines()[0]
+
+    # -- run -----------------------------------------------------------------------------------
+    def showError(self, label, message: str) -> None:
+        label.text = message
+        label.setStyleSheet("color: #c0392b")
+        logging.error("ADMAnomaly: %s", message)
+
+    def showStatus(self, label, message: str) -> None:
+        label.text = message
+        label.setStyleSheet("")
+
+    def onApplyButton(self) -> None:
+        if self._inferenceJob is not None:
+            self.showStatus(self.ui.statusLabel, _("Cancelling..."))
+            self._inferenceJob.cancel()
+            return
+        p = self._parameterNode
+        try:
+            self.logic.validateInputs(p.flair, p.t1, p.t1c, p.t2)
+            if not self.logic.ensureDependencies():
+                self.showError(self.ui.statusLabel, _engine.describe_missing(_engine.missing_dependencies()))
+                return
+            self.updateDeviceLabel()
+            self.updateModelInfo()
+            self._inferenceJob = self.logic.startInference(p.flair, p.t1, p.t1c, p.t2, model=self.currentModel(),
+                                                           device=p.device)
+        except errors.ADMError as exc:
+            self.showError(self.ui.statusLabel, str(exc))
+            return
+        self._runStart = time.monotonic()
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.setRange(0, 0)
+        self.showStatus(self.ui.statusLabel, _("Running the model in a background process..."))
+        self.updateInputStatus()
+        self._pollTimer.start()
+
+    def onPollJobs(self) -> None:
+        if self._inferenceJob is not None:
+            self.pollInference()
+        if self._trainingJob is not None:
+            self.pollTraining()
+        if self._inferenceJob is None and self._trainingJob is None:
+            self._pollTimer.stop()
+
+    def pollInference(self) -> None:
+        job = self._inferenceJob
+        done, total = job.poll()
+        if total:
+            self.ui.progressBar.setRange(0, total)
+            self.ui.progressBar.value = done
+            self.ui.statusLabel.text = _("Slice batches: {done}/{total}").format(done=done, total=total)
+        if not job.finished:
+            return
+        self._inferenceJob = None
+        p = self._parameterNode
+        percentileMode = p.thresholdMode == "percentile"
+        try:
+            energyNode, segmentationNode = job.finish(
+                energyNode=p.energyVolume, segmentationNode=p.anomalySegmentation,
+                percentile=p.percentile if percentileMode else None, show=True)
+        except errors.CancelledError:
+            self.showStatus(self.ui.statusLabel, _("Cancelled. Earlier results are unchanged."))
+        except errors.ADMError as exc:
+            self.showError(self.ui.statusLabel, str(exc))
+        else:
+            self._appliedThresholdState = None  # a new result: show its statistics
+            wasModified = p.StartModify()
+            p.energyVolume = energyNode
+            p.anomalySegmentation = segmentationNode
+            modelThreshold = self.logic.modelThreshold(energyNode)
+            if not percentileMode and modelThreshold is not None:
+                p.threshold = modelThreshold
+            p.EndModify(wasModified)
+            slicer.util.resetSliceViews()
+            self.showStatus(self.ui.statusLabel, _("Done in {seconds:.1f} s.").format(
+                seconds=time.monotonic() - self._runStart))
+        finally:
+            self.ui.progressBar.setVisible(False)
+            self.updateInputStatus()
+
+    # -- threshold -----------------------------------------------------------------------------
+    def updateThresholdRange(self) -> None:
+        p = self._parameterNode
+        energyNode = p.energyVolume if p else None
+        hasResult = energyNode is not None and p.anomalySegmentation is not None
+        self.ui.thresholdCollapsibleButton.enabled = hasResult
+        if not hasResult or not energyNode.GetAttribute("ADMAnomaly.BrainMinimumEnergy"):
+            return
+        key = (energyNode.GetID(), energyNode.GetImageData().GetMTime() if energyNode.GetImageData() else 0)
+        if getattr(self, "_energyRangeKey", None) != key:  # the range costs a pass over the volume
+            self._energyRangeKey, self._energyRange = key, self.logic.energyRange(energyNode)
+        low, high = self._energyRange
+        slider = self.ui.thresholdSlider
+        wasBlocked = slider.blockSignals(True)
+        span = max(high - low, 1e-6)
+        slider.minimum, slider.maximum = low, high + 0.01 * span
+        slider.singleStep = span / 1000.0
+        slider.decimals = max(0, 3 - int(math.floor(math.log10(span))))
+        slider.value = p.threshold
+        slider.blockSignals(wasBlocked)
+
+    def onThresholdSliderChanged(self, value: float) -> None:
+        if not self._updatingGui and self._parameterNode:
+            self._parameterNode.threshold = value
+
+    def onPercentileSliderChanged(self, value: float) -> None:
+        if not self._updatingGui and self._parameterNode:
+            self._parameterNode.percentile = value
+
+    def onResetThreshold(self) -> None:
+        p = self._parameterNode
+        threshold = self.logic.modelThreshold(p.energyVolume) if p and p.energyVolume else None
+        if threshold is None:
+            self.showError(self.ui.statisticsLabel, _("the model has no validation threshold; use a percentile"))
+            return
+        wasModified = p.StartModify()
+        p.thresholdMode = "energy"
+        p.threshold = threshold
+        p.EndModify(wasModified)
+
+    def scheduleThreshold(self) -> None:
+        # Slider drags arrive faster than re-thresholding: apply the latest value after a short pause.
+        self._thresholdTimer.start()
+
+    def applyThreshold(self) -> None:
+        p = self._parameterNode
+        if p is None or p.anomalySegmentation is None or p.energyVolume is None:
+            return
+        if p.anomalySegmentation.GetNodeReference("ADMAnomalyEnergy") is None:
+            return
+        state = (p.anomalySegmentation.GetID(), p.thresholdMode, p.threshold, p.percentile)
+        if state == getattr(self, "_appliedThresholdState", None):
+            return
+        try:
+            if p.thresholdMode == "percentile":
+                result = self.logic.setThreshold(p.anomalySegmentation, percentile=p.percentile)
+                self._updatingGui = True
+                self.ui.thresholdSlider.value = result.threshold  # shows the energy the percentile gives
+                self._updatingGui = False
+            else:
+                result = self.logic.setThreshold(p.anomalySegmentation, threshold=p.threshold)
+        except errors.ADMError as exc:
+            self.showError(self.ui.statisticsLabel, str(exc))
+            return
+        self._appliedThresholdState = state
+        self.showStatus(self.ui.statisticsLabel, _("{volume:.2f} mL in {n} connected component(s); threshold {t:.4g}")
+                        .format(volume=result.volumeMl, n=result.components, t=result.threshold))
+
+    # -- training ------------------------------------------------------------------------------
+    def onPresetChanged(self, index: int) -> None:
+        if self._updatingGui or self._parameterNode is None:
+            return
+        from ADMAnomalyLib.config import PRESETS, TrainConfig
+
+        preset = self.ui.presetComboBox.currentText
+        train = PRESETS.get(preset, {}).get("train", {})
+        defaults = TrainConfig()
+        p = self._parameterNode
+        wasModified = p.StartModify()
+        p.epochsCtoC = int(train.get("epochs_ctoc", defaults.epochs_ctoc))
+        p.epochsJoint = int(train.get("epochs_joint", defaults.epochs_joint))
+        p.EndModify(wasModified)
+
+    def onTrainingPathsChanged(self, path: str = "") -> None:
+        if self._updatingGui or self._parameterNode is None:
+            return
+        wasModified = self._parameterNode.StartModify()
+        self._parameterNode.trainingFolder = self.ui.trainingFolderEdit.currentPath
+        self._parameterNode.trainingOutput = self.ui.trainingOutputEdit.currentPath
+        self._parameterNode.EndModify(wasModified)
+
+    def onTrainButton(self) -> None:
+        if self._trainingJob is not None:
+            self._trainingJob.cancel()
+            self.showStatus(self.ui.statusLabel, _("Cancelling the training..."))
+            return
+        p = self._parameterNode
+        self.ui.trainingLog.setVisible(True)
+        try:
+            if not self.logic.ensureDependencies():
+                raise _engine.DependencyError(_engine.describe_missing(_engine.missing_dependencies()))
+            self._trainingJob = self.logic.startTraining(
+                p.trainingFolder, p.trainingOutput, preset=p.trainingPreset, epochsCtoC=p.epochsCtoC,
+                epochsJoint=p.epochsJoint, lambdaEnergy=p.lambdaEnergy, components=p.components, device=p.device,
+                resume=p.trainingResume)
+        except errors.ADMError as exc:
+            self.ui.trainingLog.appendPlainText("error: " + str(exc))
+            self.showError(self.ui.statusLabel, _("Training not started: ") + str(exc))
+            return
+        self.ui.trainingLog.appendPlainText(" ".join(self._trainingJob.args))
+        self.ui.trainingProgressBar.setVisible(True)
+        self.ui.trainingProgressBar.setRange(0, 1000)
+        self.ui.trainingProgressBar.value = 0
+        self.ui.trainButton.text = _("Cancel training")
+        self._pollTimer.start()
+
+    def pollTraining(self) -> None:
+        job = self._trainingJob
+        for event in job.poll():
+            self.ui.trainingLog.appendPlainText(job.describe(event))
+        self.ui.trainingProgressBar.value = int(1000 * job.fraction())
+        if not job.finished:
+            return
+        self._trainingJob = None
+        self.ui.trainButton.text = _("Train")
+        self.ui.trainingProgressBar.setVisible(False)
+        try:
+            path = job.finish()
+        except errors.CancelledError:
+            self.ui.trainingLog.appendPlainText(_("Cancelled. Resume later from the checkpoint with 'Resume'."))
+            self.showStatus(self.ui.statusLabel, _("Training cancelled."))
+        except errors.ADMError as exc:
+            self.ui.trainingLog.appendPlainText("error: " + str(exc))
+            self.showError(self.ui.statusLabel, _("Training failed: ") + str(exc))
+        else:
+            self.addModel(str(path))
+            self.ui.trainingLog.appendPlainText(_("Model written to {path}; it is now selected.").format(path=path))
+            self.showStatus(self.ui.statusLabel, _("Training finished: {name}").format(name=os.path.basename(str(path))))
+
+
+#
+# ADMAnomalyLogic
+#
+
+
+class ADMAnomalyLogic(ADMAnomalyCoreLogic, ScriptedLoadableModuleLogic):
+    """Console / batch API (no GUI needed); the MRML work is in ``ADMAnomalyCore.logic``.
+
+    ``run(flair, t1, t1c, t2, model=None, device="auto")`` -> (energy node, segmentation node);
+    ``setThreshold(segmentationNode, threshold=None, percentile=None)``;
+    ``processFolder(inputDir, outputDir, model=None)``; ``train(dataDir, outputPath, preset="small", ...)``.
+    Call ``ensureDependencies()`` once first in a fresh Slicer (installs PyTorch and the rest)."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        ADMAnomalyCoreLogic.__init__(self)
+
+    def getParameterNode(self):
+        return ADMAnomalyParameterNode(super().getParameterNode())
+
+    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
+        """Install what the engine needs: torch through PyTorch Utils (CUDA build matching the driver),
+        the rest of Resources/requirements.txt with slicer.packaging.pip_ensure (Slicer 5.11+) or
+        slicer.util.pip_install after a confirmation. Never touches Slicer's numpy/SimpleITK.
+        Returns True when everything is importable; raises DependencyError with a readable reason."""
+        if not _engine.missing_dependencies():
+            return True
+        if _engine.torch_missing():
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise _engine.DependencyError(
+                    "PyTorch is needed: install the 'PyTorch' extension from the Extensions Manager, "
+                    "restart Slicer and try again") from None
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled() or _engine.torch_missing():
+                try:
+                    torch = torchLogic.installTorch(askConfirmation=askConfirmation,
+                                                    torchVersionRequirement=_engine.TORCH_REQUIREMENT[len("torch"):])
+                except Exception as exc:
+                    raise _engine.DependencyError(f"PyTorch could not be installed: {str(exc).splitlines()[0]}") from None
+                if torch is None:
+                    raise _engine.DependencyError("PyTorch is required; its installation was cancelled")
+        requirements = [r for r in _engine.read_requirements() if not _engine.is_satisfied(r)]
+        if requirements:
+            try:
+                import slicer.packaging as packaging
+            except ImportError:
+                packaging = None
+            if packaging is not None and hasattr(packaging, "pip_ensure"):
+                packaging.pip_ensure(requirements, requester="ADMAnomaly")
+            else:
+                if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                        _("ADMAnomaly needs these Python packages, which will be downloaded and installed now:\n")
+                        + "\n".join(requirements)):
+                    raise _engine.DependencyError("installation of " + ", ".join(requirements) + " was cancelled")
+                slicer.util.pip_install(requirements)
+        missing = _engine.missing_dependencies()
+        if missing:
+            raise _engine.DependencyError(_engine.describe_missing(missing) + " (restart Slicer if they were just installed)")
+        return True
+
+
+#
+# ADMAnomalyTest
+#
+
+
+class ADMAnomalyTest(ScriptedLoadableModuleTest):
+    """Self-test inside Slicer on synthetic cases it writes itself (Reload and Test, or ctest)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_InputsAndValidation()
+        self.setUp()
+        self.test_RunThresholdAndCancel()
+
+    # A small synthetic head: ellipsoid brain, smooth tissue contrast per sequence, one bright lesion.
+    @staticmethod
+    def writeSyntheticCase(folder, caseId, seed=0, spacing=(1.0, 1.0, 1.2), shape=(40, 36, 30), lesion=True):
+        import numpy as np
+        import SimpleITK as sitk
+
+        rng = np.random.default_rng(seed)
+        nx, ny, nz = shape
+        z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) / 0.85 for n in (nz, ny, nx)), indexing="ij")
+        r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
+        brain = r < 1.0
+        grey = 1.0 / (1.0 + np.exp(-(r - 0.7) / 0.05))
+        label = np.zeros(brain.shape, np.uint8)
+        if lesion:
+            label[(np.sqrt((x - 0.35) ** 2 + (y + 0.25) ** 2 + (z - 0.2) ** 2) < 0.22) & brain] = 1
+        tissue = {"flair": (0.75, 1.0, 1.7), "t1": (1.0, 0.7, 0.8), "t1ce": (1.0, 0.75, 0.85), "t2": (0.6, 0.9, 1.6)}
+        os.makedirs(os.path.join(folder, caseId), exist_ok=True)
+        paths = {}
+        for name, (wm, gm, gain) in tissue.items():
+            values = (wm * (1 - grey) + gm * grey) * 400.0 * (1 + 0.03 * rng.standard_normal(brain.shape))
+            values = np.where(label > 0, values * gain, values)
+            image = sitk.GetImageFromArray(np.where(brain, values, 0).astype(np.float32))
+            image.SetSpacing(spacing)
+            image.SetOrigin((-20.0, 15.0, 5.0))
+            paths[name] = os.path.join(folder, caseId, f"{caseId}_{name}.nii.gz")
+            sitk.WriteImage(image, paths[name])
+        seg = sitk.GetImageFromArray(label)
+        seg.SetSpacing(spacing)
+        seg.SetOrigin((-20.0, 15.0, 5.0))
+        sitk.WriteImage(seg, os.path.join(folder, caseId, f"{caseId}_seg.nii.gz"))
+        return paths
+
+    def test_InputsAndValidation(self):
+        self.delayDisplay("Inputs: auto-fill by name, validation, clear errors")
+        folder = slicer.util.tempDirectory("ADMAnomalyTest")
+        paths = self.writeSyntheticCase(folder, "case_a")
+        nodes = [slicer.util.loadVolume(paths[name]) for name in ("t2", "t1ce", "flair", "t1")]
+        guessed = guess_contrast_roles(nodes)
+        self.assertEqual({c: n.GetName() for c, n in guessed.items()},
+                         {"flair": "case_a_flair", "t1": "case_a_t1", "t1c": "case_a_t1ce", "t2": "case_a_t2"})
+        logic = ADMAnomalyLogic()
+        logic.validateInputs(guessed["flair"], guessed["t1"], guessed["t1c"], guessed["t2"])
+        with self.assertRaises(errors.InputError):
+            logic.validateInputs(guessed["flair"], None, guessed["t1c"], guessed["t2"])
+        label = slicer.util.loadLabelVolume(os.path.join(folder, "case_a", "case_a_seg.nii.gz"))
+        with self.assertRaises(errors.InputError):
+            logic.validateInputs(guessed["flair"], label, guessed["t1c"], guessed["t2"])
+        other = self.writeSyntheticCase(folder, "case_b", spacing=(1.0, 1.0, 2.0))
+        mismatched = slicer.util.loadVolume(other["t2"])
+        with self.assertRaises(errors.GridMismatchError):
+            logic.validateInputs(guessed["flair"], guessed["t1"], guessed["t1c"], mismatched)
+        self.delayDisplay("Inputs test passed")
+
+    def test_RunThresholdAndCancel(self):
+        if _engine.torch_missing():
+            self.delayDisplay("PyTorch is not installed: inference and threshold tests skipped")
+            return
+        import numpy as np
+        from ADMAnomalyLib import api
+
+        self.delayDisplay("Training a tiny model on synthetic cases (a few seconds)")
+        folder = slicer.util.tempDirectory("ADMAnomalyTest")
+        for number in range(2):
+            self.writeSyntheticCase(os.path.join(folder, "train"), f"case_{number}", seed=number)
+        logic = ADMAnomalyLogic()
+        modelPath = logic.train(os.path.join(folder, "train"), os.path.join(folder, "tiny.admm"), preset="tiny",
+                                lesionMargin=1, device="cpu")
+        paths = self.writeSyntheticCase(folder, "case_test", seed=5)
+        nodes = {name: slicer.util.loadVolume(path) for name, path in paths.items()}
+        inputs = (nodes["flair"], nodes["t1"], nodes["t1ce"], nodes["t2"])
+
+        self.delayDisplay("Run (blocking console API)")
+        energyNode, segmentationNode = logic.run(*inputs, model=modelPath, device="cpu")
+        self.assertEqual(slicer.util.arrayFromVolume(energyNode).shape, slicer.util.arrayFromVolume(nodes["flair"]).shape)
+        model = api.load_model(modelPath)
+        segment = logic.segmentArray(segmentationNode)
+        energy = slicer.util.arrayFromVolume(energyNode)
+        brain = logic.brainMask(energyNode)
+        np.testing.assert_array_equal(segment, ((energy >= model.threshold) & brain).astype(np.uint8))
+
+        self.delayDisplay("Threshold: higher threshold, smaller anomaly")
+        low, high = logic.energyRange(energyNode)
+        before = int(segment.sum())
+        result = logic.setThreshold(segmentationNode, threshold=model.threshold + 0.5 * (high - model.threshold))
+        self.assertLess(result.voxels, max(before, 1))
+        result = logic.setThreshold(segmentationNode, percentile=99.0)
+        self.assertGreater(result.voxels, 0)
+
+        self.delayDisplay("Cancel keeps the earlier result and adds no node")
+        count = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+        with self.assertRaises(errors.CancelledError):
+            logic.run(*inputs, model=modelPath, device="cpu", shouldCancel=lambda: True)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), count)
+        self.delayDisplay("Run test passed")

@@ -1,0 +1,309 @@
+"""Background processes for the GUI: inference (:mod:`.worker`) and training (the engine's CLI).
+
+The child writes JSON progress lines to ``stdout.log`` and errors to ``stderr.log`` in a job
+folder; the GUI polls :meth:`ProcessJob.poll` from a ``qt.QTimer``. No threads and no pipes are
+involved, so the Slicer GUI stays responsive on every platform and nothing blocks on a full
+pipe. Cancelling terminates the child; no node is touched until a job has finished successfully.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import conversion
+from .engine import ensure_engine_importable, module_dir
+
+ensure_engine_importable()
+
+from ADMAnomalyLib import errors  # noqa: E402
+from ADMAnomalyLib.config import CONTRASTS  # noqa: E402
+
+
+def python_executable() -> str:
+    """Interpreter for child processes: ``PythonSlicer`` when running inside the Slicer application
+    (whose executable is not a plain Python), else this interpreter."""
+    name = Path(sys.executable).name.lower()
+    if "slicer" in name and not name.startswith("pythonslicer"):
+        return shutil.which("PythonSlicer") or sys.executable
+    return sys.executable
+
+
+def child_environment() -> dict[str, str]:
+    """Environment of a child process: this one, with the module folder (``ADMAnomalyCore``) and
+    the engine's folder (``ADMAnomalyLib``) first on ``PYTHONPATH``."""
+    env = dict(os.environ)
+    paths = [str(module_dir()), str(ensure_engine_importable())]
+    existing = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + ([existing] if existing else [])))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class ProcessJob:
+    """A child process whose stdout/stderr go to files in ``workDir``; poll it for JSON events."""
+
+    def __init__(self, args: list[str], workDir: str | Path, env: dict[str, str] | None = None) -> None:
+        self.args = [str(a) for a in args]
+        self.workDir = Path(workDir)
+        self.workDir.mkdir(parents=True, exist_ok=True)
+        self.stdoutPath = self.workDir / "stdout.log"
+        self.stderrPath = self.workDir / "stderr.log"
+        self._offset = 0
+        self._pending = ""
+        self.cancelled = False
+        self.events: list[dict[str, Any]] = []
+        self.logLines: list[str] = []
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":  # no console window for the child
+            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        with open(self.stdoutPath, "wb") as stdout, open(self.stderrPath, "wb") as stderr:
+            self.process = subprocess.Popen(self.args, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                                            env=env if env is not None else child_environment(),
+                                            cwd=str(self.workDir), **kwargs)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def poll(self) -> list[dict[str, Any]]:
+        """New events since the last call: JSON lines as dicts, other lines as ``{"stage": "log"}``."""
+        ended = self.process.poll() is not None  # checked before reading, so the read sees everything
+        try:
+            with open(self.stdoutPath, "rb") as stream:
+                stream.seek(self._offset)
+                chunk = stream.read()
+        except OSError:
+            return []
+        self._offset += len(chunk)
+        text = self._pending + chunk.decode("utf-8", errors="replace")
+        complete = text.split("\n")
+        self._pending = complete.pop()  # a line whose newline has not been written yet
+        if ended and self._pending:  # the child is gone: nothing more will come
+            complete.append(self._pending)
+            self._pending = ""
+        events = []
+        for line in complete:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+                if not isinstance(event, dict):
+                    raise ValueError
+            except ValueError:
+                event = {"stage": "log", "message": line}
+            self.logLines.append(line)
+            events.append(event)
+        self.events.extend(events)
+        return events
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the child ends (tests and console use)."""
+        return self.process.wait(timeout)
+
+    def cancel(self, grace: float = 5.0) -> None:
+        """Stop the child: terminate, then kill after ``grace`` seconds."""
+        if self.running:
+            self.cancelled = True
+            self.process.terminate()
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def stderrText(self) -> str:
+        try:
+            return self.stderrPath.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def errorMessage(self) -> str:
+        """The child's one-line ``error: ...`` message (engine convention), else its last stderr line."""
+        lines = [line.strip() for line in self.stderrText().splitlines() if line.strip()]
+        for line in reversed(lines):
+            if line.startswith("error:"):
+                return line[len("error:"):].strip()
+        if lines:
+            return lines[-1]
+        return f"the background process ended with exit code {self.returncode}"
+
+    def raiseForFailure(self) -> None:
+        """Raise the engine error matching the child's exit code (CancelledError after cancel)."""
+        code = self.returncode
+        if self.cancelled or code == errors.CancelledError.exit_code:
+            raise errors.CancelledError("cancelled by the user; earlier results are unchanged")
+        if code in (0, None):
+            return
+        by_code = {2: errors.InputError, 3: errors.ModelFileError, 4: errors.OutputError, 5: errors.DeviceError}
+        raise by_code.get(code, errors.ADMError)(self.errorMessage())
+
+
+class InferenceJob:
+    """Runs :mod:`.worker` on the four input volumes, then turns its output into nodes.
+
+    Created by ``ADMAnomalyCoreLogic.startInference`` after validation. Poll :meth:`poll` for
+    ``(done, total)`` slice progress; when :attr:`finished`, :meth:`finish` creates the output nodes
+    (or raises the child's error)."""
+
+    def __init__(self, logic, nodes: dict[str, Any], model, device: str, workDir=None) -> None:
+        self.logic = logic
+        self.nodeIds = {contrast: node.GetID() for contrast, node in nodes.items()}
+        self.modelPath = str(model.path) if getattr(model, "path", None) else "default"
+        self.workDir = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="ADMAnomaly-run-"))
+        self._ownsWorkDir = workDir is None
+        self.outputDir = self.workDir / "out"
+        self.progress = (0, 0)
+        self.startTime = time.monotonic()
+        inputs = []
+        for contrast, node in nodes.items():
+            path = self.workDir / f"{contrast}.mha"
+            sitk.WriteImage(conversion.sitk_from_volume_node(node, np.float32), str(path), False)
+            inputs += ["--input", f"{contrast}={path}"]
+        args = [python_executable(), "-m", "ADMAnomalyCore.worker", "--model", self.modelPath, "--device", device,
+                "--output-dir", str(self.outputDir)] + inputs
+        self.process = ProcessJob(args, self.workDir)
+
+    @property
+    def finished(self) -> bool:
+        return not self.process.running
+
+    def poll(self) -> tuple[int, int]:
+        for event in self.process.poll():
+            if event.get("stage") == "predict" and "steps" in event:
+                self.progress = (int(event.get("step", 0)), int(event["steps"]))
+        return self.progress
+
+    def cancel(self) -> None:
+        self.process.cancel()
+
+    def finish(self, energyNode=None, segmentationNode=None, threshold=None, percentile=None, show=True):
+        """Create (or overwrite) the output nodes from the finished child; raises its error."""
+        try:
+            self.process.wait()
+            self.poll()
+            self.process.raiseForFailure()
+            done = [e for e in self.process.events if e.get("stage") == "done"]
+            if not done:
+                raise errors.ADMError("the background process ended without a result")
+            scene = self.logic.scene
+            reference = scene.GetNodeByID(self.nodeIds[CONTRASTS[0]])
+            if reference is None:
+                raise errors.InputError("the FLAIR volume was removed from the scene while the model was running")
+            energy = sitk.ReadImage(str(self.outputDir / "energy.mha"))
+            brain = sitk.ReadImage(str(self.outputDir / "brain.mha"))
+            modelThreshold = done[-1].get("threshold")
+            return self.logic.createOutputNodes(
+                energy, brain, modelThreshold, reference, energyNode=energyNode, segmentationNode=segmentationNode,
+                threshold=threshold, percentile=percentile,
+                modelPath=None if self.modelPath == "default" else self.modelPath, show=show)
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        if self.process.running:
+            self.process.cancel()
+        if self._ownsWorkDir:
+            shutil.rmtree(self.workDir, ignore_errors=True)
+
+
+class TrainingJob:
+    """Trains with the engine's CLI (``python -m ADMAnomalyLib.cli train ... --progress json``)."""
+
+    def __init__(self, dataDir, outputPath, preset="small", epochsCtoC=None, epochsJoint=None, lambdaEnergy=None,
+                 components=None, device="auto", resume=False, workDir=None) -> None:
+        self.outputPath = Path(outputPath)
+        self.workDir = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="ADMAnomaly-train-"))
+        self._ownsWorkDir = workDir is None
+        self.args = training_command(dataDir, outputPath, preset, epochsCtoC, epochsJoint, lambdaEnergy,
+                                     components, device, resume)
+        self.process = ProcessJob(self.args, self.workDir)
+        self.lastEvent: dict[str, Any] = {}
+
+    @property
+    def finished(self) -> bool:
+        return not self.process.running
+
+    def poll(self) -> list[dict[str, Any]]:
+        events = self.process.poll()
+        for event in events:
+            if event.get("stage") != "log":
+                self.lastEvent = event
+        return events
+
+    def fraction(self) -> float:
+        """Rough overall progress 0..1 from the last event (CtoC then joint epochs, then GMM/threshold)."""
+        event = self.lastEvent
+        stage = event.get("stage")
+        if stage == "done":
+            return 1.0
+        if stage in ("gmm", "threshold"):
+            return 0.95
+        epochs, epoch = event.get("epochs") or 0, event.get("epoch") or 0
+        steps, step = event.get("steps") or 0, event.get("step") or 0
+        within = ((max(epoch - 1, 0) if steps else epoch) + (step / steps if steps else 0)) / epochs if epochs else 0.0
+        within = min(max(within, 0.0), 1.0)
+        return 0.45 * within if stage == "ctoc" else 0.45 + 0.45 * within if stage == "joint" else 0.0
+
+    @staticmethod
+    def describe(event: dict[str, Any]) -> str:
+        """A log line for one progress event."""
+        stage = event.get("stage", "")
+        if stage == "log":
+            return str(event.get("message", ""))
+        if stage == "done":
+            return f"model written to {event.get('model')}"
+        parts = [stage]
+        if event.get("epochs"):
+            parts.append(f"epoch {event.get('epoch')}/{event.get('epochs')}")
+        if event.get("steps"):
+            parts.append(f"step {event.get('step')}/{event.get('steps')}")
+        for key in ("loss", "loss_ctoc", "loss_dr", "energy"):
+            if isinstance(event.get(key), (int, float)):
+                parts.append(f"{key} {event[key]:.4g}")
+        return "  ".join(parts)
+
+    def cancel(self) -> None:
+        self.process.cancel()
+
+    def finish(self) -> Path:
+        """The written model path, or the engine's error (CancelledError after cancel)."""
+        try:
+            self.process.wait()
+            self.poll()
+            self.process.raiseForFailure()
+            if not self.outputPath.is_file():
+                raise errors.OutputError(f"training ended but {self.outputPath} was not written")
+            return self.outputPath
+        finally:
+            if self._ownsWorkDir:
+                shutil.rmtree(self.workDir, ignore_errors=True)
+
+
+def training_command(dataDir, outputPath, preset="small", epochsCtoC=None, epochsJoint=None, lambdaEnergy=None,
+                     components=None, device="auto", resume=False) -> list[str]:
+    """Arguments of the engine's ``train`` command for these settings."""
+    args = [python_executable(), "-m", "ADMAnomalyLib.cli", "train", str(dataDir), "-o", str(outputPath),
+            "--preset", preset, "--device", device, "--progress", "json"]
+    for flag, value in (("--epochs-ctoc", epochsCtoC), ("--epochs-joint", epochsJoint),
+                        ("--lambda-energy", lambdaEnergy), ("--components", components)):
+        if value is not None:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    if resume:
+        args.append("--resume")
+    return args

@@ -1,0 +1,548 @@
+"""Console / batch API of the module on the MRML scene, without Qt or ``slicer.app``.
+
+``ADMAnomalyLogic`` in ``ADMAnomaly.py`` derives from :class:`ADMAnomalyCoreLogic`; everything
+here also runs against the PyPI package ``slicer-core`` (see ``Testing/Python/test_slicer_logic.py``).
+
+Typical console use (blocking)::
+
+    logic = slicer.util.getModuleLogic("ADMAnomaly")
+    energy, anomaly = logic.run(flair, t1, t1c, t2)              # bundled model, device "auto"
+    stats = logic.setThreshold(anomaly, percentile=99.5)          # re-threshold, no re-inference
+    report = logic.processFolder("cases/", "out/")                # resumable batch on files
+    logic.train("normals/", "mine.admm", preset="small")
+
+Failures are :class:`ADMAnomalyLib.errors.ADMError` subclasses with a one-line message; a failed
+call leaves no new node in the scene and keeps earlier results untouched.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+import slicer
+
+from . import conversion
+from .engine import DependencyError, describe_missing, ensure_engine_importable, missing_dependencies
+from .naming import CONTRAST_LABELS, case_name
+
+ensure_engine_importable()
+
+from ADMAnomalyLib import errors  # noqa: E402  (torch-free)
+from ADMAnomalyLib.config import CONTRASTS  # noqa: E402  (torch-free)
+
+log = logging.getLogger(__name__)
+
+ROLE_ATTRIBUTE = "ADMAnomaly.Role"
+MODEL_PATH_ATTRIBUTE = "ADMAnomaly.ModelPath"
+MODEL_THRESHOLD_ATTRIBUTE = "ADMAnomaly.ModelThreshold"
+BRAIN_MINIMUM_ATTRIBUTE = "ADMAnomaly.BrainMinimumEnergy"
+THRESHOLD_ATTRIBUTE = "ADMAnomaly.Threshold"
+PERCENTILE_ATTRIBUTE = "ADMAnomaly.Percentile"
+ENERGY_REFERENCE_ROLE = "ADMAnomalyEnergy"
+BACKGROUND_REFERENCE_ROLE = "ADMAnomalyBackground"
+SEGMENT_NAME = "Anomaly"
+SEGMENT_ID = "Anomaly"
+SEGMENT_COLOR = (0.1, 0.9, 1.0)
+"""Cyan: stands out against the grey MRI background and the warm energy colour map."""
+SEGMENT_TERMINOLOGY = (
+    "Segmentation category and type - 3D Slicer General Anatomy list"
+    "~SCT^49755003^Morphologically Altered Structure~SCT^52988006^Lesion~^^"
+    "~Anatomic codes - DICOM master list~SCT^12738006^Brain~^^"
+)
+"""Terminology entry of the segment: morphologically altered structure / lesion, in the brain."""
+ENERGY_COLOR_NODE_IDS = (
+    "vtkMRMLColorTableNodeFileInferno.txt",
+    "vtkMRMLPETProceduralColorNodePET-Heat",
+    "vtkMRMLColorTableNodeIron",
+)
+"""Preferred colour maps of the energy volume, first found wins (Inferno is in the Slicer app)."""
+FOREGROUND_OPACITY = 0.5
+
+ProgressCallback = Callable[[int, int], None]
+CancelCallback = Callable[[], bool]
+
+
+def engine_api():
+    """``ADMAnomalyLib.api``, or a :class:`DependencyError` saying what to install (it needs torch)."""
+    try:
+        from ADMAnomalyLib import api
+    except ImportError as exc:
+        missing = missing_dependencies()
+        reason = describe_missing(missing) if missing else f"the engine cannot be imported ({exc})"
+        raise DependencyError(reason + "; in Slicer run logic.ensureDependencies() or click Apply") from None
+    return api
+
+
+def ensure_segmentation_converter_rules() -> None:
+    """Register the binary labelmap <-> closed surface conversion rules when nobody has (the Slicer
+    application's Segmentations module does; ``PythonSlicer`` and ``slicer-core`` alone do not).
+    Without them a segment's binary labelmap representation cannot be created."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.GetConverterRules():
+        return
+    for rule in ("vtkBinaryLabelmapToClosedSurfaceConversionRule", "vtkClosedSurfaceToBinaryLabelmapConversionRule",
+                 "vtkClosedSurfaceToFractionalLabelmapConversionRule",
+                 "vtkFractionalLabelmapToClosedSurfaceConversionRule"):
+        if hasattr(slicer, rule):
+            factory.RegisterConverterRule(getattr(slicer, rule)())
+
+
+@dataclass
+class ThresholdResult:
+    """What :meth:`ADMAnomalyCoreLogic.setThreshold` applied and measured."""
+
+    threshold: float
+    """Energy threshold applied (voxels with energy >= threshold inside the brain are anomalous)."""
+    percentile: float | None
+    """Percentile of brain voxels the threshold came from (None in energy mode)."""
+    voxels: int
+    volumeMl: float
+    components: int
+    """Connected components (face connectivity) of the anomaly."""
+
+    def summary(self) -> str:
+        return (f"threshold {self.threshold:.4g}: {self.volumeMl:.2f} mL in {self.components} "
+                f"component{'s' if self.components != 1 else ''}")
+
+
+class ADMAnomalyCoreLogic:
+    """MRML side of the module: inputs -> engine -> energy volume + "Anomaly" segmentation."""
+
+    def __init__(self, scene=None) -> None:
+        self._scene = scene
+        self._modelCache: dict[tuple[str, float], Any] = {}
+        self._brainMasks: dict[str, np.ndarray] = {}
+
+    # -- scene ---------------------------------------------------------------------------------
+    @property
+    def scene(self):
+        """The MRML scene worked on (``slicer.mrmlScene`` unless one was given)."""
+        scene = self._scene if self._scene is not None else getattr(slicer, "mrmlScene", None)
+        if scene is None:
+            raise RuntimeError("no MRML scene: set slicer.mrmlScene or pass scene= to the logic")
+        return scene
+
+    # -- inputs --------------------------------------------------------------------------------
+    @staticmethod
+    def inputsByContrast(flair, t1, t1c, t2) -> dict[str, Any]:
+        return dict(zip(CONTRASTS, (flair, t1, t1c, t2)))
+
+    def validateInputs(self, flair, t1, t1c, t2, tolerance: float | None = None) -> dict[str, Any]:
+        """Check the four inputs before any work: present, scalar (not labelmap) volumes with voxels,
+        one parent transform and one voxel grid. Returns them keyed by contrast.
+
+        Raises :class:`~ADMAnomalyLib.errors.InputError` or
+        :class:`~ADMAnomalyLib.errors.GridMismatchError` naming the volume at fault."""
+        from ADMAnomalyLib.cases import check_same_grid
+
+        nodes = self.inputsByContrast(flair, t1, t1c, t2)
+        missing = [CONTRAST_LABELS[c] for c, node in nodes.items() if node is None]
+        if missing:
+            raise errors.InputError(f"select the {', '.join(missing)} volume{'s' if len(missing) > 1 else ''}")
+        for contrast, node in nodes.items():
+            label = f"{CONTRAST_LABELS[contrast]} volume '{node.GetName()}'"
+            if node.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise errors.InputError(f"{label} is a labelmap; select an MRI (scalar) volume")
+            if node.IsA("vtkMRMLSegmentationNode"):
+                raise errors.InputError(f"{label} is a segmentation; select an MRI (scalar) volume")
+            if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLTensorVolumeNode"):
+                raise errors.InputError(f"{label} is a {node.GetClassName()}; select a scalar volume")
+            image = node.GetImageData()
+            if image is None or image.GetNumberOfPoints() == 0:
+                raise errors.InputError(f"{label} has no voxels")
+            if image.GetNumberOfScalarComponents() != 1:
+                raise errors.InputError(f"{label} has {image.GetNumberOfScalarComponents()} components per voxel")
+        reference = nodes[CONTRASTS[0]]
+        transform = reference.GetTransformNodeID()
+        for contrast, node in nodes.items():
+            if node.GetTransformNodeID() != transform:
+                raise errors.GridMismatchError(
+                    f"{CONTRAST_LABELS[contrast]} volume '{node.GetName()}' is under another transform than "
+                    f"FLAIR volume '{reference.GetName()}'; harden the transforms first")
+        if tolerance is None:
+            from ADMAnomalyLib.config import PreprocessConfig
+
+            tolerance = PreprocessConfig().grid_tolerance
+        reference_header = conversion.header_image(reference)
+        for contrast, node in list(nodes.items())[1:]:
+            check_same_grid(conversion.header_image(node), reference_header,
+                            f"{CONTRAST_LABELS[contrast]} volume '{node.GetName()}'",
+                            f"FLAIR volume '{reference.GetName()}'", tolerance)
+        return nodes
+
+    # -- model and device ----------------------------------------------------------------------
+    def loadModel(self, model=None):
+        """An ``ADMModel`` from None / ``"default"`` (bundled), a path, or a model object (cached by file)."""
+        api = engine_api()
+        if model is not None and not isinstance(model, (str, Path)):
+            return model
+        path = api.default_model_path() if model in (None, "", "default") else Path(model)
+        try:
+            key = (str(Path(path).resolve()), os.path.getmtime(path))
+        except OSError:
+            raise errors.ModelFileError(f"{path}: model file not found") from None
+        if key not in self._modelCache:
+            self._modelCache.clear()
+            self._modelCache[key] = api.load_model(path)
+        return self._modelCache[key]
+
+    @staticmethod
+    def modelSummary(model) -> str:
+        """One line about a loaded model for the panel: preset, threshold, validation Dice."""
+        threshold = "none" if model.threshold is None else f"{model.threshold:.4g}"
+        text = f"preset {model.config.preset}, threshold {threshold}"
+        validation = (model.metadata or {}).get("validation") or {}
+        for key in ("dice", "best_f1", "dice_at_threshold"):
+            value = validation.get(key) if isinstance(validation, dict) else None
+            if isinstance(value, (int, float)):
+                text += f", validation Dice {value:.2f}"
+                break
+        return text
+
+    @staticmethod
+    def resolveDevice(device: str = "auto"):
+        """torch device for "auto" | "GPU"/"cuda" | "CPU"; DeviceError when a GPU is asked for but absent."""
+        api = engine_api()
+        return api.resolve_device((device or "auto").lower())
+
+    def deviceDescription(self, device: str = "auto") -> str:
+        api = engine_api()
+        return api.describe_device(self.resolveDevice(device))
+
+    # -- inference -----------------------------------------------------------------------------
+    def run(self, flair, t1, t1c, t2, model=None, device: str = "auto", threshold: float | None = None,
+            percentile: float | None = None, energyNode=None, segmentationNode=None, show: bool = True,
+            progress: ProgressCallback | None = None, shouldCancel: CancelCallback | None = None):
+        """Run the model on four volume nodes (blocking) and return ``(energyNode, segmentationNode)``.
+
+        ``threshold`` (energy units) or ``percentile`` (of brain voxels) sets the segmentation;
+        default: the model's validation threshold. Existing output nodes are overwritten only on
+        success. Raises ``InputError``, ``GridMismatchError``, ``ModelFileError``, ``DeviceError``
+        or ``CancelledError`` (from ``ADMAnomalyLib.errors``) with nothing added to the scene."""
+        nodes = self.validateInputs(flair, t1, t1c, t2)
+        api = engine_api()
+        self.resolveDevice(device)
+        loaded = self.loadModel(model)
+        self.validateInputs(flair, t1, t1c, t2, loaded.config.preprocess.grid_tolerance)
+        images = {contrast: conversion.sitk_from_volume_node(node, np.float32) for contrast, node in nodes.items()}
+        prediction = api.predict(loaded, images, device=(device or "auto").lower(), progress=progress,
+                                 should_cancel=shouldCancel)
+        return self.createOutputNodes(
+            prediction.energy, prediction.brain_mask, prediction.threshold, nodes[CONTRASTS[0]],
+            energyNode=energyNode, segmentationNode=segmentationNode, threshold=threshold,
+            percentile=percentile, modelPath=str(loaded.path) if loaded.path else None, show=show)
+
+    def createOutputNodes(self, energy: sitk.Image, brainMask: sitk.Image, modelThreshold: float | None,
+                          referenceNode, energyNode=None, segmentationNode=None, threshold: float | None = None,
+                          percentile: float | None = None, modelPath: str | None = None, show: bool = True):
+        """Put an engine result (energy + brain mask on the grid of ``referenceNode``) into the scene.
+
+        New nodes are created unless ``energyNode`` / ``segmentationNode`` are given (then they are
+        overwritten). Nodes created here are removed again if anything fails."""
+        energy_array = sitk.GetArrayFromImage(energy).astype(np.float32, copy=False)
+        brain_array = sitk.GetArrayFromImage(brainMask) > 0
+        expected = tuple(reversed(referenceNode.GetImageData().GetDimensions()))
+        if energy_array.shape != expected or brain_array.shape != expected:
+            raise errors.InputError(f"energy map of shape {energy_array.shape} does not match the input grid {expected}")
+        if not brain_array.any():
+            raise errors.InputError(f"no brain voxel found in '{referenceNode.GetName()}' (all voxels are zero?)")
+        brain_minimum = float(energy_array[brain_array].min())
+        if modelThreshold is None and threshold is None and percentile is None:
+            percentile = 99.0
+        scene = self.scene
+        name = case_name(referenceNode.GetName())
+        created = []
+        try:
+            if energyNode is None:
+                energyNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(f"{name} energy"))
+                created.append(energyNode)
+            if segmentationNode is None:
+                segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                           scene.GenerateUniqueName(f"{name} {SEGMENT_NAME}"))
+                created.append(segmentationNode)
+            wasModifying = energyNode.StartModify()
+            conversion.update_volume_node_from_sitk(energyNode, energy, reference_node=referenceNode)
+            energyNode.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
+            energyNode.SetAttribute(ROLE_ATTRIBUTE, "energy")
+            energyNode.SetAttribute(BRAIN_MINIMUM_ATTRIBUTE, repr(brain_minimum))
+            energyNode.SetAttribute(MODEL_THRESHOLD_ATTRIBUTE, "" if modelThreshold is None else repr(float(modelThreshold)))
+            energyNode.SetAttribute(MODEL_PATH_ATTRIBUTE, modelPath or "")
+            energyNode.SetNodeReferenceID(BACKGROUND_REFERENCE_ROLE, referenceNode.GetID())
+            energyNode.EndModify(wasModifying)
+            self._brainMasks[energyNode.GetID()] = brain_array
+            self._setupEnergyDisplay(energyNode, energy_array[brain_array], brain_minimum)
+            self._setupSegmentation(segmentationNode, energyNode)
+            self.setThreshold(segmentationNode, threshold=threshold, percentile=percentile)
+        except BaseException:
+            for node in created:
+                self._brainMasks.pop(node.GetID() or "", None)
+                scene.RemoveNode(node)
+            raise
+        if show:
+            self.showResults(segmentationNode, background=referenceNode)
+        return energyNode, segmentationNode
+
+    def _setupEnergyDisplay(self, energyNode, brainValues: np.ndarray, brainMinimum: float) -> None:
+        energyNode.CreateDefaultDisplayNodes()
+        display = energyNode.GetDisplayNode()
+        for colorNodeId in ENERGY_COLOR_NODE_IDS:
+            if self.scene.GetNodeByID(colorNodeId) is not None:
+                display.SetAndObserveColorNodeID(colorNodeId)
+                break
+        # Colour the upper half of the brain's energies (median -> 99.5th percentile); voxels below the
+        # median, and the background below the brain minimum, stay transparent so FLAIR reads through.
+        low, high = (float(v) for v in np.percentile(brainValues, [50.0, 99.5]))
+        if not high > low:
+            high = low + 1.0
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(low, high)
+        display.AutoThresholdOff()
+        display.SetThreshold(max(low, brainMinimum), float(brainValues.max()) + 1.0)
+        display.ApplyThresholdOn()
+
+    def _setupSegmentation(self, segmentationNode, energyNode) -> str:
+        ensure_segmentation_converter_rules()
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(energyNode)
+        segmentationNode.SetAndObserveTransformNodeID(energyNode.GetTransformNodeID())
+        segmentationNode.SetNodeReferenceID(ENERGY_REFERENCE_ROLE, energyNode.GetID())
+        segmentationNode.SetAttribute(ROLE_ATTRIBUTE, "anomaly")
+        segmentation = segmentationNode.GetSegmentation()
+        segmentId = self._segmentId(segmentationNode)
+        if segmentId is None:
+            segmentId = segmentation.AddEmptySegment(SEGMENT_ID, SEGMENT_NAME, SEGMENT_COLOR)
+        segment = segmentation.GetSegment(segmentId)
+        segment.SetName(SEGMENT_NAME)
+        segment.SetColor(*SEGMENT_COLOR)
+        segment.SetTerminology(SEGMENT_TERMINOLOGY)
+        display = segmentationNode.GetDisplayNode()
+        display.SetVisibility2DOutline(True)
+        display.SetVisibility2DFill(True)
+        display.SetOpacity2DFill(0.3)
+        display.SetOpacity2DOutline(1.0)
+        display.SetSliceIntersectionThickness(2)
+        return segmentId
+
+    @staticmethod
+    def _segmentId(segmentationNode) -> str | None:
+        segmentation = segmentationNode.GetSegmentation()
+        if segmentation.GetSegment(SEGMENT_ID) is not None:
+            return SEGMENT_ID
+        found = segmentation.GetSegmentIdBySegmentName(SEGMENT_NAME)
+        return found or None
+
+    # -- threshold -----------------------------------------------------------------------------
+    def energyNodeOf(self, segmentationNode):
+        """The energy volume an "Anomaly" segmentation was made from."""
+        energyNode = segmentationNode.GetNodeReference(ENERGY_REFERENCE_ROLE) if segmentationNode else None
+        if energyNode is None:
+            raise errors.InputError("this segmentation was not made by ADMAnomaly (no energy volume linked to it)")
+        return energyNode
+
+    def brainMask(self, energyNode) -> np.ndarray:
+        """Brain mask (k, j, i bool) of an energy volume: remembered from the run, or, after a scene
+        reload, the voxels at or above the brain minimum (the engine puts background below it)."""
+        cached = self._brainMasks.get(energyNode.GetID())
+        array = slicer.util.arrayFromVolume(energyNode)
+        if cached is not None and cached.shape == array.shape:
+            return cached
+        minimum = energyNode.GetAttribute(BRAIN_MINIMUM_ATTRIBUTE)
+        if not minimum:
+            raise errors.InputError(f"'{energyNode.GetName()}' is not an ADMAnomaly energy volume")
+        mask = array >= float(minimum)
+        self._brainMasks[energyNode.GetID()] = mask
+        return mask
+
+    def modelThreshold(self, energyNode) -> float | None:
+        value = energyNode.GetAttribute(MODEL_THRESHOLD_ATTRIBUTE) if energyNode else None
+        return float(value) if value else None
+
+    def energyRange(self, energyNode) -> tuple[float, float]:
+        """Lowest and highest energy inside the brain (the useful slider range)."""
+        values = slicer.util.arrayFromVolume(energyNode)[self.brainMask(energyNode)]
+        return float(values.min()), float(values.max())
+
+    def setThreshold(self, segmentationNode, threshold: float | None = None, percentile: float | None = None,
+                     energyNode=None) -> ThresholdResult:
+        """Re-threshold the stored energy map into the "Anomaly" segment (no network is re-run).
+
+        ``threshold`` in energy units, or ``percentile`` (0-100) of the brain voxels; neither: the
+        model's validation threshold. Returns the threshold, anomaly volume and component count."""
+        api = engine_api()
+        energyNode = energyNode or self.energyNodeOf(segmentationNode)
+        if threshold is not None and percentile is not None:
+            raise ValueError("give threshold or percentile, not both")
+        energy = conversion.sitk_from_volume_node(energyNode, np.float32)
+        brain = sitk.GetImageFromArray(self.brainMask(energyNode).astype(np.uint8))
+        brain.CopyInformation(energy)
+        if percentile is not None:
+            if not 0.0 <= float(percentile) <= 100.0:
+                raise errors.InputError(f"percentile must lie in [0, 100], not {percentile}")
+            threshold = api.percentile_threshold(energy, brain, float(percentile))
+        elif threshold is None:
+            threshold = self.modelThreshold(energyNode)
+            if threshold is None:
+                raise errors.InputError("the model has no validation threshold; give a threshold or a percentile")
+        threshold = float(threshold)
+        if not math.isfinite(threshold):
+            raise errors.InputError(f"threshold must be a finite number, not {threshold}")
+        mask = api.anomaly_mask(energy, brain, threshold)
+        mask_array = sitk.GetArrayFromImage(mask)
+        segmentId = self._segmentId(segmentationNode) or self._setupSegmentation(segmentationNode, energyNode)
+        labelmap = conversion.oriented_labelmap(mask_array, energyNode)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            labelmap, segmentationNode, segmentId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        if not ok:
+            raise errors.OutputError(f"could not update segment '{SEGMENT_NAME}' of '{segmentationNode.GetName()}'")
+        voxels = int(mask_array.sum())
+        components = 0
+        if voxels:
+            labels = sitk.ConnectedComponent(mask)  # kept in a variable: an array view needs its image alive
+            components = int(sitk.GetArrayFromImage(labels).max())
+        volume_ml = voxels * float(np.prod(energyNode.GetSpacing())) / 1000.0
+        segmentationNode.SetAttribute(THRESHOLD_ATTRIBUTE, repr(threshold))
+        segmentationNode.SetAttribute(PERCENTILE_ATTRIBUTE, "" if percentile is None else repr(float(percentile)))
+        return ThresholdResult(threshold, None if percentile is None else float(percentile), voxels, volume_ml, components)
+
+    def segmentArray(self, segmentationNode, energyNode=None) -> np.ndarray:
+        """The "Anomaly" segment as a (k, j, i) uint8 array on the energy volume's grid."""
+        import vtk
+
+        energyNode = energyNode or self.energyNodeOf(segmentationNode)
+        segmentId = self._segmentId(segmentationNode)
+        labelmapNode = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__ADMAnomaly_export__")
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(segmentId)
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentationNode, ids, labelmapNode, energyNode):
+                raise errors.OutputError("could not export the anomaly segment")
+            return (slicer.util.arrayFromVolume(labelmapNode) > 0).astype(np.uint8)
+        finally:
+            self.scene.RemoveNode(labelmapNode)
+
+    # -- display -------------------------------------------------------------------------------
+    def showResults(self, segmentationNode, background=None, opacity: float = FOREGROUND_OPACITY) -> None:
+        """Energy as foreground (colour map, ``opacity``) over ``background`` in every slice view;
+        the segmentation is shown as outline + fill by its display node."""
+        energyNode = self.energyNodeOf(segmentationNode)
+        background = background or energyNode.GetNodeReference(BACKGROUND_REFERENCE_ROLE)
+        scene = self.scene
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+            if background is not None:
+                composite.SetBackgroundVolumeID(background.GetID())
+            composite.SetForegroundVolumeID(energyNode.GetID())
+            composite.SetForegroundOpacity(opacity)
+        display = segmentationNode.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility(True)
+
+    # -- batch and training --------------------------------------------------------------------
+    def processFolder(self, inputDir, outputDir, model=None, device: str = "auto", threshold: float | None = None,
+                      skipExisting: bool = True, progress: Callable[[int, int, str], None] | None = None):
+        """Predict every case of ``inputDir`` into ``outputDir`` (``<case>_energy.nii.gz``,
+        ``<case>_anomaly.nii.gz``, ``report.json``, ``errors.log``). Resumable: cases with both
+        outputs are skipped. A failing case is logged and the others go on. Returns the engine's
+        ``FolderReport`` (``done``, ``skipped``, ``failed``)."""
+        api = engine_api()
+        self.resolveDevice(device)
+        loaded = self.loadModel(model)
+        report = api.predict_folder(loaded, inputDir, outputDir, device=(device or "auto").lower(),
+                                    threshold=threshold, skip_existing=skipExisting, progress=progress)
+        for case_id, message in report.failed.items():
+            log.error("ADMAnomaly: case %s failed: %s", case_id, message)
+        log.info("ADMAnomaly: %d written, %d skipped, %d failed -> %s", len(report.done), len(report.skipped),
+                 len(report.failed), outputDir)
+        return report
+
+    @staticmethod
+    def trainingConfig(preset: str = "small", epochsCtoC: int | None = None, epochsJoint: int | None = None,
+                       lambdaEnergy: float | None = None, components: int | None = None,
+                       lesionMargin: int | None = None):
+        """The engine's ``ADMConfig`` for a preset with the panel's overrides."""
+        from ADMAnomalyLib.config import preset as make_preset
+
+        train: dict[str, Any] = {}
+        model: dict[str, Any] = {}
+        for key, value in (("epochs_ctoc", epochsCtoC), ("epochs_joint", epochsJoint),
+                           ("lambda_energy", lambdaEnergy), ("lesion_margin", lesionMargin)):
+            if value is not None:
+                train[key] = value
+        if components is not None:
+            model["n_components"] = int(components)
+        try:
+            return make_preset(preset, train=train, model=model)
+        except (ValueError, TypeError) as exc:
+            raise errors.InputError(f"invalid training settings: {exc}") from None
+
+    @staticmethod
+    def validateTrainingInputs(dataDir, outputPath, resume: bool = False) -> list:
+        """Check a training request before starting it: cases found, output folder writable,
+        no stale checkpoint unless resuming. Returns the engine's case list."""
+        from ADMAnomalyLib.cases import find_cases
+
+        if not dataDir or not str(dataDir).strip():
+            raise errors.InputError("choose a folder of training cases")
+        if not outputPath or not str(outputPath).strip():
+            raise errors.InputError("choose where to write the model file (.admm)")
+        cases = find_cases(dataDir)
+        output = Path(outputPath)
+        folder = output.parent if str(output.parent) else Path(".")
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise errors.OutputError(f"cannot write the model to {output}: folder missing or not writable")
+        checkpoint = output.with_name(output.name + ".ckpt")
+        if checkpoint.exists() and not resume:
+            raise errors.OutputError(f"{checkpoint} exists from an interrupted run; tick Resume or delete it")
+        return cases
+
+    def train(self, dataDir, outputPath, preset: str = "small", epochsCtoC: int | None = None,
+              epochsJoint: int | None = None, lambdaEnergy: float | None = None, components: int | None = None,
+              lesionMargin: int | None = None, device: str = "auto", resume: bool = False,
+              progress: Callable[[dict], None] | None = None, shouldCancel: CancelCallback | None = None) -> Path:
+        """Train a model on the normal slices of the cases in ``dataDir`` (lesion labels, if any,
+        exclude lesion slices and give the validation threshold) and write it to ``outputPath``.
+        Blocking; returns the model path. Raises ``TrainingDataError`` when no case is usable."""
+        api = engine_api()
+        self.validateTrainingInputs(dataDir, outputPath, resume)
+        config = self.trainingConfig(preset, epochsCtoC, epochsJoint, lambdaEnergy, components, lesionMargin)
+        self.resolveDevice(device)
+        options = {}
+        if "show_progress_bar" in inspect.signature(api.train).parameters:
+            options["show_progress_bar"] = False  # no tqdm bar in the Slicer Python console
+        result = api.train(dataDir, outputPath, config, device=(device or "auto").lower(), resume=resume,
+                           progress=progress, should_cancel=shouldCancel, **options)
+        path = getattr(result, "path", None) if not isinstance(result, (str, Path)) else result
+        return Path(path or outputPath)
+
+    # -- background processes (GUI) ------------------------------------------------------------
+    def startInference(self, flair, t1, t1c, t2, model=None, device: str = "auto", workDir=None):
+        """Validate now, then run inference in a background process; see :class:`.jobs.InferenceJob`."""
+        from .jobs import InferenceJob
+
+        nodes = self.validateInputs(flair, t1, t1c, t2)
+        self.resolveDevice(device)
+        loaded = self.loadModel(model)
+        self.validateInputs(flair, t1, t1c, t2, loaded.config.preprocess.grid_tolerance)
+        return InferenceJob(self, nodes, loaded, (device or "auto").lower(), workDir)
+
+    def startTraining(self, dataDir, outputPath, preset: str = "small", epochsCtoC: int | None = None,
+                      epochsJoint: int | None = None, lambdaEnergy: float | None = None,
+                      components: int | None = None, device: str = "auto", resume: bool = False, workDir=None):
+        """Validate now, then train in a background process (the engine's CLI); see :class:`.jobs.TrainingJob`."""
+        from .jobs import TrainingJob
+
+        self.validateTrainingInputs(dataDir, outputPath, resume)
+        self.trainingConfig(preset, epochsCtoC, epochsJoint, lambdaEnergy, components)
+        self.resolveDevice(device)
+        return TrainingJob(dataDir, outputPath, preset, epochsCtoC, epochsJoint, lambdaEnergy, components,
+                           (device or "auto").lower(), resume, workDir)
