@@ -1035,6 +1035,9 @@ def write_report(study: dict[str, Any], docs_dir: str | Path, figures: dict[str,
         lines.append("- FLAIR weights w chosen on validation per run (score = E z-scored over the case's brain "
                      "+ w x FLAIR z, i.e. `postprocess.flair_weight`): " + "; ".join(weights) + ".")
     lines += ["", "### Against the FLAIR z-score", ""] + comparison_lines(study) + [""]
+    if "FLAIR z +med+cc" in study["summary"]:
+        lines += ["### Against the filtered FLAIR z-score (median filter + small-component removal)", ""]
+        lines += comparison_lines(study, "FLAIR z +med+cc") + [""]
     lines += [
         "Published context (different data and splits, so only indicative): FLAIR thresholding reached a "
         "best-possible Dice of about 0.74 on BraTS and the best deep unsupervised methods about 0.76 "
