@@ -164,11 +164,29 @@ def postprocess_array(
 
     ``cache`` (a dict kept per case by the caller) stores the smoothed brain mask and the rim depth
     map, which depend only on the brain, when one case is post-processed several times."""
-    cache = {} if cache is None else cache
     brain = np.asarray(brain, dtype=bool)
     values = np.asarray(values, dtype=np.float32)
     if not brain.any():
         return values.copy()
+    # Everything outside the brain's bounding box is background, so the filters run on the box plus
+    # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
+    # voxels come out as on the whole grid at a fraction of the cost.
+    margin = np.ceil((4 * cfg.smoothing_sigma_mm + cfg.rim_erosion_mm) / np.asarray(spacing[::-1], dtype=float))
+    margin = margin.astype(int) + int(cfg.median_size) + 2
+    occupied = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    box = tuple(slice(max(0, int(index[0]) - m), min(size, int(index[-1]) + 1 + m))
+                for index, m, size in zip(occupied, margin, brain.shape))
+    inner = _postprocess_box(values[box], brain[box], spacing, cfg, {} if cache is None else cache,
+                             None if flair is None else flair[box])
+    result = np.full(values.shape, float(inner[brain[box]].min()) - 1.0, dtype=np.float32)
+    result[box] = inner
+    return result
+
+
+def _postprocess_box(
+    values: np.ndarray, brain: np.ndarray, spacing: tuple[float, ...], cfg: PostprocessConfig, cache: dict,
+    flair: np.ndarray | None,
+) -> np.ndarray:
     result = values.copy()
     if cfg.smoothing_sigma_mm > 0:
         def smooth(array: np.ndarray) -> np.ndarray:
