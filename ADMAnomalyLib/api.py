@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from .cases import CaseFiles, case_from_images, find_cases, load_case
 from .config import ADMConfig, CONTRASTS, PRESETS, preset
-from .device import describe_device, resolve_device
+from .device import PRECISIONS, describe_device, inference_dtype, resolve_device
 from .errors import ADMError, InputError, ModelFileError, OutputError
 from .infer import Prediction, anomaly_mask, percentile_threshold, predict_case
 from .io import write_image_atomic, write_text_atomic
@@ -23,7 +23,7 @@ from .model import ADMModel
 from .train import train
 
 __all__ = [
-    "ADMConfig", "ADMModel", "CONTRASTS", "FolderReport", "PRESETS", "Prediction", "anomaly_mask",
+    "ADMConfig", "ADMModel", "CONTRASTS", "FolderReport", "PRECISIONS", "PRESETS", "Prediction", "anomaly_mask",
     "default_model_path", "describe_device", "find_cases", "load_case", "load_model", "output_paths",
     "percentile_threshold", "predict", "predict_case", "predict_folder", "preset", "resolve_device", "train",
 ]
@@ -64,11 +64,16 @@ def predict(
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> Prediction:
-    """Energy map of four in-memory volumes keyed by ``CONTRASTS`` (all on one grid)."""
+    """Energy map of four in-memory volumes keyed by ``CONTRASTS`` (all on one grid).
+
+    ``precision``: 'auto' (half precision on a GPU, float32 on CPU), 'fp32', 'bf16' or 'fp16';
+    ``compile``: run the CtoC network through ``torch.compile`` (pays off over many cases)."""
     model = load_model(model)
     case = case_from_images(images, mask=mask, tolerance=model.config.preprocess.grid_tolerance)
-    return predict_case(model, case, device, batch_size, progress=progress, should_cancel=should_cancel)
+    return predict_case(model, case, device, batch_size, precision, progress, should_cancel, compile)
 
 
 def output_paths(output_dir: str | Path, case_id: str) -> tuple[Path, Path]:
@@ -97,14 +102,17 @@ def predict_folder(
     pattern: dict[str, str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     workers: int = 1,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> FolderReport:
     """Predict every case of ``input_dir`` into ``output_dir``; resumable and robust per case.
 
     Cases whose two outputs already exist are skipped; a failing case is logged in the report (and
     ``errors.log``) and the batch goes on. Outputs are written atomically. ``workers > 1`` runs
-    cases in that many processes (each on its own GPU when several are visible)."""
+    cases in that many processes (each on its own GPU when several are visible). ``precision`` and
+    ``compile`` are as in :func:`predict`."""
     loaded = load_model(model)
-    resolve_device(device)
+    inference_dtype(resolve_device(device), precision)  # reject a bad device or precision up front
     output_dir = ensure_writable_folder(output_dir)
     chosen = threshold if threshold is not None else loaded.threshold
     if chosen is None:
@@ -133,14 +141,15 @@ def predict_folder(
 
     if workers <= 1 or len(pending) <= 1:
         for files in pending:
-            record(files.case_id, _predict_to_files(loaded, files, output_dir, device, chosen, batch_size))
+            record(files.case_id, _predict_to_files(loaded, files, output_dir, device, chosen, batch_size,
+                                                   precision, compile))
     else:
         model_path = loaded.path if loaded.path is not None else default_model_path()
         context = multiprocessing.get_context("spawn")  # fork after torch threads is unsafe
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                                  initargs=(str(model_path), device, workers)) as pool:
-            futures = {pool.submit(_worker_predict, files, str(output_dir), chosen, batch_size): files
-                       for files in pending}
+            futures = {pool.submit(_worker_predict, files, str(output_dir), chosen, batch_size, precision,
+                                   compile): files for files in pending}
             for future in as_completed(futures):
                 record(futures[future].case_id, future.result())
     write_text_atomic(json.dumps({"threshold": chosen, **report.__dict__}, indent=2), output_dir / "report.json")
@@ -151,11 +160,12 @@ def predict_folder(
 
 
 def _predict_to_files(model: ADMModel, files: CaseFiles, output_dir: Path, device: str, threshold: float,
-                      batch_size: int) -> str | None:
+                      batch_size: int, precision: str, compile: bool) -> str | None:
     """Predict one case and write its two outputs; returns the error message or None."""
     energy_path, anomaly_path = output_paths(output_dir, files.case_id)
     try:
-        prediction = predict_case(model, load_case(files, model.config.preprocess.grid_tolerance), device, batch_size)
+        case = load_case(files, model.config.preprocess.grid_tolerance)
+        prediction = predict_case(model, case, device, batch_size, precision, compile=compile)
         write_image_atomic(prediction.energy, energy_path)
         write_image_atomic(prediction.anomaly(threshold), anomaly_path)
     except ADMError as exc:
@@ -178,8 +188,10 @@ def _init_worker(model_path: str, device: str, workers: int) -> None:
     _WORKER.update(model=load_model(model_path), device=device)
 
 
-def _worker_predict(files: CaseFiles, output_dir: str, threshold: float, batch_size: int) -> str | None:
-    return _predict_to_files(_WORKER["model"], files, Path(output_dir), _WORKER["device"], threshold, batch_size)
+def _worker_predict(files: CaseFiles, output_dir: str, threshold: float, batch_size: int, precision: str,
+                    compile: bool) -> str | None:
+    return _predict_to_files(_WORKER["model"], files, Path(output_dir), _WORKER["device"], threshold, batch_size,
+                             precision, compile)
 
 
 def ensure_writable_folder(folder: str | Path) -> Path:

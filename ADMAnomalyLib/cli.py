@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import PRESETS, preset
+from tqdm import tqdm
+
+from .config import PRECISIONS, PRESETS, preset
 from .errors import ADMError
 
 EXIT_PARTIAL = 6
@@ -92,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs exist")
     predict.add_argument("--workers", type=int, default=1, help="cases predicted in parallel processes (default 1)")
+    predict.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="CtoC precision: auto = bf16/fp16 on a GPU, fp32 on CPU (default: auto)")
+    predict.add_argument("--compile", action="store_true",
+                         help="run the CtoC network through torch.compile (pays off over many cases)")
     _add_device(predict)
     _add_progress(predict)
     _add_pattern(predict)
@@ -206,16 +212,27 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "predict":
+        bar = None
+
         def case_progress(done: int, total: int, case_id: str) -> None:
+            nonlocal bar
             if args.progress == "json":
                 _json_line({"stage": "predict", "step": done, "steps": total, "case": case_id})
             elif args.progress == "bar":
-                print(f"[{done}/{total}] {case_id}", file=sys.stderr, flush=True)
+                if bar is None:
+                    bar = tqdm(total=total, unit="case", desc="predict", file=sys.stderr)
+                bar.set_postfix_str(case_id)
+                bar.update(done - bar.n)
 
-        report = api.predict_folder(_model_argument(args.model), args.input, args.output, device=args.device,
-                                    threshold=args.threshold, skip_existing=not args.overwrite,
-                                    batch_size=args.batch_size, pattern=_parse_pattern(args.pattern),
-                                    progress=case_progress, workers=args.workers)
+        try:
+            report = api.predict_folder(_model_argument(args.model), args.input, args.output, device=args.device,
+                                        threshold=args.threshold, skip_existing=not args.overwrite,
+                                        batch_size=args.batch_size, pattern=_parse_pattern(args.pattern),
+                                        progress=case_progress, workers=args.workers, precision=args.precision,
+                                        compile=args.compile)
+        finally:
+            if bar is not None:
+                bar.close()
         summary = f"{len(report.done)} written, {len(report.skipped)} skipped, {len(report.failed)} failed"
         if args.progress == "json":
             _json_line({"stage": "done", "done": report.done, "skipped": report.skipped, "failed": report.failed})

@@ -15,6 +15,9 @@ CONTRASTS: tuple[str, ...] = ("flair", "t1", "t1c", "t2")
 """Canonical contrast order of the four input channels."""
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""Inference precision of the CtoC network (see :func:`ADMAnomalyLib.device.inference_dtype`)."""
+
 @dataclass
 class PreprocessConfig:
     """How a case becomes network input."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .config import PRECISIONS
 from .errors import DeviceError
 
 
@@ -62,8 +63,26 @@ def bf16_enabled(device: torch.device, amp: str = "auto") -> bool:
     return _cpu_has_native_bf16()
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the device when enabled, else a no-op context."""
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """Autocast dtype for the CtoC network at inference under 'auto' | 'fp32' | 'bf16' | 'fp16'
+    (``None`` means float32). 'auto' is half precision on a GPU (bf16 where supported, else fp16)
+    and float32 on CPU, where results then do not depend on which vector units the CPU has."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, enabled: bool | torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast on the device: ``True`` means bfloat16, a dtype means that dtype; falsy is a no-op."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if enabled is True else enabled
+    return torch.autocast(device_type=device.type, dtype=dtype)

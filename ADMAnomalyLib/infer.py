@@ -11,7 +11,7 @@ import torch
 
 from .cases import CaseImages
 from .config import CONTRASTS, PostprocessConfig
-from .device import autocast, bf16_enabled, resolve_device
+from .device import autocast, inference_dtype, resolve_device
 from .errors import CancelledError
 from .gmm import energy
 from .model import ADMModel
@@ -48,46 +48,56 @@ def energy_slices(
     brain: np.ndarray,
     device: torch.device,
     batch_size: int = 16,
-    amp: str = "off",
+    precision: str = "auto",
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
     x_hat_ct: np.ndarray | None = None,
     flip_tta: bool | None = None,
+    compile: bool = False,
 ) -> np.ndarray:
     """Per-pixel energy of slices (M, 4, N, N) with brain masks (M, N, N); returns (M, N, N) float32.
 
     Computed at brain pixels only; the rest is 0 (the caller masks it). ``x_hat_ct`` (M, 4, N, N) may hold
     precomputed CtoC translations of these slices (the evaluation study reuses them across model
     variants that share one CtoC). ``flip_tta`` (default: the model's ``postprocess.flip_tta``)
-    averages the energies of the slices and of their left-right mirrors."""
+    averages the energies of the slices and of their left-right mirrors.
+
+    ``precision`` ('auto' | 'fp32' | 'bf16' | 'fp16', see :func:`~ADMAnomalyLib.device.inference_dtype`)
+    applies to the CtoC network only: DR, the mixture and the energy always run in float32/float64.
+    On a GPU the CtoC input is channels-last; ``compile`` runs CtoC through ``torch.compile``."""
     if model.gmm is None:
         raise ValueError("the model's mixture has not been fitted")
     if flip_tta is None:
         flip_tta = model.config.postprocess.flip_tta
     if flip_tta:
-        plain = energy_slices(model, images, brain, device, batch_size, amp, progress, should_cancel, x_hat_ct, False)
+        plain = energy_slices(model, images, brain, device, batch_size, precision, progress, should_cancel,
+                              x_hat_ct, False, compile)
         # Columns run right -> left in the canonical LPS slices, so the last axis is the mirror axis.
-        mirrored = energy_slices(model, images[..., ::-1], brain[..., ::-1], device, batch_size, amp, None,
-                                 should_cancel, None if x_hat_ct is None else x_hat_ct[..., ::-1], False)
+        mirrored = energy_slices(model, images[..., ::-1], brain[..., ::-1], device, batch_size, precision, None,
+                                 should_cancel, None if x_hat_ct is None else x_hat_ct[..., ::-1], False, compile)
         return 0.5 * (plain + mirrored[..., ::-1])
     network = model.network.to(device).eval()
     gmm = model.gmm.to(device)
-    use_bf16 = bf16_enabled(device, amp)
+    dtype = inference_dtype(device, precision)
+    # Channels-last lets cuDNN use its NHWC (tensor-core) kernels; on CPU oneDNN gains nothing here.
+    channels_last = device.type == "cuda"
+    ctoc = _ctoc_runner(model, channels_last, compile) if model.config.model.use_ctoc else None
     result = np.zeros(brain.shape, dtype=np.float32)
     total = len(images)
     with torch.inference_mode():
         for start in range(0, total, batch_size):
             if should_cancel is not None and should_cancel():
                 raise CancelledError("cancelled by the user; no output was written")
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-            b = torch.from_numpy(np.ascontiguousarray(brain[start : start + batch_size])).to(device)
+            # np.array copies: memory-mapped cache slices are read-only, which torch warns about.
+            x = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32)).to(device)
+            b = torch.from_numpy(np.array(brain[start : start + batch_size], dtype=bool)).to(device)
             x_hat = None
             if model.config.model.use_ctoc:
                 if x_hat_ct is not None:
                     x_hat = torch.from_numpy(np.ascontiguousarray(x_hat_ct[start : start + batch_size])).to(device).float()
                 else:
-                    with autocast(device, use_bf16):
-                        x_hat = translate_all(network.ctoc, x, b).float()
+                    with autocast(device, dtype):
+                        x_hat = translate_all(ctoc, x, b).float()
             z, _ = network.features(x, b, x_hat)
             # The mixture is evaluated at brain pixels only (the rest is 0 and masked by the caller).
             chunk = torch.zeros(b.shape, dtype=torch.float32, device=device)
@@ -98,15 +108,41 @@ def energy_slices(
     return result
 
 
+class _ChannelsLast(torch.nn.Module):
+    """Feeds a module channels-last inputs (its weights are converted once)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor, median_map: torch.Tensor) -> torch.Tensor:
+        return self.module(x.contiguous(memory_format=torch.channels_last),
+                           median_map.contiguous(memory_format=torch.channels_last))
+
+
+def _ctoc_runner(model: ADMModel, channels_last: bool, compile: bool) -> torch.nn.Module:
+    """The CtoC network as inference runs it; wrapped and compiled variants are built once per model."""
+    if not channels_last and not compile:
+        return model.network.ctoc
+    cache = model.__dict__.setdefault("_runners", {})
+    key = (channels_last, compile)
+    if key not in cache:
+        runner = _ChannelsLast(model.network.ctoc) if channels_last else model.network.ctoc
+        # dynamic=None: one graph for full batches, one more (dynamic) for a smaller last batch.
+        cache[key] = torch.compile(runner) if compile else runner
+    return cache[key]
+
+
 def predict_prepared(
     model: ADMModel,
     prepared: PreparedCase,
     device: str | torch.device = "auto",
     batch_size: int = 16,
-    amp: str = "off",
+    precision: str = "auto",
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
     native_flair: np.ndarray | None = None,
+    compile: bool = False,
 ) -> Prediction:
     """Energy image of a prepared case; only slices that contain brain go through the networks.
 
@@ -119,7 +155,7 @@ def predict_prepared(
     if len(brain_slices):
         network_res[brain_slices] = energy_slices(
             model, prepared.slices[brain_slices], prepared.brain[brain_slices], torch_device,
-            batch_size, amp, progress, should_cancel,
+            batch_size, precision, progress, should_cancel, compile=compile,
         )
         # Bilinear upsampling mixes neighbouring pixels, so pixels outside the network-resolution
         # brain get the lowest brain energy: the brain rim is then not pulled up or down artificially.
@@ -232,14 +268,15 @@ def predict_case(
     case: CaseImages,
     device: str | torch.device = "auto",
     batch_size: int = 16,
-    amp: str = "off",
+    precision: str = "auto",
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    compile: bool = False,
 ) -> Prediction:
     """Preprocess a validated case with the model's settings and predict its energy image."""
     prepared = prepare_case(case, model.config.preprocess)
     flair = native_flair_zscore(case, prepared) if model.config.postprocess.flair_weight else None
-    return predict_prepared(model, prepared, device, batch_size, amp, progress, should_cancel, flair)
+    return predict_prepared(model, prepared, device, batch_size, precision, progress, should_cancel, flair, compile)
 
 
 def anomaly_mask(energy_image: sitk.Image, brain_mask: sitk.Image, threshold: float) -> sitk.Image:

@@ -352,9 +352,9 @@ def native_energy(model, case: CaseData, device: torch.device, x_hat: np.ndarray
     index = np.flatnonzero(prepared.has_brain)
     network_res = np.zeros(prepared.brain.shape, dtype=np.float32)
     images, brain = prepared.slices[index], prepared.brain[index]
-    result = energy_slices(model, images, brain, device, 16, "off", x_hat_ct=x_hat, flip_tta=False)
+    result = energy_slices(model, images, brain, device, 16, "fp32", x_hat_ct=x_hat, flip_tta=False)
     if flip:
-        mirrored = energy_slices(model, images[..., ::-1], brain[..., ::-1], device, 16, "off",
+        mirrored = energy_slices(model, images[..., ::-1], brain[..., ::-1], device, 16, "fp32",
                                  x_hat_ct=x_hat_flip, flip_tta=False)
         result = 0.5 * (result + mirrored[..., ::-1])
     network_res[index] = result

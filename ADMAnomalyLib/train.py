@@ -344,18 +344,18 @@ def choose_threshold(
     model: ADMModel, data: TrainingData, device: torch.device, batch_size: int
 ) -> tuple[float, dict[str, Any]]:
     """Best-F1 threshold over the brain pixels of the lesion slices; without labelled slices, a high
-    percentile of the normal training energies."""
-    amp = model.config.train.amp
+    percentile of the normal training energies. Energies are computed as inference computes them
+    by default (precision 'auto'), so the threshold matches what users get."""
     validation = data.validation
     if len(validation) and validation.labels is not None and np.asarray(validation.labels).any():
-        energies = energy_slices(model, validation.images, validation.brain, device, batch_size, amp)
+        energies = energy_slices(model, validation.images, validation.brain, device, batch_size)
         labels, brain = np.asarray(validation.labels), np.asarray(validation.brain)
         threshold, _ = best_f1_threshold(energies, labels, brain)
         metrics = detection_metrics(energies, labels, brain)
         summary = {"source": "lesion slices", "slices": len(validation),
                    **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(metrics).items()}}
         return float(threshold), summary
-    energies = energy_slices(model, data.train.images, data.train.brain, device, batch_size, amp)
+    energies = energy_slices(model, data.train.images, data.train.brain, device, batch_size)
     percentile = model.config.train.fallback_threshold_percentile
     threshold = float(np.percentile(energies[np.asarray(data.train.brain)], percentile))
     return threshold, {"source": f"{percentile} percentile of normal training energies", "slices": len(data.train)}

@@ -1,9 +1,12 @@
 """Inference speed and memory for one 240x240x155 case on this machine (a benchmark, not a test).
 
 Each configuration runs in its own subprocess so that peak RSS is its own. Prints seconds end to end
-(read + preprocess + networks + map back), seconds in the networks, slices/s and peak RSS.
+(read + preprocess + networks + map back), seconds in the networks, slices/s, peak RSS and, on a GPU,
+peak GPU memory; then the forward FLOPs per slice set and the FLOP/s achieved in the prediction step.
+The fastest of ``--repeats`` runs is reported, so with ``--compile`` or on a GPU it is a warmed-up run.
 
-    python benchmarks/benchmark_inference.py [--case DIR] [--device cpu] [--repeats 2]
+    python benchmarks/benchmark_inference.py [--case DIR] [--device cpu|cuda] [--repeats 2]
+                                             [--precision auto|fp32|bf16|fp16] [--compile]
 
 The `paper` preset is timed with freshly initialised weights and a unit mixture: its speed does not
 depend on the weights, and no trained paper-size model is bundled.
@@ -23,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CASE = REPO.parent / "shared" / "data" / "brats18" / "Brats18_CBICA_AMH_1"
 
 
-def run_one(model_name: str, case_dir: Path, device: str, repeats: int) -> dict:
+def run_one(model_name: str, case_dir: Path, device: str, repeats: int, precision: str, compile: bool) -> dict:
     import torch
 
     from ADMAnomalyLib import api
@@ -48,7 +51,9 @@ def run_one(model_name: str, case_dir: Path, device: str, repeats: int) -> dict:
         case = load_case(find_cases(case_dir)[0])
         prepared = prepare_case(case, model.config.preprocess)
         networks_start = time.perf_counter()
-        prediction = predict_prepared(model, prepared, device=device)
+        prediction = predict_prepared(model, prepared, device=device, precision=precision, compile=compile)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         networks_seconds = time.perf_counter() - networks_start
         prediction.anomaly()
         timings.append((time.perf_counter() - start, networks_seconds, prediction.n_slices_processed))
@@ -57,6 +62,7 @@ def run_one(model_name: str, case_dir: Path, device: str, repeats: int) -> dict:
     return {
         "model": model_name,
         "device": str(api.resolve_device(device)),
+        "precision": precision + (" compiled" if compile else ""),
         "threads": torch.get_num_threads(),
         "case_size": list(size),
         "seconds_end_to_end": round(total, 2),
@@ -74,19 +80,31 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2, help="runs per model; the fastest is reported")
     parser.add_argument("--models", nargs="+", default=["bundled", "paper"])
+    parser.add_argument("--precision", default="auto", help="auto (half on GPU, fp32 on CPU), fp32, bf16 or fp16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the CtoC network")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.case, args.device, args.repeats)))
+        print(json.dumps(run_one(args.child, args.case, args.device, args.repeats, args.precision, args.compile)))
         return 0
-    print(f"{'model':<10}{'device':<8}{'end-to-end s':>14}{'predict s':>11}{'slices/s':>10}{'peak RSS MiB':>14}")
+    from benchmark_training import flops_per_slice_set
+
+    print(f"{'model':<10}{'device':<8}{'precision':<15}{'end-to-end s':>14}{'predict s':>11}{'slices/s':>10}"
+          f"{'peak RSS MiB':>14}{'peak GPU MiB':>14}{'GFLOP/slice':>13}{'GFLOP/s':>10}")
     for name in args.models:
-        output = subprocess.run([sys.executable, __file__, "--child", name, "--case", str(args.case), "--device",
-                                 args.device, "--repeats", str(args.repeats)], capture_output=True, text=True,
+        command = [sys.executable, __file__, "--child", name, "--case", str(args.case), "--device", args.device,
+                   "--repeats", str(args.repeats), "--precision", args.precision]
+        output = subprocess.run(command + (["--compile"] if args.compile else []), capture_output=True, text=True,
                                 cwd=REPO, check=True).stdout
         row = json.loads(output.strip().splitlines()[-1])
-        print(f"{row['model']:<10}{row['device']:<8}{row['seconds_end_to_end']:>14}{row['seconds_predict']:>11}"
-              f"{row['slices_per_second']:>10}{row['peak_rss_mib']:>14}")
+        flops = flops_per_slice_set(name)
+        per_slice = (flops["ctoc"] + flops["dr_de"]) / 1e9
+        gpu = "-" if row["peak_gpu_mib"] is None else row["peak_gpu_mib"]
+        print(f"{row['model']:<10}{row['device']:<8}{row['precision']:<15}{row['seconds_end_to_end']:>14}"
+              f"{row['seconds_predict']:>11}{row['slices_per_second']:>10}{row['peak_rss_mib']:>14}{gpu:>14}"
+              f"{per_slice:>13.2f}{per_slice * row['slices_per_second']:>10.1f}")
+    print("GFLOP/s = forward network FLOPs per slice set x slices/s of the prediction step (which also "
+          "includes the mixture, the mapping back and any post-processing)")
     return 0
 
 

@@ -26,9 +26,10 @@ sys.path.insert(0, str(REPO))
 
 
 def _model_and_batch(preset_name: str, batch: int, device: torch.device):
+    from ADMAnomalyLib import api
     from ADMAnomalyLib.config import preset
 
-    config = preset(preset_name)
+    config = api.load_model(None).config if preset_name == "bundled" else preset(preset_name)
     size = config.preprocess.image_size
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 4, size, size, generator=generator).to(device)
@@ -38,7 +39,8 @@ def _model_and_batch(preset_name: str, batch: int, device: torch.device):
 
 
 def flops_per_slice_set(preset_name: str) -> dict[str, float]:
-    """Forward FLOPs of one slice set: CtoC (4 translations), DR + DE, counted by PyTorch."""
+    """Forward FLOPs of one slice set: CtoC (4 translations), DR + DE, counted by PyTorch.
+    ``bundled`` counts the bundled model's architecture."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ADMAnomalyLib.networks import ADMNetwork, translate_all
