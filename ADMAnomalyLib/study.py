@@ -137,6 +137,9 @@ class MethodSpec:
     """For 'adm': PostprocessConfig overrides; the values 'smooth' and 'rim' take the settings'."""
     flair_weight: bool = False
     """For 'adm': add w x FLAIR z-score to E, w chosen on the validation data."""
+    small_components: bool = False
+    """For 'adm': at the threshold, lower voxels in components smaller than the settings'
+    ``flair_min_component_voxels`` to just below it (as the FLAIR +med+cc baseline does)."""
 
 
 NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
@@ -177,6 +180,11 @@ METHODS: dict[str, MethodSpec] = {
                                             "ADM +smooth+rim+FLAIR, then a 3-D median filter", "ADM",
                                             {"smoothing_sigma_mm": "smooth", "rim_erosion_mm": "rim",
                                              "median_size": "median"}, flair_weight=True),
+    "ADM +smooth+rim+FLAIR+med+cc": MethodSpec("adm", "improvement",
+                                               "ADM +smooth+rim+FLAIR+med, small components removed at the threshold",
+                                               "ADM", {"smoothing_sigma_mm": "smooth", "rim_erosion_mm": "rim",
+                                                       "median_size": "median"}, flair_weight=True,
+                                               small_components=True),
     "ADM+X": MethodSpec("adm", "improvement", "ADM with the intensities X in the density features", "ADM+X"),
     "ADM+X +smooth+rim": MethodSpec("adm", "improvement", "ADM+X with smoothing and rim suppression", "ADM+X",
                                     {"smoothing_sigma_mm": "smooth", "rim_erosion_mm": "rim"}),
@@ -737,13 +745,16 @@ def run_study(data_dir: str | Path, output_dir: str | Path, settings: StudySetti
                             filtered[case.case_id] = postprocess_array(volume, case.brain, case.spacing,
                                                                        last)[case.brain]
                         method_scores = filtered
+                    if spec.small_components:
+                        override = _component_override(test_cases, settings.flair_min_component_voxels,
+                                                       method_scores)
                 elif spec.kind == "dagmm":
                     method_scores = scores["DAGMM-conv"]
                 elif spec.kind == "flair":
                     method_scores = {c.case_id: c.features[:, CONTRASTS.index("flair")] for c in all_cases}
                 elif spec.kind == "flair_filtered":
                     method_scores = {c.case_id: c.flair_median[c.brain] for c in all_cases}
-                    override = _component_override(test_cases, settings.flair_min_component_voxels)
+                    override = _component_override(test_cases, settings.flair_min_component_voxels, method_scores)
                 elif spec.kind in ("mahalanobis", "ocsvm"):
                     normal = _pooled([c.features[c.normal] for c in train_cases])
                     rng = np.random.default_rng(seed)
@@ -841,14 +852,15 @@ def _with_flair(scores: dict[str, np.ndarray], train_cases: Sequence[CaseData],
             {"flair_weight": weight})
 
 
-def _component_override(test_cases: Sequence[CaseData], min_voxels: int):
-    """FLAIR +med+cc: voxels above the threshold in components smaller than ``min_voxels`` are lowered
-    to just below it (the map stays continuous; see :func:`baselines.flair_zscore_filtered`)."""
+def _component_override(test_cases: Sequence[CaseData], min_voxels: int, scores: dict[str, np.ndarray]):
+    """``+cc``: voxels of ``scores`` (brain voxels per case) above the threshold in components smaller
+    than ``min_voxels`` are lowered to just below it (the map stays continuous; see
+    :func:`baselines.flair_zscore_filtered`)."""
 
     def apply(threshold: float) -> dict[str, np.ndarray]:
         out = {}
         for c in test_cases:
-            s = c.flair_median[c.brain].copy()
+            s = np.array(scores[c.case_id], dtype=np.float32)
             above = np.zeros(c.brain.shape, bool)
             above[c.brain] = s >= threshold
             small = (above & ~remove_small_components(above, min_voxels))[c.brain]
