@@ -21,6 +21,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _style(method: str, group: str) -> dict[str, Any]:
     if group == "baseline":
         return {"linestyle": "--", "linewidth": 1.3}
@@ -47,9 +53,7 @@ def curves_figure(study: dict[str, Any], path: Path) -> Path:
     for axis in (roc, pr):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="lower right" if axis is roc else "upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -84,9 +88,7 @@ def examples_figure(study: dict[str, Any], npz_path: Path, path: Path) -> Path |
             axis.set_title(title, fontsize=7)
         axes[row, 0].set_ylabel(f"{tag}: {info['case_id'].replace('Brats18_', '')}\nAUPRC {info['auprc']:.2f}",
                                 fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -111,9 +113,7 @@ def auroc_vs_size_figure(study: dict[str, Any], path: Path) -> Path:
              title="Per-case AUROC against lesion size (test cases)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -147,9 +147,7 @@ def singularity_figure(study: dict[str, Any], path: Path) -> Path | None:
     for axis in (loss_axis, eig_axis):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
