@@ -212,8 +212,9 @@ def postprocess_array(
     occupied = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     box = tuple(slice(max(0, int(index[0]) - m), min(size, int(index[-1]) + 1 + m))
                 for index, m, size in zip(occupied, margin, brain.shape))
-    inner = _postprocess_box(values[box], brain[box], spacing, cfg, {} if cache is None else cache,
-                             None if flair is None else flair[box])
+    # The cached maps belong to one box; configurations with other margins get boxes of their own.
+    box_cache = {} if cache is None else cache.setdefault(tuple((s.start, s.stop) for s in box), {})
+    inner = _postprocess_box(values[box], brain[box], spacing, cfg, box_cache, None if flair is None else flair[box])
     result = np.full(values.shape, float(inner[brain[box]].min()) - 1.0, dtype=np.float32)
     result[box] = inner
     return result

@@ -122,6 +122,21 @@ def test_postprocess_array_smooths_inside_the_brain_and_suppresses_the_rim():
         postprocess_array(values, brain, (1.0, 1.0, 1.0), PostprocessConfig(flair_weight=0.5))
 
 
+def test_postprocess_cache_shared_by_configurations_with_other_margins():
+    # A small brain in a large grid, so each configuration's bounding box (brain + its own margin)
+    # is a different sub-volume; one per-case cache serves them all, as in the study.
+    z, y, x = np.mgrid[:60, :70, :70]
+    brain = ((z - 30) ** 2 + (y - 35) ** 2 + (x - 35) ** 2) < 100
+    values = np.where(brain, np.random.default_rng(1).standard_normal(brain.shape), 0.0).astype(np.float32)
+    configs = [PostprocessConfig(smoothing_sigma_mm=3.0, rim_erosion_mm=3.0),
+               PostprocessConfig(rim_erosion_mm=3.0, median_size=5),
+               PostprocessConfig(smoothing_sigma_mm=1.0, rim_erosion_mm=2.0)]
+    cache: dict = {}
+    for cfg in configs + configs:
+        shared = postprocess_array(values, brain, (1.0, 1.0, 1.0), cfg, cache=cache)
+        np.testing.assert_array_equal(shared, postprocess_array(values, brain, (1.0, 1.0, 1.0), cfg))
+
+
 # -- the study --------------------------------------------------------------------------------------
 
 
