@@ -73,8 +73,9 @@ def examples_figure(study: dict[str, Any], npz_path: Path, path: Path) -> Path |
         panels = [(data[f"{tag}_flair"], "FLAIR", "gray"), (data[f"{tag}_label"], "ground truth", "gray")]
         for m in methods:
             score = data[f"{tag}_{m}"]
-            panels.append((np.where(brain, score, np.nan), f"{m}: score", "magma"))
-            panels.append(((score >= info["thresholds"][m]) & brain, f"{m}: > val. thr.", "gray"))
+            # Method names are long; the name goes on its own line so neighbouring titles do not overlap.
+            panels.append((np.where(brain, score, np.nan), f"{m}\nscore", "magma"))
+            panels.append(((score >= info["thresholds"][m]) & brain, f"{m}\n> val. threshold", "gray"))
         for col, (image, title, cmap) in enumerate(panels):
             axis = axes[row, col]
             shown = np.asarray(image, dtype=float)

@@ -901,7 +901,9 @@ def _save_examples(path: Path, store, cases: dict[str, CaseData], runs, methods)
         return {}
     summary = summarise(runs, methods)
     adm_methods = [m for m in methods if METHODS[m].kind == "adm"] or list(methods)
-    best_method = max(adm_methods, key=lambda m: summary[m]["auprc"]["mean"] or -1)
+    top = max(summary[m]["auprc"]["mean"] or -1 for m in adm_methods)
+    # Within a rounding step of the top, the first listed (the simpler variant) is shown.
+    best_method = next(m for m in adm_methods if (summary[m]["auprc"]["mean"] or -1) >= top - 5e-4)
     shown = [m for m in ("ADM", best_method, "FLAIR z") if m in methods]
     per_case = {}
     thresholds = {}
