@@ -87,7 +87,7 @@ def main() -> int:
     if args.child:
         print(json.dumps(run_one(args.child, args.case, args.device, args.repeats, args.precision, args.compile)))
         return 0
-    from benchmark_training import flops_per_slice_set
+    from benchmark_training import flops_per_slice_set, matmul_reference
 
     print(f"{'model':<10}{'device':<8}{'precision':<15}{'end-to-end s':>14}{'predict s':>11}{'slices/s':>10}"
           f"{'peak RSS MiB':>14}{'peak GPU MiB':>14}{'GFLOP/slice':>13}{'GFLOP/s':>10}")
@@ -105,6 +105,13 @@ def main() -> int:
               f"{per_slice:>13.2f}{per_slice * row['slices_per_second']:>10.1f}")
     print("GFLOP/s = forward network FLOPs per slice set x slices/s of the prediction step (which also "
           "includes the mixture, the mapping back and any post-processing)")
+    import torch
+
+    references = {name: matmul_reference(args.device, dtype) for name, dtype in
+                  (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
+                  if name == "fp32" or args.device.startswith("cuda") or args.precision == name}
+    print("machine reference (dense matmul, the practical ceiling): "
+          + ", ".join(f"{name} {value:.0f} GFLOP/s" for name, value in references.items()))
     return 0
 
 

@@ -56,6 +56,25 @@ def flops_per_slice_set(preset_name: str) -> dict[str, float]:
     return {"ctoc": ctoc_counter.get_total_flops(), "dr_de": rest_counter.get_total_flops()}
 
 
+def matmul_reference(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of a large dense matrix product on ``device``: a practical ceiling to compare with."""
+    device = torch.device("cuda" if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
+    size = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):  # warm-up (thread pools, kernel selection)
+        a @ b
+    repeats = 5
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
 def child(args: argparse.Namespace) -> None:
     from ADMAnomalyLib.distributed import init_from_environment, shutdown
     from ADMAnomalyLib.train import Trainer, _JointForward
@@ -134,6 +153,9 @@ def main() -> int:
             # Training step 1 = forward + backward of CtoC, about 3x its forward FLOPs.
             line += f"; training CtoC at {single['ctoc']:.1f} sets/s = {3 * flops['ctoc'] * single['ctoc'] / 1e9:.1f} GFLOP/s"
         print(line)
+    reference = matmul_reference(args.device, torch.bfloat16 if single.get("bf16") else torch.float32)
+    print(f"machine reference: dense matmul {reference:.0f} GFLOP/s "
+          f"({'bf16' if single.get('bf16') else 'fp32'}, the training precision here)")
     print("inference rates: combine with slices/s from benchmarks/benchmark_inference.py "
           "(achieved GFLOP/s = forward GFLOP x slices/s)")
     return 0
