@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from .api import default_model_path, ensure_writable_folder, load_model, output_paths
 from .cases import find_cases, load_case
+from .errors import ModelFileError
 from .infer import predict_case
 from .io import write_bytes_atomic, write_image_atomic, write_text_atomic
 from .metrics import detection_metrics, threshold_metrics
@@ -70,6 +71,9 @@ def run_demo(output_dir: str | Path = "admanomaly_demo", device: str = "auto") -
     """Run the bundled model on the demo case; write energy, anomaly, overlay PNG and metrics JSON."""
     output_dir = ensure_writable_folder(output_dir)
     model = load_model(None)
+    if model.threshold is None:
+        # $ADMANOMALY_MODEL may point at a model saved without validation (threshold None).
+        raise ModelFileError(f"{model.path}: the model has no threshold, so the demo cannot draw an anomaly map")
     files = find_cases(demo_case_dir())[0]
     case = load_case(files, model.config.preprocess.grid_tolerance)
     prediction = predict_case(model, case, device)
