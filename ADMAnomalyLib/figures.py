@@ -37,7 +37,7 @@ def _style(method: str, group: str) -> dict[str, Any]:
 
 def curves_figure(study: dict[str, Any], path: Path) -> Path:
     plt = _plt()
-    fig, (roc, pr) = plt.subplots(1, 2, figsize=(12, 5.2))
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(12, 7.4))
     cmap = plt.get_cmap("tab20")
     for number, (method, curve) in enumerate(study["curves"].items()):
         group = study["methods"][method]["group"]
@@ -52,7 +52,8 @@ def curves_figure(study: dict[str, Any], path: Path) -> Path:
            title="Precision-recall, test brains (legend: mean AUPRC)")
     for axis in (roc, pr):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="lower right" if axis is roc else "upper right")
+        # Below the plot: inside it, the legend hides the best methods' curves (top right of PR).
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     _save(plt, fig, path)
     return path
 
