@@ -34,16 +34,18 @@ DEFAULT_MODEL_NAME = "ADMAnomaly_default.admm"
 MODEL_ENV_VARIABLE = "ADMANOMALY_MODEL"
 
 
-def default_model_path() -> Path:
-    """The bundled model: ``$ADMANOMALY_MODEL`` if set, else ``Resources/Models/ADMAnomaly_default.admm``
-    beside the package (repository checkout or installed Slicer extension)."""
-    override = os.environ.get(MODEL_ENV_VARIABLE)
-    if override:
-        return Path(override)
+def resources_dir() -> Path:
+    """``Resources/`` with the bundled model and demo data: beside the package in a repository
+    checkout, inside it in an installed Slicer extension."""
     package = Path(__file__).resolve().parent
-    candidates = [package.parent / "Resources" / "Models" / DEFAULT_MODEL_NAME,
-                  package / "Resources" / "Models" / DEFAULT_MODEL_NAME]
-    return next((path for path in candidates if path.exists()), candidates[0])
+    candidates = [package.parent / "Resources", package / "Resources"]
+    return next((path for path in candidates if (path / "Models" / DEFAULT_MODEL_NAME).exists()), candidates[0])
+
+
+def default_model_path() -> Path:
+    """The bundled model: ``$ADMANOMALY_MODEL`` if set, else ``Resources/Models/ADMAnomaly_default.admm``."""
+    override = os.environ.get(MODEL_ENV_VARIABLE)
+    return Path(override) if override else resources_dir() / "Models" / DEFAULT_MODEL_NAME
 
 
 def load_model(path: str | Path | ADMModel | None = None) -> ADMModel:
@@ -144,7 +146,10 @@ def predict_folder(
             record(files.case_id, _predict_to_files(loaded, files, output_dir, device, chosen, batch_size,
                                                    precision, compile))
     else:
-        model_path = loaded.path if loaded.path is not None else default_model_path()
+        if loaded.path is None:
+            # Worker processes load the model from its file; an unsaved one would be replaced silently.
+            raise InputError("workers > 1 needs a model loaded from a file; save it first or use workers=1")
+        model_path = loaded.path
         context = multiprocessing.get_context("spawn")  # fork after torch threads is unsafe
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                                  initargs=(str(model_path), device, workers)) as pool:

@@ -194,8 +194,6 @@ def _run(args: argparse.Namespace) -> int:
                       metadata={"training_command": "admanomaly " + " ".join(args.argv)}, context=context)
         finally:
             shutdown(context)
-        if config.postprocess.native_active and context.is_main:
-            _recalibrate(args)
         if args.progress != "json" and context.is_main:
             print(f"model written to {args.output}")
         return 0
@@ -276,23 +274,6 @@ def _run(args: argparse.Namespace) -> int:
                           "training_command": model.metadata.get("training_command")}, indent=2))
         return 0
     raise AssertionError(args.command)
-
-
-def _recalibrate(args: argparse.Namespace) -> None:
-    """Smoothing / rim suppression change the energies: choose the model's threshold again on the
-    post-processed native energies of the lesion slices of the training folder."""
-    from .evaluate import calibrate_threshold
-    from .model import ADMModel
-
-    if not Path(args.data_dir).is_dir():
-        return
-    model = ADMModel.load(args.output)
-    threshold, summary = calibrate_threshold(model, str(args.data_dir), device=args.device,
-                                             pattern=_parse_pattern(args.pattern))
-    if threshold is not None:
-        model.threshold = threshold
-        model.metadata["validation"] = summary
-        model.save(args.output)
 
 
 def _run_study(args: argparse.Namespace) -> int:

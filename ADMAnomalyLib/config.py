@@ -126,7 +126,7 @@ class PostprocessConfig:
 
     @property
     def native_active(self) -> bool:
-        """Whether any native-grid step (smoothing, rim, FLAIR term) is enabled."""
+        """Whether any native-grid step (smoothing, rim, FLAIR term, median filter) is enabled."""
         return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.flair_weight != 0
                 or self.median_size > 1)
 
@@ -154,6 +154,9 @@ class ADMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ADMConfig":
         """Inverse of :meth:`to_dict`; unknown keys are rejected so typos do not pass silently."""
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ADMConfig section(s): {', '.join(sorted(unknown))}")
         return cls(
             preprocess=_build(PreprocessConfig, data.get("preprocess", {})),
             model=_build(ModelConfig, data.get("model", {})),

@@ -9,17 +9,18 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .api import default_model_path, ensure_writable_folder, load_model, output_paths
+from .api import default_model_path, ensure_writable_folder, load_model, output_paths, resources_dir
 from .cases import find_cases, load_case
 from .errors import ModelFileError
 from .infer import predict_case
-from .io import write_bytes_atomic, write_image_atomic, write_text_atomic
+from .io import write_image_atomic, write_text_atomic
 from .metrics import detection_metrics, threshold_metrics
 
 
 def demo_case_dir() -> Path:
-    """Folder of the bundled demo case (``Resources/DemoData/patient26``)."""
-    return default_model_path().parent.parent / "DemoData" / "patient26"
+    """Folder of the bundled demo case (``Resources/DemoData/patient26``), found like the bundled
+    model (repository checkout or installed extension) but never moved by ``$ADMANOMALY_MODEL``."""
+    return resources_dir() / "DemoData" / "patient26"
 
 
 def render_overlay_png(
@@ -50,12 +51,7 @@ def render_overlay_png(
     picture = np.concatenate(tiles, axis=1)
     image = sitk.GetImageFromArray(picture, isVector=True)
     path = Path(path)
-    # PNG bytes are produced in a temporary file by SimpleITK, then moved into place atomically.
-    temp = path.with_name(f".tmp-{path.name}")
-    sitk.WriteImage(image, str(temp))
-    write_bytes_atomic(temp.read_bytes(), path)
-    temp.unlink(missing_ok=True)
-    return path
+    return write_image_atomic(image, path)
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:

@@ -24,7 +24,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceError(f"device {device!r} requested but no CUDA GPU is available to PyTorch")
-        resolved = torch.device(name)
+        try:
+            resolved = torch.device(name)
+        except RuntimeError:
+            raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise DeviceError(f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
         return resolved

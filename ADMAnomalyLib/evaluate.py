@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from .baselines import flair_zscore
-from .cases import CaseImages, find_cases, load_case
+from .cases import CaseFiles, CaseImages, find_cases, load_case
 from .config import CONTRASTS
 from .errors import InputError
 from .infer import predict_prepared
@@ -79,20 +80,19 @@ def evaluate(
 
 def calibrate_threshold(
     model: ADMModel,
-    data_dir: str,
-    device: str = "auto",
+    cases: Sequence[CaseFiles],
+    device: str | torch.device = "auto",
     batch_size: int = 16,
-    pattern: dict[str, str] | None = None,
 ) -> tuple[float | None, dict[str, Any]]:
     """Best-F1 threshold of the model's (post-processed) native energies over the brain voxels of the
-    lesion slices of the labelled cases in ``data_dir``; ``(None, {})`` without labelled cases.
+    lesion slices of the labelled ``cases``; ``(None, {})`` without labelled cases.
 
     Used for models with native-grid post-processing (smoothing, rim suppression), whose energies
     differ from the network-resolution ones the trainer calibrates on."""
     from .metrics import best_f1_threshold, detection_metrics
 
     scores, labels = [], []
-    for files in find_cases(data_dir, pattern):
+    for files in cases:
         if files.label is None:
             continue
         case = load_case(files, model.config.preprocess.grid_tolerance)

@@ -59,7 +59,7 @@ def energy_slices(
 
     Computed at brain pixels only; the rest is 0 (the caller masks it). ``x_hat_ct`` (M, 4, N, N) may hold
     precomputed CtoC translations of these slices (the evaluation study reuses them across model
-    variants that share one CtoC). ``flip_tta`` (default: the model's ``postprocess.flip_tta``)
+    variants that share one CtoC); with flip TTA the mirrored slices are still translated here. ``flip_tta`` (default: the model's ``postprocess.flip_tta``)
     averages the energies of the slices and of their left-right mirrors.
 
     ``precision`` ('auto' | 'fp32' | 'bf16' | 'fp16', see :func:`~ADMAnomalyLib.device.inference_dtype`)
@@ -70,19 +70,21 @@ def energy_slices(
     if flip_tta is None:
         flip_tta = model.config.postprocess.flip_tta
     if flip_tta:
-        plain = energy_slices(model, images, brain, device, batch_size, precision, progress, should_cancel,
+        first = second = None
+        if progress is not None:
+            first = lambda done, total: progress(done, 2 * total)  # noqa: E731
+            second = lambda done, total: progress(total + done, 2 * total)  # noqa: E731
+        plain = energy_slices(model, images, brain, device, batch_size, precision, first, should_cancel,
                               x_hat_ct, False, compile)
         # Columns run right -> left in the canonical LPS slices, so the last axis is the mirror axis.
-        mirrored = energy_slices(model, images[..., ::-1], brain[..., ::-1], device, batch_size, precision, None,
-                                 should_cancel, None if x_hat_ct is None else x_hat_ct[..., ::-1], False, compile)
+        # CtoC is not mirror-equivariant, so the mirrored slices are translated afresh.
+        mirrored = energy_slices(model, images[..., ::-1], brain[..., ::-1], device, batch_size, precision, second,
+                                 should_cancel, None, False, compile)
         return 0.5 * (plain + mirrored[..., ::-1])
     network = model.network.to(device).eval()
     gmm = model.gmm.to(device)
     dtype = inference_dtype(device, precision)
-    # Channels-last lets cuDNN use its NHWC (tensor-core) kernels. On CPU, oneDNN's NHWC kernels ran
-    # the bundled CtoC ~17 % faster (fp32 and bf16); the paper-size one level in fp32 (the CPU
-    # default) and ~10 % slower in bf16.
-    ctoc = _ctoc_runner(model, True, compile) if model.config.model.use_ctoc else None
+    ctoc = ctoc_runner(model, compile)
     result = np.zeros(brain.shape, dtype=np.float32)
     total = len(images)
     with torch.inference_mode():
@@ -93,24 +95,49 @@ def energy_slices(
             x = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32)).to(device)
             b = torch.from_numpy(np.array(brain[start : start + batch_size], dtype=bool)).to(device)
             x_hat = None
-            if model.config.model.use_ctoc:
-                if x_hat_ct is not None:
-                    x_hat = torch.from_numpy(np.ascontiguousarray(x_hat_ct[start : start + batch_size])).to(device).float()
-                else:
-                    with autocast(device, dtype):
-                        x_hat = translate_all(ctoc, x, b).float()
-            z, _ = network.features(x, b, x_hat)
+            if x_hat_ct is not None and model.config.model.use_ctoc:
+                x_hat = torch.from_numpy(np.ascontiguousarray(x_hat_ct[start : start + batch_size])).to(device).float()
             # The mixture is evaluated at brain pixels only (the rest is 0 and masked by the caller).
             chunk = torch.zeros(b.shape, dtype=torch.float32, device=device)
-            chunk[b] = energy(z.permute(0, 2, 3, 1)[b], gmm).float()
+            chunk[b] = energy(brain_features(network, ctoc, x, b, dtype, x_hat), gmm).float()
             result[start : start + len(x)] = chunk.cpu().numpy()
             if progress is not None:
                 progress(min(start + batch_size, total), total)
     return result
 
 
+def brain_features(
+    network: torch.nn.Module, ctoc: torch.nn.Module | None, x: torch.Tensor, brain: torch.Tensor,
+    dtype: torch.dtype | None, x_hat_ct: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Density features (n_brain_pixels, d) of slices ``x`` (B, K, H, W): CtoC (``ctoc``, autocast to
+    ``dtype``; skipped when ``x_hat_ct`` is given or ``ctoc`` is None), DR, brain pixels only."""
+    if x_hat_ct is None and ctoc is not None:
+        with autocast(x.device, dtype):
+            x_hat_ct = translate_all(ctoc, x, brain).float()
+    features, _ = network.features(x, brain, x_hat_ct)
+    return features.permute(0, 2, 3, 1)[brain]
+
+
+def ctoc_runner(model: ADMModel, compile: bool = False) -> torch.nn.Module | None:
+    """The model's CtoC network as inference runs it (channels-last, optionally compiled; built once
+    per model), or None for a model without CtoC."""
+    if not model.config.model.use_ctoc:
+        return None
+    cache = model.__dict__.setdefault("_runners", {})
+    if compile not in cache:
+        runner = _ChannelsLast(model.network.ctoc)
+        # dynamic=None: one graph for full batches, one more (dynamic) for a smaller last batch.
+        cache[compile] = torch.compile(runner) if compile else runner
+    return cache[compile]
+
+
 class _ChannelsLast(torch.nn.Module):
-    """Feeds a module channels-last inputs (its weights are converted once)."""
+    """Feeds a module channels-last inputs (its weights are converted once).
+
+    Channels-last lets cuDNN use its NHWC (tensor-core) kernels. On CPU, oneDNN's NHWC kernels ran
+    the bundled CtoC ~17 % faster (fp32 and bf16); the paper-size one level in fp32 (the CPU default)
+    and ~10 % slower in bf16."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
@@ -119,19 +146,6 @@ class _ChannelsLast(torch.nn.Module):
     def forward(self, x: torch.Tensor, median_map: torch.Tensor) -> torch.Tensor:
         return self.module(x.contiguous(memory_format=torch.channels_last),
                            median_map.contiguous(memory_format=torch.channels_last))
-
-
-def _ctoc_runner(model: ADMModel, channels_last: bool, compile: bool) -> torch.nn.Module:
-    """The CtoC network as inference runs it; wrapped and compiled variants are built once per model."""
-    if not channels_last and not compile:
-        return model.network.ctoc
-    cache = model.__dict__.setdefault("_runners", {})
-    key = (channels_last, compile)
-    if key not in cache:
-        runner = _ChannelsLast(model.network.ctoc) if channels_last else model.network.ctoc
-        # dynamic=None: one graph for full batches, one more (dynamic) for a smaller last batch.
-        cache[key] = torch.compile(runner) if compile else runner
-    return cache[key]
 
 
 def predict_prepared(

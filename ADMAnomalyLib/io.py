@@ -20,9 +20,6 @@ from .errors import InputError, OutputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-"""File name endings :func:`read_image` is meant for (SimpleITK picks the reader by content)."""
-
 _SCALAR_TYPES = frozenset(
     {
         sitk.sitkUInt8,

@@ -57,8 +57,6 @@ MAGIC = b"ADMANOM1"
 FORMAT_NAME = "admanomaly-model"
 FORMAT_VERSION = 1
 """Version written by this build; files with a higher version are refused."""
-FILE_EXTENSION = ".admm"
-"""Conventional extension of model files (not enforced: the magic bytes identify the format)."""
 
 _PREAMBLE = struct.Struct("<8sQ")  # magic, header length
 _ALIGN = 64

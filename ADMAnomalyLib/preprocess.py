@@ -64,12 +64,6 @@ class SliceGeometry:
         view = np.flip(oriented, self.flips) if self.flips else oriented
         return view.transpose(np.argsort(self.axes))
 
-    def reference_image(self, pixel_type: int = sitk.sitkUInt8) -> sitk.Image:
-        """An empty image on the native grid."""
-        image = sitk.Image(list(self.size), pixel_type)
-        self.apply(image)
-        return image
-
     def apply(self, image: sitk.Image) -> sitk.Image:
         """Give ``image`` (of the native size) the native spacing, origin and direction."""
         image.SetSpacing(self.spacing)

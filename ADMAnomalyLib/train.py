@@ -30,12 +30,13 @@ from . import __version__
 from .cases import CaseFiles, find_cases
 from .config import ADMConfig
 from .data import SliceSet, TrainingData, build_training_data, random_intensity_scaling
-from .device import autocast, bf16_enabled, resolve_device
+from .device import autocast, bf16_enabled, inference_dtype, resolve_device
 from .distributed import (SINGLE_PROCESS, DistributedContext, all_reduce_sum_, barrier, shard_exact,
                           shard_for_training)
 from .errors import CancelledError, InputError, OutputError
 from .gmm import GMMAccumulator, GMMParams, energy, mixture_statistics
-from .infer import energy_slices
+from .evaluate import calibrate_threshold
+from .infer import brain_features, ctoc_runner, energy_slices
 from .metrics import best_f1_threshold, detection_metrics
 from .model import ADMModel
 from .networks import ADMNetwork, translate_all
@@ -322,20 +323,17 @@ def fit_frozen_gmm(
     are all-reduced, so the result equals the single-process one to float64 rounding."""
     network = model.network.eval()
     accumulator = GMMAccumulator(model.config.model.n_components, model.config.model.feature_dim, device=device)
-    use_bf16 = bf16_enabled(device, model.config.train.amp)
+    # The features are computed as inference computes them (precision 'auto'), so the frozen mixture
+    # describes exactly the features it will score.
+    dtype, ctoc = inference_dtype(device, "auto"), ctoc_runner(model)
     mine = shard_exact(len(data), context)
     with torch.inference_mode():
         for start in range(0, len(mine), batch_size):
             index = mine[start : start + batch_size]
-            images = torch.from_numpy(np.ascontiguousarray(data.images[index])).to(device)
-            brain = torch.from_numpy(np.ascontiguousarray(data.brain[index])).to(device)
-            x_hat_ct = None
-            if model.config.model.use_ctoc:
-                with autocast(device, use_bf16):
-                    x_hat_ct = translate_all(network.ctoc, images, brain).float()
-            features, _ = network.features(images, brain, x_hat_ct)
-            brain_features = features.permute(0, 2, 3, 1)[brain]
-            accumulator.update(brain_features, network.estimator(brain_features))
+            images = torch.from_numpy(np.array(data.images[index], dtype=np.float32)).to(device)
+            brain = torch.from_numpy(np.array(data.brain[index], dtype=bool)).to(device)
+            features = brain_features(network, ctoc, images, brain, dtype)
+            accumulator.update(features, network.estimator(features))
     all_reduce_sum_(list(accumulator.state().values()), context)
     return accumulator.finalize(model.config.model.eps)
 
@@ -361,18 +359,6 @@ def choose_threshold(
     return threshold, {"source": f"{percentile} percentile of normal training energies", "slices": len(data.train)}
 
 
-def load_training_data(
-    data: str | Path | Sequence[CaseFiles], config: ADMConfig, pattern: dict[str, str] | None = None
-) -> TrainingData:
-    """Training data from a slice cache folder, a folder of cases, or a list of cases."""
-    from .cache import is_slice_cache, load_slice_cache
-
-    if isinstance(data, (str, Path)) and is_slice_cache(data):
-        return load_slice_cache(data, config)
-    case_files = list(data) if not isinstance(data, (str, Path)) else find_cases(data, pattern)
-    return build_training_data(case_files, config)
-
-
 def train(
     data_dir: str | Path | Sequence[CaseFiles],
     output_path: str | Path,
@@ -391,14 +377,20 @@ def train(
     A checkpoint ``<output>.ckpt`` is written every epoch; ``resume=True`` continues from it. The
     checkpoint is removed once the model file is written. ``context`` comes from
     :func:`ADMAnomalyLib.distributed.init_from_environment` under torchrun."""
+    from .cache import is_slice_cache, load_slice_cache
+
     output_path = Path(output_path)
-    folder = output_path.parent if str(output_path.parent) else Path(".")
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
+    if not output_path.parent.is_dir() or not os.access(output_path.parent, os.W_OK):
         raise OutputError(f"cannot write the model to {output_path}: folder missing or not writable")
-    data = load_training_data(data_dir, config, pattern)
     checkpoint = checkpoint_path_for(output_path)
     if not resume and checkpoint.exists():
         raise OutputError(f"{checkpoint} exists from an earlier run; pass resume=True (--resume) or delete it")
+    if isinstance(data_dir, (str, Path)) and is_slice_cache(data_dir):
+        case_files = None
+        data = load_slice_cache(data_dir, config)
+    else:
+        case_files = list(data_dir) if not isinstance(data_dir, (str, Path)) else find_cases(data_dir, pattern)
+        data = build_training_data(case_files, config)
     barrier(context)  # every rank has checked the checkpoint before rank 0 may write one
     trainer = Trainer(config, device, checkpoint, progress, should_cancel, show_progress_bar, context)
     if resume:
@@ -406,9 +398,25 @@ def train(
     model = trainer.fit(data)
     model.metadata.update(metadata or {})
     if context.is_main:
+        if config.postprocess.native_active:
+            _calibrate_post_processed(model, case_files, trainer.device, config.train.batch_size)
         model.save(output_path)
         checkpoint.unlink(missing_ok=True)
         if progress is not None:
             progress({"stage": "done", "model": str(output_path)})
     barrier(context)
     return model
+
+
+def _calibrate_post_processed(model: ADMModel, case_files: list[CaseFiles] | None, device: torch.device,
+                              batch_size: int) -> None:
+    """Post-processing changes the energy scale, so the threshold the trainer chose on network-
+    resolution energies is chosen again on post-processed native energies of the lesion slices."""
+    if case_files is None:
+        log.warning("trained from a slice cache, which holds no native-grid images: the threshold stays the one "
+                    "chosen before post-processing; set one with `admanomaly evaluate MODEL CASES` as a guide")
+        return
+    threshold, summary = calibrate_threshold(model, case_files, device=device, batch_size=batch_size)
+    if threshold is not None:
+        model.threshold = threshold
+        model.metadata["validation"] = summary

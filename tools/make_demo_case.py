@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     crop = tuple(slice(a, b) for a, b in zip(start, stop))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    scales, renames, written = [], [], []
+    scales, renames = [], []
     for contrast in CONTRASTS:
         cropped = case.images[contrast][crop]  # SimpleITK slicing shifts the origin exactly
         values = sitk.GetArrayFromImage(cropped).astype(np.float64)
@@ -101,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         stored = sitk.GetImageFromArray(np.rint(values * scale).astype(np.int16))
         stored.CopyInformation(cropped)
         name = f"{CASE_ID}_{OUT_SUFFIX[contrast]}.nii.gz"
-        written.append(write_image_atomic(stored, args.out / name))
+        write_image_atomic(stored, args.out / name)
         scales.append(f"   - `{name}`: scale = {scale:.6g}")
         renames.append(f"   - `{files.contrasts[contrast].name}` -> `{name}`")
     label = sitk.Cast(case.label[crop] != 0, sitk.sitkUInt8)
     name = f"{CASE_ID}_{OUT_SUFFIX['label']}.nii.gz"
-    written.append(write_image_atomic(label, args.out / name))
+    write_image_atomic(label, args.out / name)
     renames.append(f"   - `{files.label.name}` -> `{name}`")
 
     licence = args.source.parent / "LICENSE.txt"

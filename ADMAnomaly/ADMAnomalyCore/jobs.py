@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,6 @@ class ProcessJob:
         self._pending = ""
         self.cancelled = False
         self.events: list[dict[str, Any]] = []
-        self.logLines: list[str] = []
         kwargs: dict[str, Any] = {}
         if os.name == "nt":  # no console window for the child
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
@@ -107,7 +105,6 @@ class ProcessJob:
                     raise ValueError
             except ValueError:
                 event = {"stage": "log", "message": line}
-            self.logLines.append(line)
             events.append(event)
         self.events.extend(events)
         return events
@@ -169,7 +166,6 @@ class InferenceJob:
         self._ownsWorkDir = workDir is None
         self.outputDir = self.workDir / "out"
         self.progress = (0, 0)
-        self.startTime = time.monotonic()
         inputs = []
         for contrast, node in nodes.items():
             path = self.workDir / f"{contrast}.mha"

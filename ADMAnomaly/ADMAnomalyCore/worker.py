@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 
 def _emit(event: dict) -> None:
     print(json.dumps(event), flush=True)
-
-
-def _write_atomic(image, path: Path) -> None:
-    import SimpleITK as sitk
-
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    sitk.WriteImage(image, str(temporary), False)
-    os.replace(temporary, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_engine_importable()
     from ADMAnomalyLib import api, errors
+    from ADMAnomalyLib.io import write_image_atomic
     from ADMAnomalyLib.io import read_image
 
     try:
@@ -56,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         prediction = api.predict(model, images, device=args.device, batch_size=args.batch_size,
                                  progress=lambda done, total: _emit({"stage": "predict", "step": done, "steps": total}))
-        _write_atomic(prediction.energy, args.output_dir / "energy.mha")
-        _write_atomic(prediction.brain_mask, args.output_dir / "brain.mha")
+        # Uncompressed: the Slicer process reads these back at once and deletes them.
+        write_image_atomic(prediction.energy, args.output_dir / "energy.mha", compress=False)
+        write_image_atomic(prediction.brain_mask, args.output_dir / "brain.mha", compress=False)
         _emit({"stage": "done", "threshold": prediction.threshold, "slices": prediction.n_slices_processed,
                "model": str(model.path) if model.path else None})
         return 0

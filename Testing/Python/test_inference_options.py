@@ -16,7 +16,7 @@ from ADMAnomalyLib import api
 from ADMAnomalyLib.cases import find_cases, load_case
 from ADMAnomalyLib.cli import main
 from ADMAnomalyLib.device import inference_dtype
-from ADMAnomalyLib.infer import _ctoc_runner, energy_slices
+from ADMAnomalyLib.infer import ctoc_runner, energy_slices
 from ADMAnomalyLib.preprocess import prepare_case
 from ADMAnomalyLib.demo import demo_case_dir
 
@@ -66,8 +66,8 @@ def test_channels_last_runner_matches_plain_network(bundled_slices):
     model, images, brain = bundled_slices
     x, b = torch.from_numpy(images[:4].copy()), torch.from_numpy(brain[:4].copy())
     median_map = torch.full((4, 1, *b.shape[1:]), 0.5)
-    runner = _ctoc_runner(model, channels_last=True, compile=False)
-    assert runner is _ctoc_runner(model, channels_last=True, compile=False), "built once per model"
+    runner = ctoc_runner(model)
+    assert runner is ctoc_runner(model), "built once per model"
     with torch.inference_mode():
         torch.testing.assert_close(runner(x, median_map), model.network.ctoc(x, median_map), rtol=1e-4, atol=1e-4)
 

@@ -371,16 +371,19 @@ def test_real_ms_case_by_pattern():
     assert case.case_id == "patient26" and case.label.name.startswith("GOLD_STANDARD_")
 
 
-def test_demo_case_matches_source():
-    """The bundled demo is found by BraTS names and is an exact crop of the MS case."""
-    if not DEMO_DIR.is_dir():
-        pytest.skip(f"demo data not built at {DEMO_DIR} (run tools/make_demo_case.py)")
+def test_demo_case_is_found_by_brats_names():
+    assert DEMO_DIR.is_dir(), f"the bundled demo case is missing at {DEMO_DIR}"
     demo = load_case(find_cases(DEMO_DIR)[0])
     assert demo.case_id == "patient26" and demo.label is not None
     assert demo.images["flair"].GetDirection() == (1, 0, 0, 0, -1, 0, 0, 0, 1)
     assert sitk.GetArrayViewFromImage(demo.label).sum() > 1000
+
+
+def test_demo_case_matches_source():
+    """The bundled demo is an exact crop of the MS case in ../shared (tools/make_demo_case.py)."""
     if not MS_DIR.is_dir():
-        return
+        pytest.skip(f"MS source case not found at {MS_DIR}")
+    demo = load_case(find_cases(DEMO_DIR)[0])
     source = load_case(find_cases(MS_DIR, OPEN_MS_PATTERN)[0])
     start = source.images["flair"].TransformPhysicalPointToIndex(demo.images["flair"].GetOrigin())
     crop = tuple(slice(a, a + n) for a, n in zip(start, demo.images["flair"].GetSize()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -201,12 +200,12 @@ def test_json_safe():
     assert json_safe(DetectionMetrics(0.5, math.nan, 0.1, 1.0, 3, 1))["auprc"] is None
 
 
-def test_millions_of_voxels_are_fast():
+def test_millions_of_voxels():
+    # Speed is the benchmarks' business; here: a whole-brain-sized input gives the analytic AUROC.
     rng = np.random.default_rng(0)
     n = 2_000_000
     labels = rng.random(n) < 0.05
     scores = (rng.normal(size=n) + 1.5 * labels).astype(np.float32)
-    start = time.perf_counter()
     m = detection_metrics(scores, labels)
-    assert time.perf_counter() - start < 5.0
-    assert 0.8 < m.auroc < 0.9
+    # Two unit-variance Gaussians 1.5 apart: AUROC = Phi(1.5 / sqrt(2)) = 0.8556.
+    assert m.auroc == pytest.approx(0.5 * (1 + math.erf(1.5 / 2)), abs=3e-3)

@@ -102,6 +102,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     again = save_model_file(tmp_path / "again.admm", loaded)
     assert again.read_bytes() == path.read_bytes()
     # Loaded tensors own writable memory (usable by load_state_dict and in-place ops).
+    assert all(tensor.numpy().flags.writeable for tensor in loaded.state_dict.values())
     loaded.state_dict["ctoc.stem.bias"].add_(1.0)
 
 

@@ -14,7 +14,7 @@ from ADMAnomalyLib import api
 from ADMAnomalyLib.cli import main
 from ADMAnomalyLib.config import preset
 from ADMAnomalyLib.demo import demo_case_dir
-from ADMAnomalyLib.errors import CancelledError, DeviceError, OutputError, TrainingDataError
+from ADMAnomalyLib.errors import CancelledError, DeviceError, InputError, OutputError, TrainingDataError
 from ADMAnomalyLib.evaluate import evaluate
 from ADMAnomalyLib.train import checkpoint_path_for
 from conftest import make_synthetic_case
@@ -97,7 +97,7 @@ def test_resume_with_other_settings_is_refused(cohort, tmp_path):
     checkpoint = checkpoint_path_for(output)
     with pytest.raises(CancelledError):
         api.train(cohort, output, tiny_config(), device="cpu", show_progress_bar=False, should_cancel=checkpoint.exists)
-    with pytest.raises(Exception, match="different configuration"):
+    with pytest.raises(InputError, match="different configuration"):
         api.train(cohort, output, tiny_config(seed=7), device="cpu", resume=True, show_progress_bar=False)
 
 
@@ -236,3 +236,41 @@ def test_cli_demo_with_a_model_without_threshold(trained_model, tmp_path, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no threshold" in err[0]
     assert not list((tmp_path / "demo").glob("*.nii.gz"))
+
+
+def test_training_with_post_processing_chooses_the_threshold_on_post_processed_energies(cohort, tmp_path):
+    # Every entry point (API, CLI, Slicer) trains through api.train, so the calibration lives there.
+    config = tiny_config(epochs_ctoc=1, epochs_joint=1)
+    config.postprocess.smoothing_sigma_mm = 2.0
+    config.postprocess.rim_erosion_mm = 2.0
+    model = api.train(cohort, tmp_path / "post.admm", config, device="cpu", show_progress_bar=False)
+    validation = model.metadata["validation"]
+    assert validation["source"] == "lesion slices, native grid, post-processed energies"
+    assert model.threshold == pytest.approx(validation["best_threshold"])
+    assert api.load_model(tmp_path / "post.admm").threshold == model.threshold
+
+
+def test_config_section_typos_and_malformed_gpu_names_are_clear_errors(monkeypatch):
+    from ADMAnomalyLib.config import ADMConfig
+
+    with pytest.raises(ValueError, match="section.*trian"):
+        ADMConfig.from_dict({"trian": {"epochs_ctoc": 3}})
+    with pytest.raises(ValueError, match="trian"):
+        preset("small", trian={"epochs_ctoc": 3})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(DeviceError, match="cuda:x"):
+        api.resolve_device("cuda:x")
+
+
+def test_parallel_prediction_refuses_an_unsaved_model(trained_model, cohort, tmp_path):
+    model = api.load_model(trained_model)
+    model.path = None  # as after api.train(...) in memory without a file
+    with pytest.raises(InputError, match="workers"):
+        api.predict_folder(model, cohort, tmp_path / "out", device="cpu", workers=2)
+
+
+def test_demo_case_does_not_follow_the_model_override(trained_model, monkeypatch):
+    before = demo_case_dir()
+    monkeypatch.setenv("ADMANOMALY_MODEL", str(trained_model))
+    assert api.default_model_path() == trained_model
+    assert demo_case_dir() == before and before.is_dir()

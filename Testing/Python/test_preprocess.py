@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import pytest
@@ -120,10 +119,14 @@ def test_supplied_mask_defines_brain():
 
 def test_brain_threshold():
     case = _synthetic(lesion=False)
-    flair = sitk.GetArrayFromImage(case.images["flair"])
-    low = prepare_case(case, _cfg(brain_threshold=0.0)).native_brain.sum()
-    high = prepare_case(case, _cfg(brain_threshold=float(np.percentile(flair[flair > 0], 50)))).native_brain.sum()
-    assert high <= low
+    # The mask is |value| > threshold in any contrast, i.e. on the voxel-wise maximum magnitude.
+    largest = np.max([np.abs(sitk.GetArrayFromImage(case.images[c])) for c in CONTRASTS], axis=0)
+    threshold = float(np.percentile(largest[largest > 0], 50))
+    low = prepare_case(case, _cfg(brain_threshold=0.0)).native_brain
+    high = prepare_case(case, _cfg(brain_threshold=threshold)).native_brain
+    np.testing.assert_array_equal(low, largest > 0)
+    np.testing.assert_array_equal(high, largest > threshold)
+    assert high.sum() < low.sum()
 
 
 def test_empty_brain():
@@ -273,12 +276,7 @@ def test_real_brats_case(brats_dir):
     files = find_cases(brats_dir)
     assert len(files) >= 1
     case = load_case(files[0])
-    cfg = PreprocessConfig()
-    prepare_case(case, cfg)  # warm-up (first torch call)
-    start = time.perf_counter()
-    prep = prepare_case(case, cfg)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 5.0  # ~0.2 s on a 2-core CPU; generous bound against regressions
+    prep = prepare_case(case, PreprocessConfig())
     assert prep.slices.shape == (155, 4, 128, 128)
     seg = sitk.GetArrayFromImage(case.label)
     np.testing.assert_array_equal(prep.has_lesion, seg.any(axis=(1, 2)))
@@ -293,8 +291,7 @@ def test_real_brats_case(brats_dir):
 
 
 def test_demo_case_prepares():
-    if not DEMO_DIR.is_dir():
-        pytest.skip(f"demo data not built at {DEMO_DIR} (run tools/make_demo_case.py)")
+    assert DEMO_DIR.is_dir(), f"the bundled demo case is missing at {DEMO_DIR}"
     case = load_case(find_cases(DEMO_DIR)[0])
     prep = prepare_case(case, _cfg(image_size=64))
     seg = sitk.GetArrayFromImage(case.label)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-slicer = pytest.importorskip("slicer", reason="the PyPI package slicer-core is not installed")
+import slicer  # PyPI slicer-core, a development dependency: missing it is an error, not a skip
 
 REPO = Path(__file__).resolve().parents[2]
 for entry in (REPO / "ADMAnomaly", REPO):
@@ -212,6 +212,7 @@ def test_missing_and_labelmap_inputs_are_refused_without_new_nodes(mrml, case, m
     before = node_counts(mrml)
     with pytest.raises(errors.InputError, match="T1c"):
         logic.run(case["flair"], case["t1"], None, case["t2"], model=model_path, device="cpu")
+    assert node_counts(mrml) == before
     label = mrml.load(data / "synth_0" / "synth_0_seg.nii.gz", labelmap=True)
     before = node_counts(mrml)
     with pytest.raises(errors.InputError, match="labelmap"):
@@ -389,8 +390,9 @@ def _offscreen_rendering_works() -> bool:
 
 
 def test_slice_view_shows_the_overlay_where_the_anomaly_is(mrml, case, model_path, tmp_path):
-    if not _offscreen_rendering_works():
-        pytest.skip("offscreen OpenGL rendering (EGL/OSMesa) is not available here")
+    # slicer-core's VTK renders offscreen (OSMesa/EGL) on the project machines and CI; a failure is a
+    # regression of the README's screenshot pipeline, not a reason to skip.
+    assert _offscreen_rendering_works(), "offscreen OpenGL rendering (EGL/OSMesa) failed"
     from ADMAnomalyCore.rendering import render_slice
 
     logic = ADMAnomalyCoreLogic()
