@@ -8,6 +8,7 @@ PyPI package ``slicer-core``); every computation is the engine's.
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
 from typing import Annotated
@@ -38,8 +39,8 @@ if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)
 
 from ADMAnomalyCore import engine as _engine  # noqa: E402  (puts the extension's ADMAnomalyLib on sys.path)
-from ADMAnomalyCore.logic import ADMAnomalyCoreLogic  # noqa: E402
-from ADMAnomalyCore.naming import CONTRAST_LABELS, guess_contrast_roles  # noqa: E402
+from ADMAnomalyCore.logic import THRESHOLD_ATTRIBUTE, ADMAnomalyCoreLogic  # noqa: E402
+from ADMAnomalyCore.naming import guess_contrast_roles  # noqa: E402
 from ADMAnomalyLib import errors  # noqa: E402  (torch-free)
 
 #: Every widget the code looks up in Resources/UI/ADMAnomaly.ui, with its class
@@ -235,7 +236,11 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._inferenceJob is not None:
+            # Its inputs are leaving with the scene: stop it and drop it, so no poll finishes it later.
             self._inferenceJob.cancel()
+            self._inferenceJob.cleanup()
+            self._inferenceJob = None
+            self.ui.progressBar.setVisible(False)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -450,9 +455,9 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasModified = p.StartModify()
             p.energyVolume = energyNode
             p.anomalySegmentation = segmentationNode
-            modelThreshold = self.logic.modelThreshold(energyNode)
-            if not percentileMode and modelThreshold is not None:
-                p.threshold = modelThreshold
+            if not percentileMode:
+                # What the logic applied: the model's threshold, or a percentile for a model without one.
+                p.threshold = float(segmentationNode.GetAttribute(THRESHOLD_ATTRIBUTE))
             p.EndModify(wasModified)
             slicer.util.resetSliceViews()
             self.showStatus(self.ui.statusLabel, _("Done in {seconds:.1f} s.").format(
@@ -623,7 +628,7 @@ class ADMAnomalyLogic(ADMAnomalyCoreLogic, ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self, askConfirmation: bool = True) -> bool:
         """Install what the engine needs: torch through PyTorch Utils (CUDA build matching the driver),
-        the rest of Resources/requirements.txt with slicer.packaging.pip_ensure (Slicer 5.11+) or
+        the rest of Resources/requirements.txt with slicer.pydeps.pip_ensure (Slicer 5.11+) or
         slicer.util.pip_install after a confirmation. Never touches Slicer's numpy/SimpleITK.
         Returns True when everything is importable; raises DependencyError with a readable reason."""
         if not _engine.missing_dependencies():
@@ -647,17 +652,22 @@ class ADMAnomalyLogic(ADMAnomalyCoreLogic, ScriptedLoadableModuleLogic):
         requirements = [r for r in _engine.read_requirements() if not _engine.is_satisfied(r)]
         if requirements:
             try:
-                import slicer.packaging as packaging
+                import slicer.pydeps as pydeps  # Slicer 5.11+
             except ImportError:
-                packaging = None
-            if packaging is not None and hasattr(packaging, "pip_ensure"):
-                packaging.pip_ensure(requirements, requester="ADMAnomaly")
-            else:
-                if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                        _("ADMAnomaly needs these Python packages, which will be downloaded and installed now:\n")
-                        + "\n".join(requirements)):
-                    raise _engine.DependencyError("installation of " + ", ".join(requirements) + " was cancelled")
-                slicer.util.pip_install(requirements)
+                pydeps = None
+            try:
+                if pydeps is not None and hasattr(pydeps, "pip_ensure"):
+                    pydeps.pip_ensure([_engine.requirement(r) for r in requirements], prompt_install=askConfirmation,
+                                      requester="ADMAnomaly")
+                else:
+                    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                            _("ADMAnomaly needs these Python packages, which will be downloaded and installed now:\n")
+                            + "\n".join(requirements)):
+                        raise _engine.DependencyError("installation of " + ", ".join(requirements) + " was cancelled")
+                    slicer.util.pip_install(requirements)
+            except (RuntimeError, subprocess.CalledProcessError) as exc:  # declined, or pip failed
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise _engine.DependencyError(f"could not install {', '.join(requirements)}: {message}") from None
         missing = _engine.missing_dependencies()
         if missing:
             raise _engine.DependencyError(_engine.describe_missing(missing) + " (restart Slicer if they were just installed)")

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .api import default_model_path, ensure_writable_folder, load_model, output_paths, resources_dir
+from .api import ensure_writable_folder, load_model, output_paths, resources_dir
 from .cases import find_cases, load_case
 from .errors import ModelFileError
 from .infer import predict_case

@@ -26,15 +26,11 @@ draws the figures and :func:`write_report` writes ``docs/results.md`` from it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import logging
-import math
 import os
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +53,8 @@ from .infer import energy_slices, postprocess_array
 from .metrics import _curve, best_f1_threshold, json_safe, pooled_and_per_case
 from .networks import DRDecoder, DREncoder, translate_all
 from .preprocess import PreparedCase, prepare_case, slices_to_image
+from .train import Trainer, masked_mse
 
-log = logging.getLogger(__name__)
 
 STUDY_VERSION = 1
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -151,7 +147,6 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
-_POST = {"smoothing_sigma_mm": "smooth", "rim_erosion_mm": "rim"}
 
 METHODS: dict[str, MethodSpec] = {
     "ADM": MethodSpec("adm", "paper", "ADM as published (faithful default)", "ADM"),
@@ -311,7 +306,6 @@ def _training_data(cases: Sequence[CaseData], margin: int):
 
 def train_ctoc(config: ADMConfig, data, device: str) -> dict[str, torch.Tensor]:
     """Step 1 alone (shared by every variant that uses CtoC); returns the CtoC weights."""
-    from .train import Trainer
 
     trainer = Trainer(config, device, show_progress_bar=False)
     trainer._run_stage("ctoc", config.train.epochs_ctoc, data.train)
@@ -320,7 +314,6 @@ def train_ctoc(config: ADMConfig, data, device: str) -> dict[str, torch.Tensor]:
 
 def train_network(config: ADMConfig, data, device: str, ctoc_state: dict[str, torch.Tensor] | None):
     """Step 2 (and the frozen mixture) of one variant, starting from the shared CtoC."""
-    from .train import Trainer
 
     trainer = Trainer(config, device, show_progress_bar=False)
     if config.model.use_ctoc:
@@ -332,7 +325,8 @@ def train_network(config: ADMConfig, data, device: str, ctoc_state: dict[str, to
 
 def ctoc_translations(model_or_state, config: ADMConfig, case: CaseData, device: torch.device,
                       flip: bool = False) -> np.ndarray:
-    """CtoC translations (S_brain, 4, N, N) of a case's brain slices (optionally of the mirrored slices)."""
+    """CtoC translations (S_brain, 4, N, N) of a case's brain slices (optionally of the mirrored slices),
+    in the training precision (``config.train.amp``: bf16 on CPUs and GPUs that run it natively)."""
     from .networks import CtoCNet
 
     ctoc = CtoCNet(config.model)
@@ -355,7 +349,8 @@ def ctoc_translations(model_or_state, config: ADMConfig, case: CaseData, device:
 
 def native_energy(model, case: CaseData, device: torch.device, x_hat: np.ndarray | None,
                   x_hat_flip: np.ndarray | None, flip: bool) -> np.ndarray:
-    """Raw energy of every native brain voxel (N,), as :func:`infer.predict_prepared` computes it."""
+    """Raw energy of every native brain voxel (N,) on the native grid, as :func:`infer.predict_prepared`
+    maps it back (the CtoC part comes from ``x_hat``/``x_hat_flip``, see :func:`ctoc_translations`)."""
     prepared = case.prepared
     index = np.flatnonzero(prepared.has_brain)
     network_res = np.zeros(prepared.brain.shape, dtype=np.float32)
@@ -381,6 +376,7 @@ class DAGMMConv(nn.Module):
 
     def __init__(self, n_components: int = 6, hidden: int = 10, dropout: float = 0.5) -> None:
         super().__init__()
+        self.n_components = n_components
         cfg = ModelConfig(use_ctoc=False)
         self.encoder, self.decoder = DREncoder(cfg), DRDecoder(cfg)
         self.dim = cfg.dr_latent + 2
@@ -394,11 +390,6 @@ class DAGMMConv(nn.Module):
         relative = (x - x_hat).norm(dim=1, keepdim=True) / norm
         cosine = nn.functional.cosine_similarity(x, x_hat, dim=1, eps=1e-6).unsqueeze(1)
         return torch.cat([latent, relative, cosine], dim=1), x_hat
-
-
-def _masked_mse(prediction, target, brain):
-    weight = brain.unsqueeze(1).to(prediction.dtype)
-    return ((prediction - target) ** 2 * weight).sum() / (weight.sum() * prediction.shape[1]).clamp_min(1.0)
 
 
 def _jitter(params: GMMParams, jitter: float) -> GMMParams:
@@ -425,13 +416,13 @@ def train_dagmm(data, settings: StudySettings, seed: int, device: torch.device) 
             if len(zb) > 32768:
                 zb = zb[torch.randperm(len(zb), generator=generator)[:32768].to(device)]
             params = _jitter(mixture_statistics(zb, net.estimator(zb), bound=False), settings.dagmm_jitter)
-            loss = (_masked_mse(x_hat, x, b) + settings.dagmm_lambda_energy * energy(zb, params).mean().float()
+            loss = (masked_mse(x_hat, x, b) + settings.dagmm_lambda_energy * energy(zb, params).mean().float()
                     + settings.dagmm_lambda_cov * diagonal_penalty(params.covariances).float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     net.eval()
-    accumulator = GMMAccumulator(6, net.dim)
+    accumulator = GMMAccumulator(net.n_components, net.dim, device=device)
     with torch.inference_mode():
         for index in data.train.batches(settings.batch_size):
             x = torch.from_numpy(data.train.images[index]).to(device)
@@ -517,7 +508,7 @@ def singularity_experiment(cases: Sequence[CaseData], settings: StudySettings, d
                             torch.linalg.cholesky_ex(raw.float())[1].any())):
                         float32_step = step
                     mean_energy = energy(zb, params).mean()
-                    loss = _masked_mse(x_hat, x, b) + settings.singularity_lambda * mean_energy.float()
+                    loss = masked_mse(x_hat, x, b) + settings.singularity_lambda * mean_energy.float()
                     if guard == "diagonal penalty":
                         loss = loss + settings.dagmm_lambda_cov * diagonal_penalty(params.covariances).float()
                     if not torch.isfinite(loss):
@@ -790,7 +781,7 @@ def run_study(data_dir: str | Path, output_dir: str | Path, settings: StudySetti
             # Partial results after every run, so an interrupted study still leaves its numbers.
             (output_dir / "study_partial.json").write_text(json.dumps(json_safe(
                 {"settings": settings.to_dict(), "runs": runs, "summary": summarise(runs, methods)}), indent=1))
-            say(f"  fold done: " + ", ".join(f"{m} AUPRC {run['methods'][m]['pooled']['auprc']:.3f}"
+            say("  fold done: " + ", ".join(f"{m} AUPRC {run['methods'][m]['pooled']['auprc']:.3f}"
                                             for m in methods))
     t = time.perf_counter()
     singularity = singularity_experiment(list(cases.values())[: max(1, len(cases) * 2 // 3)], settings, device, say)

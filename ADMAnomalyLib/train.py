@@ -89,7 +89,7 @@ class _JointForward(nn.Module):
             brain_features = brain_features[keep]
         # ADM_woj: each loss updates only its own sub-network, so the energy does not reach DR.
         density_input = brain_features if self.joint else brain_features.detach()
-        loss_dr = _masked_mse(x_hat_dr, images, brain) if x_hat_dr is not None else images.new_zeros(())
+        loss_dr = masked_mse(x_hat_dr, images, brain) if x_hat_dr is not None else images.new_zeros(())
         return loss_dr, density_input, self.network.estimator(density_input)
 
 
@@ -197,7 +197,7 @@ class Trainer:
     def _ctoc_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
         with autocast(self.device, self.use_bf16):
             reconstruction = translate_all(self._ctoc, images, brain)
-        loss = _masked_mse(reconstruction.float(), images, brain)
+        loss = masked_mse(reconstruction.float(), images, brain)
         self.ctoc_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.ctoc_optimizer.step()
@@ -306,7 +306,8 @@ class Trainer:
         return self.model
 
 
-def _masked_mse(prediction: torch.Tensor, target: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the brain pixels of (B, K, H, W) tensors; ``brain`` is (B, H, W)."""
     # Background is zero in both, so summing over the brain and dividing by brain pixels gives the
     # per-brain-pixel squared error the spec minimises.
     weight = brain.unsqueeze(1).to(prediction.dtype)

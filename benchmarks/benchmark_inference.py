@@ -1,7 +1,8 @@
 """Inference speed and memory for one 240x240x155 case on this machine (a benchmark, not a test).
 
 Each configuration runs in its own subprocess so that peak RSS is its own. Prints seconds end to end
-(read + preprocess + networks + map back), seconds in the networks, slices/s, peak RSS and, on a GPU,
+(read + preprocess + networks + post-processing + map back), seconds of the prediction step
+(everything after preprocessing), slices/s, peak RSS and, on a GPU,
 peak GPU memory; then the forward FLOPs per slice set and the FLOP/s achieved in the prediction step.
 The fastest of ``--repeats`` runs is reported, so with ``--compile`` or on a GPU it is a warmed-up run.
 
@@ -45,19 +46,20 @@ def run_one(model_name: str, case_dir: Path, device: str, repeats: int, precisio
         model.gmm = GMMParams(torch.full((c,), 1.0 / c, dtype=torch.float64), torch.zeros(c, d, dtype=torch.float64),
                               torch.eye(d, dtype=torch.float64).repeat(c, 1, 1))
         model.threshold = 0.0
+    on_gpu = api.resolve_device(device).type == "cuda"
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
         case = load_case(find_cases(case_dir)[0])
         prepared = prepare_case(case, model.config.preprocess)
-        networks_start = time.perf_counter()
+        predict_start = time.perf_counter()
         prediction = predict_prepared(model, prepared, device=device, precision=precision, compile=compile)
-        if torch.cuda.is_available():
+        if on_gpu:
             torch.cuda.synchronize()
-        networks_seconds = time.perf_counter() - networks_start
+        predict_seconds = time.perf_counter() - predict_start
         prediction.anomaly()
-        timings.append((time.perf_counter() - start, networks_seconds, prediction.n_slices_processed))
-    total, networks, slices = min(timings)
+        timings.append((time.perf_counter() - start, predict_seconds, prediction.n_slices_processed))
+    total, predict_seconds, slices = min(timings)
     size = case.images["flair"].GetSize()
     return {
         "model": model_name,
@@ -66,11 +68,11 @@ def run_one(model_name: str, case_dir: Path, device: str, repeats: int, precisio
         "threads": torch.get_num_threads(),
         "case_size": list(size),
         "seconds_end_to_end": round(total, 2),
-        "seconds_predict": round(networks, 2),
+        "seconds_predict": round(predict_seconds, 2),
         "slices_with_brain": slices,
-        "slices_per_second": round(slices / networks, 1),
+        "slices_per_second": round(slices / predict_seconds, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None,
     }
 
 

@@ -98,6 +98,11 @@ def _requirement_parser():
     return Requirement
 
 
+def requirement(text: str):
+    """``text`` as a ``packaging`` Requirement (what ``slicer.pydeps.pip_ensure`` takes)."""
+    return _requirement_parser()(text)
+
+
 def is_satisfied(requirement: str) -> bool:
     """Whether ``requirement`` (e.g. ``"scikit-learn>=1.1"``) is installed in a matching version."""
     parser = _requirement_parser()

@@ -24,7 +24,7 @@ for entry in (REPO / "ADMAnomaly", REPO):
         sys.path.insert(0, str(entry))
 
 from ADMAnomalyCore import conversion, engine  # noqa: E402
-from ADMAnomalyCore.jobs import InferenceJob, ProcessJob, TrainingJob  # noqa: E402
+from ADMAnomalyCore.jobs import ProcessJob, TrainingJob  # noqa: E402
 from ADMAnomalyCore.logic import SEGMENT_NAME, SEGMENT_TERMINOLOGY, ADMAnomalyCoreLogic  # noqa: E402
 from ADMAnomalyCore.naming import guess_contrast_roles  # noqa: E402
 from ADMAnomalyCore.standalone import StandaloneScene  # noqa: E402

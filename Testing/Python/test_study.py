@@ -4,7 +4,6 @@ options (density intensities, post-processing) on synthetic cases with the tiny 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
