@@ -8,26 +8,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .baselines import flair_zscore
-from .cases import CaseFiles, CaseImages, find_cases, load_case
-from .config import CONTRASTS
+from .cases import CaseFiles, find_cases, load_case
 from .errors import InputError
-from .infer import predict_prepared
+from .infer import native_flair_for, predict_prepared
 from .metrics import pooled_and_per_case
 from .model import ADMModel
-from .preprocess import prepare_case, slices_to_image
+from .preprocess import native_slice_region, native_zscored, prepare_case
 
 SliceSelection = Literal["lesion", "all"]
-
-
-def native_zscored(case: CaseImages, brain: np.ndarray) -> np.ndarray:
-    """(4, Z, Y, X) array of the contrasts z-scored over the brain voxels, zero outside."""
-    channels = []
-    for name in CONTRASTS:
-        values = sitk.GetArrayFromImage(case.images[name]).astype(np.float32)
-        inside = values[brain]
-        channels.append(np.where(brain, (values - inside.mean()) / max(float(inside.std()), 1e-6), 0.0))
-    return np.stack(channels).astype(np.float32)
 
 
 def evaluate(
@@ -54,16 +42,16 @@ def evaluate(
     for number, files in enumerate(cases, start=1):
         case = load_case(files, model.config.preprocess.grid_tolerance)
         prepared = prepare_case(case, model.config.preprocess)
-        prediction = predict_prepared(model, prepared, device, batch_size, native_flair=_flair_for(model, case, prepared))
-        brain = sitk.GetArrayFromImage(prediction.brain_mask) > 0
-        labels = sitk.GetArrayFromImage(case.label) > 0
+        flair = native_zscored(case, prepared, ("flair",))[0]
+        native_flair = flair if model.config.postprocess.flair_weight else None
+        prediction = predict_prepared(model, prepared, device, batch_size, native_flair=native_flair)
+        brain, labels = prepared.native_brain, prepared.native_lesion
         region = brain
         if slices == "lesion":
-            selected = prepared.has_lesion.astype(np.float32)[:, None, None] * np.ones_like(prepared.brain, np.float32)
-            region = brain & (sitk.GetArrayFromImage(slices_to_image(selected, prepared, background=0.0)) > 0.5)
+            region = brain & native_slice_region(prepared, prepared.has_lesion)
         energy = sitk.GetArrayFromImage(prediction.energy)
         results["ADM"].append((files.case_id, energy, labels, region))
-        results["FLAIR z-score"].append((files.case_id, flair_zscore(native_zscored(case, brain), brain), labels, region))
+        results["FLAIR z-score"].append((files.case_id, flair, labels, region))
         if progress is not None:
             progress(number, len(cases), files.case_id)
     report = {
@@ -99,11 +87,10 @@ def calibrate_threshold(
         prepared = prepare_case(case, model.config.preprocess)
         if not prepared.has_lesion.any():
             continue
-        prediction = predict_prepared(model, prepared, device, batch_size, native_flair=_flair_for(model, case, prepared))
-        brain = sitk.GetArrayFromImage(prediction.brain_mask) > 0
-        oriented = np.zeros(prepared.geometry.shape, dtype=bool)
-        oriented[prepared.has_lesion] = True
-        region = brain & prepared.geometry.to_native(oriented)
+        prediction = predict_prepared(model, prepared, device, batch_size,
+                                      native_flair=native_flair_for(model, case, prepared))
+        brain = prepared.native_brain
+        region = brain & native_slice_region(prepared, prepared.has_lesion)
         scores.append(sitk.GetArrayFromImage(prediction.energy)[region])
         labels.append(prepared.native_lesion[region])
     if not scores:
@@ -116,9 +103,3 @@ def calibrate_threshold(
                "best_threshold": metrics.best_threshold, "n_voxels": metrics.n_voxels,
                "n_positive": metrics.n_positive}
     return float(threshold), summary
-
-
-def _flair_for(model: ADMModel, case: CaseImages, prepared) -> np.ndarray | None:
-    from .infer import native_flair_zscore
-
-    return native_flair_zscore(case, prepared) if model.config.postprocess.flair_weight else None

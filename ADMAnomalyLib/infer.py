@@ -16,7 +16,7 @@ from .errors import CancelledError
 from .gmm import energy
 from .model import ADMModel
 from .networks import translate_all
-from .preprocess import PreparedCase, native_brain_mask, prepare_case, slices_to_image
+from .preprocess import PreparedCase, native_brain_mask, native_zscored, prepare_case, slices_to_image
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -161,7 +161,7 @@ def predict_prepared(
 ) -> Prediction:
     """Energy image of a prepared case; only slices that contain brain go through the networks.
 
-    ``native_flair`` (z-scored FLAIR on the native numpy grid, see :func:`native_flair_zscore`) is
+    ``native_flair`` (z-scored FLAIR on the native numpy grid, see :func:`native_flair_for`) is
     used only by models with ``postprocess.flair_weight``; without it the network-resolution FLAIR
     is upsampled instead."""
     torch_device = resolve_device(device)
@@ -186,11 +186,9 @@ def predict_prepared(
     return Prediction(energy_image, native_brain_mask(prepared), model.threshold, int(len(brain_slices)))
 
 
-def native_flair_zscore(case: CaseImages, prepared: PreparedCase) -> np.ndarray:
-    """FLAIR z-scored with the case's brain statistics, float32 on the native numpy grid."""
-    mean, std = prepared.zscore["flair"]
-    values = sitk.GetArrayFromImage(case.images["flair"]).astype(np.float32)
-    return np.where(prepared.native_brain, (values - np.float32(mean)) / np.float32(std), 0.0).astype(np.float32)
+def native_flair_for(model: ADMModel, case: CaseImages, prepared: PreparedCase) -> np.ndarray | None:
+    """The native z-scored FLAIR that ``model``'s post-processing needs (None when it needs none)."""
+    return native_zscored(case, prepared, ("flair",))[0] if model.config.postprocess.flair_weight else None
 
 
 def postprocess_energy(energy_image: sitk.Image, brain: np.ndarray, cfg: PostprocessConfig,
@@ -291,7 +289,7 @@ def predict_case(
 ) -> Prediction:
     """Preprocess a validated case with the model's settings and predict its energy image."""
     prepared = prepare_case(case, model.config.preprocess)
-    flair = native_flair_zscore(case, prepared) if model.config.postprocess.flair_weight else None
+    flair = native_flair_for(model, case, prepared)
     return predict_prepared(model, prepared, device, batch_size, precision, progress, should_cancel, flair, compile)
 
 

@@ -20,7 +20,7 @@ origin and direction from the input, i.e. the output grid is the input grid bit 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -256,6 +256,26 @@ def slices_to_image(
         background = float(native[brain].min()) - 1.0 if brain.any() else 0.0
     out = np.where(brain, native, np.float32(background)).astype(np.float32, copy=False)
     return geometry.apply(sitk.GetImageFromArray(np.ascontiguousarray(out)))
+
+
+def native_slice_region(prepared: PreparedCase, slices: np.ndarray) -> np.ndarray:
+    """Bool mask on the native numpy grid of the axial slices ``slices`` (indices or a bool mask
+    over the oriented slices)."""
+    oriented = np.zeros(prepared.geometry.shape, dtype=bool)
+    oriented[np.asarray(slices)] = True
+    return prepared.geometry.to_native(oriented)
+
+
+def native_zscored(case: CaseImages, prepared: PreparedCase, names: Sequence[str] = CONTRASTS) -> np.ndarray:
+    """(len(names), Z, Y, X) float32: the contrasts on the native numpy grid, z-scored with the brain
+    statistics :func:`prepare_case` used for the network input; zero outside the brain."""
+    brain = prepared.native_brain
+    channels = []
+    for name in names:
+        mean, std = prepared.zscore[name]
+        values = sitk.GetArrayFromImage(case.images[name]).astype(np.float32)
+        channels.append(np.where(brain, (values - np.float32(mean)) / np.float32(std), np.float32(0)))
+    return np.stack(channels).astype(np.float32, copy=False)
 
 
 def native_brain_mask(prepared: PreparedCase) -> sitk.Image:

@@ -47,12 +47,11 @@ from .config import CONTRASTS, ADMConfig, ModelConfig, PostprocessConfig, preset
 from .data import SliceSet, lesion_free_slices, lesion_slices, random_intensity_scaling, stack_slices
 from .device import autocast, bf16_enabled, resolve_device
 from .errors import InputError
-from .evaluate import native_zscored
 from .gmm import GMMAccumulator, GMMParams, SingularCovarianceError, diagonal_penalty, energy, mixture_statistics
 from .infer import energy_slices, postprocess_array
 from .metrics import _curve, best_f1_threshold, json_safe, pooled_and_per_case
 from .networks import DRDecoder, DREncoder, translate_all
-from .preprocess import PreparedCase, prepare_case, slices_to_image
+from .preprocess import PreparedCase, native_slice_region, native_zscored, prepare_case, slices_to_image
 from .train import Trainer, masked_mse
 
 
@@ -261,13 +260,6 @@ class CaseData:
     lesion_ml: float
 
 
-def _oriented_region(prepared: PreparedCase, slice_index: np.ndarray) -> np.ndarray:
-    geometry = prepared.geometry
-    oriented = np.zeros(geometry.shape, dtype=bool)
-    oriented[np.asarray(slice_index, dtype=int)] = True
-    return geometry.to_native(oriented)
-
-
 def load_case_data(files, settings: StudySettings) -> CaseData:
     """Load and prepare one labelled case at the study's network size."""
     case = load_case(files)
@@ -277,9 +269,9 @@ def load_case_data(files, settings: StudySettings) -> CaseData:
     if prepared.native_lesion is None:
         raise InputError(f"case {files.case_id}: the study needs a lesion label")
     labels = prepared.native_lesion[brain]
-    validation = _oriented_region(prepared, lesion_slices(prepared))[brain]
-    normal = _oriented_region(prepared, lesion_free_slices(prepared, settings.lesion_margin))[brain]
-    volume = native_zscored(case, brain)
+    validation = native_slice_region(prepared, lesion_slices(prepared))[brain]
+    normal = native_slice_region(prepared, lesion_free_slices(prepared, settings.lesion_margin))[brain]
+    volume = native_zscored(case, prepared)
     features = np.ascontiguousarray(volume[:, brain].T)
     flair = volume[CONTRASTS.index("flair")]
     del volume
