@@ -405,9 +405,7 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         try:
             self.logic.validateInputs(p.flair, p.t1, p.t1c, p.t2)
-            if not self.logic.ensureDependencies():
-                self.showError(self.ui.statusLabel, _engine.describe_missing(_engine.missing_dependencies()))
-                return
+            self.logic.ensureDependencies()  # raises DependencyError (an ADMError) with what is missing
             self.updateDeviceLabel()
             self.updateModelInfo()
             self._inferenceJob = self.logic.startInference(p.flair, p.t1, p.t1c, p.t2, model=self.currentModel(),
@@ -531,8 +529,7 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showError(self.ui.statisticsLabel, str(exc))
             return
         self._appliedThresholdState = state
-        self.showStatus(self.ui.statisticsLabel, _("{volume:.2f} mL in {n} connected component(s); threshold {t:.4g}")
-                        .format(volume=result.volumeMl, n=result.components, t=result.threshold))
+        self.showStatus(self.ui.statisticsLabel, result.summary())
 
     # -- training ------------------------------------------------------------------------------
     def onPresetChanged(self, index: int) -> None:
@@ -565,8 +562,7 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self.ui.trainingLog.setVisible(True)
         try:
-            if not self.logic.ensureDependencies():
-                raise _engine.DependencyError(_engine.describe_missing(_engine.missing_dependencies()))
+            self.logic.ensureDependencies()
             self._trainingJob = self.logic.startTraining(
                 p.trainingFolder, p.trainingOutput, preset=p.trainingPreset, epochsCtoC=p.epochsCtoC,
                 epochsJoint=p.epochsJoint, lambdaEnergy=p.lambdaEnergy, components=p.components, device=p.device,

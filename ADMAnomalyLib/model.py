@@ -6,13 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .config import ADMConfig
 from .errors import ModelFileError
 from .gmm import GMMParams
-from .modelfile import FORMAT_VERSION, ModelFileContents, load_model_file, save_model_file
+from .modelfile import ModelFileContents, load_model_file, save_model_file
 from .networks import ADMNetwork
 
 
@@ -37,14 +36,12 @@ class ADMModel:
         """Write the model file atomically (see :mod:`ADMAnomalyLib.modelfile`)."""
         if self.gmm is None:
             raise ValueError("the mixture has not been fitted; a model without it cannot score images")
-        state = {name: tensor.detach().cpu() for name, tensor in self.network.state_dict().items()}
         contents = ModelFileContents(
             config=self.config.to_dict(),
-            state_dict=state,
-            gmm={name: np.asarray(value) for name, value in self.gmm.to_dict().items()},
+            state_dict=self.network.state_dict(),  # the encoder moves tensors to the CPU
+            gmm=self.gmm.to_dict(),
             threshold=self.threshold,
             metadata=self.metadata,
-            format_version=FORMAT_VERSION,
         )
         path = Path(path)
         save_model_file(path, contents)

@@ -388,7 +388,8 @@ def train(
         raise OutputError(f"{checkpoint} exists from an earlier run; pass resume=True (--resume) or delete it")
     if isinstance(data_dir, (str, Path)) and is_slice_cache(data_dir):
         case_files = None
-        data = load_slice_cache(data_dir, config)
+        # One rank checks the checksums; the others read the same files.
+        data = load_slice_cache(data_dir, config, verify=context.is_main)
     else:
         case_files = list(data_dir) if not isinstance(data_dir, (str, Path)) else find_cases(data_dir, pattern)
         data = build_training_data(case_files, config)

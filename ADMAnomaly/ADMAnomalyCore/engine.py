@@ -20,8 +20,6 @@ log = logging.getLogger(__name__)
 ENGINE_PACKAGE = "ADMAnomalyLib"
 TORCH_REQUIREMENT = "torch>=2.1"
 """Installed through the PyTorch Utils extension (it picks the CUDA build matching the driver)."""
-SLICER_PROVIDED = ("numpy", "SimpleITK")
-"""Packages that Slicer itself ships: never installed or replaced by this module."""
 
 
 def module_dir() -> Path:
@@ -132,9 +130,9 @@ def torch_missing() -> bool:
     return not is_satisfied(TORCH_REQUIREMENT)
 
 
-def missing_dependencies(include_torch: bool = True) -> list[str]:
+def missing_dependencies() -> list[str]:
     """Requirements (torch first, then ``requirements.txt``) that are not satisfied right now."""
-    missing = [TORCH_REQUIREMENT] if include_torch and torch_missing() else []
+    missing = [TORCH_REQUIREMENT] if torch_missing() else []
     missing += [r for r in read_requirements() if not is_satisfied(r)]
     return missing
 

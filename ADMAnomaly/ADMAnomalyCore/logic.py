@@ -17,7 +17,6 @@ call leaves no new node in the scene and keeps earlier results untouched.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -516,13 +515,10 @@ class ADMAnomalyCoreLogic:
         self.validateTrainingInputs(dataDir, outputPath, resume)
         config = self.trainingConfig(preset, epochsCtoC, epochsJoint, lambdaEnergy, components, lesionMargin)
         self.resolveDevice(device)
-        options = {}
-        if "show_progress_bar" in inspect.signature(api.train).parameters:
-            options["show_progress_bar"] = False  # no tqdm bar in the Slicer Python console
-        result = api.train(dataDir, outputPath, config, device=(device or "auto").lower(), resume=resume,
-                           progress=progress, should_cancel=shouldCancel, **options)
-        path = getattr(result, "path", None) if not isinstance(result, (str, Path)) else result
-        return Path(path or outputPath)
+        # No tqdm bar in the Slicer Python console.
+        api.train(dataDir, outputPath, config, device=(device or "auto").lower(), resume=resume,
+                  progress=progress, should_cancel=shouldCancel, show_progress_bar=False)
+        return Path(outputPath)
 
     # -- background processes (GUI) ------------------------------------------------------------
     def startInference(self, flair, t1, t1c, t2, model=None, device: str = "auto", workDir=None):

@@ -42,7 +42,13 @@ def assert_within_tolerance(candidate: np.ndarray, reference: np.ndarray, brain:
     assert np.mean((cand >= threshold) != (ref >= threshold)) <= 1e-3
 
 
-def test_auto_precision_is_half_on_gpu_only():
+def test_auto_precision_is_half_on_gpu_only(monkeypatch):
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert inference_dtype(gpu, "auto") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert inference_dtype(gpu, "auto") is torch.float16  # GPUs before Ampere
+    assert inference_dtype(gpu, "fp32") is None
     assert inference_dtype(CPU, "auto") is None
     assert inference_dtype(CPU, "fp32") is None
     assert inference_dtype(CPU, "bf16") is torch.bfloat16
@@ -81,10 +87,16 @@ def test_compiled_network_matches_eager(bundled_slices):
     np.testing.assert_allclose(compiled[brain], reference[brain], atol=1e-3 * spread, rtol=0)
 
 
-def test_cli_predict_precision_and_progress_bar(tmp_path, capsys):
+def test_cli_predict_precision_and_progress_bar(tmp_path, capsys, monkeypatch):
+    import ADMAnomalyLib.infer as infer
+
+    seen = []
+    original = infer.energy_slices
+    monkeypatch.setattr(infer, "energy_slices", lambda *args, **kwargs: seen.append(args[5]) or original(*args, **kwargs))
     out = tmp_path / "out"
     assert main(["predict", "default", str(demo_case_dir()), "-o", str(out), "--device", "cpu",
                  "--precision", "bf16"]) == 0
+    assert seen and set(seen) == {"bf16"}, "the CLI's precision reaches the networks"
     err = capsys.readouterr().err
     assert "predict" in err and "1/1" in err, "a tqdm bar over cases on stderr"
     assert (out / "patient26_energy.nii.gz").exists()
