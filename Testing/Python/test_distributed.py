@@ -20,9 +20,8 @@ from ADMAnomalyLib.data import build_training_data
 from ADMAnomalyLib.distributed import DistributedContext, shard_exact, shard_for_training
 from ADMAnomalyLib.errors import InputError, OutputError
 from ADMAnomalyLib.train import fit_frozen_gmm
-from conftest import make_synthetic_case
+from conftest import REPO, make_synthetic_case
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny():

@@ -8,11 +8,11 @@ import json
 import re
 import struct
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO
+
 MODULE = REPO / "ADMAnomaly"
 UI_FILE = MODULE / "Resources" / "UI" / "ADMAnomaly.ui"
 MODULE_FILE = MODULE / "ADMAnomaly.py"

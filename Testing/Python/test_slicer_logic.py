@@ -18,7 +18,8 @@ import SimpleITK as sitk
 
 import slicer  # PyPI slicer-core, a development dependency: missing it is an error, not a skip
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO, make_synthetic_case
+
 for entry in (REPO / "ADMAnomaly", REPO):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
@@ -30,7 +31,6 @@ from ADMAnomalyCore.naming import guess_contrast_roles  # noqa: E402
 from ADMAnomalyCore.standalone import StandaloneScene  # noqa: E402
 from ADMAnomalyLib import api, errors  # noqa: E402
 from ADMAnomalyLib.config import CONTRASTS  # noqa: E402
-from conftest import make_synthetic_case  # noqa: E402
 
 # An oblique (rotated about two axes) direction and anisotropic spacing: catches any LPS/RAS,
 # axis-order or spacing mistake in the node <-> SimpleITK conversion.
