@@ -281,6 +281,9 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.thresholdSlider.value = p.threshold
             self.ui.trainingFolderEdit.currentPath = p.trainingFolder
             self.ui.trainingOutputEdit.currentPath = p.trainingOutput
+            combo = self.ui.modelComboBox
+            if (combo.itemData(combo.currentIndex) or "") != (p.modelPath or ""):
+                self.populateModels()  # e.g. a scene saved with another model was loaded
             self.updateInputStatus()
             self.updateThresholdRange()
         finally:
