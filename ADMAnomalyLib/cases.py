@@ -3,8 +3,10 @@
 Recognised layouts (``find_cases``):
 
 * a folder of case subfolders, a folder that is itself one case, or flat files of several cases;
-* BraTS 2018/19 names ``<case>_flair``, ``_t1``, ``_t1ce``, ``_t2``, ``_seg`` (and ``_mask``);
-* BraTS 2023 names ``<case>-t2f``, ``-t1n``, ``-t1c``, ``-t2w``, ``-seg`` (and ``-mask``);
+* ``<case>_<contrast>`` or ``<case>-<contrast>`` with the usual spellings of each contrast
+  (:data:`~ADMAnomalyLib.config.CONTRAST_NAMES`, case-insensitive): BraTS 2018/19 ``_flair``,
+  ``_t1``, ``_t1ce``, ``_t2``, BraTS 2023 ``-t2f``, ``-t1n``, ``-t1c``, ``-t2w``, and ``t1gd``,
+  ``t1post``, ``t2w`` ...; ``_seg``/``_label`` is the reference label, ``_mask`` a brain mask;
 * any other naming through an explicit per-contrast glob mapping applied inside each case folder,
   e.g. :data:`OPEN_MS_PATTERN`.
 
@@ -22,7 +24,7 @@ from typing import Optional, Union
 
 import SimpleITK as sitk
 
-from .config import CONTRASTS
+from .config import CONTRAST_NAMES, CONTRASTS
 from .errors import GridMismatchError, InputError
 from .io import check_volume, read_image
 
@@ -41,14 +43,21 @@ OPEN_MS_PATTERN: dict[str, str] = {
 """Glob mapping for the open_ms_data layout (``FLAIR_*``, ``T1_*``, ``T1POST_*`` ... per case)."""
 
 _EXT = r"\.(?:nii\.gz|nii|nrrd|mha)"
-# The suffix must be followed directly by the extension, so "_t1" can never match "_t1ce".
-_BRATS18 = re.compile(rf"^(?P<case>.+)_(?P<key>flair|t1ce|t1|t2|seg|mask){_EXT}$", re.IGNORECASE)
-_BRATS23 = re.compile(rf"^(?P<case>.+)-(?P<key>t2f|t1n|t1c|t2w|seg|mask){_EXT}$", re.IGNORECASE)
-_ROLE_OF = {
-    "flair": "flair", "t1": "t1", "t1ce": "t1c", "t2": "t2",
-    "t2f": "flair", "t1n": "t1", "t1c": "t1c", "t2w": "t2",
-    "seg": "label", "mask": "mask",
+_NAME_ALIASES: dict[str, tuple[str, ...]] = {
+    **CONTRAST_NAMES,
+    "label": ("seg", "label", "labels"),
+    "mask": ("mask", "brainmask", "brain_mask"),
 }
+_ROLE_OF = {alias.lower(): role for role, aliases in _NAME_ALIASES.items() for alias in aliases}
+# "<case>_<name>.<ext>" or "<case>-<name>.<ext>": the name must be followed directly by the extension,
+# so "_t1" never matches "_t1ce"; the case id is the shortest prefix, so "x_t2_flair" is FLAIR of "x".
+_BY_NAME = re.compile(
+    rf"^(?P<case>.+?)[_-](?P<key>{'|'.join(sorted(map(re.escape, _ROLE_OF), key=len, reverse=True))}){_EXT}$",
+    re.IGNORECASE,
+)
+ORIGIN_TOLERANCE_VOXELS = 0.01
+"""Origins of one case's volumes may differ by this fraction of the voxel size: series exported by
+other tools round the origin (0.001 mm seen), while a real misregistration is far larger."""
 
 
 @dataclass
@@ -59,6 +68,9 @@ class CaseFiles:
     contrasts: dict[str, Path]
     label: Optional[Path] = None
     mask: Optional[Path] = None
+    problem: Optional[str] = None
+    """Why this case cannot be used (a contrast missing, two files for one role), as found by
+    :func:`discover_cases`; then ``contrasts`` holds what was found."""
 
 
 @dataclass
@@ -77,12 +89,26 @@ class CaseImages:
 
 
 def find_cases(folder: PathLike, pattern: Optional[dict[str, str]] = None) -> list[CaseFiles]:
-    """Find every case in ``folder`` (itself a case, a folder of case folders, or flat files).
+    """Every case of ``folder``, all usable: the first case with a problem is an :class:`InputError`.
+    For training and evaluation, which need every case; folder prediction uses
+    :func:`discover_cases` and reports broken cases one by one."""
+    cases = discover_cases(folder, pattern)
+    for case in cases:
+        if case.problem is not None:
+            raise InputError(case.problem)
+    return cases
 
-    Without ``pattern`` BraTS 2018/19 and 2023 names are recognised; with ``pattern`` (role ->
+
+def discover_cases(folder: PathLike, pattern: Optional[dict[str, str]] = None) -> list[CaseFiles]:
+    """Find every case in ``folder`` (itself a case, a folder of case folders, or flat files),
+    including broken ones, whose ``problem`` says what is wrong (a missing contrast, two files for
+    one role).
+
+    Without ``pattern`` the names of :data:`_NAME_ALIASES` are recognised; with ``pattern`` (role ->
     glob, roles from :data:`ROLES`, the four contrasts required) the globs are applied inside
     ``folder`` and each of its subfolders, and the folder name is the case id.
-    Cases are sorted by id.
+    Cases are sorted by id. A folder without any case, or a malformed pattern, is an
+    :class:`InputError`.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -93,7 +119,7 @@ def find_cases(folder: PathLike, pattern: Optional[dict[str, str]] = None) -> li
         how = (
             f"no files match the pattern {pattern}"
             if pattern is not None
-            else "no case found (expected BraTS names such as <case>_flair.nii.gz or "
+            else "no case found (expected names such as <case>_flair.nii.gz, <case>_t1c.nii.gz or "
             "<case>-t2f.nii.gz, or pass a pattern)"
         )
         raise InputError(f"{folder}: {how}")
@@ -113,7 +139,7 @@ def _find_by_name(folder: Path) -> list[CaseFiles]:
     found: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
     for candidate in _candidate_folders(folder):
         for path in _visible_files(candidate):
-            match = _BRATS18.match(path.name) or _BRATS23.match(path.name)
+            match = _BY_NAME.match(path.name)
             if match:
                 found[match["case"]][_ROLE_OF[match["key"].lower()]].append(path)
     # A group with only a _seg/_mask file is not a case (e.g. a stray result file); ignore it.
@@ -146,29 +172,33 @@ def _find_by_pattern(folder: Path, pattern: dict[str, str]) -> list[CaseFiles]:
 
 
 def _assemble(case_id: str, roles: dict[str, list[Path]]) -> CaseFiles:
-    """Build one CaseFiles, rejecting a missing contrast or two files for one role."""
+    """Build one CaseFiles; a missing contrast or two files for one role become its ``problem``."""
+    problems = []
     for role, paths in roles.items():
         if len(paths) > 1:
             names = " and ".join(str(p) for p in sorted(paths))
-            raise InputError(f"case {case_id}: two files for {role}: {names}")
-    for contrast in CONTRASTS:
-        if not roles.get(contrast):
-            raise InputError(f"case {case_id}: missing contrast {contrast}")
+            problems.append(f"two files for {role}: {names}")
+    missing = [c for c in CONTRASTS if not roles.get(c)]
+    if missing:
+        problems.append(f"missing contrast {', '.join(missing)}")
 
     def single(role: str) -> Optional[Path]:
         paths = roles.get(role)
-        return paths[0] if paths else None
+        return sorted(paths)[0] if paths else None
 
     return CaseFiles(
         case_id=case_id,
-        contrasts={c: roles[c][0] for c in CONTRASTS},
+        contrasts={c: single(c) for c in CONTRASTS if roles.get(c)},
         label=single("label"),
         mask=single("mask"),
+        problem=f"case {case_id}: {'; '.join(problems)}" if problems else None,
     )
 
 
 def load_case(files: CaseFiles, tolerance: float = 1e-4) -> CaseImages:
     """Read and validate the volumes of ``files``; see :func:`case_from_images`."""
+    if files.problem is not None:
+        raise InputError(files.problem)
     images = {c: read_image(files.contrasts[c]) for c in CONTRASTS}
     label = read_image(files.label) if files.label is not None else None
     mask = read_image(files.mask) if files.mask is not None else None
@@ -240,8 +270,9 @@ def check_same_grid(
 ) -> None:
     """Raise :class:`GridMismatchError` unless ``image`` lies on the grid of ``reference``.
 
-    Size must be identical; spacing is compared relatively, origin in units of the reference
-    spacing (so the test does not depend on where the scanner put 0), direction absolutely.
+    Size must be identical; spacing is compared relatively, origin in units of the reference voxel
+    size (within :data:`ORIGIN_TOLERANCE_VOXELS`, as ITK compares coordinates relative to the
+    spacing, so the test does not depend on where the scanner put 0), direction absolutely.
     """
     size, ref_size = image.GetSize(), reference.GetSize()
     if size != ref_size:
@@ -253,7 +284,7 @@ def check_same_grid(
         )
     origin, ref_origin = image.GetOrigin(), reference.GetOrigin()
     voxel = min(ref_spacing)
-    if any(abs(a - b) > tolerance * voxel for a, b in zip(origin, ref_origin)):
+    if any(abs(a - b) > max(tolerance, ORIGIN_TOLERANCE_VOXELS) * voxel for a, b in zip(origin, ref_origin)):
         raise GridMismatchError(
             f"{name}: origin {_fmt(origin)} differs from {reference_name} {_fmt(ref_origin)}"
         )

@@ -1,27 +1,77 @@
-"""Command line: ``admanomaly train | cache | predict | evaluate | study | demo | info`` mirroring :mod:`ADMAnomalyLib.api`.
+"""Command line: ``admanomaly train | cache | predict | threshold | evaluate | study | demo | info``, mirroring
+the Python API (ADMAnomalyLib.api).
 
-Exit codes: 0 success; 1 unexpected internal error; 2 bad input or usage; 3 unusable model file;
-4 output not writable; 5 device unavailable; 6 some cases of a folder failed (the rest were written);
-130 cancelled or interrupted.
+Exit codes (one rule: the code says whether the command could start, and whether every case of it
+succeeded):
+  0    success
+  1    unexpected internal error (a bug: please report it with the command)
+  2    bad usage or input that stops the command before any case runs (a bad option, an input path
+       that does not exist, no case found in it)
+  3    unusable model file
+  4    output not writable (folder, full disk)
+  5    compute device unavailable
+  6    one or more cases failed; the others were written (see errors.log and cases.csv), also
+       when the folder held a single case
+  130  cancelled (Ctrl-C, SIGTERM); outputs of finished cases are kept, nothing half-written
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
 from .config import PRECISIONS, PRESETS, preset
-from .errors import ADMError
+from .errors import ADMError, InputError
+from .validation import check_positive_int, check_threshold, parse_shard
 
 EXIT_PARTIAL = 6
 EXIT_INTERRUPTED = 130
+
+
+def _argument_type(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from a :mod:`~ADMAnomalyLib.validation` check, so that the CLI and the
+    API refuse the same values with the same words (argparse exits 2)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+_POSITIVE = {name: _argument_type(lambda text, name=name: check_positive_int(text, name))
+             for name in ("batch size", "workers", "epochs", "components", "seed", "lesion margin")}
+_THRESHOLD = _argument_type(check_threshold)
+_SHARD = _argument_type(lambda text: "{}/{}".format(*parse_shard(text)))
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _THRESHOLD(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, not {text!r}")
+    return value
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -53,24 +103,30 @@ def _add_pattern(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``admanomaly`` command."""
-    parser = argparse.ArgumentParser(prog="admanomaly", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n", 2)[2])
+    parser = argparse.ArgumentParser(
+        prog="admanomaly",
+        description="Unsupervised pixel-wise anomaly detection in multi-contrast brain MRI (ADM network). "
+                    "'admanomaly COMMAND --help' documents each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model on the normal slices of a folder of cases")
     train.add_argument("data_dir", type=Path, help="folder of cases (lesion labels optional) or a slice cache")
     train.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.admm)")
     train.add_argument("--preset", choices=sorted(PRESETS), default="small", help="size preset (default: small)")
-    train.add_argument("--epochs-ctoc", type=int, help="epochs of step 1 (CtoC)")
-    train.add_argument("--epochs-joint", type=int, help="epochs of step 2 (DR + DE)")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lambda-energy", type=float, help="weight of the mean energy in step 2 (paper: 5e-4)")
-    train.add_argument("--components", type=int, help="number of mixture components C (paper: 6)")
-    train.add_argument("--lesion-margin", type=int, help="slices kept away from any labelled lesion")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--workers", type=int, help="DataLoader worker processes (default 0: read in the main process)")
+    train.add_argument("--epochs-ctoc", type=_non_negative_int, help="epochs of step 1 (CtoC)")
+    train.add_argument("--epochs-joint", type=_non_negative_int, help="epochs of step 2 (DR + DE)")
+    train.add_argument("--batch-size", type=_POSITIVE["batch size"], help="slices per training batch")
+    train.add_argument("--lambda-energy", type=_positive_float,
+                       help="weight of the mean energy in step 2 (paper: 5e-4)")
+    train.add_argument("--components", type=_POSITIVE["components"], help="number of mixture components C (paper: 6)")
+    train.add_argument("--lesion-margin", type=_non_negative_int, help="slices kept away from any labelled lesion")
+    train.add_argument("--seed", type=_non_negative_int, help="random seed (default 0)")
+    train.add_argument("--workers", type=_non_negative_int,
+                       help="DataLoader worker processes (default 0: read in the main process)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="any other config value, e.g. --set model.use_dr=false (JSON values)")
     train.add_argument("--resume", action="store_true", help="continue from <output>.ckpt after an interruption")
@@ -83,17 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("-o", "--output", type=Path, required=True, help="new cache folder (pass it to train)")
     cache.add_argument("--preset", choices=sorted(PRESETS), default="small",
                        help="preset whose preprocessing the cache uses (default: small)")
-    cache.add_argument("--lesion-margin", type=int)
+    cache.add_argument("--lesion-margin", type=_non_negative_int, help="slices kept away from any labelled lesion")
     _add_pattern(cache)
 
     predict = commands.add_parser("predict", help="write <case>_energy.nii.gz and <case>_anomaly.nii.gz")
     predict.add_argument("model", help="model file, or 'default' for the bundled model")
     predict.add_argument("input", type=Path, help="a case folder or a folder of cases")
     predict.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    predict.add_argument("--threshold", type=float, help="energy threshold (default: the model's)")
-    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--threshold", type=_THRESHOLD,
+                         help="energy threshold (default: the model's); cases already predicted by this model "
+                              "are re-thresholded from their stored energy, without running the networks")
+    predict.add_argument("--batch-size", type=_POSITIVE["batch size"], default=16,
+                         help="slices per network batch (default 16)")
     predict.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs exist")
-    predict.add_argument("--workers", type=int, default=1, help="cases predicted in parallel processes (default 1)")
+    predict.add_argument("--workers", type=_POSITIVE["workers"], default=1,
+                         help="cases predicted in parallel processes (default 1)")
+    predict.add_argument("--shard", type=_SHARD, metavar="K/N",
+                         help="take only the K-th of N parts of the folder (1-based), so that independent "
+                              "cluster jobs split one folder without overlap")
     predict.add_argument("--precision", choices=PRECISIONS, default="auto",
                          help="CtoC precision: auto = bf16/fp16 on a GPU, fp32 on CPU (default: auto)")
     predict.add_argument("--compile", action="store_true",
@@ -107,15 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data_dir", type=Path, help="folder of labelled cases")
     evaluate.add_argument("--slices", choices=("lesion", "all"), default="lesion",
                           help="score lesion slices only (validation protocol) or whole brains")
-    evaluate.add_argument("--threshold", type=float)
+    evaluate.add_argument("--threshold", type=_THRESHOLD, help="energy threshold for Dice (default: the model's)")
     evaluate.add_argument("--json", type=Path, default=Path("evaluation.json"), help="JSON report to write")
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--batch-size", type=_POSITIVE["batch size"], default=16,
+                          help="slices per network batch (default 16)")
     _add_device(evaluate)
     _add_pattern(evaluate)
 
     demo = commands.add_parser("demo", help="run the bundled model on the bundled MS case")
     demo.add_argument("-o", "--output", type=Path, default=Path("admanomaly_demo"), help="output folder")
     _add_device(demo)
+    _add_progress(demo)
 
     study = commands.add_parser("study", help="evaluation study: ADM, ablations, improvements and baselines on "
                                               "patient-level folds; JSON, figures and docs/results.md")
@@ -130,14 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only regenerate the figures and results.md from OUTPUT/study.json")
     study.add_argument("--no-report", action="store_true", help="write the JSON only")
     study.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
-    study.add_argument("--folds", type=int)
-    study.add_argument("--seeds", help="comma-separated seeds")
-    study.add_argument("--image-size", type=int)
-    study.add_argument("--epochs-ctoc", type=int)
-    study.add_argument("--epochs-joint", type=int)
-    study.add_argument("--preset", choices=sorted(PRESETS))
-    study.add_argument("--max-cases", type=int, help="use only the first N cases (smoke tests)")
+    study.add_argument("--folds", type=_POSITIVE["workers"], help="patient-level folds (default: the setting's)")
+    study.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    study.add_argument("--image-size", type=_POSITIVE["batch size"], help="network slice size (default: the setting's)")
+    study.add_argument("--epochs-ctoc", type=_non_negative_int, help="epochs of step 1 (CtoC)")
+    study.add_argument("--epochs-joint", type=_non_negative_int, help="epochs of step 2 (DR + DE)")
+    study.add_argument("--preset", choices=sorted(PRESETS), help="size preset (default: the setting's)")
+    study.add_argument("--max-cases", type=_POSITIVE["workers"], help="use only the first N cases (smoke tests)")
     _add_device(study)
+
+    threshold = commands.add_parser(
+        "threshold", help="re-threshold a results folder from its stored energies (no network run)",
+        description="Rewrite every finished case's <case>_anomaly.nii.gz in a predict results folder at a new "
+                    "energy threshold, from its stored energy map, and update cases.csv.")
+    threshold.add_argument("results", type=Path, help="results folder written by 'admanomaly predict'")
+    threshold.add_argument("--threshold", type=_THRESHOLD, required=True, help="new energy threshold")
+    _add_progress(threshold)
 
     info = commands.add_parser("info", help="print a model file's settings, threshold and validation metrics")
     info.add_argument("model", help="model file, or 'default'")
@@ -162,7 +235,7 @@ def _config_from_args(args: argparse.Namespace):
         key, sep, raw = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot:
-            raise ADMError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+            raise InputError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -171,11 +244,68 @@ def _config_from_args(args: argparse.Namespace):
     try:
         return preset(args.preset, **overrides)
     except (ValueError, TypeError) as exc:
-        raise ADMError(f"invalid configuration: {exc}") from None
+        raise InputError(f"invalid configuration: {exc}") from None
 
 
 def _json_line(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
+
+
+class _FolderProgress:
+    """Progress of a folder job as a bar on stderr (cases, and the slices of the case at work) or as
+    JSON lines on stdout."""
+
+    def __init__(self, mode: str, stage: str) -> None:
+        self.mode, self.stage, self.bar = mode, stage, None
+
+    def __enter__(self) -> "_FolderProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _bar(self, total: int | None = None) -> tqdm:
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="case", desc=self.stage, file=sys.stderr)
+        elif total is not None and self.bar.total != total:
+            self.bar.total = total
+            self.bar.refresh()
+        return self.bar
+
+    def case_done(self, done: int, total: int, case_id: str) -> None:
+        if self.mode == "json":
+            _json_line({"stage": self.stage, "step": done, "steps": total, "case": case_id})
+        elif self.mode == "bar":
+            bar = self._bar(total)
+            bar.set_postfix_str(case_id)
+            bar.update(done - bar.n)
+
+    def within_case(self, case_id: str, done: int, total: int) -> None:
+        if self.mode == "json":
+            _json_line({"stage": "slices", "case": case_id, "step": done, "steps": total})
+        elif self.mode == "bar":
+            self._bar().set_postfix_str(f"{case_id}: slice {done}/{total}")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@contextlib.contextmanager
+def _interrupt_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a cluster scheduler, ``kill``) cancels like Ctrl-C: exit 130, nothing half-written.
+    The previous handler comes back afterwards (``main`` also runs inside other programs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -210,35 +340,32 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "predict":
-        bar = None
-
-        def case_progress(done: int, total: int, case_id: str) -> None:
-            nonlocal bar
-            if args.progress == "json":
-                _json_line({"stage": "predict", "step": done, "steps": total, "case": case_id})
-            elif args.progress == "bar":
-                if bar is None:
-                    bar = tqdm(total=total, unit="case", desc="predict", file=sys.stderr)
-                bar.set_postfix_str(case_id)
-                bar.update(done - bar.n)
-
-        try:
+        with _FolderProgress(args.progress, "predict") as shown:
             report = api.predict_folder(_model_argument(args.model), args.input, args.output, device=args.device,
                                         threshold=args.threshold, skip_existing=not args.overwrite,
                                         batch_size=args.batch_size, pattern=_parse_pattern(args.pattern),
-                                        progress=case_progress, workers=args.workers, precision=args.precision,
-                                        compile=args.compile)
-        finally:
-            if bar is not None:
-                bar.close()
-        summary = f"{len(report.done)} written, {len(report.skipped)} skipped, {len(report.failed)} failed"
+                                        progress=shown.case_done, workers=args.workers, precision=args.precision,
+                                        compile=args.compile, shard=args.shard, case_progress=shown.within_case)
+        summary = (f"{len(report.done)} written, {len(report.rethresholded)} re-thresholded, "
+                   f"{len(report.skipped)} skipped, {len(report.failed)} failed")
         if args.progress == "json":
-            _json_line({"stage": "done", "done": report.done, "skipped": report.skipped, "failed": report.failed})
+            _json_line({"stage": "done", **report.__dict__})
         else:
             print(summary)
+        # Printed once, after the bar: the log of a batch is this list (also in errors.log).
         for case_id, message in report.failed.items():
             print(f"error: {case_id}: {message}", file=sys.stderr)
         return EXIT_PARTIAL if report.failed else 0
+
+    if args.command == "threshold":
+        from .results import STATUS_DONE, rethreshold_folder
+
+        with _FolderProgress(args.progress, "threshold") as shown:
+            table = rethreshold_folder(args.results, args.threshold, progress=shown.case_done)
+        rewritten = [r for r in table.values() if r.status == STATUS_DONE]
+        if args.progress != "json":
+            print(f"{len(rewritten)} anomaly maps rewritten at threshold {args.threshold:g} in {args.results}")
+        return 0
 
     if args.command == "evaluate":
         from .evaluate import evaluate
@@ -256,7 +383,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        summary = run_demo(args.output, device=args.device)
+        with _FolderProgress(args.progress, "demo") as shown:
+            summary = run_demo(args.output, device=args.device, progress=shown.within_case)
         print(f"demo case {summary['case']} with {summary['model']}")
         print(f"AUROC {summary['auroc']:.3f}  AUPRC {summary['auprc']:.3f}  best Dice {summary['best_dice']:.3f}  "
               f"Dice@threshold {summary['dice_at_threshold']:.3f}")
@@ -282,7 +410,7 @@ def _run_study(args: argparse.Namespace) -> int:
     output = args.output
     if not args.report_only:
         if args.data_dir is None:
-            raise ADMError("study needs DATA_DIR (or --report-only)")
+            raise InputError("study needs DATA_DIR (or --report-only)")
         overrides: dict[str, Any] = {"device": args.device}
         for flag, name in (("folds", "n_folds"), ("image_size", "image_size"), ("epochs_ctoc", "epochs_ctoc"),
                            ("epochs_joint", "epochs_joint"), ("preset", "preset"), ("max_cases", "max_cases")):
@@ -302,7 +430,7 @@ def _run_study(args: argparse.Namespace) -> int:
     if not args.no_report:
         json_path = output / "study.json"
         if not json_path.exists():
-            raise ADMError(f"{json_path}: no study JSON to report on")
+            raise InputError(f"{json_path}: no study JSON to report on")
         report = study_module.make_report(json_path, args.docs)
         print(f"report written to {report}")
     return 0
@@ -334,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return _run(args)
+        with _interrupt_on_sigterm():
+            return _run(args)
     except ADMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

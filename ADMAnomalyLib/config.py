@@ -14,6 +14,15 @@ from typing import Any
 CONTRASTS: tuple[str, ...] = ("flair", "t1", "t1c", "t2")
 """Canonical contrast order of the four input channels."""
 
+CONTRAST_NAMES: dict[str, tuple[str, ...]] = {
+    "flair": ("flair", "t2f", "t2flair", "t2_flair", "t2-flair"),
+    "t1": ("t1", "t1n", "t1w"),
+    "t1c": ("t1c", "t1ce", "t1gd", "t1post", "t1wce", "t1_gd", "t1-gd", "t1_post", "t1-post", "t1_ce", "t1-ce"),
+    "t2": ("t2", "t2w"),
+}
+"""The usual spellings of each contrast (lower case), shared by file discovery
+(:mod:`ADMAnomalyLib.cases`) and the Slicer module's guessing from node names."""
+
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Inference precision of the CtoC network (see :func:`ADMAnomalyLib.device.inference_dtype`)."""
@@ -31,6 +40,10 @@ class PreprocessConfig:
     so that axial slices and in-plane directions follow the direction cosines, not the array order."""
     brain_threshold: float = 0.0
     """A voxel is brain when |value| > this in any contrast (used when no mask is supplied)."""
+    max_brain_fraction: float = 0.9
+    """Without a supplied mask, refuse a case whose non-zero "brain" covers more than this fraction
+    of the field of view: its background is not zero (not skull-stripped, or an offset), and every
+    voxel would be scored as brain."""
     min_brain_pixels: int = 64
     """A slice with fewer brain pixels (at network resolution) is treated as containing no brain."""
     grid_tolerance: float = 1e-4

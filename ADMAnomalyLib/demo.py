@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -63,8 +63,10 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def run_demo(output_dir: str | Path = "admanomaly_demo", device: str = "auto") -> dict[str, Any]:
-    """Run the bundled model on the demo case; write energy, anomaly, overlay PNG and metrics JSON."""
+def run_demo(output_dir: str | Path = "admanomaly_demo", device: str = "auto",
+             progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Run the bundled model on the demo case; write energy, anomaly, overlay PNG and metrics JSON.
+    ``progress(case_id, done_slices, total_slices)`` reports the slices as they are scored."""
     output_dir = ensure_writable_folder(output_dir)
     model = load_model(None)
     if model.threshold is None:
@@ -72,7 +74,8 @@ def run_demo(output_dir: str | Path = "admanomaly_demo", device: str = "auto") -
         raise ModelFileError(f"{model.path}: the model has no threshold, so the demo cannot draw an anomaly map")
     files = find_cases(demo_case_dir())[0]
     case = load_case(files, model.config.preprocess.grid_tolerance)
-    prediction = predict_case(model, case, device)
+    slices = (lambda done, total: progress(files.case_id, done, total)) if progress is not None else None
+    prediction = predict_case(model, case, device, progress=slices)
     anomaly = prediction.anomaly()
     energy_path, anomaly_path = output_paths(output_dir, files.case_id)
     write_image_atomic(prediction.energy, energy_path)

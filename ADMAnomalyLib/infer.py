@@ -16,6 +16,7 @@ from .errors import CancelledError
 from .gmm import energy
 from .model import ADMModel
 from .networks import translate_all
+from .validation import check_positive_int, check_threshold
 from .preprocess import PreparedCase, native_brain_mask, native_zscored, prepare_case, slices_to_image
 
 ProgressCallback = Callable[[int, int], None]
@@ -36,7 +37,7 @@ class Prediction:
 
     def anomaly(self, threshold: float | None = None) -> sitk.Image:
         """Binary anomaly map at ``threshold`` (default: the model's)."""
-        chosen = self.threshold if threshold is None else threshold
+        chosen = self.threshold if threshold is None else check_threshold(threshold)
         if chosen is None:
             raise ValueError("this model has no validation threshold; pass one explicitly")
         return anomaly_mask(self.energy, self.brain_mask, chosen)
@@ -164,6 +165,7 @@ def predict_prepared(
     ``native_flair`` (z-scored FLAIR on the native numpy grid, see :func:`native_flair_for`) is
     used only by models with ``postprocess.flair_weight``; without it the network-resolution FLAIR
     is upsampled instead."""
+    batch_size = check_positive_int(batch_size, "batch size")
     torch_device = resolve_device(device)
     brain_slices = np.flatnonzero(prepared.has_brain)
     network_res = np.zeros(prepared.brain.shape, dtype=np.float32)

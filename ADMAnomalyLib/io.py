@@ -72,71 +72,95 @@ def check_volume(image: sitk.Image, name: str) -> None:
 
 
 def read_image(path: PathLike) -> sitk.Image:
-    """Read a NIfTI/NRRD/MetaImage volume and check it is a finite 3-D scalar image.
+    """Read a NIfTI/NRRD/MetaImage volume and check it is a complete, finite 3-D scalar image.
 
     The pixel type is kept as stored; :mod:`ADMAnomalyLib.cases` casts to float32.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    is_nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    # ITK's NIfTI reader returns zeros for the missing part of a truncated file, so NIfTI data is
+    # checked in the file itself first (size, gzip end-of-stream and CRC); NRRD and MetaImage
+    # readers fail on truncation by themselves.
+    n_nan, n_inf = _inspect_nifti(path) if is_nifti else (0, 0)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(f"{path}: cannot read image ({_first_line(exc)})") from None
+        reason = _first_line(exc)
+        if "not read completely" in str(exc) or "expected" in reason and "bytes" in reason:
+            reason = "truncated: " + reason
+        raise InputError(f"{path}: cannot read image ({reason})") from None
     check_volume(image, str(path))
-    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64) and path.name.lower().endswith(
-        (".nii", ".nii.gz")
-    ):
-        n_nan, n_inf = _nifti_non_finite(path)
-        if n_nan or n_inf:
-            raise InputError(
-                f"{path}: {n_nan + n_inf} non-finite voxel(s) ({n_nan} NaN, {n_inf} inf)"
-            )
+    if n_nan or n_inf:
+        # ITK's NIfTI reader silently turns non-finite voxels into 0, so they are counted in the file.
+        raise InputError(f"{path}: {n_nan + n_inf} non-finite voxel(s) ({n_nan} NaN, {n_inf} inf)")
     return image
 
 
-def _nifti_non_finite(path: Path) -> tuple[int, int]:
-    """Count NaN and inf voxels in the raw data of a float NIfTI-1/2 file.
+_NIFTI_BITS = {2: 8, 4: 16, 8: 32, 16: 32, 64: 64, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64,
+               32: 64, 128: 24, 1536: 128, 1792: 128, 2048: 256, 2304: 32}
+"""Bits per voxel of each NIfTI datatype code (nifti1.h)."""
 
-    ITK's NIfTI reader silently turns non-finite voxels into 0, so they must be counted in the
-    file itself. Returns (0, 0) for anything this small parser does not understand.
-    """
+
+def _inspect_nifti(path: Path) -> tuple[int, int]:
+    """Check that a NIfTI-1/2 file holds all the data its header promises and count its NaN and inf
+    voxels (float data). A truncated file, or a gzip stream that ends early or fails its CRC, is an
+    :class:`InputError` saying "truncated"; a header this parser does not understand is left to ITK."""
     import gzip
     import struct
+    import zlib
 
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    compressed = path.name.lower().endswith(".gz")
     try:
-        with opener(path, "rb") as handle:
-            header = handle.read(540)
-            for endian in "<>":
-                size = struct.unpack(endian + "i", header[:4])[0]
-                if size in (348, 540):
-                    break
-            else:
-                return 0, 0
-            if size == 348:
-                dims = struct.unpack(endian + "8h", header[40:56])
-                datatype = struct.unpack(endian + "h", header[70:72])[0]
-                offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            else:
-                datatype = struct.unpack(endian + "h", header[12:14])[0]
-                dims = struct.unpack(endian + "8q", header[16:80])
-                offset = int(struct.unpack(endian + "q", header[168:176])[0])
-            dtype = {16: "f4", 64: "f8"}.get(datatype)
-            if dtype is None or not 1 <= dims[0] <= 7:
-                return 0, 0
-            count = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
-            n_bytes = count * int(dtype[1])
-            if offset < len(header):  # the first 540 bytes may already hold data (NIfTI-1)
-                raw = header[offset:] + handle.read(max(0, n_bytes - (len(header) - offset)))
-            else:
-                handle.read(offset - len(header))
-                raw = handle.read(n_bytes)
-            data = np.frombuffer(raw[:n_bytes], dtype=endian + dtype)
-    except (OSError, EOFError, struct.error, ValueError):
+        if compressed:
+            with gzip.open(path, "rb") as handle:
+                data = handle.read()  # reads to the end: raises on an early end or a bad CRC
+        else:
+            data = path.read_bytes()
+    except EOFError:
+        raise InputError(f"{path}: truncated (the gzip stream ends before its end-of-stream marker)") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        reason = str(exc).split(" (")[0] if str(exc).startswith("Not a gzipped") else f"corrupt gzip data: {exc}"
+        raise InputError(f"{path}: cannot read image ({reason})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read file ({_os_reason(exc)})") from None
+    header = data[:540]
+    try:
+        for endian in "<>":
+            size = struct.unpack(endian + "i", header[:4])[0]
+            if size in (348, 540):
+                break
+        else:
+            return 0, 0
+        if size == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            datatype = struct.unpack(endian + "h", header[70:72])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        else:
+            datatype = struct.unpack(endian + "h", header[12:14])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = int(struct.unpack(endian + "q", header[168:176])[0])
+    except struct.error:
+        # Shorter than a header: the file cannot be the volume it claims to be.
+        raise InputError(f"{path}: truncated ({len(data)} bytes, shorter than a NIfTI header)") from None
+    bits = _NIFTI_BITS.get(datatype)
+    if bits is None or not 1 <= dims[0] <= 7 or any(d < 0 for d in dims[1 : dims[0] + 1]):
         return 0, 0
-    n_nan = int(np.count_nonzero(np.isnan(data)))
-    return n_nan, int(np.count_nonzero(np.isinf(data)))
+    count = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
+    offset = max(offset, size + (4 if size == 348 else 4))
+    expected = offset + count * bits // 8
+    if len(data) < expected:
+        what = "decompressed data" if compressed else "file"
+        raise InputError(
+            f"{path}: truncated ({what} has {len(data)} of the {expected} bytes its header promises)"
+        )
+    dtype = {16: "f4", 64: "f8"}.get(datatype)
+    if dtype is None:
+        return 0, 0
+    values = np.frombuffer(data, dtype=endian + dtype, count=count, offset=offset)
+    n_nan = int(np.count_nonzero(np.isnan(values)))
+    return n_nan, int(np.count_nonzero(np.isinf(values)))
 
 
 def write_image_atomic(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:
@@ -154,8 +178,29 @@ def write_image_atomic(image: sitk.Image, path: PathLike, compress: bool = True)
         except RuntimeError as exc:
             reason = _first_line(exc).replace(str(tmp), path.name)
             raise OutputError(f"{path}: cannot write image ({reason})") from None
+        _verify_written(tmp, image, path)
 
     return _atomic(path, write, suffix)
+
+
+def _verify_written(tmp: Path, image: sitk.Image, path: Path) -> None:
+    """Read a freshly written image file back before it gets its final name: ITK reports some write
+    failures (a full disk: "wrote only 0 of N bytes") without raising, and a short file under the
+    final name would later pass for a finished output."""
+    try:
+        if image_suffix(tmp) in (".nii", ".nii.gz"):
+            _inspect_nifti(tmp)
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(tmp))
+            reader.ReadImageInformation()
+            size = reader.GetSize()
+        else:
+            size = sitk.ReadImage(str(tmp)).GetSize()
+    except (InputError, RuntimeError) as exc:
+        reason = _first_line(exc).replace(str(tmp), path.name)
+        raise OutputError(f"{path}: the written file is incomplete, the disk may be full ({reason})") from None
+    if tuple(size) != tuple(image.GetSize()):
+        raise OutputError(f"{path}: the written file has size {size}, not {image.GetSize()}")
 
 
 def write_bytes_atomic(data: bytes, path: PathLike) -> Path:

@@ -146,6 +146,13 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig) -> PreparedCase:
         how = f"no voxel has |value| > {cfg.brain_threshold:g} in any contrast"
     if not brain.any():
         raise InputError(f"case {case.case_id}: empty brain ({how})")
+    fraction = float(np.count_nonzero(brain)) / brain.size
+    if case.mask is None and fraction > cfg.max_brain_fraction:
+        raise InputError(
+            f"case {case.case_id}: {100 * fraction:.0f}% of the field of view is non-zero, so it cannot be "
+            "taken for a skull-stripped brain on a zero background; run brain extraction first "
+            "(predict --preprocess full) or supply a brain mask (the case's 'mask' file)"
+        )
     lesion = sitk.GetArrayViewFromImage(case.label) != 0 if case.label is not None else None
 
     axes, flips = orientation_axes(reference.GetDirection(), cfg.orientation)
