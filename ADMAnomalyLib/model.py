@@ -67,6 +67,18 @@ class ADMModel:
         network.eval()
         return cls(config, network, gmm, contents.threshold, contents.metadata, path)
 
+    def with_threshold(self, threshold: float, note: dict[str, Any]) -> "ADMModel":
+        """A copy (sharing the network and mixture) whose threshold is ``threshold``; ``note`` (JSON
+        values: who chose it, how, on which cases) is appended to ``metadata["threshold_history"]``
+        together with the threshold it replaces, so a model file keeps where its threshold came from.
+        The copy is unsaved (``path`` None)."""
+        from .validation import check_threshold
+
+        threshold = check_threshold(threshold)
+        entry = {"threshold": threshold, "previous_threshold": self.threshold, **note}
+        metadata = {**self.metadata, "threshold_history": [*self.metadata.get("threshold_history", []), entry]}
+        return ADMModel(self.config, self.network, self.gmm, threshold, metadata, None)
+
     def to(self, device: torch.device) -> "ADMModel":
         """Move the network and mixture to ``device`` (in place) and return self."""
         self.network.to(device)

@@ -7,7 +7,9 @@ in a plain Python with the PyPI package ``slicer-core`` (which the pytest suite 
 * :mod:`.engine` finds the bundled engine package ``ADMAnomalyLib`` and checks dependencies;
 * :mod:`.conversion` converts volume nodes to and from SimpleITK images, preserving IJK-to-RAS;
 * :mod:`.naming` guesses which loaded volume is which contrast;
-* :mod:`.logic` is the console / batch API (``run``, ``setThreshold``, ``processFolder``, ``train``);
+* :mod:`.logic` is the console / batch API (``run``, ``setThreshold``, ``processFolder``, ``train``,
+  and a folder of cases: ``openFolder``, ``loadCase``, ``applyThresholdToFolder`` ...);
+* :mod:`.casebrowser` keeps one case of an open folder in the scene and reads its table ``cases.csv``;
 * :mod:`.jobs` runs inference and training in a background process (GUI), polled without threads;
 * :mod:`.worker` is the background inference process (``python -m ADMAnomalyCore.worker``);
 * :mod:`.rendering` renders a slice view with the overlay offscreen (tests, screenshots).

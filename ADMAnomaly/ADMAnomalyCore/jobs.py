@@ -303,3 +303,83 @@ def training_command(dataDir, outputPath, preset="small", epochsCtoC=None, epoch
     if resume:
         args.append("--resume")
     return args
+
+
+class FolderJob:
+    """A folder command of the engine's CLI (``predict`` or ``threshold``, ``--progress json``).
+
+    Each case is in the results folder's ``cases.csv`` when its event arrives, so a GUI re-reads
+    the table whenever :meth:`poll` returns finished case ids. Exit code 6 (some cases failed, the
+    others were written) is a finished job: the failures are rows of the table."""
+
+    def __init__(self, args: list[str], workDir=None) -> None:
+        self.args = args
+        self.workDir = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="ADMAnomaly-folder-"))
+        self._ownsWorkDir = workDir is None
+        self.casesDone, self.casesTotal = 0, 0
+        self.slices = (0, 0)
+        """Slices of the case at work (done, total)."""
+        self.summary: dict[str, Any] = {}
+        """The command's final event (``done``, ``failed`` ... lists of case ids)."""
+        self.process = ProcessJob(args, self.workDir)
+
+    @property
+    def finished(self) -> bool:
+        return not self.process.running
+
+    def poll(self) -> list[str]:
+        """Ids of the cases finished since the last call."""
+        finished = []
+        for event in self.process.poll():
+            stage = event.get("stage")
+            if stage == "slices":
+                self.slices = (int(event.get("step", 0)), int(event.get("steps", 0)))
+            elif stage == "done":
+                self.summary = event
+            elif "case" in event and "steps" in event:
+                self.casesDone, self.casesTotal = int(event.get("step", 0)), int(event["steps"])
+                self.slices = (0, 0)
+                finished.append(str(event["case"]))
+        return finished
+
+    def fraction(self) -> float:
+        """Overall progress 0..1: finished cases plus the slices of the case at work."""
+        if not self.casesTotal:
+            return 0.0
+        done, total = self.slices
+        within = done / total if total else 0.0
+        return min(1.0, (self.casesDone + within) / self.casesTotal)
+
+    def cancel(self) -> None:
+        self.process.cancel()
+
+    def finish(self) -> dict[str, Any]:
+        """The command's summary, or its error (CancelledError after cancel). Finished cases stay."""
+        from ADMAnomalyLib.cli import EXIT_PARTIAL
+
+        try:
+            self.process.wait()
+            self.poll()
+            if self.process.returncode != EXIT_PARTIAL or self.process.cancelled:
+                self.process.raiseForFailure()
+            return self.summary
+        finally:
+            if self._ownsWorkDir:
+                shutil.rmtree(self.workDir, ignore_errors=True)
+
+
+def predict_command(model, casesDir, resultsDir, device="auto", threshold=None, pattern=None) -> list[str]:
+    """Arguments of the engine's ``predict`` command for a folder (cases with results are skipped)."""
+    args = [python_executable(), "-m", "ADMAnomalyLib.cli", "predict", str(model), str(casesDir), "-o",
+            str(resultsDir), "--device", device, "--progress", "json"]
+    if threshold is not None:
+        args += ["--threshold", repr(float(threshold))]
+    for role, glob in (pattern or {}).items():
+        args += ["--pattern", f"{role}={glob}"]
+    return args
+
+
+def threshold_command(resultsDir, threshold: float) -> list[str]:
+    """Arguments of the engine's ``threshold`` command (re-threshold a results folder from its energies)."""
+    return [python_executable(), "-m", "ADMAnomalyLib.cli", "threshold", str(resultsDir), "--threshold",
+            repr(float(threshold)), "--progress", "json"]

@@ -11,6 +11,15 @@ Typical console use (blocking)::
     report = logic.processFolder("cases/", "out/")                # resumable batch on files
     logic.train("normals/", "mine.admm", preset="small")
 
+A folder of cases, one case at a time (the table is ``results/cases.csv``, as ``predict`` writes it)::
+
+    rows = logic.openFolder("cases/", "results/")                 # CaseRecord per case: status, mL, Dice ...
+    case = logic.loadCase(0)                                      # volumes, label, stored energy + anomaly
+    case = logic.nextCase()                                       # the previous case's nodes are removed
+    logic.runMissing()                                            # cases without results (blocking)
+    rows = logic.applyThresholdToFolder(3.2)                      # every anomaly map, from stored energy
+    logic.saveThresholdModel("tuned.admm")                        # model copy with that threshold
+
 Failures are :class:`ADMAnomalyLib.errors.ADMError` subclasses with a one-line message; a failed
 call leaves no new node in the scene and keeps earlier results untouched.
 """
@@ -120,6 +129,8 @@ class ADMAnomalyCoreLogic:
         self._scene = scene
         self._modelCache: dict[tuple[str, float], Any] = {}
         self._brainMasks: dict[str, np.ndarray] = {}
+        self.caseBrowser = None
+        """The open folder of cases (:class:`.casebrowser.CaseBrowser`), see :meth:`openFolder`."""
 
     # -- scene ---------------------------------------------------------------------------------
     @property
@@ -347,6 +358,10 @@ class ADMAnomalyCoreLogic:
             raise errors.InputError("this segmentation was not made by ADMAnomaly (no energy volume linked to it)")
         return energyNode
 
+    def forgetNode(self, node) -> None:
+        """Drop what the logic remembers about a node that leaves the scene (its brain mask)."""
+        self._brainMasks.pop(node.GetID() or "", None)
+
     def brainMask(self, energyNode) -> np.ndarray:
         """Brain mask (k, j, i bool) of an energy volume: remembered from the run, or, after a scene
         reload, the voxels at or above the brain minimum (the engine puts background below it)."""
@@ -435,20 +450,25 @@ class ADMAnomalyCoreLogic:
         the segmentation is shown as outline + fill by its display node."""
         energyNode = self.energyNodeOf(segmentationNode)
         background = background or energyNode.GetNodeReference(BACKGROUND_REFERENCE_ROLE)
+        self.showVolumes(background, energyNode, opacity)
+        display = segmentationNode.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility(True)
+
+    def showVolumes(self, background, foreground, opacity: float = FOREGROUND_OPACITY) -> None:
+        """``background`` (kept when None) and ``foreground`` (None: none) in every slice view."""
         scene = self.scene
         for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
             composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
             if background is not None:
                 composite.SetBackgroundVolumeID(background.GetID())
-            composite.SetForegroundVolumeID(energyNode.GetID())
+            composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
             composite.SetForegroundOpacity(opacity)
-        display = segmentationNode.GetDisplayNode()
-        if display is not None:
-            display.SetVisibility(True)
 
     # -- batch and training --------------------------------------------------------------------
     def processFolder(self, inputDir, outputDir, model=None, device: str = "auto", threshold: float | None = None,
-                      skipExisting: bool = True, progress: Callable[[int, int, str], None] | None = None):
+                      skipExisting: bool = True, progress: Callable[[int, int, str], None] | None = None,
+                      pattern: dict[str, str] | None = None):
         """Predict every case of ``inputDir`` into ``outputDir`` (``<case>_energy.nii.gz``,
         ``<case>_anomaly.nii.gz``, ``report.json``, ``errors.log``). Resumable: cases with both
         outputs are skipped. A failing case is logged and the others go on. Returns the engine's
@@ -457,7 +477,8 @@ class ADMAnomalyCoreLogic:
         self.resolveDevice(device)
         loaded = self.loadModel(model)
         report = api.predict_folder(loaded, inputDir, outputDir, device=(device or "auto").lower(),
-                                    threshold=threshold, skip_existing=skipExisting, progress=progress)
+                                    threshold=threshold, skip_existing=skipExisting, progress=progress,
+                                    pattern=pattern)
         for case_id, message in report.failed.items():
             log.error("ADMAnomaly: case %s failed: %s", case_id, message)
         log.info("ADMAnomaly: %d written, %d skipped, %d failed -> %s", len(report.done), len(report.skipped),
@@ -542,3 +563,145 @@ class ADMAnomalyCoreLogic:
         self.resolveDevice(device)
         return TrainingJob(dataDir, outputPath, preset, epochsCtoC, epochsJoint, lambdaEnergy, components,
                            (device or "auto").lower(), resume, workDir)
+
+    # -- a folder of cases ---------------------------------------------------------------------
+    def openFolder(self, casesDir, resultsDir, model=None, pattern: dict[str, str] | None = None) -> list:
+        """Open a folder of cases (found by the engine's rules, or ``pattern``) with its results folder
+        (``predict`` outputs and their table ``cases.csv``, which need not exist yet) and return the
+        case table: one ``ADMAnomalyLib.results.CaseRecord`` per case with ``case_id``, ``status``
+        ("done", "failed" with its ``reason``, "not run"), ``anomaly_ml``, ``components``,
+        ``largest_component_ml``, ``dice`` and ``auprc`` (with a reference label), and the
+        ``threshold`` and ``model`` its outputs were made with. ``model`` (default: bundled) is the
+        one *Run missing* uses and :meth:`saveThresholdModel` copies. A case loaded from the folder
+        open before is removed from the scene."""
+        from .casebrowser import CaseBrowser
+
+        browser = CaseBrowser.open(self, casesDir, resultsDir, model, pattern)
+        self.closeFolder()
+        self.caseBrowser = browser
+        return browser.rows()
+
+    def closeFolder(self) -> None:
+        """Remove the loaded case's nodes and forget the open folder."""
+        if self.caseBrowser is not None:
+            self.caseBrowser.close()
+            self.caseBrowser = None
+
+    def _openFolder(self):
+        if self.caseBrowser is None:
+            raise errors.InputError("open a folder of cases first: logic.openFolder(casesDir, resultsDir)")
+        return self.caseBrowser
+
+    def caseRecords(self) -> list:
+        """The case table, re-read from ``cases.csv`` (a job or the CLI may have changed it)."""
+        return self._openFolder().refresh()
+
+    def loadCase(self, case):
+        """Load case ``case`` (index in the table, or case id) of the open folder: its four volumes,
+        its reference label as a segmentation, and, when it is done, its stored energy map and
+        "Anomaly" segmentation (no network run), shown as after :meth:`run`; the previous case's nodes
+        are removed. Returns a :class:`.casebrowser.LoadedCase` (``volumes``, ``reference``,
+        ``energy``, ``anomaly``). A case that cannot be loaded raises its ``InputError``, is listed as
+        failed, and the previous case stays."""
+        return self._openFolder().load(case)
+
+    def nextCase(self):
+        """Load the case after the current one (the first when none was loaded); see :meth:`loadCase`."""
+        return self._openFolder().step(1)
+
+    def previousCase(self):
+        """Load the case before the current one; see :meth:`loadCase`."""
+        return self._openFolder().step(-1)
+
+    def folderModel(self):
+        """The open folder's model and threshold for new results: the folder's common threshold
+        (None before any result: the model's). Refused when the folder's results were made by
+        another model (a run would recompute them all, and an energy threshold means nothing for
+        another model) or at several thresholds (a run would silently re-threshold some)."""
+        from ADMAnomalyLib.results import model_identity
+
+        browser = self._openFolder()
+        loaded = self.loadModel(browser.model)
+        identity = model_identity(loaded)
+        done = browser.doneRecords()
+        others = sorted({record.model for record in done if record.model != identity})
+        if others:
+            raise errors.InputError(
+                f"the results in {browser.resultsDir} were made with {', '.join(others)}, not with {identity}; "
+                "choose that model, or another results folder")
+        threshold = browser.threshold()
+        if done and threshold is None:
+            raise errors.InputError(f"the cases in {browser.resultsDir} have different thresholds; "
+                                    "apply one threshold to all cases first")
+        return loaded, threshold
+
+    def runMissing(self, device: str = "auto", progress: Callable[[int, int, str], None] | None = None):
+        """Predict (blocking) the open folder's cases that have no results yet, at the folder's
+        threshold; done cases are skipped. Returns the engine's ``FolderReport``; the table follows."""
+        browser = self._openFolder()
+        loaded, threshold = self.folderModel()
+        report = self.processFolder(browser.casesDir, browser.resultsDir, model=loaded, device=device,
+                                    threshold=threshold, progress=progress, pattern=browser.pattern)
+        browser.refresh()
+        return report
+
+    def startRunMissing(self, device: str = "auto", workDir=None):
+        """:meth:`runMissing` in a background process (the engine's ``predict`` command); poll the
+        returned :class:`.jobs.FolderJob` and call :meth:`caseRecords` as cases finish."""
+        from .jobs import FolderJob, predict_command
+
+        browser = self._openFolder()
+        loaded, threshold = self.folderModel()
+        if loaded.path is None:
+            raise errors.InputError("a background run needs a model saved in a file")
+        self.resolveDevice(device)
+        return FolderJob(predict_command(loaded.path, browser.casesDir, browser.resultsDir, (device or "auto").lower(),
+                                         threshold, browser.pattern), workDir)
+
+    def applyThresholdToFolder(self, threshold: float, progress: Callable[[int, int, str], None] | None = None) -> list:
+        """Rewrite every done case's anomaly map in the results folder at ``threshold`` from its stored
+        energy (no network run; as ``admanomaly threshold``), update ``cases.csv`` and return the
+        table. The loaded case's segmentation follows."""
+        from ADMAnomalyLib.results import rethreshold_folder
+
+        browser = self._openFolder()
+        rethreshold_folder(browser.resultsDir, threshold, progress=progress)
+        return browser.refresh()
+
+    def startApplyThresholdToFolder(self, threshold: float, workDir=None):
+        """:meth:`applyThresholdToFolder` in a background process (the engine's ``threshold`` command)."""
+        from ADMAnomalyLib.validation import check_threshold
+
+        from .jobs import FolderJob, threshold_command
+
+        browser = self._openFolder()
+        threshold = check_threshold(threshold)
+        if not browser.doneRecords():
+            raise errors.InputError(f"no case in {browser.resultsDir} has results to re-threshold; run them first")
+        return FolderJob(threshold_command(browser.resultsDir, threshold), workDir)
+
+    def saveThresholdModel(self, path, threshold: float | None = None) -> Path:
+        """Write a copy of the open folder's model file with ``threshold`` (default: the threshold
+        applied to the folder's cases) and a provenance note in its metadata (``threshold_history``:
+        chosen interactively, the results folder, its cases, the cases viewed, the date). Returns the path."""
+        import time
+
+        from ADMAnomalyLib.results import model_identity
+
+        browser = self._openFolder()
+        loaded, folderThreshold = self.folderModel()
+        threshold = folderThreshold if threshold is None else threshold
+        if threshold is None:
+            raise errors.InputError("no case has results yet: run them, or give the threshold")
+        path = Path(path)
+        if loaded.path is not None and path.resolve() == Path(loaded.path).resolve():
+            raise errors.OutputError(f"{path} is the model itself; choose another file for the copy")
+        note = {
+            "chosen": "interactively in the ADMAnomaly Slicer module",
+            "source_model": model_identity(loaded),
+            "results": str(browser.resultsDir),
+            "cases": [record.case_id for record in browser.doneRecords()],
+            "viewed": list(browser.viewed),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        return loaded.with_threshold(threshold, note).save(path)
