@@ -132,3 +132,27 @@ def brats_dir() -> Path:
     if not BRATS_DIR.is_dir():
         pytest.skip(f"real BraTS data not found at {BRATS_DIR} (expected <repo>/../shared/data/brats18)")
     return BRATS_DIR
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """Two synthetic cases with lesions (BraTS 2018 names)."""
+    folder = tmp_path_factory.mktemp("cohort")
+    for number in range(2):
+        make_synthetic_case(folder, case_id=f"synth_{number}", seed=number)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_model(cohort, tmp_path_factory) -> Path:
+    """A real tiny model trained on ``cohort`` (CPU, a few seconds), with a validation threshold."""
+    from ADMAnomalyLib import api
+    from ADMAnomalyLib.config import preset
+
+    output = tmp_path_factory.mktemp("model") / "tiny.admm"
+    events: list = []
+    config = preset("tiny", train={"epochs_ctoc": 2, "epochs_joint": 2, "lesion_margin": 1})
+    api.train(cohort, output, config, device="cpu", progress=events.append, show_progress_bar=False)
+    stages = {event["stage"] for event in events}
+    assert {"ctoc", "joint", "gmm", "threshold", "done"} <= stages
+    return output

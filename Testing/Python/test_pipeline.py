@@ -24,22 +24,7 @@ def tiny_config(**train):
     return preset("tiny", train={"epochs_ctoc": 2, "epochs_joint": 2, "lesion_margin": 1, **train})
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("cohort")
-    for number in range(2):
-        make_synthetic_case(folder, case_id=f"synth_{number}", seed=number)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def trained_model(cohort, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("model") / "tiny.admm"
-    events = []
-    api.train(cohort, output, tiny_config(), device="cpu", progress=events.append, show_progress_bar=False)
-    stages = {event["stage"] for event in events}
-    assert {"ctoc", "joint", "gmm", "threshold", "done"} <= stages
-    return output
+# ``cohort`` and ``trained_model`` (a tiny model trained on it) are session fixtures in conftest.py.
 
 
 def weights(model) -> dict[str, torch.Tensor]:
