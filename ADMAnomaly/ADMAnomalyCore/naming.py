@@ -5,18 +5,30 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence, TypeVar
 
+from .engine import ensure_engine_importable
+
+ensure_engine_importable()
+
+from ADMAnomalyLib.config import CONTRAST_NAMES  # noqa: E402  (torch-free; the table file discovery uses)
+
 T = TypeVar("T")
 
 CONTRAST_LABELS: dict[str, str] = {"flair": "FLAIR", "t1": "T1", "t1c": "T1c", "t2": "T2"}
 """Display names of the four contrasts, keyed like ``ADMAnomalyLib.config.CONTRASTS``."""
 
 # Rules in priority order: FLAIR first (t2f / t2_flair are FLAIR, not T2), then post-contrast T1
-# (t1ce contains t1), then T2, then native T1. Names are split into lower-case tokens.
-_RULES: tuple[tuple[str, re.Pattern], ...] = (
-    ("flair", re.compile(r"flair|^t2f$|^t2-?flair$")),
-    ("t1c", re.compile(r"^t1-?(ce|c|gd|post|contrast|\+c|wce|gad)$|post|^gd$|^gad$|^ce$|contrast")),
-    ("t2", re.compile(r"^t2w?$|^t2-?weighted$")),
-    ("t1", re.compile(r"^t1(n|w)?$|^t1-?weighted$|^mprage$")),
+# (t1ce contains t1), then T2, then native T1. Names are split into lower-case tokens; a token is a
+# contrast when it is one of the engine's spellings (CONTRAST_NAMES, shared with file discovery) or
+# matches the looser hints node names carry (series descriptions such as "AX T1 POST GD", "MPRAGE").
+_HINTS: dict[str, str] = {
+    "flair": r"flair",
+    "t1c": r"^t1-?(c|\+c|contrast|gad)$|post|^gd$|^gad$|^ce$|contrast",
+    "t2": r"^t2-?weighted$",
+    "t1": r"^t1-?weighted$|^mprage$",
+}
+_RULES: tuple[tuple[str, re.Pattern], ...] = tuple(
+    (role, re.compile(rf"^(?:{'|'.join(map(re.escape, CONTRAST_NAMES[role]))})$|{_HINTS[role]}"))
+    for role in ("flair", "t1c", "t2", "t1")
 )
 
 
