@@ -15,7 +15,6 @@ new case is in, so clicking through a folder keeps the scene's size and the memo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from .logic import (BACKGROUND_REFERENCE_ROLE, ENERGY_REFERENCE_ROLE, MODEL_THRE
 ensure_engine_importable()
 
 from ADMAnomalyLib import errors, results  # noqa: E402  (torch-free)
-from ADMAnomalyLib.cases import CaseFiles, check_same_grid, discover_cases, load_case  # noqa: E402
+from ADMAnomalyLib.cases import CaseFiles, check_same_grid, discover_cases  # noqa: E402
 from ADMAnomalyLib.config import CONTRASTS, PreprocessConfig  # noqa: E402
 from ADMAnomalyLib.io import read_image  # noqa: E402
 
@@ -191,8 +190,12 @@ class CaseBrowser:
         if files.problem is not None:
             raise errors.InputError(files.problem)
         tolerance = PreprocessConfig().grid_tolerance
-        # The label only feeds the display and the figures: an unreadable one does not fail the case.
-        case = load_case(dataclasses.replace(files, label=None), tolerance)
+        # The engine's reader and grid rules, but the voxels as stored (no float copy: display only).
+        images = {contrast: read_image(files.contrasts[contrast]) for contrast in CONTRASTS}
+        flair_image = images[CONTRASTS[0]]
+        for contrast in CONTRASTS[1:]:
+            check_same_grid(images[contrast], flair_image, str(files.contrasts[contrast]),
+                            str(files.contrasts[CONTRASTS[0]]), tolerance)
         record = self.record(index)
         scene = self.logic.scene
         loaded = LoadedCase(index, record, {})
@@ -200,12 +203,13 @@ class CaseBrowser:
             for contrast in CONTRASTS:
                 name = scene.GenerateUniqueName(_file_stem(files.contrasts[contrast]))
                 node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-                # The other contrasts copy the FLAIR's geometry exactly (load_case checked the grids).
+                # The other contrasts copy the FLAIR's geometry exactly (their grids were checked).
                 flair_node = loaded.volumes.get(CONTRASTS[0])
                 loaded.volumes[contrast] = node
-                conversion.update_volume_node_from_sitk(node, case.images[contrast], reference_node=flair_node)
-                node.CreateDefaultDisplayNodes()
-            flair_node, flair_image = loaded.volumes[CONTRASTS[0]], case.images[CONTRASTS[0]]
+                conversion.update_volume_node_from_sitk(node, images[contrast], reference_node=flair_node)
+                self.logic.volumeDisplay(node, *_grey_window(sitk.GetArrayViewFromImage(images[contrast])))
+            flair_node = loaded.volumes[CONTRASTS[0]]
+            # The label only feeds the display and the figures: an unreadable one does not fail the case.
             label = results.read_reference(files.label, flair_image)
             if label is not None:
                 loaded.reference = self._referenceSegmentation(label, flair_node, files.case_id)
@@ -273,6 +277,17 @@ class CaseBrowser:
         if self.loaded is not None:
             self.unloadNodes(self.loaded)
             self.loaded = None
+
+
+def _grey_window(array: np.ndarray) -> tuple[float, float]:
+    """A window over the 0.5th..99.5th percentile of the non-zero voxels (the head), from every
+    second voxel along each axis: as readable as Slicer's automatic window, at a fraction of its cost."""
+    sample = array[::2, ::2, ::2]
+    values = sample[sample != 0]
+    if values.size == 0:
+        values = sample.ravel()
+    low, high = np.percentile(values, [0.5, 99.5])
+    return float(low), float(high)
 
 
 def _file_stem(path: Path) -> str:

@@ -85,7 +85,7 @@ def update_volume_node_from_sitk(node, image: sitk.Image, reference_node=None) -
 
     With ``reference_node`` (a volume on the same grid) the geometry is copied from that node
     exactly; otherwise it is computed from the image's spacing, origin and direction."""
-    array = sitk.GetArrayFromImage(image)
+    array = sitk.GetArrayViewFromImage(image)  # no copy: updateVolumeFromArray copies the voxels
     if reference_node is not None:
         expected = tuple(reversed(reference_node.GetImageData().GetDimensions()))
         if array.shape != expected:

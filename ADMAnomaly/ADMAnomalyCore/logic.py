@@ -302,22 +302,28 @@ class ADMAnomalyCoreLogic:
         return energyNode, segmentationNode
 
     def _setupEnergyDisplay(self, energyNode, brainValues: np.ndarray, brainMinimum: float) -> None:
-        energyNode.CreateDefaultDisplayNodes()
-        display = energyNode.GetDisplayNode()
-        for colorNodeId in ENERGY_COLOR_NODE_IDS:
-            if self.scene.GetNodeByID(colorNodeId) is not None:
-                display.SetAndObserveColorNodeID(colorNodeId)
-                break
         # Colour the upper half of the brain's energies (median -> 99.5th percentile); voxels below the
         # median, and the background below the brain minimum, stay transparent so FLAIR reads through.
         low, high = (float(v) for v in np.percentile(brainValues, [50.0, 99.5]))
-        if not high > low:
-            high = low + 1.0
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(low, high)
+        colorNodeId = next((c for c in ENERGY_COLOR_NODE_IDS if self.scene.GetNodeByID(c) is not None), None)
+        display = self.volumeDisplay(energyNode, low, high, colorNodeId)
         display.AutoThresholdOff()
         display.SetThreshold(max(low, brainMinimum), float(brainValues.max()) + 1.0)
         display.ApplyThresholdOn()
+
+    def volumeDisplay(self, volumeNode, low: float, high: float, colorNodeId: str | None = None):
+        """The volume's display node (made when it has none) with the window ``low``..``high`` and a
+        colour map (default grey). Set directly, not by ``CreateDefaultDisplayNodes``, whose automatic
+        window costs a pass over every voxel (about 0.2 s for a 240x240x155 volume)."""
+        display = volumeNode.GetDisplayNode()
+        if display is None:
+            display = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+            display.AutoWindowLevelOff()
+            volumeNode.SetAndObserveDisplayNodeID(display.GetID())
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(low, high if high > low else low + 1.0)
+        display.SetAndObserveColorNodeID(colorNodeId or "vtkMRMLColorTableNodeGrey")
+        return display
 
     def _setupSegmentation(self, segmentationNode, energyNode) -> str:
         ensure_segmentation_converter_rules()
