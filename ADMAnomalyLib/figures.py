@@ -21,10 +21,107 @@ def _plt():
     return plt
 
 
-def _save(plt, fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def _save(plt, fig, path: Path, dpi: int = 110, tight: bool = True) -> None:
+    import io
+
+    from .io import write_bytes_atomic
+
+    if tight:
+        fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
+    write_bytes_atomic(buffer.getvalue(), path)
+
+
+def case_overlay_figure(
+    flair: "sitk.Image", energy: "sitk.Image", anomaly: "sitk.Image", label: "sitk.Image | None",
+    brain: "sitk.Image", threshold: float, title: str, path: Path, n_slices: int = 4,
+) -> Path:
+    """A reading-room picture of one case: axial FLAIR slices in radiological display, the energy
+    map as a heat overlay with its colour bar, the detection (E >= ``threshold``) and the reference
+    lesion as outlines of distinct colours with a legend, slice positions, orientation letters and
+    ``title`` (the metrics). Slices are chosen to show the best hit, the largest miss, the largest
+    false positive and the largest reference lesion (as far as they differ)."""
+    import SimpleITK as sitk
+
+    plt = _plt()
+    from matplotlib.lines import Line2D
+
+    oriented = [sitk.DICOMOrient(image, "LPS") for image in (flair, energy, anomaly, brain)]
+    flair_a, energy_a = (sitk.GetArrayFromImage(v).astype(np.float32) for v in oriented[:2])
+    detected, inside = (sitk.GetArrayFromImage(v) > 0 for v in oriented[2:])
+    reference = sitk.GetArrayFromImage(sitk.DICOMOrient(label, "LPS")) != 0 if label is not None else None
+    chosen = _telling_slices(detected, reference, inside, n_slices)
+    spacing = oriented[0].GetSpacing()
+    brain_values = flair_a[inside]
+    gray_low, gray_high = np.percentile(brain_values, [0.5, 99.5]) if brain_values.size else (0.0, 1.0)
+    energies = energy_a[inside]
+    # The heat map starts at the median brain energy: below it the tissue is ordinary and stays grey.
+    heat_low, heat_high = (np.percentile(energies, [50, 99.9]) if energies.size else (0.0, 1.0))
+    heat_high = max(heat_high, threshold, heat_low + 1e-6)
+    columns = len(chosen)
+    fig, axes = plt.subplots(1, columns, figsize=(4.6 * columns + 1.2, 5.8), squeeze=False)
+    heat = None
+    for axis, (index, why) in zip(axes[0], chosen):
+        extent = (0, flair_a.shape[2] * spacing[0], flair_a.shape[1] * spacing[1], 0)  # mm, true aspect
+        axis.imshow(flair_a[index], cmap="gray", vmin=gray_low, vmax=gray_high, extent=extent,
+                    interpolation="nearest")
+        shown = np.ma.masked_where(~inside[index] | (energy_a[index] < heat_low), energy_a[index])
+        heat = axis.imshow(shown, cmap="inferno", vmin=heat_low, vmax=heat_high, alpha=0.55, extent=extent,
+                           interpolation="nearest")
+        if detected[index].any():
+            axis.contour(detected[index], levels=[0.5], colors=["#00e5ff"], linewidths=1.4, extent=extent,
+                         origin="upper")
+        if reference is not None and reference[index].any():
+            axis.contour(reference[index], levels=[0.5], colors=["#39ff14"], linewidths=1.4, linestyles="--",
+                         extent=extent, origin="upper")
+        z_mm = oriented[0].TransformIndexToPhysicalPoint((0, 0, int(index)))[2]
+        axis.set_title(f"axial slice {index} (z = {z_mm:.0f} mm)\n{why}", fontsize=10)
+        # LPS arrays: columns run to the patient's left, rows to posterior: radiological display.
+        for text, xy in (("R", (0.02, 0.5)), ("L", (0.98, 0.5)), ("A", (0.5, 0.98)), ("P", (0.5, 0.02))):
+            axis.text(*xy, text, transform=axis.transAxes, color="yellow", fontsize=12, fontweight="bold",
+                      ha="center", va="center")
+        axis.set_xticks([])
+        axis.set_yticks([])
+    legend = [Line2D([], [], color="#00e5ff", linewidth=2, label=f"detected (E \u2265 {threshold:.3g})")]
+    if reference is not None:
+        legend.append(Line2D([], [], color="#39ff14", linewidth=2, linestyle="--", label="reference lesion"))
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), frameon=False, fontsize=11)
+    fig.suptitle(title, fontsize=12)
+    fig.subplots_adjust(left=0.02, right=0.9, top=0.83, bottom=0.1, wspace=0.04)
+    bar_axis = fig.add_axes((0.915, 0.16, 0.015, 0.62))
+    bar = fig.colorbar(heat, cax=bar_axis)
+    bar.set_label("anomaly energy E (heat from the brain median)")
+    bar.ax.axhline(threshold, color="#00e5ff", linewidth=2)
+    _save(plt, fig, path, dpi=100, tight=False)
+    return path
+
+
+def _telling_slices(detected: np.ndarray, reference: np.ndarray | None, brain: np.ndarray,
+                    n_slices: int) -> list[tuple[int, str]]:
+    """Axial slice indices with the reason each is shown: the slice with the most true positives,
+    the most missed lesion, the most false positives and the most lesion, then the slices with the
+    most detection, without repeats."""
+    per_slice = lambda mask: mask.reshape(mask.shape[0], -1).sum(axis=1)  # noqa: E731
+    candidates: list[tuple[np.ndarray, str]] = []
+    if reference is not None:
+        candidates += [(per_slice(detected & reference), "most lesion detected"),
+                       (per_slice(reference & ~detected), "most lesion missed"),
+                       (per_slice(detected & ~reference), "most false positive"),
+                       (per_slice(reference), "most reference lesion")]
+    candidates.append((per_slice(detected), "most detection"))
+    chosen: list[tuple[int, str]] = []
+    for counts, why in candidates:
+        for index in np.argsort(counts)[::-1]:
+            if counts[index] <= 0 or len(chosen) >= n_slices:
+                break
+            if all(abs(int(index) - other) > 2 for other, _ in chosen):
+                chosen.append((int(index), f"{why} ({int(counts[index])} voxels)"))
+                break
+    if not chosen:  # nothing detected and no reference: the slice with the most brain
+        chosen.append((int(np.argmax(per_slice(brain))), "largest brain section"))
+    return sorted(chosen)
 
 
 def _style(method: str, group: str) -> dict[str, Any]:

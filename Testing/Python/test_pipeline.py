@@ -210,6 +210,25 @@ def test_cli_demo_runs_the_bundled_model_on_the_bundled_case(tmp_path, capsys):
     flair = sitk.ReadImage(str(next(demo_case_dir().rglob("*_flair.nii.gz"))))
     for attribute in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection"):
         assert getattr(energy, attribute)() == getattr(flair, attribute)()
+    # A picture large enough to read: four slices with a colour bar and a legend, in colour.
+    picture = sitk.ReadImage(str(out / "patient26_overlay.png"))
+    width, height = picture.GetSize()
+    assert width >= 1600 and height >= 500 and picture.GetNumberOfComponentsPerPixel() >= 3
+    assert "slice" in capsys.readouterr().err  # the demo shows slice progress while it runs
+
+
+def test_overlay_slices_show_hits_misses_and_false_positives():
+    from ADMAnomalyLib.figures import _telling_slices
+
+    reference = np.zeros((40, 8, 8), dtype=bool)
+    detected = np.zeros_like(reference)
+    reference[10, 2:6, 2:6] = True      # a lesion found
+    detected[10, 2:6, 2:6] = True
+    reference[20, 1:7, 1:7] = True      # a larger lesion missed
+    detected[30, 0:3, 0:3] = True       # a false positive
+    chosen = dict(_telling_slices(detected, reference, np.ones_like(reference), 4))
+    assert chosen[10].startswith("most lesion detected") and chosen[20].startswith("most lesion missed")
+    assert chosen[30].startswith("most false positive") and len(chosen) == 3
 
 
 def test_cli_demo_with_a_model_without_threshold(trained_model, tmp_path, monkeypatch, capsys):
