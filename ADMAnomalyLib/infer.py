@@ -34,6 +34,9 @@ class Prediction:
     threshold: float | None
     """The model's validation threshold (None for a model trained without lesion labels)."""
     n_slices_processed: int
+    preprocessing: object = None
+    """The raw-scan preprocessing report (:class:`~ADMAnomalyLib.rawprep.RawResult`) when the case
+    went through it, else None."""
 
     def anomaly(self, threshold: float | None = None) -> sitk.Image:
         """Binary anomaly map at ``threshold`` (default: the model's)."""
