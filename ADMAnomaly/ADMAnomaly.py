@@ -42,10 +42,22 @@ from ADMAnomalyCore import engine as _engine  # noqa: E402  (puts the extension'
 from ADMAnomalyCore.logic import THRESHOLD_ATTRIBUTE, ADMAnomalyCoreLogic  # noqa: E402
 from ADMAnomalyCore.naming import guess_contrast_roles  # noqa: E402
 from ADMAnomalyLib import errors  # noqa: E402  (torch-free)
+from ADMAnomalyLib.config import CONTRASTS  # noqa: E402  (torch-free)
 
 #: Every widget the code looks up in Resources/UI/ADMAnomaly.ui, with its class
 #: (checked by Testing/Python/test_module_ui.py without Slicer).
 EXPECTED_WIDGETS = {
+    "casesCollapsibleButton": "ctkCollapsibleButton",
+    "casesFolderEdit": "ctkPathLineEdit",
+    "resultsFolderEdit": "ctkPathLineEdit",
+    "casesTable": "QTableWidget",
+    "previousCaseButton": "QPushButton",
+    "nextCaseButton": "QPushButton",
+    "runMissingButton": "QPushButton",
+    "applyToAllButton": "QPushButton",
+    "saveThresholdModelButton": "QPushButton",
+    "casesProgressBar": "QProgressBar",
+    "casesStatusLabel": "QLabel",
     "inputsCollapsibleButton": "ctkCollapsibleButton",
     "flairSelector": "qMRMLNodeComboBox",
     "t1Selector": "qMRMLNodeComboBox",
@@ -87,6 +99,8 @@ EXPECTED_WIDGETS = {
 }
 
 _SETTINGS_MODELS_KEY = "ADMAnomaly/Models"
+_CASE_COLUMNS = ("case_id", "status", "anomaly_ml", "components", "largest_component_ml", "dice", "auprc")
+"""Fields of ``ADMAnomalyLib.results.CaseRecord`` shown in the cases table, in its column order."""
 _POLL_INTERVAL_MS = 200
 _THRESHOLD_DELAY_MS = 60
 
@@ -134,10 +148,13 @@ class ADMAnomaly(ScriptedLoadableModule):
 class ADMAnomalyParameterNode:
     """GUI state, saved with the scene.
 
+    casesFolder, resultsFolder - the folder of cases browsed and its results (predict outputs, cases.csv).
     flair, t1, t1c, t2 - input volumes. modelPath - model file ("" = bundled default). device - auto/GPU/CPU.
     energyVolume, anomalySegmentation - outputs (overwritten by the next Apply when set).
     thresholdMode/threshold/percentile - the segmentation's threshold. training* - the training panel."""
 
+    casesFolder: str = ""
+    resultsFolder: str = ""
     flair: vtkMRMLScalarVolumeNode
     t1: vtkMRMLScalarVolumeNode
     t1c: vtkMRMLScalarVolumeNode
@@ -175,6 +192,8 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._inferenceJob = None
         self._trainingJob = None
+        self._folderJob = None
+        self._caseFolders = None
         self._updatingGui = False
         self._lastValidatedInputs = None
         self._inputsValid = False
@@ -203,6 +222,15 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.presetComboBox.connect("activated(int)", self.onPresetChanged)
         self.ui.trainingFolderEdit.connect("currentPathChanged(QString)", self.onTrainingPathsChanged)
         self.ui.trainingOutputEdit.connect("currentPathChanged(QString)", self.onTrainingPathsChanged)
+        self.ui.casesFolderEdit.connect("currentPathChanged(QString)", self.onCaseFoldersChanged)
+        self.ui.resultsFolderEdit.connect("currentPathChanged(QString)", self.onCaseFoldersChanged)
+        self.ui.casesTable.connect("cellDoubleClicked(int,int)",
+                                   lambda row, column: self.showCase(lambda: self.logic.loadCase(row)))
+        self.ui.previousCaseButton.connect("clicked(bool)", lambda checked=False: self.showCase(self.logic.previousCase))
+        self.ui.nextCaseButton.connect("clicked(bool)", lambda checked=False: self.showCase(self.logic.nextCase))
+        self.ui.runMissingButton.connect("clicked(bool)", self.onRunMissing)
+        self.ui.applyToAllButton.connect("clicked(bool)", self.onApplyToAll)
+        self.ui.saveThresholdModelButton.connect("clicked(bool)", self.onSaveThresholdModel)
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(_POLL_INTERVAL_MS)
@@ -221,6 +249,8 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._inferenceJob.cleanup()  # stops the process and removes its temporary files
         if self._trainingJob is not None:
             self._trainingJob.cancel()
+        if self._folderJob is not None:
+            self._folderJob.cancel()
         self._pollTimer.stop()
         self.removeObservers()
 
@@ -241,6 +271,9 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._inferenceJob.cleanup()
             self._inferenceJob = None
             self.ui.progressBar.setVisible(False)
+        self.logic.closeFolder()  # its nodes leave with the scene; a folder job goes on writing files
+        self._caseFolders = None
+        self.fillCaseTable([])
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -281,6 +314,8 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.thresholdSlider.value = p.threshold
             self.ui.trainingFolderEdit.currentPath = p.trainingFolder
             self.ui.trainingOutputEdit.currentPath = p.trainingOutput
+            self.ui.casesFolderEdit.currentPath = p.casesFolder
+            self.ui.resultsFolderEdit.currentPath = p.resultsFolder
             combo = self.ui.modelComboBox
             if (combo.itemData(combo.currentIndex) or "") != (p.modelPath or ""):
                 self.populateModels()  # e.g. a scene saved with another model was loaded
@@ -288,6 +323,7 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateThresholdRange()
         finally:
             self._updatingGui = False
+        self.openCaseFolder()
         self.scheduleThreshold()
 
     # -- inputs --------------------------------------------------------------------------------
@@ -363,6 +399,8 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, index: int) -> None:
         if self._parameterNode:
             self._parameterNode.modelPath = self.ui.modelComboBox.itemData(index) or ""
+        if self.logic.caseBrowser is not None:  # Run missing and the saved threshold use this model
+            self.logic.caseBrowser.model = self.currentModel()
         self.updateModelInfo()
 
     def currentModel(self):
@@ -428,7 +466,9 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.pollInference()
         if self._trainingJob is not None:
             self.pollTraining()
-        if self._inferenceJob is None and self._trainingJob is None:
+        if self._folderJob is not None:
+            self.pollFolderJob()
+        if self._inferenceJob is None and self._trainingJob is None and self._folderJob is None:
             self._pollTimer.stop()
 
     def pollInference(self) -> None:
@@ -533,6 +573,206 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._appliedThresholdState = state
         self.showStatus(self.ui.statisticsLabel, result.summary())
+
+    # -- a folder of cases ---------------------------------------------------------------------
+    def onCaseFoldersChanged(self, path: str = "") -> None:
+        if self._updatingGui or self._parameterNode is None:
+            return
+        wasModified = self._parameterNode.StartModify()
+        self._parameterNode.casesFolder = self.ui.casesFolderEdit.currentPath
+        self._parameterNode.resultsFolder = self.ui.resultsFolderEdit.currentPath
+        self._parameterNode.EndModify(wasModified)
+
+    def openCaseFolder(self) -> None:
+        """Open the parameter node's folders in the logic, unless they are open already."""
+        p = self._parameterNode
+        if p is None or not p.casesFolder or not p.resultsFolder:
+            return
+        # Once per pair of folders (this runs on every parameter change, e.g. each slider step).
+        folders = (p.casesFolder, p.resultsFolder)
+        if folders == self._caseFolders:
+            return
+        self._caseFolders = folders
+        try:
+            rows = self.logic.openFolder(p.casesFolder, p.resultsFolder, model=self.currentModel())
+        except errors.ADMError as exc:
+            self.logic.closeFolder()
+            self.fillCaseTable([])
+            self.showError(self.ui.casesStatusLabel, str(exc))
+            return
+        self.fillCaseTable(rows)
+        done = sum(r.status == "done" for r in rows)
+        failed = sum(r.status == "failed" for r in rows)
+        self.showStatus(self.ui.casesStatusLabel, _("{n} cases: {done} with results, {failed} failed. Double-click a "
+                                                    "case or press Next.").format(n=len(rows), done=done, failed=failed))
+
+    def fillCaseTable(self, rows) -> None:
+        """Show the case table (``CaseRecord`` rows); the loaded case's row is selected."""
+        table = self.ui.casesTable
+        table.setRowCount(len(rows))
+        for row, record in enumerate(rows):
+            for column, name in enumerate(_CASE_COLUMNS):
+                value = getattr(record, name)
+                if name == "status" and record.reason:
+                    text = f"{value}: {record.reason}"
+                elif isinstance(value, float):
+                    text = f"{value:.3f}" if name in ("dice", "auprc") else f"{value:.2f}"
+                else:
+                    text = "" if value is None else str(value)
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(record.reason or text)
+                if record.status == "failed":
+                    item.setForeground(qt.QBrush(qt.QColor("#c0392b")))
+                table.setItem(row, column, item)
+        table.resizeColumnsToContents()
+        browser = self.logic.caseBrowser
+        loaded = browser.loaded if browser is not None else None
+        if loaded is not None and loaded.index < len(rows):
+            table.selectRow(loaded.index)
+        index = browser.index if browser is not None else None
+        running = self._folderJob is not None
+        hasRows = bool(rows)
+        self.ui.previousCaseButton.enabled = hasRows and index is not None and index > 0
+        self.ui.nextCaseButton.enabled = hasRows and (index is None or index < len(rows) - 1)
+        self.ui.runMissingButton.enabled = hasRows
+        self.ui.applyToAllButton.enabled = hasRows and not running and any(r.status == "done" for r in rows)
+        self.ui.saveThresholdModelButton.enabled = hasRows and not running and any(r.status == "done" for r in rows)
+
+    def showCase(self, load) -> None:
+        """Load a case (``load``: e.g. ``logic.nextCase``) and point the inputs, outputs and threshold
+        at it, as after Apply."""
+        self.openCaseFolder()
+        if self.logic.caseBrowser is None:
+            self.showError(self.ui.casesStatusLabel, _("choose a cases folder and a results folder first"))
+            return
+        try:
+            self.logic.ensureDependencies()
+            loaded = load()
+        except errors.ADMError as exc:
+            self.fillCaseTable(self.logic.caseBrowser.rows())
+            self.showError(self.ui.casesStatusLabel, str(exc))
+            return
+        p = self._parameterNode
+        wasModified = p.StartModify()
+        p.flair, p.t1, p.t1c, p.t2 = (loaded.volumes[c] for c in CONTRASTS)
+        p.energyVolume = loaded.energy
+        p.anomalySegmentation = loaded.anomaly
+        if loaded.anomaly is not None:
+            # The threshold the stored map was made with; already applied, so not applied again.
+            p.thresholdMode = "energy"
+            p.threshold = float(loaded.anomaly.GetAttribute(THRESHOLD_ATTRIBUTE))
+            self._appliedThresholdState = (loaded.anomaly.GetID(), p.thresholdMode, p.threshold, p.percentile)
+        p.EndModify(wasModified)
+        slicer.util.resetSliceViews()
+        rows = self.logic.caseBrowser.rows()
+        self.fillCaseTable(rows)
+        self.showStatus(self.ui.casesStatusLabel, _("{case} ({number}/{total}): {status}").format(
+            case=loaded.caseId, number=loaded.index + 1, total=len(rows),
+            status=_("stored results") if loaded.anomaly is not None else _("no results yet (Run missing, or Apply)")))
+
+    def currentThreshold(self) -> float:
+        """The energy threshold on display: the loaded anomaly's (also in percentile mode), else the slider's."""
+        p = self._parameterNode
+        applied = p.anomalySegmentation.GetAttribute(THRESHOLD_ATTRIBUTE) if p.anomalySegmentation else None
+        return float(applied) if applied else float(p.threshold)
+
+    def onRunMissing(self) -> None:
+        if self._folderJob is not None:
+            self._folderJob.cancel()
+            self.showStatus(self.ui.casesStatusLabel, _("Cancelling..."))
+            return
+        self.openCaseFolder()
+        try:
+            self.logic.ensureDependencies()
+            self._folderJob = self.logic.startRunMissing(device=self._parameterNode.device)
+        except errors.ADMError as exc:
+            self.showError(self.ui.casesStatusLabel, _("Not started: ") + str(exc))
+            return
+        self.startFolderJob(_("Predicting the cases without results in a background process..."))
+
+    def onApplyToAll(self) -> None:
+        threshold = self.currentThreshold()
+        if not slicer.util.confirmOkCancelDisplay(
+                _("Rewrite the anomaly map of every case with results at threshold {threshold:.4g} "
+                  "(from the stored energy maps, in {folder})?").format(
+                    threshold=threshold, folder=self._parameterNode.resultsFolder)):
+            return
+        try:
+            self._folderJob = self.logic.startApplyThresholdToFolder(threshold)
+        except errors.ADMError as exc:
+            self.showError(self.ui.casesStatusLabel, str(exc))
+            return
+        self.startFolderJob(_("Applying threshold {threshold:.4g} to every case...").format(threshold=threshold))
+
+    def startFolderJob(self, message: str) -> None:
+        self.ui.casesProgressBar.setVisible(True)
+        self.ui.casesProgressBar.value = 0
+        self.ui.runMissingButton.text = _("Cancel")
+        self.ui.runMissingButton.enabled = True
+        self.ui.applyToAllButton.enabled = self.ui.saveThresholdModelButton.enabled = False
+        self.showStatus(self.ui.casesStatusLabel, message)
+        self._pollTimer.start()
+
+    def pollFolderJob(self) -> None:
+        job = self._folderJob
+        if job.poll():
+            self.refreshCases()  # each finished case is in cases.csv already
+        self.ui.casesProgressBar.value = int(1000 * job.fraction())
+        if job.casesTotal:
+            self.ui.casesStatusLabel.text = _("{done}/{total} cases").format(done=job.casesDone, total=job.casesTotal)
+        if not job.finished:
+            return
+        self._folderJob = None
+        self.ui.casesProgressBar.setVisible(False)
+        self.ui.runMissingButton.text = _("Run missing")
+        try:
+            summary = job.finish()
+        except errors.CancelledError:
+            self.showStatus(self.ui.casesStatusLabel, _("Cancelled; the cases finished before are kept."))
+        except errors.ADMError as exc:
+            self.showError(self.ui.casesStatusLabel, str(exc))
+        else:
+            counts = {key: len(summary.get(key) or ()) for key in ("done", "rethresholded", "skipped", "failed")}
+            self.showStatus(self.ui.casesStatusLabel, _(
+                "Finished: {done} predicted, {rethresholded} re-thresholded, {skipped} kept, {failed} failed.").format(
+                **counts) if "skipped" in summary else _("Finished: every case's anomaly map was rewritten."))
+        self.refreshCases()
+        browser = self.logic.caseBrowser
+        loaded = browser.loaded if browser is not None else None
+        if loaded is not None and loaded.anomaly is None and browser.record(loaded.index).done:
+            self.showCase(lambda: self.logic.loadCase(loaded.index))  # its results were just written: show them
+
+    def refreshCases(self) -> None:
+        """Re-read the case table; the loaded case's segmentation and the slider follow a new threshold."""
+        if self.logic.caseBrowser is None:
+            return
+        try:
+            rows = self.logic.caseRecords()
+        except errors.ADMError as exc:
+            self.showError(self.ui.casesStatusLabel, str(exc))
+            return
+        self.fillCaseTable(rows)
+        p = self._parameterNode
+        applied = p.anomalySegmentation.GetAttribute(THRESHOLD_ATTRIBUTE) if p and p.anomalySegmentation else None
+        if applied and p.thresholdMode == "energy" and float(applied) != p.threshold:
+            self._appliedThresholdState = (p.anomalySegmentation.GetID(), "energy", float(applied), p.percentile)
+            p.threshold = float(applied)
+
+    def onSaveThresholdModel(self) -> None:
+        threshold = self.currentThreshold()
+        path = qt.QFileDialog.getSaveFileName(
+            self.parent, _("Save a copy of the model with threshold {threshold:.4g}").format(threshold=threshold), "",
+            _("ADMAnomaly models (*.admm)"))
+        if not path:
+            return
+        try:
+            written = self.logic.saveThresholdModel(path, threshold=threshold)
+        except errors.ADMError as exc:
+            self.showError(self.ui.casesStatusLabel, str(exc))
+            return
+        self.showStatus(self.ui.casesStatusLabel, _(
+            "Model copy with threshold {threshold:.4g} written to {path}; select it for new cases.").format(
+            threshold=threshold, path=written))
 
     # -- training ------------------------------------------------------------------------------
     def onPresetChanged(self, index: int) -> None:

@@ -381,3 +381,116 @@ def test_run_missing_in_the_background_fills_the_table(mrml, folder, tmp_path):
         job.finish()
     leftovers = list((tmp_path / "cancelled").glob("*.tmp*")) if (tmp_path / "cancelled").exists() else []
     assert not leftovers
+
+
+# -- the panel's wiring, with stand-ins for the Qt widgets (no Qt here) ------------------------------
+
+class _Widget:
+    """A Qt widget stand-in: properties are plain attributes, other calls are recorded and do nothing."""
+
+    def __init__(self) -> None:
+        self.text, self.enabled, self.value, self.calls = "", True, 0, []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, args))
+
+
+class _Table(_Widget):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: dict[tuple[int, int], str] = {}
+        self.selected = None
+
+    def setRowCount(self, rows: int) -> None:
+        self.rows = rows
+        self.cells = {cell: text for cell, text in self.cells.items() if cell[0] < rows}
+
+    def setItem(self, row: int, column: int, item) -> None:
+        self.cells[row, column] = item.text
+
+    def selectRow(self, row: int) -> None:
+        self.selected = row
+
+
+class _Parameters:
+    """The parameter node's fields the cases section reads and writes."""
+
+    def __init__(self, **fields) -> None:
+        self.__dict__.update({"flair": None, "t1": None, "t1c": None, "t2": None, "energyVolume": None,
+                              "anomalySegmentation": None, "thresholdMode": "energy", "threshold": 0.0,
+                              "percentile": 99.0, "device": "cpu", "modelPath": "", **fields})
+
+    def StartModify(self) -> int:
+        return 0
+
+    def EndModify(self, was: int) -> None:
+        pass
+
+
+def test_the_panel_shows_the_table_and_steps_through_cases(folder, mrml, monkeypatch, tmp_path):
+    import importlib.util
+    import types
+
+    class _Item:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def __getattr__(self, name):
+            return lambda *args: None
+
+    qt = types.ModuleType("qt")
+    qt.QTableWidgetItem, qt.QBrush, qt.QColor = _Item, (lambda *a: None), (lambda *a: None)
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                 "ScriptedLoadableModuleTest"):
+        setattr(scripted, name, type(name, (), {"__init__": lambda self, *args: None}))
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = wrapper.WithinRange = lambda *args: None
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
+    monkeypatch.setattr(slicer.util, "resetSliceViews", lambda: None)
+    spec = importlib.util.spec_from_file_location("ADMAnomaly_panel", REPO / "ADMAnomaly" / "ADMAnomaly.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    widget = module.ADMAnomalyWidget()
+    widget.ui = types.SimpleNamespace(**{name: _Table() if name == "casesTable" else _Widget()
+                                        for name in module.EXPECTED_WIDGETS})
+    widget.logic = module.ADMAnomalyLogic()
+    work = copy_results(folder, tmp_path)
+    widget._parameterNode = _Parameters(casesFolder=str(folder["cases"]), resultsFolder=str(work),
+                                        modelPath=str(folder["model"]))
+    widget.openCaseFolder()
+    table = widget.ui.casesTable
+    assert table.rows == len(GOOD) + 2 and table.cells[0, 0] == BROKEN_GRID
+    assert table.cells[0, 1].startswith("failed: ") and "size" in table.cells[0, 1]
+    assert table.cells[2, 0] == "case_0" and table.cells[2, 1] == "done" and float(table.cells[2, 5]) > 0
+    assert "6 with results, 2 failed" in widget.ui.casesStatusLabel.text
+
+    widget.showCase(widget.logic.nextCase)  # the first case is broken: the error is shown, nothing loaded
+    assert "size" in widget.ui.casesStatusLabel.text and widget._parameterNode.flair is None
+    widget.showCase(widget.logic.nextCase)
+    widget.showCase(widget.logic.nextCase)
+    p = widget._parameterNode
+    assert p.flair.GetName() == "case_0_flair" and p.t1c.GetName() == "case_0_t1ce"
+    assert p.anomalySegmentation is not None and p.energyVolume.GetScene() is mrml.scene
+    assert p.threshold == results.read_table(work)["case_0"].threshold
+    assert table.selected == 2 and widget.ui.previousCaseButton.enabled and widget.ui.nextCaseButton.enabled
+    assert widget.ui.casesStatusLabel.text.startswith("case_0 (3/8): stored results")
+
+    # Apply to all in the background (the engine's threshold command); the loaded case and the slider follow.
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args: True, raising=False)
+    p.threshold = p.threshold + 0.5
+    p.anomalySegmentation.SetAttribute(module.THRESHOLD_ATTRIBUTE, repr(p.threshold))  # as the slider applies it
+    widget._pollTimer = _Widget()
+    widget.onApplyToAll()
+    assert widget._folderJob is not None and widget.ui.runMissingButton.text == "Cancel"
+    while widget._folderJob is not None:
+        widget._folderJob.process.wait(120)
+        widget.pollFolderJob()
+    assert "rewritten" in widget.ui.casesStatusLabel.text, widget.ui.casesStatusLabel.text
+    assert all(r.threshold == p.threshold for r in results.read_table(work).values() if r.done)
+    np.testing.assert_array_equal(widget.logic.segmentArray(p.anomalySegmentation),
+                                  read_array(results.output_paths(work, "case_0")[1]))
