@@ -18,11 +18,13 @@ import slicer
 
 def render_slice(background, foreground=None, segmentation=None, orientation: str = "Axial",
                  offset: float | None = None, size: int = 256, opacity: float = 0.5, scene=None,
-                 application_logic=None, png_path: str | Path | None = None) -> np.ndarray:
+                 application_logic=None, png_path: str | Path | None = None,
+                 point: tuple[float, float, float] | None = None) -> np.ndarray:
     """Render one slice view and return it as an (H, W, 3) uint8 array (top row first).
 
-    ``offset`` is the slice position in mm along the view normal (default: centre of the
-    background volume). Optionally writes ``png_path``."""
+    The slice passes through ``point`` (RAS, mm), or lies at ``offset`` mm along the view normal
+    (whose sign depends on the orientation preset: the sagittal normal points left); default: the
+    centre of the background volume. Optionally writes ``png_path``."""
     scene = scene or slicer.mrmlScene
     app = application_logic
     if app is None:
@@ -31,20 +33,28 @@ def render_slice(background, foreground=None, segmentation=None, orientation: st
     slice_logic = slicer.vtkMRMLSliceLogic()
     slice_logic.SetMRMLApplicationLogic(app)
     slice_logic.SetMRMLScene(scene)
+    defaults = scene.GetDefaultNodeByClass("vtkMRMLSliceNode")
+    if defaults is None or not defaults.GetNumberOfSliceOrientationPresets():
+        # The Slicer application registers the Axial/Sagittal/Coronal presets; a bare scene has none.
+        slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
     slice_node = slice_logic.AddSliceNode(f"ADMAnomalyRender{orientation}")
-    slice_node.SetOrientation(orientation)
+    if not slice_node.SetOrientation(orientation):
+        scene.RemoveNode(slice_node)
+        raise ValueError(f"unknown slice orientation {orientation!r}")
     composite = slice_logic.GetSliceCompositeNode()
     composite.SetBackgroundVolumeID(background.GetID())
     composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
     composite.SetForegroundOpacity(opacity)
     slice_node.SetDimensions(size, size, 1)
     slice_logic.FitSliceToAll()
-    if offset is None:
-        bounds = [0.0] * 6
-        background.GetRASBounds(bounds)
-        axis = {"Axial": 2, "Sagittal": 0, "Coronal": 1}[orientation]
-        offset = 0.5 * (bounds[2 * axis] + bounds[2 * axis + 1])
-    slice_logic.SetSliceOffset(offset)
+    if offset is not None:
+        slice_logic.SetSliceOffset(offset)
+    else:
+        if point is None:
+            bounds = [0.0] * 6
+            background.GetRASBounds(bounds)
+            point = tuple(0.5 * (bounds[2 * axis] + bounds[2 * axis + 1]) for axis in range(3))
+        slice_node.JumpSliceByOffsetting(*point)
     slice_logic.UpdatePipeline()
 
     window = vtk.vtkRenderWindow()
