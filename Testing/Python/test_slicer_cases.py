@@ -199,6 +199,23 @@ def test_a_loaded_stored_energy_equals_the_file_and_the_segment_the_stored_map(l
     assert higher.voxels < stored.sum()
 
 
+def test_a_loaded_case_is_drawn_in_every_orientation(logic):
+    # The README picture: the three slice views through one point of the anomaly.
+    from ADMAnomalyCore.rendering import render_slice
+
+    loaded = logic.loadCase("case_4")
+    k, j, i = np.argwhere(logic.segmentArray(loaded.anomaly) > 0).mean(axis=0).round()
+    point = tuple(float(v) for v in (conversion.ijk_to_ras_array(loaded.energy) @ [i, j, k, 1.0])[:3])
+    for orientation in ("Axial", "Coronal", "Sagittal"):
+        image = render_slice(loaded.volumes["flair"], loaded.energy, loaded.anomaly, orientation=orientation,
+                             point=point, size=128).astype(int)
+        assert (image.sum(axis=-1) > 30).mean() > 0.1, orientation  # the head, not an empty plane
+        cyan = (image[..., 2] - image[..., 0] > 60) & (image[..., 1] - image[..., 0] > 60)
+        assert cyan.sum() > 5, orientation  # the anomaly's outline and fill
+    with pytest.raises(ValueError, match="orientation"):
+        render_slice(loaded.volumes["flair"], orientation="Oblique")
+
+
 def test_a_case_without_results_brings_its_volumes_only(mrml, folder):
     logic = ADMAnomalyCoreLogic()
     logic.openFolder(folder["cases"], folder["root"] / "not-yet", model=folder["model"])
