@@ -163,12 +163,12 @@ class CaseBrowser:
         index = self.indexOf(case)
         self.index = index
         files = self.cases[index]
+        self.loadFailures.pop(files.case_id, None)  # tried afresh, with its row of the table
         try:
             loaded = self._load(index, files)
         except errors.ADMError as exc:
             self.loadFailures[files.case_id] = str(exc)
             raise
-        self.loadFailures.pop(files.case_id, None)
         previous, self.loaded = self.loaded, loaded
         if previous is not None:
             self.unloadNodes(previous)

@@ -267,6 +267,22 @@ def test_a_broken_case_is_failed_and_the_others_browse(logic, mrml):
     assert logic.caseBrowser.loaded.caseId == "case_0"
 
 
+def test_a_case_whose_stored_energy_is_missing_fails_until_it_is_back(mrml, folder, tmp_path):
+    work = copy_results(folder, tmp_path)
+    logic = ADMAnomalyCoreLogic()
+    logic.openFolder(folder["cases"], work, model=folder["model"])
+    energy, _ = results.output_paths(work, "case_2")
+    moved = energy.rename(energy.with_name("moved.nii.gz"))
+    before = mrml.scene.GetNumberOfNodes()
+    with pytest.raises(errors.InputError, match="not found"):
+        logic.loadCase("case_2")
+    assert mrml.scene.GetNumberOfNodes() == before
+    assert logic.caseRecords()[index_of(logic, "case_2")].status == "failed"
+    moved.rename(energy)
+    assert logic.loadCase("case_2").anomaly is not None
+    assert logic.caseRecords()[index_of(logic, "case_2")].status == "done"
+
+
 # -- thresholds across the folder ------------------------------------------------------------------
 
 def test_apply_to_all_equals_predict_with_that_threshold(mrml, folder, tmp_path):
