@@ -929,6 +929,8 @@ class ADMAnomalyTest(ScriptedLoadableModuleTest):
         self.test_InputsAndValidation()
         self.setUp()
         self.test_RunThresholdAndCancel()
+        self.setUp()
+        self.test_CaseFolder()
 
     # A small synthetic head: ellipsoid brain, smooth tissue contrast per sequence, one bright lesion.
     @staticmethod
@@ -995,7 +997,7 @@ class ADMAnomalyTest(ScriptedLoadableModuleTest):
         for number in range(2):
             self.writeSyntheticCase(os.path.join(folder, "train"), f"case_{number}", seed=number)
         logic = ADMAnomalyLogic()
-        modelPath = logic.train(os.path.join(folder, "train"), os.path.join(folder, "tiny.admm"), preset="tiny",
+        modelPath = self.modelPath = logic.train(os.path.join(folder, "train"), os.path.join(folder, "tiny.admm"), preset="tiny",
                                 lesionMargin=1, device="cpu")
         paths = self.writeSyntheticCase(folder, "case_test", seed=5)
         nodes = {name: slicer.util.loadVolume(path) for name, path in paths.items()}
@@ -1024,3 +1026,38 @@ class ADMAnomalyTest(ScriptedLoadableModuleTest):
             logic.run(*inputs, model=modelPath, device="cpu", shouldCancel=lambda: True)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), count)
         self.delayDisplay("Run test passed")
+
+    def test_CaseFolder(self):
+        if _engine.torch_missing():
+            self.delayDisplay("PyTorch is not installed: case folder test skipped")
+            return
+        import numpy as np
+        from ADMAnomalyLib.results import read_table
+
+        self.delayDisplay("A folder of cases: table, Next/Previous, threshold applied to all, model copy")
+        folder = slicer.util.tempDirectory("ADMAnomalyTest")
+        cases, output = os.path.join(folder, "cases"), os.path.join(folder, "out")
+        for number in range(3):
+            self.writeSyntheticCase(cases, f"case_{number}", seed=number)
+        logic = ADMAnomalyLogic()
+        rows = logic.openFolder(cases, output, model=self.modelPath)
+        self.assertEqual([r.status for r in rows], ["not run"] * 3)
+        logic.runMissing(device="cpu")
+        self.assertEqual([r.status for r in logic.caseRecords()], ["done"] * 3)
+        nodes = None
+        for step in (logic.nextCase, logic.nextCase, logic.nextCase, logic.previousCase):
+            case = step()
+            self.assertIsNotNone(case.anomaly)
+            count = slicer.mrmlScene.GetNumberOfNodes()
+            self.assertTrue(nodes is None or count == nodes)  # the previous case's nodes were removed
+            nodes = count
+        threshold = logic.caseRecords()[0].threshold + 0.5
+        logic.applyThresholdToFolder(threshold)
+        self.assertTrue(all(r.threshold == threshold for r in read_table(output).values()))
+        energy = slicer.util.arrayFromVolume(case.energy)
+        expected = ((energy >= threshold) & logic.brainMask(case.energy)).astype(np.uint8)
+        np.testing.assert_array_equal(logic.segmentArray(case.anomaly), expected)
+        saved = logic.saveThresholdModel(os.path.join(folder, "tuned.admm"))
+        self.assertEqual(logic.loadModel(str(saved)).threshold, threshold)
+        logic.closeFolder()
+        self.delayDisplay("Case folder test passed")

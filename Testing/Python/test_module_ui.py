@@ -94,6 +94,21 @@ def test_parameter_bindings_match_the_parameter_node():
     assert "WithinRange" in ast.unparse(fields["threshold"]) and "WithinRange" in ast.unparse(fields["percentile"])
 
 
+def test_the_cases_table_has_a_column_per_shown_field():
+    root = ET.parse(UI_FILE).getroot()
+    table = next(w for w in root.iter("widget") if w.get("name") == "casesTable")
+    headers = [column.findtext("property/string") for column in table.findall("column")]
+    shown = None
+    for node in module_tree().body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_CASE_COLUMNS" for t in node.targets):
+            shown = ast.literal_eval(node.value)
+    assert shown is not None, "ADMAnomaly.py defines no _CASE_COLUMNS"
+    from ADMAnomalyLib.results import CaseRecord
+
+    assert set(shown) <= set(CaseRecord.__dataclass_fields__)
+    assert len(headers) == len(shown) and headers[0] == "Case" and headers[1] == "Status"
+
+
 def test_mrml_widgets_get_the_scene():
     root = ET.parse(UI_FILE).getroot()
     connected = {c.findtext("receiver") for c in root.iter("connection")
