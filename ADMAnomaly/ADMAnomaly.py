@@ -855,7 +855,9 @@ class ADMAnomalyLogic(ADMAnomalyCoreLogic, ScriptedLoadableModuleLogic):
 
     ``run(flair, t1, t1c, t2, model=None, device="auto")`` -> (energy node, segmentation node);
     ``setThreshold(segmentationNode, threshold=None, percentile=None)``;
-    ``processFolder(inputDir, outputDir, model=None)``; ``train(dataDir, outputPath, preset="small", ...)``.
+    ``processFolder(inputDir, outputDir, model=None)``; ``train(dataDir, outputPath, preset="small", ...)``;
+    a folder of cases: ``openFolder(casesDir, resultsDir)``, ``loadCase(i)``, ``nextCase()``, ``previousCase()``,
+    ``runMissing()``, ``applyThresholdToFolder(E)``, ``saveThresholdModel(path)``.
     Call ``ensureDependencies()`` once first in a fresh Slicer (installs PyTorch and the rest)."""
 
     def __init__(self) -> None:

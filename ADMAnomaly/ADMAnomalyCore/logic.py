@@ -476,9 +476,11 @@ class ADMAnomalyCoreLogic:
                       skipExisting: bool = True, progress: Callable[[int, int, str], None] | None = None,
                       pattern: dict[str, str] | None = None):
         """Predict every case of ``inputDir`` into ``outputDir`` (``<case>_energy.nii.gz``,
-        ``<case>_anomaly.nii.gz``, ``report.json``, ``errors.log``). Resumable: cases with both
-        outputs are skipped. A failing case is logged and the others go on. Returns the engine's
-        ``FolderReport`` (``done``, ``skipped``, ``failed``)."""
+        ``<case>_anomaly.nii.gz``, the case table ``cases.csv``, ``report.json``, ``errors.log``) with
+        ``ADMAnomalyLib.api.predict_folder``. Resumable through ``cases.csv``: cases done by this model
+        are skipped (or only re-thresholded from their stored energy when ``threshold`` changed). A
+        failing case is a failed row and the others go on. Returns the engine's ``FolderReport``
+        (``done``, ``rethresholded``, ``skipped``, ``failed``)."""
         api = engine_api()
         self.resolveDevice(device)
         loaded = self.loadModel(model)
