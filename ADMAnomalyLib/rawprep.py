@@ -222,7 +222,7 @@ def looks_skull_stripped(image: sitk.Image) -> bool:
     values = sitk.GetArrayViewFromImage(image)
     foreground = values != 0
     millilitres = float(foreground.sum()) * float(np.prod(image.GetSpacing())) / 1000.0
-    return (1.0 - foreground.mean()) >= STRIPPED_BACKGROUND and millilitres <= STRIPPED_MAX_ML
+    return bool((1.0 - foreground.mean()) >= STRIPPED_BACKGROUND and millilitres <= STRIPPED_MAX_ML)
 
 
 def head_mask(image: sitk.Image) -> sitk.Image:
@@ -337,7 +337,7 @@ def _full_metric(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transfor
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.2, seed)
+    method.SetMetricSamplingPercentage(0.1, seed)
     if fixed_mask is not None:
         method.SetMetricFixedMask(fixed_mask)
     method.SetInterpolator(sitk.sitkLinear)
@@ -360,7 +360,7 @@ def _head_agreement(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Trans
     field_of_view[0] = field_of_view[-1] = False  # edge slices are partial in thick-slice data
     a, b = fixed_head & field_of_view, moving_head & field_of_view
     denominator = a.sum() + b.sum()
-    dice = 2.0 * float((a & b).sum()) / denominator if denominator else 0.0
+    dice = 2.0 * float((a & b).sum()) / float(denominator) if denominator else 0.0
     coverage = float(a.sum()) / max(1, int(fixed_head.sum()))
     return dice, coverage
 
@@ -434,6 +434,22 @@ def check_brain_mask(mask: sitk.Image, name: str) -> sitk.Image:
     return binary
 
 
+MAX_BRAIN_TO_HEAD = 0.90
+"""An extracted brain filling more of the head outline than this has no skull and scalp around it."""
+
+
+def _check_skull_around(brain: sitk.Image, head_scan: sitk.Image, name: str) -> float:
+    """The extracted brain's share of the head outline (0.5-0.6 in a head scan). A share near 1 means
+    the tool labelled a whole object without skull or scalp around it, which it also does for a
+    phantom or a non-brain scan: refused. Returns the share."""
+    head = float(sitk.GetArrayViewFromImage(head_mask(head_scan)).sum())
+    share = float(sitk.GetArrayViewFromImage(brain).sum()) / max(head, 1.0)
+    if share > MAX_BRAIN_TO_HEAD:
+        raise InputError(f"{name}: the extracted 'brain' fills {share:.0%} of the imaged object, with no skull or "
+                         "scalp around it: not a brain scan? (already skull-stripped: use skull_strip='no')")
+    return share
+
+
 # ---------------------------------------------------------------------------------------------- orchestration
 
 Progress = Callable[[str], None]
@@ -495,6 +511,8 @@ def prepare_raw(images: dict[str, sitk.Image], options: Optional[RawOptions] = N
         announce("brain extraction (deepbet)")
         brain = check_brain_mask(extract_brain(flair), f"case {case_id} flair")
         details = {"source": "deepbet on FLAIR", "skull_stripped_input": stripped}
+        if not stripped:
+            details["brain_to_head"] = round(_check_skull_around(brain, flair, f"case {case_id} flair"), 3)
         ran = True
     else:
         brain = None
@@ -530,39 +548,40 @@ class Mapping:
     details: dict
 
 
-def map_skull_stripped(head: sitk.Image, stripped: sitk.Image, stripped_brain: sitk.Image) -> Mapping:
+def map_skull_stripped(head: sitk.Image, stripped: sitk.Image, stripped_brain: sitk.Image,
+                       affine: bool = True) -> Mapping:
     """Register a skull-stripped scan (e.g. an atlas-space BraTS volume) onto a head scan of the same
     patient and contrast: Mattes MI counted only where ``head`` maps into ``stripped_brain`` (so the
     skull cannot pull), rigid from the centres of mass, then affine from the rigid result. The affine
     result is kept when its metric is lower. ``transform`` maps head points into the stripped scan,
-    so ``resample_mask(stripped_brain, head, transform)`` carries its brain onto the head grid."""
+    so ``resample_mask(stripped_brain, head, transform)`` carries its brain onto the head grid.
+    ``affine=False`` stops after the rigid step."""
     fixed = sitk.Cast(head, sitk.sitkFloat32)
     moving = sitk.Cast(stripped, sitk.sitkFloat32)
     details: dict = {}
     rigid = sitk.Euler3DTransform(sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS))
-    affine = None
+    general = None
     best, best_metric = None, np.inf
-    for kind in ("rigid", "affine"):
-        transform = rigid if kind == "rigid" else affine
+    for kind in ("rigid", "affine") if affine else ("rigid",):
+        transform = rigid if kind == "rigid" else general
         method = _registration_method(7, None)
         method.SetMetricMovingMask(sitk.Cast(stripped_brain > 0, sitk.sitkUInt8))
-        method.SetMetricSamplingPercentage(0.2, 7)
         method.SetInitialTransform(transform, inPlace=True)
         method.Execute(fixed, moving)
         metric = float(method.GetMetricValue())
         details[f"{kind}_mattes_mi"] = round(metric, 4)
         if kind == "rigid":
-            affine = sitk.AffineTransform(3)
-            affine.SetCenter(rigid.GetCenter())
-            affine.SetMatrix(rigid.GetMatrix())
-            affine.SetTranslation(rigid.GetTranslation())
+            general = sitk.AffineTransform(3)
+            general.SetCenter(rigid.GetCenter())
+            general.SetMatrix(rigid.GetMatrix())
+            general.SetTranslation(rigid.GetTranslation())
         if metric < best_metric:
             best, best_metric = (kind, transform), metric
     details["kept"] = best[0]
     if best[0] == "affine":
         details["affine_scales"] = [round(float(v), 3) for v in np.linalg.svd(
-            np.asarray(affine.GetMatrix()).reshape(3, 3), compute_uv=False)]
+            np.asarray(general.GetMatrix()).reshape(3, 3), compute_uv=False)]
     return Mapping(best[1], details)
 
 

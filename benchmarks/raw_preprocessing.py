@@ -130,9 +130,6 @@ def slicing_study(folder: Path, flair: sitk.Image, transform: sitk.Transform, la
     on its native slices, and resampled to 1 mm slices (the training resolution) with the energy
     carried back (linear) onto the native grid; both scored on the native grid against the pseudo
     reference."""
-    from ADMAnomalyLib.cases import case_from_images
-    from ADMAnomalyLib.infer import predict_case
-
     model = api.load_model()
     case_id = folder.name.replace("_preprocessed", "")
     images = {c: sitk.ReadImage(str(folder / f"{case_id}_{n}.nii.gz"))
@@ -141,7 +138,7 @@ def slicing_study(folder: Path, flair: sitk.Image, transform: sitk.Transform, la
     tumour = rawprep.resample_mask(sitk.ReadImage(str(label_path)) > 0, flair, transform)
     result = {}
     started = time.perf_counter()
-    native = predict_case(model, case_from_images(images, mask=brain), "cpu")
+    native = api.predict(model, images, mask=brain, device="cpu")
     result["native"] = {"seconds": round(time.perf_counter() - started, 1),
                         **_metrics(native, tumour, model.threshold)}
     for thickness in (1.0, 2.0):
@@ -160,7 +157,7 @@ def slicing_study(folder: Path, flair: sitk.Image, transform: sitk.Transform, la
         thin = {c: rawprep.resample_onto(images[c], grid, identity) for c in CONTRASTS}
         thin_brain = rawprep.resample_mask(brain, grid, identity)
         thin = {c: sitk.Mask(thin[c], thin_brain) for c in CONTRASTS}
-        prediction = predict_case(model, case_from_images(thin, mask=thin_brain), "cpu")
+        prediction = api.predict(model, thin, mask=thin_brain, device="cpu")
         back = sitk.Resample(prediction.energy, flair, identity, sitk.sitkLinear, -1e9, sitk.sitkFloat32)
         native.energy = back
         result[f"resampled_{thickness:g}mm"] = {"seconds": round(time.perf_counter() - started, 1),
