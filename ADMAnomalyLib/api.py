@@ -16,17 +16,18 @@ import SimpleITK as sitk
 
 from .cases import CaseFiles, case_from_images, discover_cases, find_cases, load_case
 from .config import ADMConfig, CONTRASTS, PRESETS, preset
-from .device import PRECISIONS, describe_device, inference_dtype, resolve_device
+from .device import PRECISIONS, describe_device, resolve_device
 from .errors import ADMError, InputError, ModelFileError, OutputError
-from .infer import Prediction, anomaly_mask, percentile_threshold, predict_case
+from .infer import InferenceOptions, Prediction, anomaly_mask, percentile_threshold, predict_case
 from .io import write_image_atomic, write_text_atomic
+from . import results
 from .results import output_paths
 from .validation import check_positive_int, check_threshold, parse_shard
 from .model import ADMModel
 from .train import train
 
 __all__ = [
-    "ADMConfig", "ADMModel", "CONTRASTS", "FolderReport", "PRECISIONS", "PRESETS", "Prediction", "anomaly_mask",
+    "ADMConfig", "ADMModel", "CONTRASTS", "FolderReport", "InferenceOptions", "PRECISIONS", "PRESETS", "Prediction", "anomaly_mask",
     "default_model_path", "describe_device", "find_cases", "load_case", "load_model", "output_paths",
     "percentile_threshold", "predict", "predict_case", "predict_folder", "preset", "resolve_device", "train",
 ]
@@ -71,14 +72,44 @@ def predict(
     should_cancel: Callable[[], bool] | None = None,
     precision: str = "auto",
     compile: bool = False,
+    preprocess: "str | RawOptions" = "none",
 ) -> Prediction:
     """Energy map of four in-memory volumes keyed by ``CONTRASTS`` (all on one grid).
 
     ``precision``: 'auto' (half precision on a GPU, float32 on CPU), 'fp32', 'bf16' or 'fp16';
-    ``compile``: run the CtoC network through ``torch.compile`` (pays off over many cases)."""
+    ``compile``: run the CtoC network through ``torch.compile`` (pays off over many cases).
+    ``preprocess``: 'none' (the volumes are co-registered and skull-stripped), 'auto' (register and
+    extract the brain when the volumes need it), 'full' (always), or :class:`~ADMAnomalyLib.rawprep.RawOptions`;
+    the energy then lies on the FLAIR grid, ``mask`` is a brain mask on that grid replacing brain
+    extraction, and ``prediction.preprocessing`` reports the steps (:mod:`ADMAnomalyLib.rawprep`)."""
     model = load_model(model)
-    case = case_from_images(images, mask=mask, tolerance=model.config.preprocess.grid_tolerance)
-    return predict_case(model, case, device, batch_size, precision, progress, should_cancel, compile)
+    options = InferenceOptions(device, precision, batch_size, compile).checked()
+    raw = raw_options(preprocess, mask)
+    if raw is None:
+        case = case_from_images(images, mask=mask, tolerance=model.config.preprocess.grid_tolerance)
+        return predict_case(model, case, options, progress, should_cancel)
+    from .rawprep import prepare_raw
+
+    raw = prepare_raw(images, raw)
+    case = case_from_images(raw.images, mask=raw.brain_mask, tolerance=model.config.preprocess.grid_tolerance)
+    prediction = predict_case(model, case, options, progress, should_cancel)
+    prediction.preprocessing = raw
+    return prediction
+
+
+def raw_options(preprocess: "str | RawOptions", mask: sitk.Image | None = None) -> "RawOptions | None":
+    """The raw-scan preprocessing ``preprocess`` asks for (None for 'none'), with a user brain mask."""
+    from .rawprep import RawOptions
+
+    if isinstance(preprocess, RawOptions):
+        options = preprocess
+    elif preprocess == "none":
+        return None
+    else:
+        options = RawOptions.from_mode(preprocess)
+    if mask is not None:
+        options = dataclasses.replace(options, mask=mask)
+    return options
 
 
 @dataclass
@@ -111,6 +142,8 @@ def predict_folder(
     compile: bool = False,
     shard: str | tuple[int, int] | None = None,
     case_progress: CaseProgress | None = None,
+    preprocess: "str | RawOptions" = "none",
+    write_preprocessed: bool = False,
 ) -> FolderReport:
     """Predict every case of ``input_dir`` into ``output_dir``; resumable and robust per case.
 
@@ -125,18 +158,22 @@ def predict_folder(
     visible); ``shard`` ``"K/N"`` takes every N-th case starting at the K-th (1-based) so that
     independent jobs split one folder. ``progress(done, total, case_id)`` after each case,
     ``case_progress(case_id, done_slices, total_slices)`` within a case (one process only).
-    ``precision`` and ``compile`` are as in :func:`predict`."""
-    from . import results
+    ``precision`` and ``compile`` are as in :func:`predict`. ``preprocess`` ('none', 'auto', 'full' or
+    :class:`~ADMAnomalyLib.rawprep.RawOptions`) runs the raw-scan steps of :mod:`ADMAnomalyLib.rawprep`
+    (a case's ``mask`` file is then the user's brain mask on the FLAIR grid; folders of series named
+    FLAIR, T1, T1 post, T2, files or DICOM folders, are found too); ``write_preprocessed`` also
+    writes each case's registered, brain-extracted volumes to ``<case>_preprocessed/``."""
 
-    batch_size = check_positive_int(batch_size, "batch size")
+    options = InferenceOptions(device, precision, batch_size, compile)
+    options.checked()  # a bad device, precision or batch size is refused before any case
     workers = check_positive_int(workers, "workers")
     part = parse_shard(shard)
     loaded = load_model(model)
-    inference_dtype(resolve_device(device), precision)  # reject a bad device or precision up front
     chosen = check_threshold(threshold) if threshold is not None else loaded.threshold
     if chosen is None:
         raise InputError("the model has no validation threshold; pass threshold=")
-    cases = discover_cases(input_dir, pattern)
+    raw = raw_options(preprocess)
+    cases = _discover(input_dir, pattern, raw)
     if part is not None:
         cases = cases[part[0] - 1 :: part[1]]
     output_dir = ensure_writable_folder(output_dir)
@@ -163,38 +200,36 @@ def predict_folder(
             rethreshold.append(record)
     finished = len(report.skipped)
 
-    def record_case(case_id: str, outcome: "results.CaseRecord | str", rethresholded: bool = False) -> None:
+    def record_case(record: results.CaseRecord, rethresholded: bool = False) -> None:
+        """Account for a case whose row the process that finished it has written."""
         nonlocal finished
-        if isinstance(outcome, str):
-            report.failed[case_id] = outcome
-            outcome = results.CaseRecord(case_id, results.STATUS_FAILED, reason=outcome, model=model_id)
+        if record.status == results.STATUS_FAILED:
+            report.failed[record.case_id] = record.reason
         else:
-            (report.rethresholded if rethresholded else report.done).append(case_id)
-        results.update_table(output_dir, outcome)
+            (report.rethresholded if rethresholded else report.done).append(record.case_id)
         finished += 1
         if progress is not None:
-            progress(finished, len(cases), case_id)
+            progress(finished, len(cases), record.case_id)
 
     for files in broken:
-        record_case(files.case_id, files.problem or "")
+        record_case(_write_row(output_dir, files.case_id, files.problem or "", model_id))
     for record in rethreshold:
         try:
             outcome: results.CaseRecord | str = results.rethreshold_case(output_dir, record, chosen)
         except ADMError as exc:
             outcome = str(exc)
-        record_case(record.case_id, outcome, rethresholded=True)
+        record_case(_write_row(output_dir, record.case_id, outcome, model_id), rethresholded=True)
     if workers == 1 or len(pending) <= 1:
         for files in pending:
             slices = (lambda done, total, case_id=files.case_id: case_progress(case_id, done, total)) \
                 if case_progress is not None else None
-            record_case(files.case_id, _predict_to_files(loaded, files, output_dir, device, chosen, batch_size,
-                                                        precision, compile, model_id, slices))
+            record_case(_predict_to_files(loaded, files, output_dir, options, chosen, model_id, slices, raw,
+                                          write_preprocessed))
     else:
         if loaded.path is None:
             # Worker processes load the model from its file; an unsaved one would be replaced silently.
             raise InputError("workers > 1 needs a model loaded from a file; save it first or use workers=1")
-        _predict_in_workers(loaded.path, pending, output_dir, device, chosen, batch_size, precision, compile,
-                            model_id, workers, record_case)
+        _predict_in_workers(loaded.path, pending, output_dir, options, chosen, model_id, workers, record_case, (raw, write_preprocessed))
     report_json = {"threshold": chosen, "model": model_id, "shard": None if part is None else f"{part[0]}/{part[1]}",
                    **report.__dict__}
     write_text_atomic(json.dumps(report_json, indent=2, allow_nan=False), output_dir / "report.json")
@@ -202,20 +237,64 @@ def predict_folder(
     return report
 
 
-def _predict_to_files(model: ADMModel, files: CaseFiles, output_dir: Path, device: str, threshold: float,
-                      batch_size: int, precision: str, compile: bool, model_id: str,
-                      progress: Callable[[int, int], None] | None = None) -> "results.CaseRecord | str":
-    """Predict one case and write its two outputs; returns its table record, or the error message."""
-    from . import results
+def _discover(input_dir: str | Path, pattern: dict[str, str] | None, raw: "RawOptions | None") -> list[CaseFiles]:
+    """The cases of ``input_dir``; with raw preprocessing also folders of series named by contrast
+    (``FLAIR_AX.nii.gz``, DICOM folders ...) that the usual naming does not find."""
+    if raw is None or pattern is not None:
+        return discover_cases(input_dir, pattern)
+    try:
+        return discover_cases(input_dir, pattern)
+    except InputError:
+        from .rawprep import discover_raw_cases
 
+        return discover_raw_cases(input_dir)
+
+
+def _write_row(output_dir: Path, case_id: str, outcome: "results.CaseRecord | str", model_id: str) -> "results.CaseRecord":
+    """Write a finished case's row into ``cases.csv`` (an error message becomes a failed row)."""
+    if isinstance(outcome, str):
+        outcome = results.CaseRecord(case_id, results.STATUS_FAILED, reason=outcome, model=model_id)
+    results.update_table(output_dir, outcome)
+    return outcome
+
+
+def _predict_to_files(model: ADMModel, files: CaseFiles, output_dir: Path, options: InferenceOptions,
+                      threshold: float, model_id: str,
+                      progress: Callable[[int, int], None] | None = None, raw: "RawOptions | None" = None,
+                      write_preprocessed: bool = False) -> "results.CaseRecord":
+    """Predict one case, write its two outputs and then its row of ``cases.csv``, in the process that
+    wrote the outputs, so that an interrupt between the two loses as little as possible."""
+    outcome = _case_outputs(model, files, output_dir, options, threshold, model_id, progress, raw,
+                            write_preprocessed)
+    return _write_row(output_dir, files.case_id, outcome, model_id)
+
+
+def _case_outputs(model: ADMModel, files: CaseFiles, output_dir: Path, options: InferenceOptions,
+                  threshold: float, model_id: str,
+                  progress: Callable[[int, int], None] | None, raw: "RawOptions | None",
+                  write_preprocessed: bool) -> "results.CaseRecord | str":
+    """One case's outputs and its record, or the error message."""
     energy_path, anomaly_path = results.output_paths(output_dir, files.case_id)
     try:
         # The reference label only feeds the table's figures: an unreadable one must not fail the case.
-        case = load_case(dataclasses.replace(files, label=None), model.config.preprocess.grid_tolerance)
-        prediction = predict_case(model, case, device, batch_size, precision, progress, compile=compile)
+        unlabelled = dataclasses.replace(files, label=None)
+        prepared = None
+        if raw is None:
+            case = load_case(unlabelled, model.config.preprocess.grid_tolerance)
+        else:
+            from .rawprep import load_raw_case
+
+            case, prepared = load_raw_case(unlabelled, raw, model.config.preprocess.grid_tolerance)
+        prediction = predict_case(model, case, options, progress)
         anomaly = prediction.anomaly(threshold)
         write_image_atomic(prediction.energy, energy_path)
         write_image_atomic(anomaly, anomaly_path)
+        if prepared is not None:
+            log.info("%s: %s", files.case_id, prepared.summary())
+            if write_preprocessed:
+                from .rawprep import write_preprocessed as write_volumes
+
+                write_volumes(prepared, output_dir, files.case_id)
         label = results.read_reference(files.label, prediction.energy)
         brain = sitk.GetArrayViewFromImage(prediction.brain_mask) > 0
         figures = results.case_figures(prediction.energy, anomaly, label, brain)
@@ -225,18 +304,20 @@ def _predict_to_files(model: ADMModel, files: CaseFiles, output_dir: Path, devic
                               reference=str(files.label) if label is not None else "", **figures)
 
 
-def _predict_in_workers(model_path: Path, pending: list[CaseFiles], output_dir: Path, device: str, threshold: float,
-                        batch_size: int, precision: str, compile: bool, model_id: str, workers: int,
-                        record_case: Callable[..., None]) -> None:
-    """Run :func:`_predict_to_files` for ``pending`` in ``workers`` processes. An interrupt (Ctrl-C,
+def _predict_in_workers(model_path: Path, pending: list[CaseFiles], output_dir: Path, options: InferenceOptions,
+                        threshold: float, model_id: str, workers: int,
+                        record_case: Callable[..., None], raw: tuple = (None, False)) -> None:
+    """Run :func:`_predict_to_files` for ``pending`` in ``workers`` processes (``raw``: its raw options
+    and write_preprocessed). An interrupt (Ctrl-C,
     SIGTERM) terminates every worker at once: no case is started or finished after it, and the
     atomic writes leave no partial output."""
     context = multiprocessing.get_context("spawn")  # fork after torch threads is unsafe
-    pool = context.Pool(workers, initializer=_init_worker, initargs=(str(model_path), device, workers, os.getpid()))
+    pool = context.Pool(workers, initializer=_init_worker,
+                        initargs=(str(model_path), str(options.device), workers, os.getpid()))
     try:
-        tasks = [(files, str(output_dir), threshold, batch_size, precision, compile, model_id) for files in pending]
-        for case_id, outcome in pool.imap_unordered(_worker_predict, tasks):
-            record_case(case_id, outcome)
+        tasks = [(files, str(output_dir), options, threshold, model_id, *raw) for files in pending]
+        for record in pool.imap_unordered(_worker_predict, tasks):
+            record_case(record)
         pool.close()
     except BaseException:
         pool.terminate()
@@ -279,10 +360,11 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _worker_predict(task: tuple) -> tuple[str, object]:
-    files, output_dir, threshold, batch_size, precision, compile, model_id = task
-    return files.case_id, _predict_to_files(_WORKER["model"], files, Path(output_dir), _WORKER["device"], threshold,
-                                            batch_size, precision, compile, model_id)
+def _worker_predict(task: tuple) -> "results.CaseRecord":
+    files, output_dir, options, threshold, model_id, raw, write_preprocessed = task
+    options = dataclasses.replace(options, device=_WORKER["device"])
+    return _predict_to_files(_WORKER["model"], files, Path(output_dir), options, threshold, model_id, raw=raw,
+                             write_preprocessed=write_preprocessed)
 
 
 def ensure_writable_folder(folder: str | Path) -> Path:

@@ -9,7 +9,7 @@ metrics ignore background anyway).
 * :func:`flair_zscore` - the FLAIR-hyperintensity baseline: FLAIR z-scored inside the brain.
 * :func:`flair_zscore_filtered` - the same with the usual post-processing of FLAIR-thresholding
   baselines: a 3-D median filter of the score and, at a given threshold, suppression of connected
-  components smaller than a minimum size (:func:`remove_small_components`).
+  components smaller than a minimum size (the steps of :mod:`ADMAnomalyLib.postprocess`).
 * :class:`MahalanobisBaseline` - Mahalanobis distance of the 4 intensities to normal voxels.
 * :class:`OCSVMBaseline` - the paper's OCSVM (RBF on the 4-vector of intensities, gamma = 0.25,
   nu ~ 5e-4; method.md, 'Reported results').
@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import SimpleITK as sitk
 
 from .config import CONTRASTS
 from .errors import InputError, TrainingDataError
+from .postprocess import median_filter_in_brain, suppress_small_components
 
 FLAIR_CHANNEL = CONTRASTS.index("flair")
 
@@ -88,33 +88,6 @@ def flair_zscore(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return _fill_background(score, brain)
 
 
-def median_filter(score: np.ndarray, size: int = 5) -> np.ndarray:
-    """Median filter of a 2-D or 3-D float array with a cubic ``size`` window (odd, in voxels).
-
-    SimpleITK's filter is multi-threaded and replicates the border (zero-flux Neumann)."""
-    if size < 1 or size % 2 == 0:
-        raise ValueError(f"median size must be a positive odd number, got {size}")
-    if size == 1:
-        return np.array(score, dtype=np.float32)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(score, dtype=np.float32))
-    filtered = sitk.Median(image, [size // 2] * image.GetDimension())
-    return sitk.GetArrayFromImage(filtered)
-
-
-def remove_small_components(binary: np.ndarray, min_voxels: int, fully_connected: bool = False) -> np.ndarray:
-    """Drop connected components of ``binary`` with fewer than ``min_voxels`` voxels.
-
-    Connectivity is face-only (6 in 3-D) unless ``fully_connected`` (26 in 3-D). Returns bool.
-    """
-    binary = np.asarray(binary).astype(bool, copy=False)
-    if min_voxels <= 1 or not binary.any():
-        return binary.copy()
-    image = sitk.GetImageFromArray(binary.astype(np.uint8))
-    labels = sitk.ConnectedComponent(image, fully_connected)
-    kept = sitk.RelabelComponent(labels, minimumObjectSize=int(min_voxels))
-    return sitk.GetArrayFromImage(kept) > 0
-
-
 def flair_zscore_filtered(
     volume: np.ndarray,
     brain: np.ndarray,
@@ -130,14 +103,13 @@ def flair_zscore_filtered(
     stays continuous (AUROC is still defined) and ``map >= threshold`` is the cleaned segmentation.
     """
     volume, brain = _check_volume(volume, brain)
-    score = median_filter(flair_zscore(volume, brain), median_size)
-    score = _fill_background(score, brain)
+    score = flair_zscore(volume, brain)
+    if median_size > 1:
+        score = _fill_background(median_filter_in_brain(score, brain, median_size), brain)
     if min_component_voxels > 1:
         if threshold is None or not math.isfinite(threshold):
             raise ValueError("min_component_voxels needs a finite threshold to define components")
-        above = (score >= threshold) & brain
-        small = above & ~remove_small_components(above, min_component_voxels)
-        score[small] = np.nextafter(np.float32(threshold), np.float32(-np.inf))
+        score = suppress_small_components(score, brain, threshold, min_component_voxels)
     return score
 
 

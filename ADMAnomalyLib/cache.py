@@ -21,7 +21,7 @@ import numpy as np
 
 from .cases import CaseFiles, find_cases, load_case
 from .config import ADMConfig, CONTRASTS
-from .data import SliceSet, TrainingData, lesion_free_slices, lesion_slices
+from .data import SliceSet, TrainingData, training_slices
 from .errors import InputError, OutputError, TrainingDataError
 from .preprocess import prepare_case
 
@@ -82,9 +82,9 @@ def build_slice_cache(
             digests[name].update(raw)
 
         for number, files in enumerate(case_files, start=1):
-            prepared = prepare_case(load_case(files, config.preprocess.grid_tolerance), config.preprocess)
-            normal = lesion_free_slices(prepared, config.train.lesion_margin)
-            lesion = lesion_slices(prepared) if prepared.label is not None else np.zeros(0, dtype=int)
+            prepared = prepare_case(load_case(files, config.preprocess.grid_tolerance), config.preprocess,
+                                    keep_native=())
+            normal, lesion = training_slices(prepared, config.train.lesion_margin)
             append("train_images", prepared.slices[normal])
             append("train_brain", prepared.brain[normal])
             append("validation_images", prepared.slices[lesion])

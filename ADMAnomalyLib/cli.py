@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(predict)
     _add_progress(predict)
     _add_pattern(predict)
+    _add_raw_options(predict)
 
     evaluate = commands.add_parser("evaluate", help="pixel AUROC/AUPRC/Dice inside the brain, with the FLAIR baseline")
     evaluate.add_argument("model", help="model file, or 'default'")
@@ -215,6 +216,32 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a model file's settings, threshold and validation metrics")
     info.add_argument("model", help="model file, or 'default'")
     return parser
+
+
+def _add_raw_options(parser: argparse.ArgumentParser) -> None:
+    raw = parser.add_argument_group("raw scans (ADMAnomalyLib.rawprep)")
+    raw.add_argument("--preprocess", choices=("none", "auto", "full"), default="none",
+                     help="none: cases are co-registered and skull-stripped (default); auto: register the series "
+                          "to FLAIR and extract the brain when they need it; full: always. Outputs lie on the FLAIR grid; "
+                          "a case's mask file (<case>_mask, or --pattern mask=...) replaces brain extraction")
+    raw.add_argument("--register", choices=("auto", "yes", "no"), help="force registration on or off")
+    raw.add_argument("--skull-strip", choices=("auto", "yes", "no"), help="force brain extraction on or off")
+    raw.add_argument("--n4", action="store_true", help="N4 bias-field correction of each series first")
+    raw.add_argument("--write-preprocessed", action="store_true",
+                     help="also write each case's registered, brain-extracted volumes to OUT/<case>_preprocessed/")
+
+
+def _raw_options(args: argparse.Namespace):
+    """The ``preprocess`` argument of api.predict_folder from the raw-scan flags."""
+    if args.preprocess == "none":
+        if args.register or args.skull_strip or args.n4 or args.write_preprocessed:
+            from .errors import InputError
+
+            raise InputError("--register, --skull-strip, --n4 and --write-preprocessed need --preprocess auto or full")
+        return "none"
+    from .rawprep import RawOptions
+
+    return RawOptions.from_mode(args.preprocess, register=args.register, skull_strip=args.skull_strip, n4=args.n4)
 
 
 def _model_argument(value: str) -> Path | None:
@@ -345,7 +372,8 @@ def _run(args: argparse.Namespace) -> int:
                                         threshold=args.threshold, skip_existing=not args.overwrite,
                                         batch_size=args.batch_size, pattern=_parse_pattern(args.pattern),
                                         progress=shown.case_done, workers=args.workers, precision=args.precision,
-                                        compile=args.compile, shard=args.shard, case_progress=shown.within_case)
+                                        compile=args.compile, shard=args.shard, case_progress=shown.within_case,
+                                        preprocess=_raw_options(args), write_preprocessed=args.write_preprocessed)
         summary = (f"{len(report.done)} written, {len(report.rethresholded)} re-thresholded, "
                    f"{len(report.skipped)} skipped, {len(report.failed)} failed")
         if args.progress == "json":
@@ -369,11 +397,13 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "evaluate":
         from .evaluate import evaluate
+        from .infer import InferenceOptions
         from .io import write_text_atomic
 
         model = api.load_model(_model_argument(args.model))
-        report = evaluate(model, args.data_dir, slices=args.slices, device=args.device, threshold=args.threshold,
-                          batch_size=args.batch_size, pattern=_parse_pattern(args.pattern),
+        report = evaluate(model, args.data_dir, slices=args.slices,
+                          options=InferenceOptions(args.device, batch_size=args.batch_size), threshold=args.threshold,
+                          pattern=_parse_pattern(args.pattern),
                           progress=lambda done, total, case: print(f"[{done}/{total}] {case}", file=sys.stderr))
         print(format_table(report))
         write_text_atomic(json.dumps(report, indent=2), args.json)

@@ -25,7 +25,9 @@ CONTRAST_NAMES: dict[str, tuple[str, ...]] = {
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-"""Inference precision of the CtoC network (see :func:`ADMAnomalyLib.device.inference_dtype`)."""
+"""Precision of the CtoC network, for training (``train.precision``, see
+:func:`ADMAnomalyLib.device.training_dtype`) and inference (see
+:func:`ADMAnomalyLib.device.inference_dtype`)."""
 
 @dataclass
 class PreprocessConfig:
@@ -103,8 +105,9 @@ class TrainConfig:
     intensity_scale: tuple[float, float] = (0.9, 1.1)
     """Range of the random per-contrast intensity scaling applied to training slices."""
     seed: int = 0
-    amp: str = "auto"
-    """'auto' (bf16 where supported), 'bf16' or 'off'."""
+    precision: str = "auto"
+    """CtoC precision while training, one of :data:`PRECISIONS`: 'auto' is bf16 where the device runs
+    it natively (GPUs, CPUs with AVX512-BF16/AMX), else fp32; 'fp16' is refused (it needs loss scaling)."""
     max_gmm_pixels_per_batch: int = 32768
     """Brain pixels sampled per batch for the mixture statistics of the energy loss."""
     num_workers: int = 0
@@ -170,10 +173,14 @@ class ADMConfig:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown ADMConfig section(s): {', '.join(sorted(unknown))}")
+        train = dict(data.get("train", {}))
+        if "amp" in train:  # model files before the shared precision vocabulary
+            amp = train.pop("amp")
+            train.setdefault("precision", {"off": "fp32"}.get(amp, amp))
         return cls(
             preprocess=_build(PreprocessConfig, data.get("preprocess", {})),
             model=_build(ModelConfig, data.get("model", {})),
-            train=_build(TrainConfig, data.get("train", {})),
+            train=_build(TrainConfig, train),
             preset=str(data.get("preset", "custom")),
             postprocess=_build(PostprocessConfig, data.get("postprocess", {})),
         )

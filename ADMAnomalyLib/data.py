@@ -92,6 +92,13 @@ def random_intensity_scaling(
     return images * factors.to(images.device) * brain.unsqueeze(1)
 
 
+def training_slices(prepared: PreparedCase, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(normal, lesion)`` slice indices of a prepared case: the lesion-free slices (with the
+    margin) that training learns from and the lesion slices that validation scores."""
+    lesion = lesion_slices(prepared) if prepared.label is not None else np.zeros(0, dtype=int)
+    return lesion_free_slices(prepared, margin), lesion
+
+
 @dataclass
 class TrainingData:
     """Normal training slices and labelled validation slices drawn from the same cases."""
@@ -100,31 +107,35 @@ class TrainingData:
     validation: SliceSet
     summary: dict[str, Any]
 
+    @classmethod
+    def from_prepared(cls, cases: Sequence[PreparedCase], margin: int) -> "TrainingData":
+        """The training data of prepared cases: lesion-free slices (``margin`` slices away from any
+        lesion) to train on, lesion slices to validate on (the trainer, the study and the slice cache
+        all select them with :func:`training_slices`)."""
+        if not cases:
+            raise TrainingDataError("no case to train on")
+        train_parts, validation_parts, per_case = [], [], {}
+        for prepared in cases:
+            normal, lesion = training_slices(prepared, margin)
+            train_parts.append((prepared, normal))
+            validation_parts.append((prepared, lesion))
+            per_case[prepared.case_id] = {"normal_slices": int(len(normal)), "lesion_slices": int(len(lesion))}
+        train = stack_slices(train_parts)
+        if len(train) == 0:
+            raise TrainingDataError(
+                f"none of the {len(cases)} case(s) has a lesion-free brain slice "
+                f"(lesion margin {margin} slices); nothing to learn normal anatomy from"
+            )
+        summary = {"cases": sorted(per_case), "per_case": per_case, "train_slices": len(train),
+                   "validation_slices": sum(v["lesion_slices"] for v in per_case.values())}
+        return cls(train, stack_slices(validation_parts), summary)
+
 
 def build_training_data(case_files: Sequence[CaseFiles], config: ADMConfig) -> TrainingData:
-    """Load and prepare every case, keep lesion-free slices (with the margin) for training and the
-    lesion slices for validation."""
+    """Load and prepare every case (:meth:`TrainingData.from_prepared`)."""
     if not case_files:
         raise TrainingDataError("no case to train on")
-    train_parts, validation_parts, per_case = [], [], {}
-    for files in case_files:
-        prepared = prepare_case(load_case(files, config.preprocess.grid_tolerance), config.preprocess)
-        normal = lesion_free_slices(prepared, config.train.lesion_margin)
-        lesion = lesion_slices(prepared)
-        train_parts.append((prepared, normal))
-        validation_parts.append((prepared, lesion))
-        per_case[files.case_id] = {"normal_slices": int(len(normal)), "lesion_slices": int(len(lesion))}
-    train = stack_slices(train_parts)
-    if len(train) == 0:
-        raise TrainingDataError(
-            f"none of the {len(case_files)} case(s) has a lesion-free brain slice "
-            f"(lesion margin {config.train.lesion_margin} slices); nothing to learn normal anatomy from"
-        )
-    validation = stack_slices(validation_parts)
-    summary = {
-        "cases": sorted(per_case),
-        "per_case": per_case,
-        "train_slices": len(train),
-        "validation_slices": len(validation),
-    }
-    return TrainingData(train, validation, summary)
+    # keep_native=(): training needs no native-grid volumes, and they would stay in memory per case.
+    prepared = [prepare_case(load_case(files, config.preprocess.grid_tolerance), config.preprocess, keep_native=())
+                for files in case_files]
+    return TrainingData.from_prepared(prepared, config.train.lesion_margin)

@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import SimpleITK as sitk
 
 from .api import ensure_writable_folder, load_model, output_paths, resources_dir
 from .cases import find_cases, load_case
 from .errors import ModelFileError
 from .figures import case_overlay_figure
-from .infer import predict_case
+from .infer import InferenceOptions, predict_case
 from .io import write_image_atomic, write_text_atomic
 from .metrics import detection_metrics, threshold_metrics
 
@@ -37,7 +36,7 @@ def run_demo(output_dir: str | Path = "admanomaly_demo", device: str = "auto",
     files = find_cases(demo_case_dir())[0]
     case = load_case(files, model.config.preprocess.grid_tolerance)
     slices = (lambda done, total: progress(files.case_id, done, total)) if progress is not None else None
-    prediction = predict_case(model, case, device, progress=slices)
+    prediction = predict_case(model, case, InferenceOptions(device), progress=slices)
     anomaly = prediction.anomaly()
     energy_path, anomaly_path = output_paths(output_dir, files.case_id)
     write_image_atomic(prediction.energy, energy_path)

@@ -53,17 +53,20 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def bf16_enabled(device: torch.device, amp: str = "auto") -> bool:
-    """Whether to autocast to bfloat16 under the policy 'auto' | 'bf16' | 'off'."""
-    if amp == "off":
-        return False
-    if amp == "bf16":
-        return True
-    if amp != "auto":
-        raise ValueError(f"amp must be auto, bf16 or off, not {amp!r}")
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return _cpu_has_native_bf16()
+def training_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """Autocast dtype of the CtoC network while training under one of :data:`PRECISIONS` (``None``
+    means float32). 'auto' is bfloat16 where the device runs it natively (a GPU that supports it, a
+    CPU with AVX512-BF16 or AMX), float32 elsewhere; float16 would need loss scaling, so it is refused."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "fp16":
+        raise ValueError("fp16 training is not supported (it needs loss scaling); use bf16 or fp32")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_native_bf16()
+    return torch.bfloat16 if native else None
 
 
 def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:

@@ -6,14 +6,13 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from .cases import CaseFiles, find_cases, load_case
 from .errors import InputError
-from .infer import native_flair_for, predict_prepared
+from .infer import InferenceOptions, energy_volume
 from .metrics import pooled_and_per_case
 from .model import ADMModel
-from .preprocess import native_slice_region, native_zscored, prepare_case
+from .preprocess import native_slice_region, prepare_case
 
 SliceSelection = Literal["lesion", "all"]
 
@@ -22,9 +21,8 @@ def evaluate(
     model: ADMModel,
     data_dir: str,
     slices: SliceSelection = "lesion",
-    device: str = "auto",
+    options: InferenceOptions = InferenceOptions(),
     threshold: float | None = None,
-    batch_size: int = 16,
     pattern: dict[str, str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
@@ -33,6 +31,7 @@ def evaluate(
     ``slices="lesion"`` restricts scoring to axial slices that contain a lesion (the validation set
     of method.md); ``"all"`` scores whole brains. The threshold metrics use ``threshold`` or the
     model's validation threshold for ADM, and each method's pooled best-F1 threshold otherwise."""
+    options = options.checked()
     cases = find_cases(data_dir, pattern)
     unlabelled = [files.case_id for files in cases if files.label is None]
     if unlabelled:
@@ -42,14 +41,12 @@ def evaluate(
     for number, files in enumerate(cases, start=1):
         case = load_case(files, model.config.preprocess.grid_tolerance)
         prepared = prepare_case(case, model.config.preprocess)
-        flair = native_zscored(case, prepared, ("flair",))[0]
-        native_flair = flair if model.config.postprocess.flair_weight else None
-        prediction = predict_prepared(model, prepared, device, batch_size, native_flair=native_flair)
+        flair = prepared.native_zscored["flair"]
+        energy = sitk.GetArrayFromImage(energy_volume(model, prepared, options))
         brain, labels = prepared.native_brain, prepared.native_lesion
         region = brain
         if slices == "lesion":
             region = brain & native_slice_region(prepared, prepared.has_lesion)
-        energy = sitk.GetArrayFromImage(prediction.energy)
         results["ADM"].append((files.case_id, energy, labels, region))
         results["FLAIR z-score"].append((files.case_id, flair, labels, region))
         if progress is not None:
@@ -69,8 +66,7 @@ def evaluate(
 def calibrate_threshold(
     model: ADMModel,
     cases: Sequence[CaseFiles],
-    device: str | torch.device = "auto",
-    batch_size: int = 16,
+    options: InferenceOptions = InferenceOptions(),
 ) -> tuple[float | None, dict[str, Any]]:
     """Best-F1 threshold of the model's (post-processed) native energies over the brain voxels of the
     lesion slices of the labelled ``cases``; ``(None, {})`` without labelled cases.
@@ -87,11 +83,10 @@ def calibrate_threshold(
         prepared = prepare_case(case, model.config.preprocess)
         if not prepared.has_lesion.any():
             continue
-        prediction = predict_prepared(model, prepared, device, batch_size,
-                                      native_flair=native_flair_for(model, case, prepared))
+        energy = energy_volume(model, prepared, options)
         brain = prepared.native_brain
         region = brain & native_slice_region(prepared, prepared.has_lesion)
-        scores.append(sitk.GetArrayFromImage(prediction.energy)[region])
+        scores.append(sitk.GetArrayFromImage(energy)[region])
         labels.append(prepared.native_lesion[region])
     if not scores:
         return None, {}

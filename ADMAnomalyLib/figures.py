@@ -7,9 +7,12 @@ Every figure is drawn from the study JSON, except the example-slice grid, which 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 def _plt():

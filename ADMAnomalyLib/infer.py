@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -10,14 +10,15 @@ import SimpleITK as sitk
 import torch
 
 from .cases import CaseImages
-from .config import CONTRASTS, PostprocessConfig
+from .config import PostprocessConfig
 from .device import autocast, inference_dtype, resolve_device
 from .errors import CancelledError
 from .gmm import energy
 from .model import ADMModel
 from .networks import translate_all
+from .postprocess import postprocess_energy
+from .preprocess import PreparedCase, native_brain_mask, prepare_case, slices_to_image
 from .validation import check_positive_int, check_threshold
-from .preprocess import PreparedCase, native_brain_mask, native_zscored, prepare_case, slices_to_image
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -46,51 +47,87 @@ class Prediction:
         return anomaly_mask(self.energy, self.brain_mask, chosen)
 
 
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a model is run: the same for ``predict``, ``evaluate``, the study, the benchmarks and the
+    Slicer module."""
+
+    device: str | torch.device = "auto"
+    """'auto' (a GPU if there is one), 'cpu', 'cuda' or 'cuda:N'."""
+    precision: str = "auto"
+    """CtoC precision, one of :data:`~ADMAnomalyLib.config.PRECISIONS` ('auto': half precision on a
+    GPU, float32 on CPU). DR, the mixture and the energy always run in float32/float64."""
+    batch_size: int = 16
+    """Slices per network batch."""
+    compile: bool = False
+    """Run CtoC through ``torch.compile`` (pays off over many cases)."""
+    flip_tta: bool | None = None
+    """Average each slice's energy with its left-right mirror's; None: the model's
+    ``postprocess.flip_tta``."""
+
+    def checked(self) -> "InferenceOptions":
+        """These options with the batch size validated and the device and precision resolved: a
+        bad value is an error before any work starts."""
+        batch_size = check_positive_int(self.batch_size, "batch size")
+        device = resolve_device(self.device)
+        inference_dtype(device, self.precision)
+        return replace(self, device=device, batch_size=batch_size)
+
+
+Translations = dict
+"""CtoC translations of a case's brain slices, ``{mirrored: (S_brain, 4, N, N) float32}``
+(:func:`ctoc_translations`): models that share one CtoC network share them."""
+
+
+def ctoc_translations(model: ADMModel, prepared: PreparedCase, options: InferenceOptions = InferenceOptions(),
+                      mirrored: bool = False) -> np.ndarray:
+    """CtoC translations (S_brain, 4, N, N) of a prepared case's brain slices (of their left-right
+    mirrors with ``mirrored``), exactly as :func:`energy_volume` computes them."""
+    options = options.checked()
+    images, brain = _brain_slices(prepared, mirrored)
+    ctoc = ctoc_runner(model, options.compile).to(options.device).eval()
+    dtype = inference_dtype(options.device, options.precision)
+    out = np.zeros(images.shape, dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(images), options.batch_size):
+            x = torch.from_numpy(np.array(images[start : start + options.batch_size], dtype=np.float32))
+            b = torch.from_numpy(np.array(brain[start : start + options.batch_size], dtype=bool))
+            with autocast(options.device, dtype):
+                translated = translate_all(ctoc, x.to(options.device), b.to(options.device))
+            out[start : start + len(x)] = translated.float().cpu().numpy()
+    return out
+
+
+def _brain_slices(prepared: PreparedCase, mirrored: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    index = np.flatnonzero(prepared.has_brain)
+    images, brain = prepared.slices[index], prepared.brain[index]
+    # Columns run right -> left in the canonical LPS slices, so the last axis is the mirror axis.
+    return (images[..., ::-1], brain[..., ::-1]) if mirrored else (images, brain)
+
+
 def energy_slices(
     model: ADMModel,
     images: np.ndarray,
     brain: np.ndarray,
-    device: torch.device,
-    batch_size: int = 16,
-    precision: str = "auto",
+    options: InferenceOptions = InferenceOptions(),
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
     x_hat_ct: np.ndarray | None = None,
-    flip_tta: bool | None = None,
-    compile: bool = False,
 ) -> np.ndarray:
-    """Per-pixel energy of slices (M, 4, N, N) with brain masks (M, N, N); returns (M, N, N) float32.
+    """Per-pixel energy of slices (M, 4, N, N) with brain masks (M, N, N), one pass (no test-time
+    augmentation); returns (M, N, N) float32, computed at brain pixels only (the rest is 0).
 
-    Computed at brain pixels only; the rest is 0 (the caller masks it). ``x_hat_ct`` (M, 4, N, N) may hold
-    precomputed CtoC translations of these slices (the evaluation study reuses them across model
-    variants that share one CtoC); with flip TTA the mirrored slices are still translated here. ``flip_tta`` (default: the model's ``postprocess.flip_tta``)
-    averages the energies of the slices and of their left-right mirrors.
-
-    ``precision`` ('auto' | 'fp32' | 'bf16' | 'fp16', see :func:`~ADMAnomalyLib.device.inference_dtype`)
-    applies to the CtoC network only: DR, the mixture and the energy always run in float32/float64.
-    CtoC runs channels-last; ``compile`` runs it through ``torch.compile``."""
+    ``x_hat_ct`` (M, 4, N, N) may hold these slices' CtoC translations (:func:`ctoc_translations`)."""
     if model.gmm is None:
         raise ValueError("the model's mixture has not been fitted")
-    if flip_tta is None:
-        flip_tta = model.config.postprocess.flip_tta
-    if flip_tta:
-        first = second = None
-        if progress is not None:
-            first = lambda done, total: progress(done, 2 * total)  # noqa: E731
-            second = lambda done, total: progress(total + done, 2 * total)  # noqa: E731
-        plain = energy_slices(model, images, brain, device, batch_size, precision, first, should_cancel,
-                              x_hat_ct, False, compile)
-        # Columns run right -> left in the canonical LPS slices, so the last axis is the mirror axis.
-        # CtoC is not mirror-equivariant, so the mirrored slices are translated afresh.
-        mirrored = energy_slices(model, images[..., ::-1], brain[..., ::-1], device, batch_size, precision, second,
-                                 should_cancel, None, False, compile)
-        return 0.5 * (plain + mirrored[..., ::-1])
+    options = options.checked()
+    device = options.device
     network = model.network.to(device).eval()
     gmm = model.gmm.to(device)
-    dtype = inference_dtype(device, precision)
-    ctoc = ctoc_runner(model, compile)
+    dtype = inference_dtype(device, options.precision)
+    ctoc = ctoc_runner(model, options.compile)
     result = np.zeros(brain.shape, dtype=np.float32)
-    total = len(images)
+    total, batch_size = len(images), options.batch_size
     with torch.inference_mode():
         for start in range(0, total, batch_size):
             if should_cancel is not None and should_cancel():
@@ -108,6 +145,66 @@ def energy_slices(
             if progress is not None:
                 progress(min(start + batch_size, total), total)
     return result
+
+
+def network_energy(
+    model: ADMModel,
+    prepared: PreparedCase,
+    options: InferenceOptions = InferenceOptions(),
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+    translations: Translations | None = None,
+) -> np.ndarray:
+    """Energy (S_brain, N, N) of a prepared case's brain slices at network resolution, averaged with
+    the mirrored slices' under flip TTA (``options.flip_tta``, default the model's). ``translations``
+    (:data:`Translations`) supplies precomputed CtoC translations."""
+    flip = model.config.postprocess.flip_tta if options.flip_tta is None else options.flip_tta
+    passes = (False, True) if flip else (False,)
+    translations = translations or {}
+    result = None
+    for number, mirrored in enumerate(passes):
+        images, brain = _brain_slices(prepared, mirrored)
+        report = None
+        if progress is not None:
+            report = lambda done, total, n=number: progress(n * total + done, len(passes) * total)  # noqa: E731
+        values = energy_slices(model, images, brain, options, report, should_cancel, translations.get(mirrored))
+        values = values[..., ::-1] if mirrored else values
+        result = values if result is None else 0.5 * (result + values)
+    return result
+
+
+def energy_volume(
+    model: ADMModel,
+    prepared: PreparedCase,
+    options: InferenceOptions = InferenceOptions(),
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+    translations: Translations | None = None,
+    postprocess: PostprocessConfig | None = None,
+) -> sitk.Image:
+    """The energy image of a prepared case on its native grid: the one inference path of the product
+    (``predict``, ``evaluate``, the evaluation study, the benchmarks and the Slicer module).
+
+    Only slices that contain brain go through the networks; the result is post-processed by
+    ``postprocess`` (default: the model's own ``config.postprocess``) with the FLAIR z-score the
+    prepared case kept; the background lies exactly 1 below the lowest brain energy."""
+    options = options.checked()
+    post = model.config.postprocess if postprocess is None else postprocess
+    brain_slices = np.flatnonzero(prepared.has_brain)
+    network_res = np.zeros(prepared.brain.shape, dtype=np.float32)
+    if len(brain_slices):
+        values = network_energy(model, prepared, options, progress, should_cancel, translations)
+        network_res[brain_slices] = values
+        # Bilinear upsampling mixes neighbouring pixels, so pixels outside the network-resolution
+        # brain get the lowest brain energy: the brain rim is then not pulled up or down artificially.
+        network_res[~prepared.brain] = float(values[prepared.brain[brain_slices]].min())
+    energy_image = slices_to_image(network_res, prepared, background=None)
+    if post.native_active:
+        flair = prepared.native_zscored.get("flair")
+        if post.flair_weight and flair is None:
+            raise ValueError("post-processing with flair_weight needs prepare_case(..., keep_native=('flair',))")
+        energy_image = postprocess_energy(energy_image, prepared.native_brain, post, flair)
+    return energy_image
 
 
 def brain_features(
@@ -152,150 +249,19 @@ class _ChannelsLast(torch.nn.Module):
                            median_map.contiguous(memory_format=torch.channels_last))
 
 
-def predict_prepared(
-    model: ADMModel,
-    prepared: PreparedCase,
-    device: str | torch.device = "auto",
-    batch_size: int = 16,
-    precision: str = "auto",
-    progress: ProgressCallback | None = None,
-    should_cancel: CancelCheck | None = None,
-    native_flair: np.ndarray | None = None,
-    compile: bool = False,
-) -> Prediction:
-    """Energy image of a prepared case; only slices that contain brain go through the networks.
-
-    ``native_flair`` (z-scored FLAIR on the native numpy grid, see :func:`native_flair_for`) is
-    used only by models with ``postprocess.flair_weight``; without it the network-resolution FLAIR
-    is upsampled instead."""
-    batch_size = check_positive_int(batch_size, "batch size")
-    torch_device = resolve_device(device)
-    brain_slices = np.flatnonzero(prepared.has_brain)
-    network_res = np.zeros(prepared.brain.shape, dtype=np.float32)
-    if len(brain_slices):
-        network_res[brain_slices] = energy_slices(
-            model, prepared.slices[brain_slices], prepared.brain[brain_slices], torch_device,
-            batch_size, precision, progress, should_cancel, compile=compile,
-        )
-        # Bilinear upsampling mixes neighbouring pixels, so pixels outside the network-resolution
-        # brain get the lowest brain energy: the brain rim is then not pulled up or down artificially.
-        floor = float(network_res[brain_slices][prepared.brain[brain_slices]].min())
-        network_res[~prepared.brain] = floor
-    energy_image = slices_to_image(network_res, prepared, background=None)
-    post = model.config.postprocess
-    if post.native_active:
-        if post.flair_weight and native_flair is None:
-            native_flair = sitk.GetArrayFromImage(
-                slices_to_image(prepared.slices[:, CONTRASTS.index("flair")], prepared, background=0.0))
-        energy_image = postprocess_energy(energy_image, prepared.native_brain, post, native_flair)
-    return Prediction(energy_image, native_brain_mask(prepared), model.threshold, int(len(brain_slices)))
-
-
-def native_flair_for(model: ADMModel, case: CaseImages, prepared: PreparedCase) -> np.ndarray | None:
-    """The native z-scored FLAIR that ``model``'s post-processing needs (None when it needs none)."""
-    return native_zscored(case, prepared, ("flair",))[0] if model.config.postprocess.flair_weight else None
-
-
-def postprocess_energy(energy_image: sitk.Image, brain: np.ndarray, cfg: PostprocessConfig,
-                       flair: np.ndarray | None = None) -> sitk.Image:
-    """Native-grid post-processing of an energy image (``PostprocessConfig``): 3-D Gaussian
-    smoothing normalised inside ``brain`` (bool numpy (z, y, x)), suppression of the brain rim, then
-    the FLAIR term (``flair``: native z-scored FLAIR) and the median filter. Background stays below
-    every brain energy."""
-    values = postprocess_array(sitk.GetArrayFromImage(energy_image), brain, energy_image.GetSpacing(), cfg,
-                               flair=flair)
-    out = sitk.GetImageFromArray(values)
-    out.CopyInformation(energy_image)
-    return out
-
-
-def postprocess_array(
-    values: np.ndarray, brain: np.ndarray, spacing: tuple[float, ...], cfg: PostprocessConfig,
-    cache: dict | None = None,
-    flair: np.ndarray | None = None,
-) -> np.ndarray:
-    """:func:`postprocess_energy` on numpy arrays (z, y, x); ``spacing`` in SimpleITK (x, y, z) order.
-
-    ``cache`` (a dict kept per case by the caller) stores the smoothed brain mask and the rim depth
-    map, which depend only on the brain, when one case is post-processed several times."""
-    brain = np.asarray(brain, dtype=bool)
-    values = np.asarray(values, dtype=np.float32)
-    if not brain.any():
-        return values.copy()
-    # Everything outside the brain's bounding box is background, so the filters run on the box plus
-    # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
-    # voxels come out as on the whole grid at a fraction of the cost.
-    margin = np.ceil((4 * cfg.smoothing_sigma_mm + cfg.rim_erosion_mm) / np.asarray(spacing[::-1], dtype=float))
-    margin = margin.astype(int) + int(cfg.median_size) + 2
-    occupied = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    box = tuple(slice(max(0, int(index[0]) - m), min(size, int(index[-1]) + 1 + m))
-                for index, m, size in zip(occupied, margin, brain.shape))
-    # The cached maps belong to one box; configurations with other margins get boxes of their own.
-    box_cache = {} if cache is None else cache.setdefault(tuple((s.start, s.stop) for s in box), {})
-    inner = _postprocess_box(values[box], brain[box], spacing, cfg, box_cache, None if flair is None else flair[box])
-    result = np.full(values.shape, float(inner[brain[box]].min()) - 1.0, dtype=np.float32)
-    result[box] = inner
-    return result
-
-
-def _postprocess_box(
-    values: np.ndarray, brain: np.ndarray, spacing: tuple[float, ...], cfg: PostprocessConfig, cache: dict,
-    flair: np.ndarray | None,
-) -> np.ndarray:
-    result = values.copy()
-    if cfg.smoothing_sigma_mm > 0:
-        def smooth(array: np.ndarray) -> np.ndarray:
-            image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-            image.SetSpacing(tuple(float(v) for v in spacing))
-            return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, float(cfg.smoothing_sigma_mm)))
-
-        key = ("weight", float(cfg.smoothing_sigma_mm))
-        if key not in cache:
-            cache[key] = np.maximum(smooth(brain.astype(np.float32)), np.float32(1e-3))
-        smoothed = smooth(np.where(brain, values, np.float32(0))) / cache[key]
-        result = np.where(brain, smoothed, result).astype(np.float32)
-    floor = float(result[brain].min())
-    if cfg.rim_erosion_mm > 0:
-        if "depth" not in cache:
-            mask = sitk.GetImageFromArray(brain.astype(np.uint8))
-            mask.SetSpacing(tuple(float(v) for v in spacing))
-            # Distance (mm) of each brain voxel to the nearest background voxel.
-            cache["depth"] = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
-                mask, insideIsPositive=True, squaredDistance=False, useImageSpacing=True))
-        depth = cache["depth"]
-        result = np.where(brain & (depth <= cfg.rim_erosion_mm), np.float32(floor), result)
-    if cfg.flair_weight:
-        if flair is None:
-            raise ValueError("postprocess.flair_weight needs the native FLAIR z-score")
-        inside = result[brain].astype(np.float64)
-        scale = float(inside.std()) or 1.0
-        standardised = (result - np.float32(inside.mean())) / np.float32(scale)
-        result = np.where(brain, standardised + np.float32(cfg.flair_weight) * flair, result).astype(np.float32)
-        floor = float(result[brain].min())
-    if cfg.median_size > 1:
-        from .baselines import median_filter
-
-        filtered = median_filter(np.where(brain, result, np.float32(floor)), int(cfg.median_size))
-        result = np.where(brain, filtered, result).astype(np.float32)
-        floor = float(result[brain].min())
-    result[~brain] = floor - 1.0
-    return result.astype(np.float32, copy=False)
-
-
 def predict_case(
     model: ADMModel,
     case: CaseImages,
-    device: str | torch.device = "auto",
-    batch_size: int = 16,
-    precision: str = "auto",
+    options: InferenceOptions = InferenceOptions(),
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
-    compile: bool = False,
 ) -> Prediction:
     """Preprocess a validated case with the model's settings and predict its energy image."""
+    options = options.checked()  # before the preprocessing: a bad option must not cost a case's time
     prepared = prepare_case(case, model.config.preprocess)
-    flair = native_flair_for(model, case, prepared)
-    return predict_prepared(model, prepared, device, batch_size, precision, progress, should_cancel, flair, compile)
+    energy_image = energy_volume(model, prepared, options, progress, should_cancel)
+    return Prediction(energy_image, native_brain_mask(prepared), model.threshold,
+                      int(prepared.has_brain.sum()))
 
 
 def anomaly_mask(energy_image: sitk.Image, brain_mask: sitk.Image, threshold: float) -> sitk.Image:

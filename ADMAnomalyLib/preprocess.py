@@ -94,6 +94,10 @@ class PreparedCase:
     """bool native numpy volume (z, y, x) of the brain mask."""
     native_lesion: Optional[np.ndarray] = field(default=None, repr=False)
     """bool native numpy volume (z, y, x) of label != 0, None without a label."""
+    native_zscored: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """float32 native numpy volumes (z, y, x) of the contrasts :func:`prepare_case` was asked to keep,
+    z-scored with the statistics of :attr:`zscore` (the network input's), 0 outside the brain: the
+    intensity term of the post-processing, the FLAIR baselines and the study read them from here."""
 
     @property
     def n_slices(self) -> int:
@@ -131,8 +135,11 @@ def orientation_axes(direction: tuple[float, ...], orientation: str) -> tuple[tu
     return axes, new_flips
 
 
-def prepare_case(case: CaseImages, cfg: PreprocessConfig) -> PreparedCase:
-    """Turn a loaded case into normalised, oriented, resized axial slices (see module doc)."""
+def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[str] = ("flair",)) -> PreparedCase:
+    """Turn a loaded case into normalised, oriented, resized axial slices (see module doc).
+
+    ``keep_native`` names the contrasts whose native-grid z-scored volumes are kept in
+    :attr:`PreparedCase.native_zscored` (4 bytes a voxel each; training keeps none)."""
     reference = case.images[CONTRASTS[0]]
     arrays = [sitk.GetArrayViewFromImage(case.images[c]) for c in CONTRASTS]
 
@@ -185,6 +192,7 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig) -> PreparedCase:
 
     outside = ~brain
     zscore: dict[str, tuple[float, float]] = {}
+    kept: dict[str, np.ndarray] = {}
     for channel, (name, values) in enumerate(zip(CONTRASTS, arrays)):
         inside = values[brain]
         mean = float(inside.mean(dtype=np.float64))
@@ -197,6 +205,8 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig) -> PreparedCase:
         normalised = (values - np.float32(mean)) * np.float32(1.0 / std)
         normalised[outside] = 0.0
         put(channel, normalised)
+        if name in keep_native:
+            kept[name] = normalised
     put(len(CONTRASTS), brain)
     if lesion is not None:
         put(len(CONTRASTS) + 1, lesion)
@@ -227,6 +237,7 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig) -> PreparedCase:
         geometry=geometry,
         native_brain=brain,
         native_lesion=lesion,
+        native_zscored=kept,
     )
 
 
@@ -271,18 +282,6 @@ def native_slice_region(prepared: PreparedCase, slices: np.ndarray) -> np.ndarra
     oriented = np.zeros(prepared.geometry.shape, dtype=bool)
     oriented[np.asarray(slices)] = True
     return prepared.geometry.to_native(oriented)
-
-
-def native_zscored(case: CaseImages, prepared: PreparedCase, names: Sequence[str] = CONTRASTS) -> np.ndarray:
-    """(len(names), Z, Y, X) float32: the contrasts on the native numpy grid, z-scored with the brain
-    statistics :func:`prepare_case` used for the network input; zero outside the brain."""
-    brain = prepared.native_brain
-    channels = []
-    for name in names:
-        mean, std = prepared.zscore[name]
-        values = sitk.GetArrayFromImage(case.images[name]).astype(np.float32)
-        channels.append(np.where(brain, (values - np.float32(mean)) / np.float32(std), np.float32(0)))
-    return np.stack(channels).astype(np.float32, copy=False)
 
 
 def native_brain_mask(prepared: PreparedCase) -> sitk.Image:

@@ -30,13 +30,13 @@ from . import __version__
 from .cases import CaseFiles, find_cases
 from .config import ADMConfig
 from .data import SliceSet, TrainingData, build_training_data, random_intensity_scaling
-from .device import autocast, bf16_enabled, inference_dtype, resolve_device
+from .device import autocast, inference_dtype, resolve_device, training_dtype
 from .distributed import (SINGLE_PROCESS, DistributedContext, all_reduce_sum_, barrier, shard_exact,
                           shard_for_training)
 from .errors import CancelledError, InputError, OutputError
 from .gmm import GMMAccumulator, GMMParams, energy, mixture_statistics
 from .evaluate import calibrate_threshold
-from .infer import brain_features, ctoc_runner, energy_slices
+from .infer import InferenceOptions, brain_features, ctoc_runner, energy_slices
 from .metrics import best_f1_threshold, detection_metrics
 from .model import ADMModel
 from .networks import ADMNetwork, translate_all
@@ -117,7 +117,7 @@ class Trainer:
         self.progress = progress if context.is_main else None
         self.should_cancel = should_cancel
         self.show_progress_bar = show_progress_bar and context.is_main
-        self.use_bf16 = bf16_enabled(self.device, config.train.amp)
+        self.ctoc_dtype = training_dtype(self.device, config.train.precision)
         # Identical initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(config.train.seed)
         self.model = ADMModel.create(config)
@@ -195,7 +195,7 @@ class Trainer:
             raise CancelledError("training cancelled; resume later from the last epoch's checkpoint")
 
     def _ctoc_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
-        with autocast(self.device, self.use_bf16):
+        with autocast(self.device, self.ctoc_dtype):
             reconstruction = translate_all(self._ctoc, images, brain)
         loss = masked_mse(reconstruction.float(), images, brain)
         self.ctoc_optimizer.zero_grad(set_to_none=True)
@@ -207,7 +207,7 @@ class Trainer:
         train_cfg = self.config.train
         x_hat_ct = None
         if self.config.model.use_ctoc:
-            with torch.no_grad(), autocast(self.device, self.use_bf16):
+            with torch.no_grad(), autocast(self.device, self.ctoc_dtype):
                 x_hat_ct = translate_all(self.model.network.ctoc, images, brain).float()
         n_brain = int(brain.sum())
         keep = None
@@ -277,23 +277,57 @@ class Trainer:
         if self.progress is not None:
             self.progress(event)
 
-    def fit(self, data: TrainingData) -> ADMModel:
-        """Train both steps (resuming where a checkpoint left off), freeze the GMM, pick the threshold."""
-        train_cfg = self.config.train
-        if self.stage == "ctoc":
-            self._run_stage("ctoc", train_cfg.epochs_ctoc, data.train)
+    def freeze_ctoc(self) -> None:
+        """End of step 1: CtoC is frozen and the DR + DE module of step 2 is built, wrapped for DDP
+        after freezing so that DDP synchronises only DR and DE parameters."""
+        if self._joint is not None:
+            return
         if self.model.network.ctoc is not None:
             self.model.network.ctoc.requires_grad_(False)
-        # Wrapped after freezing so DDP synchronises only DR and DE parameters.
-        self._joint = self._wrap(_JointForward(self.model.network, train_cfg.joint))
+        self._joint = self._wrap(_JointForward(self.model.network, self.config.train.joint))
+
+    def training_step(self, stage: str, images: torch.Tensor, brain: torch.Tensor,
+                      generator: torch.Generator) -> dict[str, float]:
+        """One optimisation step of ``stage`` ('ctoc' or 'joint') on a batch, as an epoch runs it
+        (the training benchmark times these); a 'joint' step freezes CtoC first."""
+        if stage == "joint":
+            self.freeze_ctoc()
+            return self._joint_step(images, brain, generator)
+        if stage != "ctoc":
+            raise ValueError(f"stage must be 'ctoc' or 'joint', not {stage!r}")
+        return self._ctoc_step(images, brain, generator)
+
+    def fit_ctoc(self, data: TrainingData) -> dict[str, torch.Tensor]:
+        """Step 1 alone (resuming where a checkpoint left off); returns the CtoC weights, which models
+        that differ only after step 1 can share (``fit(data, ctoc_state=...)``)."""
+        if self.model.network.ctoc is None:
+            raise ValueError("this configuration has no CtoC network (model.use_ctoc is false)")
+        if self.stage == "ctoc":
+            self._run_stage("ctoc", self.config.train.epochs_ctoc, data.train)
+        return {name: value.detach().clone() for name, value in self.model.network.ctoc.state_dict().items()}
+
+    def fit(self, data: TrainingData, ctoc_state: dict[str, torch.Tensor] | None = None,
+            calibrate: bool = True) -> ADMModel:
+        """Train both steps (resuming where a checkpoint left off), freeze the GMM and, with
+        ``calibrate``, pick the threshold. ``ctoc_state`` (from :meth:`fit_ctoc`) replaces step 1."""
+        train_cfg = self.config.train
+        if ctoc_state is not None:
+            if self.model.network.ctoc is None:
+                raise ValueError("ctoc_state given for a configuration without CtoC")
+            self.model.network.ctoc.load_state_dict(ctoc_state)
+            self.stage, self.epoch = "joint", 0
+        if self.stage == "ctoc":
+            self._run_stage("ctoc", train_cfg.epochs_ctoc, data.train)
+        self.freeze_ctoc()
         self._run_stage("joint", train_cfg.epochs_joint, data.train)
         self._check_cancel()
         self.model.network.eval()
         self._report(stage="gmm")
         self.model.gmm = fit_frozen_gmm(self.model, data.train, self.device, train_cfg.batch_size, self.context)
-        self._report(stage="threshold")
-        threshold, validation = choose_threshold(self.model, data, self.device, train_cfg.batch_size)
-        self.model.threshold = threshold
+        validation: dict[str, Any] = {}
+        if calibrate:
+            self._report(stage="threshold")
+            self.model.threshold, validation = choose_threshold(self.model, data, self.device, train_cfg.batch_size)
         self.model.metadata.update({
             "engine_version": __version__,
             "training_data": data.summary,
@@ -301,7 +335,7 @@ class Trainer:
             "history": self.history,
             "device": str(self.device),
             "processes": self.context.world_size,
-            "bf16": self.use_bf16,
+            "ctoc_training_dtype": str(self.ctoc_dtype or torch.float32).replace("torch.", ""),
         })
         return self.model
 
@@ -347,14 +381,14 @@ def choose_threshold(
     by default (precision 'auto'), so the threshold matches what users get."""
     validation = data.validation
     if len(validation) and validation.labels is not None and np.asarray(validation.labels).any():
-        energies = energy_slices(model, validation.images, validation.brain, device, batch_size)
+        energies = energy_slices(model, validation.images, validation.brain, InferenceOptions(device, batch_size=batch_size))
         labels, brain = np.asarray(validation.labels), np.asarray(validation.brain)
         threshold, _ = best_f1_threshold(energies, labels, brain)
         metrics = detection_metrics(energies, labels, brain)
         summary = {"source": "lesion slices", "slices": len(validation),
                    **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(metrics).items()}}
         return float(threshold), summary
-    energies = energy_slices(model, data.train.images, data.train.brain, device, batch_size)
+    energies = energy_slices(model, data.train.images, data.train.brain, InferenceOptions(device, batch_size=batch_size))
     percentile = model.config.train.fallback_threshold_percentile
     threshold = float(np.percentile(energies[np.asarray(data.train.brain)], percentile))
     return threshold, {"source": f"{percentile} percentile of normal training energies", "slices": len(data.train)}
@@ -418,7 +452,7 @@ def _calibrate_post_processed(model: ADMModel, case_files: list[CaseFiles] | Non
         log.warning("trained from a slice cache, which holds no native-grid images: the threshold stays the one "
                     "chosen before post-processing; set one with `admanomaly evaluate MODEL CASES` as a guide")
         return
-    threshold, summary = calibrate_threshold(model, case_files, device=device, batch_size=batch_size)
+    threshold, summary = calibrate_threshold(model, case_files, InferenceOptions(device, batch_size=batch_size))
     if threshold is not None:
         model.threshold = threshold
         model.metadata["validation"] = summary

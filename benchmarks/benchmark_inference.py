@@ -34,9 +34,10 @@ def run_one(model_name: str, case_dir: Path, device: str, repeats: int, precisio
     from ADMAnomalyLib.cases import find_cases, load_case
     from ADMAnomalyLib.config import preset
     from ADMAnomalyLib.gmm import GMMParams
-    from ADMAnomalyLib.infer import predict_prepared
+    from ADMAnomalyLib.infer import InferenceOptions, energy_volume
     from ADMAnomalyLib.model import ADMModel
-    from ADMAnomalyLib.preprocess import prepare_case
+    from ADMAnomalyLib.infer import anomaly_mask
+    from ADMAnomalyLib.preprocess import native_brain_mask, prepare_case
 
     if model_name == "bundled":
         model = api.load_model(None)
@@ -53,12 +54,12 @@ def run_one(model_name: str, case_dir: Path, device: str, repeats: int, precisio
         case = load_case(find_cases(case_dir)[0])
         prepared = prepare_case(case, model.config.preprocess)
         predict_start = time.perf_counter()
-        prediction = predict_prepared(model, prepared, device=device, precision=precision, compile=compile)
+        energy = energy_volume(model, prepared, InferenceOptions(device, precision, compile=compile))
         if on_gpu:
             torch.cuda.synchronize()
         predict_seconds = time.perf_counter() - predict_start
-        prediction.anomaly()
-        timings.append((time.perf_counter() - start, predict_seconds, prediction.n_slices_processed))
+        anomaly_mask(energy, native_brain_mask(prepared), model.threshold)
+        timings.append((time.perf_counter() - start, predict_seconds, int(prepared.has_brain.sum())))
     total, predict_seconds, slices = min(timings)
     size = case.images["flair"].GetSize()
     return {

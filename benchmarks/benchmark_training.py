@@ -77,7 +77,7 @@ def matmul_reference(device: str = "cpu", dtype: torch.dtype = torch.float32) ->
 
 def child(args: argparse.Namespace) -> None:
     from ADMAnomalyLib.distributed import init_from_environment, shutdown
-    from ADMAnomalyLib.train import Trainer, _JointForward
+    from ADMAnomalyLib.train import Trainer
 
     context, device = init_from_environment(args.device)
     if device.type == "cpu" and context.active:
@@ -87,11 +87,9 @@ def child(args: argparse.Namespace) -> None:
     generator = torch.Generator().manual_seed(context.rank)
     results = {}
     for stage in ("ctoc", "joint"):
-        if stage == "joint":
-            # As in Trainer.fit: CtoC frozen before the joint module is wrapped for DDP.
-            trainer.model.network.ctoc.requires_grad_(False)
-            trainer._joint = trainer._wrap(_JointForward(trainer.model.network, True))
-        step = trainer._ctoc_step if stage == "ctoc" else trainer._joint_step
+        def step(*batch):
+            return trainer.training_step(stage, *batch)
+
         step(images, brain, generator)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -103,7 +101,7 @@ def child(args: argparse.Namespace) -> None:
         results[stage] = context.world_size * args.steps * images.shape[0] / (time.perf_counter() - start)
     if context.is_main:
         print(json.dumps({"processes": context.world_size, "threads": torch.get_num_threads(),
-                          "bf16": trainer.use_bf16, **results}))
+                          "ctoc_dtype": str(trainer.ctoc_dtype or torch.float32), **results}))
     shutdown(context)
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ADMAnomalyLib import api  # noqa: E402
 from ADMAnomalyLib.cases import find_cases, load_case  # noqa: E402
 from ADMAnomalyLib.demo import demo_case_dir  # noqa: E402
-from ADMAnomalyLib.infer import energy_slices  # noqa: E402
+from ADMAnomalyLib.infer import InferenceOptions, energy_slices  # noqa: E402
 from ADMAnomalyLib.preprocess import prepare_case  # noqa: E402
 
 
@@ -40,9 +40,10 @@ def main() -> int:
     images, brain = prepared.slices[middle], prepared.brain[middle]
     energies, seconds = {}, {}
     for precision in ("fp32", "bf16", "fp16"):
-        energy_slices(model, images[:2], brain[:2], device, precision=precision)  # warm-up
+        options = InferenceOptions(device, precision)
+        energy_slices(model, images[:2], brain[:2], options)  # warm-up
         start = time.perf_counter()
-        energies[precision] = energy_slices(model, images, brain, device, precision=precision)[brain]
+        energies[precision] = energy_slices(model, images, brain, options)[brain]
         seconds[precision] = time.perf_counter() - start
     reference = energies["fp32"]
     spread = float(reference.std())

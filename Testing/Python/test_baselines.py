@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ADMAnomalyLib.postprocess import median_filter, remove_small_components
 from ADMAnomalyLib.baselines import (
     MahalanobisBaseline,
     OCSVMBaseline,
@@ -12,8 +13,6 @@ from ADMAnomalyLib.baselines import (
     features_to_volume,
     flair_zscore,
     flair_zscore_filtered,
-    median_filter,
-    remove_small_components,
 )
 from ADMAnomalyLib.errors import InputError, TrainingDataError
 from ADMAnomalyLib.metrics import detection_metrics

@@ -16,7 +16,7 @@ from ADMAnomalyLib import api
 from ADMAnomalyLib.cases import find_cases, load_case
 from ADMAnomalyLib.cli import main
 from ADMAnomalyLib.device import inference_dtype
-from ADMAnomalyLib.infer import ctoc_runner, energy_slices
+from ADMAnomalyLib.infer import InferenceOptions, ctoc_runner, energy_slices
 from ADMAnomalyLib.preprocess import prepare_case
 from ADMAnomalyLib.demo import demo_case_dir
 
@@ -61,8 +61,8 @@ def test_auto_precision_is_half_on_gpu_only(monkeypatch):
 def test_reduced_precision_within_tolerance(bundled_slices, precision, n_slices):
     model, images, brain = bundled_slices
     images, brain = images[:n_slices], brain[:n_slices]
-    reference = energy_slices(model, images, brain, CPU, precision="fp32")
-    reduced = energy_slices(model, images, brain, CPU, precision=precision)
+    reference = energy_slices(model, images, brain, InferenceOptions(CPU, precision="fp32"))
+    reduced = energy_slices(model, images, brain, InferenceOptions(CPU, precision=precision))
     assert np.isfinite(reduced[brain]).all()
     assert not np.array_equal(reduced, reference), "autocast must actually change the arithmetic"
     assert_within_tolerance(reduced, reference, brain)
@@ -81,8 +81,8 @@ def test_channels_last_runner_matches_plain_network(bundled_slices):
 def test_compiled_network_matches_eager(bundled_slices):
     model, images, brain = bundled_slices
     images, brain = images[:6], brain[:6]
-    reference = energy_slices(model, images, brain, CPU, precision="fp32", batch_size=4)
-    compiled = energy_slices(model, images, brain, CPU, precision="fp32", batch_size=4, compile=True)
+    reference = energy_slices(model, images, brain, InferenceOptions(CPU, precision="fp32", batch_size=4))
+    compiled = energy_slices(model, images, brain, InferenceOptions(CPU, precision="fp32", batch_size=4, compile=True))
     spread = float(reference[brain].std())
     np.testing.assert_allclose(compiled[brain], reference[brain], atol=1e-3 * spread, rtol=0)
 
@@ -92,7 +92,8 @@ def test_cli_predict_precision_and_progress_bar(tmp_path, capsys, monkeypatch):
 
     seen = []
     original = infer.energy_slices
-    monkeypatch.setattr(infer, "energy_slices", lambda *args, **kwargs: seen.append(args[5]) or original(*args, **kwargs))
+    monkeypatch.setattr(infer, "energy_slices",
+                        lambda *args, **kwargs: seen.append(args[3].precision) or original(*args, **kwargs))
     out = tmp_path / "out"
     assert main(["predict", "default", str(demo_case_dir()), "-o", str(out), "--device", "cpu",
                  "--precision", "bf16"]) == 0

@@ -95,7 +95,7 @@ def test_training_without_any_lesion_free_slice_fails_clearly(tmp_path):
 
 
 def test_evaluate_reports_adm_and_flair_baseline(trained_model, cohort):
-    report = evaluate(api.load_model(trained_model), cohort, device="cpu")
+    report = evaluate(api.load_model(trained_model), cohort, options=api.InferenceOptions("cpu"))
     assert set(report["methods"]) == {"ADM", "FLAIR z-score"}
     for result in report["methods"].values():
         pooled = result["pooled"]
@@ -192,7 +192,7 @@ def test_short_real_training_run_on_brats(brats_dir, tmp_path):
     for path in cases[2].contrasts.values():
         (test_dir / path.name).symlink_to(path)
     (test_dir / cases[2].label.name).symlink_to(cases[2].label)
-    report = evaluate(api.load_model(tmp_path / "real.admm"), test_dir, device="cpu")
+    report = evaluate(api.load_model(tmp_path / "real.admm"), test_dir, options=api.InferenceOptions("cpu"))
     pooled = report["methods"]["ADM"]["pooled"]
     assert np.isfinite(pooled["auroc"]) and pooled["auroc"] > 0.5
 

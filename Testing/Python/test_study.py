@@ -14,7 +14,8 @@ from ADMAnomalyLib.cli import main
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, preset
 from ADMAnomalyLib.errors import InputError
 from ADMAnomalyLib.gmm import GMMAccumulator
-from ADMAnomalyLib.infer import energy_slices, postprocess_array
+from ADMAnomalyLib.infer import InferenceOptions, energy_slices
+from ADMAnomalyLib.postprocess import postprocess_scores as postprocess_array
 from ADMAnomalyLib.model import ADMModel
 from ADMAnomalyLib.networks import ADMNetwork
 from conftest import make_synthetic_case
@@ -82,22 +83,27 @@ def test_density_intensities_adds_x_to_the_features():
 
 
 def test_precomputed_translations_and_flip_tta(tmp_path):
+    from ADMAnomalyLib.infer import network_energy
+    from ADMAnomalyLib.preprocess import PreparedCase
+
     images, brain = _random_slices()
     model = _fitted_model(preset("tiny"), images, brain)
-    device = torch.device("cpu")
-    plain = energy_slices(model, images, brain, device)
+    cpu = InferenceOptions("cpu")
+    plain = energy_slices(model, images, brain, cpu)
     with torch.no_grad():
         x_hat = model.network.translate(torch.from_numpy(images), torch.from_numpy(brain)).numpy()
-    np.testing.assert_allclose(energy_slices(model, images, brain, device, x_hat_ct=x_hat), plain, rtol=1e-5, atol=1e-4)
-    flipped = energy_slices(model, images, brain, device, flip_tta=True)
-    mirror = energy_slices(model, images[..., ::-1].copy(), brain[..., ::-1].copy(), device)[..., ::-1]
+    np.testing.assert_allclose(energy_slices(model, images, brain, cpu, x_hat_ct=x_hat), plain, rtol=1e-5, atol=1e-4)
+    prepared = PreparedCase("p", images, brain, None, np.ones(len(images), bool), np.zeros(len(images), bool))
+    flipped = network_energy(model, prepared, InferenceOptions("cpu", flip_tta=True))
+    mirror = energy_slices(model, images[..., ::-1].copy(), brain[..., ::-1].copy(), cpu)[..., ::-1]
     np.testing.assert_allclose(flipped, 0.5 * (plain + mirror), rtol=1e-5, atol=1e-4)
+    assert np.abs(flipped - plain).max() > 1e-3, "the mirrored pass must change something"
     # The option travels in the model file and is applied by default.
     model.config.postprocess.flip_tta = True
     path = model.save(tmp_path / "flip.admm")
     loaded = ADMModel.load(path)
     assert loaded.config.postprocess.flip_tta
-    np.testing.assert_allclose(energy_slices(loaded, images, brain, device), flipped, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(network_energy(loaded, prepared, cpu), flipped, rtol=1e-5, atol=1e-4)
 
 
 def test_postprocess_array_smooths_inside_the_brain_and_suppresses_the_rim():
@@ -114,7 +120,7 @@ def test_postprocess_array_smooths_inside_the_brain_and_suppresses_the_rim():
     unchanged = postprocess_array(values, brain, (1.0, 1.0, 1.0), PostprocessConfig())
     np.testing.assert_array_equal(unchanged[brain], values[brain])
     flair = np.where(brain, 2.0, 0.0).astype(np.float32)
-    combined = postprocess_array(values, brain, (1.0, 1.0, 1.0), PostprocessConfig(flair_weight=0.5), flair=flair)
+    combined = postprocess_array(values, brain, (1.0, 1.0, 1.0), PostprocessConfig(flair_weight=0.5), intensity=flair)
     inside = values[brain].astype(np.float64)
     np.testing.assert_allclose(combined[brain], (inside - inside.mean()) / inside.std() + 1.0, rtol=1e-5, atol=1e-5)
     assert combined[~brain].max() < combined[brain].min()
@@ -208,3 +214,30 @@ def test_report_and_figures_from_json(study_run, tmp_path):
     docs2 = tmp_path / "docs2"
     assert main(["study", "--report-only", "-o", str(out), "--docs", str(docs2)]) == 0
     assert study.format_table(result) in (docs2 / "results.md").read_text()
+
+
+def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, cohort):
+    """The study's ADM energies (raw and post-processed) are `admanomaly predict`'s, voxel for voxel."""
+    import SimpleITK as sitk
+
+    from ADMAnomalyLib import api
+    from ADMAnomalyLib.cases import find_cases
+    from ADMAnomalyLib.infer import ctoc_translations
+    from ADMAnomalyLib.study.runner import _postprocessed, raw_energy
+
+    model = api.load_model(trained_model)
+    settings = study.quick_settings(preset="tiny", image_size=model.config.preprocess.image_size, device="cpu")
+    files = find_cases(cohort / "synth_0")[0]
+    images = {c: sitk.ReadImage(str(p)) for c, p in files.contrasts.items()}
+    case = study.load_case_data(files, settings)
+    options = InferenceOptions("cpu")
+    translations = {False: ctoc_translations(model, case.prepared, options)}
+    study_energy = raw_energy(model, case, options, translations)
+    product = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
+    np.testing.assert_array_equal(study_energy, product[case.brain])
+    post = PostprocessConfig(smoothing_sigma_mm=2.0, rim_erosion_mm=1.0, flair_weight=1.5, median_size=3)
+    study_post = _postprocessed({case.case_id: study_energy}, post, [case], {case.case_id: {}}, {}, "ADM")
+    model.config.postprocess = post
+    product_post = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
+    np.testing.assert_array_equal(study_post[case.case_id], product_post[case.brain])
+    assert not np.allclose(study_post[case.case_id], study_energy)
