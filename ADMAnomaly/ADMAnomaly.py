@@ -666,9 +666,15 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.resetSliceViews()
         rows = self.logic.caseBrowser.rows()
         self.fillCaseTable(rows)
+        record = rows[loaded.index]
+        if loaded.anomaly is not None:
+            status = _("stored results")
+        elif record.status == "failed":
+            status = _("failed: ") + record.reason
+        else:
+            status = _("no results yet (Run missing, or Apply)")
         self.showStatus(self.ui.casesStatusLabel, _("{case} ({number}/{total}): {status}").format(
-            case=loaded.caseId, number=loaded.index + 1, total=len(rows),
-            status=_("stored results") if loaded.anomaly is not None else _("no results yet (Run missing, or Apply)")))
+            case=loaded.caseId, number=loaded.index + 1, total=len(rows), status=status))
 
     def currentThreshold(self) -> float:
         """The energy threshold on display: the loaded anomaly's (also in percentile mode), else the slider's."""

@@ -54,7 +54,7 @@ class LoadedCase:
     record: results.CaseRecord
     """Its row of the case table when it was loaded."""
     volumes: dict[str, Any]
-    """Scalar volume nodes by contrast (``flair``, ``t1``, ``t1c``, ``t2``), on the FLAIR's grid."""
+    """Scalar volume nodes by contrast (``flair``, ``t1``, ``t1c``, ``t2``), each on its file's grid."""
     reference: Any = None
     """Segmentation node of the reference label (None without a readable label)."""
     energy: Any = None
@@ -189,13 +189,11 @@ class CaseBrowser:
     def _load(self, index: int, files: CaseFiles) -> LoadedCase:
         if files.problem is not None:
             raise errors.InputError(files.problem)
-        tolerance = PreprocessConfig().grid_tolerance
-        # The engine's reader and grid rules, but the voxels as stored (no float copy: display only).
+        # The engine's reader (truncated files, NaNs ... are errors), the voxels as stored (no float
+        # copy) and each volume on its own grid: the views place volumes in world coordinates, so a
+        # case whose series lie on different grids (raw scans, or a failed case) can still be looked at.
         images = {contrast: read_image(files.contrasts[contrast]) for contrast in CONTRASTS}
         flair_image = images[CONTRASTS[0]]
-        for contrast in CONTRASTS[1:]:
-            check_same_grid(images[contrast], flair_image, str(files.contrasts[contrast]),
-                            str(files.contrasts[CONTRASTS[0]]), tolerance)
         record = self.record(index)
         scene = self.logic.scene
         loaded = LoadedCase(index, record, {})
@@ -203,10 +201,8 @@ class CaseBrowser:
             for contrast in CONTRASTS:
                 name = scene.GenerateUniqueName(_file_stem(files.contrasts[contrast]))
                 node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-                # The other contrasts copy the FLAIR's geometry exactly (their grids were checked).
-                flair_node = loaded.volumes.get(CONTRASTS[0])
                 loaded.volumes[contrast] = node
-                conversion.update_volume_node_from_sitk(node, images[contrast], reference_node=flair_node)
+                conversion.update_volume_node_from_sitk(node, images[contrast])
                 self.logic.volumeDisplay(node, *_grey_window(sitk.GetArrayViewFromImage(images[contrast])))
             flair_node = loaded.volumes[CONTRASTS[0]]
             # The label only feeds the display and the figures: an unreadable one does not fail the case.
@@ -216,7 +212,8 @@ class CaseBrowser:
             if record.done:
                 energy_path, _ = results.output_paths(self.resultsDir, files.case_id)
                 energy = read_image(energy_path)
-                check_same_grid(energy, flair_image, str(energy_path), f"the FLAIR of case {files.case_id}", tolerance)
+                check_same_grid(energy, flair_image, str(energy_path), f"the FLAIR of case {files.case_id}",
+                                PreprocessConfig().grid_tolerance)
                 brain = sitk.GetImageFromArray(results.brain_of_energy(sitk.GetArrayViewFromImage(energy)).astype(np.uint8))
                 brain.CopyInformation(energy)
                 # The segmentation is the stored map: the energy at the threshold it was made with.
