@@ -691,7 +691,8 @@ class ADMAnomalyCoreLogic:
     def saveThresholdModel(self, path, threshold: float | None = None) -> Path:
         """Write a copy of the open folder's model file with ``threshold`` (default: the threshold
         applied to the folder's cases) and a provenance note in its metadata (``threshold_history``:
-        chosen interactively, the results folder, its cases, the cases viewed, the date). Returns the path."""
+        chosen interactively, the source model, the results folder, its cases with results and whether
+        their maps are at this threshold, the cases viewed, the date). Returns the path."""
         import time
 
         from ADMAnomalyLib.results import model_identity
@@ -709,6 +710,7 @@ class ADMAnomalyCoreLogic:
             "source_model": model_identity(loaded),
             "results": str(browser.resultsDir),
             "cases": [record.case_id for record in browser.doneRecords()],
+            "applied_to_cases": threshold == folderThreshold,
             "viewed": list(browser.viewed),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

@@ -361,12 +361,14 @@ def test_saved_threshold_model_is_a_copy_with_its_provenance(mrml, folder, tmp_p
     note = tuned.metadata["threshold_history"][-1]
     assert note["threshold"] == threshold and note["previous_threshold"] == original.threshold
     assert note["cases"] == GOOD and note["viewed"] == ["case_0", "case_3"] and note["results"] == str(work)
+    assert note["applied_to_cases"] is True
     assert "interactively" in note["chosen"] and note["source_model"] == results.model_identity(original)
     assert tuned.metadata.get("validation") == original.metadata.get("validation")
     for name, tensor in original.network.state_dict().items():
         assert np.array_equal(tensor.numpy(), tuned.network.state_dict()[name].numpy()), name
     assert hashlib.sha256(folder["model"].read_bytes()).hexdigest() == digest  # a copy: the original stays
-    assert api.load_model(logic.saveThresholdModel(tmp_path / "explicit.admm", threshold=1.25)).threshold == 1.25
+    explicit = api.load_model(logic.saveThresholdModel(tmp_path / "explicit.admm", threshold=1.25))
+    assert explicit.threshold == 1.25 and explicit.metadata["threshold_history"][-1]["applied_to_cases"] is False
     with pytest.raises(errors.OutputError, match="the model itself"):
         logic.saveThresholdModel(folder["model"])
 
