@@ -65,7 +65,7 @@ def main() -> None:
         bottom.contour(anomaly[k], levels=[0.5], colors="yellow", linewidths=1.0)
         bottom.contour(tumour[k], levels=[0.5], colors="lime", linewidths=1.0, linestyles="dashed")
         bottom.set_title("anomaly map (yellow), pseudo reference (green, dashed)", fontsize=9)
-    fig.suptitle("TCGA-FG-6692 raw scans, 0.9x0.9x5.5 mm FLAIR grid: registered, HD-BET brain, bundled model",
+    fig.suptitle("TCGA-FG-6692 raw scans, 0.9x0.9x5.5 mm FLAIR grid: registered to FLAIR, deepbet brain, bundled model",
                  fontsize=10)
     fig.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
