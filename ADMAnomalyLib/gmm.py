@@ -287,13 +287,6 @@ class GMMAccumulator:
         self.s1 += g64.mT @ z64
         self.s2 += torch.einsum("nc,ni,nj->cij", g64, z64, z64)
 
-    def merge(self, other: "GMMAccumulator") -> None:
-        """Add another accumulator's statistics (same shapes and centre) into this one."""
-        if not torch.equal(self.centre, other.centre.to(self.centre)):
-            raise ValueError("cannot merge accumulators with different centres")
-        for name, tensor in self.state().items():
-            tensor += other.state()[name].to(tensor)
-
     def state(self) -> dict[str, torch.Tensor]:
         """The live statistic tensors (summing them across workers merges accumulators)."""
         return {"count": self.count, "s0": self.s0, "s1": self.s1, "s2": self.s2}

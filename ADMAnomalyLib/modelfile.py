@@ -321,14 +321,6 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"non-standard JSON constant {token}")
 
 
-def read_model_header(path: PathLike) -> dict[str, Any]:
-    """The validated JSON header of a model file (config, threshold, metadata, tensor table),
-    without verifying or decoding the payload; cheap, for displaying a model's settings."""
-    reader = _Reader(Path(path))
-    header, _ = reader.header(reader.read_bytes())
-    return header
-
-
 def load_model_file(path: PathLike) -> ModelFileContents:
     """Read and fully validate a model file; any problem is a one-line :class:`ModelFileError`.
 

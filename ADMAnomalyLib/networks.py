@@ -210,7 +210,3 @@ class ADMNetwork(nn.Module):
         if self.config.density_intensities:
             parts.append(x.float())
         return torch.cat(parts, dim=1), x_hat_dr
-
-    def memberships(self, z: torch.Tensor) -> torch.Tensor:
-        """Mixture memberships (N, C) of pixel features ``z`` (N, d), in float32."""
-        return self.estimator(z)

@@ -289,12 +289,5 @@ def native_brain_mask(prepared: PreparedCase) -> sitk.Image:
     return _mask_image(prepared.native_brain, prepared.geometry)
 
 
-def native_label(prepared: PreparedCase) -> Optional[sitk.Image]:
-    """The lesion label (label != 0) as uint8 (0/1) on the native grid, or None."""
-    if prepared.native_lesion is None:
-        return None
-    return _mask_image(prepared.native_lesion, prepared.geometry)
-
-
 def _mask_image(mask: np.ndarray, geometry: SliceGeometry) -> sitk.Image:
     return geometry.apply(sitk.GetImageFromArray(np.ascontiguousarray(mask, dtype=np.uint8)))

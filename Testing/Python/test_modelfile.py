@@ -21,7 +21,6 @@ from ADMAnomalyLib.modelfile import (
     MAGIC,
     ModelFileContents,
     load_model_file,
-    read_model_header,
     save_model_file,
 )
 
@@ -114,7 +113,9 @@ def test_header_and_metadata(tmp_path):
     loaded = load_model_file(path)
     assert loaded.threshold is None
     assert loaded.metadata == {"auroc": None, "tuple": [1, 2], "np": 0.5}  # strict JSON
-    header = read_model_header(path)
+    from ADMAnomalyLib.modelfile import _Reader
+
+    header, _ = _Reader(path).header(path.read_bytes())  # the file layout itself
     assert header["format"] == "admanomaly-model" and header["format_version"] == 1
     assert header["tensors"]["gmm/means"] == {"dtype": "float64", "shape": [6, 7], "offset": header["tensors"]["gmm/means"]["offset"], "nbytes": 336}
     assert all(entry["offset"] % 64 == 0 for entry in header["tensors"].values())

@@ -151,7 +151,7 @@ def test_ablation_feature_dims_and_parts(use_ctoc, use_dr, dim):
     assert (x_hat_dr is not None) == use_dr
     if use_dr:
         assert x_hat_dr.shape == x.shape
-    assert net.memberships(z.permute(0, 2, 3, 1).reshape(-1, dim)).shape == (2 * 16 * 16, cfg.n_components)
+    assert net.estimator(z.permute(0, 2, 3, 1).reshape(-1, dim)).shape == (2 * 16 * 16, cfg.n_components)
 
 
 def test_no_features_rejected():
@@ -184,7 +184,7 @@ def test_dr_and_de_stay_float32_under_bf16_autocast():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         x_hat_ct = net.translate(x, brain)
         z, x_hat_dr = net.features(x, brain, x_hat_ct=x_hat_ct)
-        gamma = net.memberships(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+        gamma = net.estimator(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
     assert x_hat_ct.dtype == torch.bfloat16  # CtoC does follow the caller's autocast
     assert z.dtype == x_hat_dr.dtype == gamma.dtype == torch.float32
     with torch.no_grad():

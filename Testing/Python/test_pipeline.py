@@ -97,9 +97,10 @@ def test_training_without_any_lesion_free_slice_fails_clearly(tmp_path):
 def test_evaluate_reports_adm_and_flair_baseline(trained_model, cohort):
     report = evaluate(api.load_model(trained_model), cohort, options=api.InferenceOptions("cpu"))
     assert set(report["methods"]) == {"ADM", "FLAIR z-score"}
-    for result in report["methods"].values():
-        pooled = result["pooled"]
-        assert 0.0 <= pooled["auroc"] <= 1.0 and 0.0 <= pooled["auprc"] <= 1.0
+    # Even the tiny model (2 + 2 epochs) finds the planted lesion far above chance (0.987 / 0.544 when
+    # written; chance AUPRC is the lesion fraction of these slices, a few per cent).
+    adm = report["methods"]["ADM"]["pooled"]
+    assert adm["auroc"] > 0.9 and adm["auprc"] > 0.25
     # The synthetic lesion is bright in FLAIR: the trivial baseline must see it.
     assert report["methods"]["FLAIR z-score"]["pooled"]["auroc"] > 0.9
 

@@ -14,7 +14,6 @@ from ADMAnomalyLib.config import CONTRASTS, PreprocessConfig
 from ADMAnomalyLib.errors import InputError
 from ADMAnomalyLib.preprocess import (
     native_brain_mask,
-    native_label,
     orientation_axes,
     prepare_case,
     slices_to_image,
@@ -81,7 +80,7 @@ def test_prepared_shapes_and_flags(synthetic_case):
 def test_zscore_over_brain():
     case = _synthetic(lesion=False)
     prep = prepare_case(case, _cfg())
-    assert prep.label is None and not prep.has_lesion.any() and native_label(prep) is None
+    assert prep.label is None and not prep.has_lesion.any()
     for c in CONTRASTS:
         values = sitk.GetArrayFromImage(case.images[c])
         inside = values[values != 0]
@@ -247,16 +246,6 @@ def test_background_and_no_leak_from_outside_brain():
     out = sitk.GetArrayFromImage(slices_to_image(np.where(prep.brain, 5.0, np.nan), prep, background=0.0))
     np.testing.assert_allclose(out[brain & slice_ok], 5.0, atol=1e-5)
     assert np.all(out[~brain] == 0.0)
-
-
-def test_native_label_on_input_grid(synthetic_case):
-    case = load_case(find_cases(synthetic_case)[0])
-    prep = prepare_case(case, _cfg())
-    label = native_label(prep)
-    _same_grid(label, case.label)
-    np.testing.assert_array_equal(
-        sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(case.label) != 0
-    )
 
 
 def test_files_with_non_identity_direction(tmp_path):
