@@ -158,8 +158,9 @@ class InferenceJob:
     ``(done, total)`` slice progress; when :attr:`finished`, :meth:`finish` creates the output nodes
     (or raises the child's error)."""
 
-    def __init__(self, logic, nodes: dict[str, Any], model, device: str, workDir=None) -> None:
+    def __init__(self, logic, nodes: dict[str, Any], model, device: str, workDir=None, preprocess: str = "none") -> None:
         self.logic = logic
+        self.preprocess = preprocess
         self.nodeIds = {contrast: node.GetID() for contrast, node in nodes.items()}
         self.modelPath = str(model.path) if getattr(model, "path", None) else "default"
         self.workDir = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="ADMAnomaly-run-"))
@@ -172,7 +173,7 @@ class InferenceJob:
             sitk.WriteImage(conversion.sitk_from_volume_node(node, np.float32), str(path), False)
             inputs += ["--input", f"{contrast}={path}"]
         args = [python_executable(), "-m", "ADMAnomalyCore.worker", "--model", self.modelPath, "--device", device,
-                "--output-dir", str(self.outputDir)] + inputs
+                "--output-dir", str(self.outputDir), "--preprocess", preprocess] + inputs
         self.process = ProcessJob(args, self.workDir)
 
     @property
@@ -207,7 +208,8 @@ class InferenceJob:
             return self.logic.createOutputNodes(
                 energy, brain, modelThreshold, reference, energyNode=energyNode, segmentationNode=segmentationNode,
                 threshold=threshold, percentile=percentile,
-                modelPath=None if self.modelPath == "default" else self.modelPath, show=show)
+                modelPath=None if self.modelPath == "default" else self.modelPath, show=show,
+                brainSegment=self.preprocess != "none")
         finally:
             self.cleanup()
 

@@ -60,6 +60,9 @@ BACKGROUND_REFERENCE_ROLE = "ADMAnomalyBackground"
 SEGMENT_NAME = "Anomaly"
 SEGMENT_ID = "Anomaly"
 SEGMENT_COLOR = (0.1, 0.9, 1.0)
+BRAIN_SEGMENT_ID = "Brain"
+"""Segment holding the extracted brain mask when raw scans are preprocessed."""
+BRAIN_SEGMENT_COLOR = (0.95, 0.75, 0.2)
 """Cyan: stands out against the grey MRI background and the warm energy colour map."""
 SEGMENT_TERMINOLOGY = (
     "Segmentation category and type - 3D Slicer General Anatomy list"
@@ -146,9 +149,10 @@ class ADMAnomalyCoreLogic:
     def inputsByContrast(flair, t1, t1c, t2) -> dict[str, Any]:
         return dict(zip(CONTRASTS, (flair, t1, t1c, t2)))
 
-    def validateInputs(self, flair, t1, t1c, t2, tolerance: float | None = None) -> dict[str, Any]:
+    def validateInputs(self, flair, t1, t1c, t2, tolerance: float | None = None, sameGrid: bool = True) -> dict[str, Any]:
         """Check the four inputs before any work: present, scalar (not labelmap) volumes with voxels,
-        one parent transform and one voxel grid. Returns them keyed by contrast.
+        one parent transform and (``sameGrid``; raw scans are registered instead) one voxel grid.
+        Returns them keyed by contrast.
 
         Raises :class:`~ADMAnomalyLib.errors.InputError` or
         :class:`~ADMAnomalyLib.errors.GridMismatchError` naming the volume at fault."""
@@ -183,7 +187,7 @@ class ADMAnomalyCoreLogic:
 
             tolerance = PreprocessConfig().grid_tolerance
         reference_header = conversion.header_image(reference)
-        for contrast, node in list(nodes.items())[1:]:
+        for contrast, node in list(nodes.items())[1:] if sameGrid else []:
             check_same_grid(conversion.header_image(node), reference_header,
                             f"{CONTRAST_LABELS[contrast]} volume '{node.GetName()}'",
                             f"FLAIR volume '{reference.GetName()}'", tolerance)
@@ -231,30 +235,39 @@ class ADMAnomalyCoreLogic:
     # -- inference -----------------------------------------------------------------------------
     def run(self, flair, t1, t1c, t2, model=None, device: str = "auto", threshold: float | None = None,
             percentile: float | None = None, energyNode=None, segmentationNode=None, show: bool = True,
-            progress: ProgressCallback | None = None, shouldCancel: CancelCallback | None = None):
+            progress: ProgressCallback | None = None, shouldCancel: CancelCallback | None = None,
+            preprocess: str = "none"):
         """Run the model on four volume nodes (blocking) and return ``(energyNode, segmentationNode)``.
+
+        ``preprocess`` 'auto' or 'full' treats them as raw scans (``ADMAnomalyLib.rawprep``: registered
+        to FLAIR, brain extracted; the input nodes are not changed): the outputs lie on the FLAIR grid
+        and the segmentation also gets a "Brain" segment.
 
         ``threshold`` (energy units) or ``percentile`` (of brain voxels) sets the segmentation;
         default: the model's validation threshold. Existing output nodes are overwritten only on
         success. Raises ``InputError``, ``GridMismatchError``, ``ModelFileError``, ``DeviceError``
         or ``CancelledError`` (from ``ADMAnomalyLib.errors``) with nothing added to the scene."""
-        nodes = self.validateInputs(flair, t1, t1c, t2)
+        sameGrid = preprocess == "none"
+        nodes = self.validateInputs(flair, t1, t1c, t2, sameGrid=sameGrid)
         api = engine_api()
         self.resolveDevice(device)
         loaded = self.loadModel(model)
-        self.validateInputs(flair, t1, t1c, t2, loaded.config.preprocess.grid_tolerance)
+        self.validateInputs(flair, t1, t1c, t2, loaded.config.preprocess.grid_tolerance, sameGrid=sameGrid)
         images = {contrast: conversion.sitk_from_volume_node(node, np.float32) for contrast, node in nodes.items()}
         prediction = api.predict(loaded, images, device=(device or "auto").lower(), progress=progress,
-                                 should_cancel=shouldCancel)
+                                 should_cancel=shouldCancel, preprocess=preprocess)
         return self.createOutputNodes(
             prediction.energy, prediction.brain_mask, prediction.threshold, nodes[CONTRASTS[0]],
             energyNode=energyNode, segmentationNode=segmentationNode, threshold=threshold,
-            percentile=percentile, modelPath=str(loaded.path) if loaded.path else None, show=show)
+            percentile=percentile, modelPath=str(loaded.path) if loaded.path else None, show=show,
+            brainSegment=not sameGrid)
 
     def createOutputNodes(self, energy: sitk.Image, brainMask: sitk.Image, modelThreshold: float | None,
                           referenceNode, energyNode=None, segmentationNode=None, threshold: float | None = None,
-                          percentile: float | None = None, modelPath: str | None = None, show: bool = True):
+                          percentile: float | None = None, modelPath: str | None = None, show: bool = True,
+                          brainSegment: bool = False):
         """Put an engine result (energy + brain mask on the grid of ``referenceNode``) into the scene.
+        ``brainSegment`` adds the brain mask as a segment "Brain" (raw scans: the extracted brain).
 
         New nodes are created unless ``energyNode`` / ``segmentationNode`` are given (then they are
         overwritten). Nodes created here are removed again if anything fails."""
@@ -292,6 +305,8 @@ class ADMAnomalyCoreLogic:
             self._setupEnergyDisplay(energyNode, energy_array[brain_array], brain_minimum)
             self._setupSegmentation(segmentationNode, energyNode)
             self.setThreshold(segmentationNode, threshold=threshold, percentile=percentile)
+            if brainSegment:
+                self._setBrainSegment(segmentationNode, brain_array, energyNode)
         except BaseException:
             for node in created:
                 self._brainMasks.pop(node.GetID() or "", None)
@@ -347,6 +362,17 @@ class ADMAnomalyCoreLogic:
         display.SetOpacity2DOutline(1.0)
         display.SetSliceIntersectionThickness(2)
         return segmentId
+
+    def _setBrainSegment(self, segmentationNode, brain: np.ndarray, energyNode) -> None:
+        """The brain mask as segment "Brain" (outline only, so the anomaly stays readable)."""
+        segmentation = segmentationNode.GetSegmentation()
+        if segmentation.GetSegment(BRAIN_SEGMENT_ID) is None:
+            segmentation.AddEmptySegment(BRAIN_SEGMENT_ID, BRAIN_SEGMENT_ID, BRAIN_SEGMENT_COLOR)
+        labelmap = conversion.oriented_labelmap(brain.astype(np.uint8), energyNode)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                labelmap, segmentationNode, BRAIN_SEGMENT_ID, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
+            raise errors.OutputError(f"could not set segment '{BRAIN_SEGMENT_ID}' of '{segmentationNode.GetName()}'")
+        segmentationNode.GetDisplayNode().SetSegmentVisibility2DFill(BRAIN_SEGMENT_ID, False)
 
     @staticmethod
     def _segmentId(segmentationNode) -> str | None:
@@ -550,15 +576,18 @@ class ADMAnomalyCoreLogic:
         return Path(outputPath)
 
     # -- background processes (GUI) ------------------------------------------------------------
-    def startInference(self, flair, t1, t1c, t2, model=None, device: str = "auto", workDir=None):
-        """Validate now, then run inference in a background process; see :class:`.jobs.InferenceJob`."""
+    def startInference(self, flair, t1, t1c, t2, model=None, device: str = "auto", workDir=None,
+                       preprocess: str = "none"):
+        """Validate now, then run inference in a background process; see :class:`.jobs.InferenceJob`.
+        ``preprocess`` as in :meth:`run` (raw scans)."""
         from .jobs import InferenceJob
 
-        nodes = self.validateInputs(flair, t1, t1c, t2)
+        sameGrid = preprocess == "none"
+        nodes = self.validateInputs(flair, t1, t1c, t2, sameGrid=sameGrid)
         self.resolveDevice(device)
         loaded = self.loadModel(model)
-        self.validateInputs(flair, t1, t1c, t2, loaded.config.preprocess.grid_tolerance)
-        return InferenceJob(self, nodes, loaded, (device or "auto").lower(), workDir)
+        self.validateInputs(flair, t1, t1c, t2, loaded.config.preprocess.grid_tolerance, sameGrid=sameGrid)
+        return InferenceJob(self, nodes, loaded, (device or "auto").lower(), workDir, preprocess=preprocess)
 
     def startTraining(self, dataDir, outputPath, preset: str = "small", epochsCtoC: int | None = None,
                       epochsJoint: int | None = None, lambdaEnergy: float | None = None,

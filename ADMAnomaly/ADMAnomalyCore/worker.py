@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", action="append", default=[], metavar="CONTRAST=PATH", required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--preprocess", choices=("none", "auto", "full"), default="none",
+                        help="raw scans: register to FLAIR and extract the brain (ADMAnomalyLib.rawprep)")
     args = parser.parse_args(argv)
 
     here = Path(__file__).resolve().parent.parent
@@ -46,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             images[contrast.strip()] = read_image(path)
         model = api.load_model(None if args.model == "default" else args.model)
         args.output_dir.mkdir(parents=True, exist_ok=True)
+        if args.preprocess != "none":
+            _emit({"stage": "preprocess"})
         prediction = api.predict(model, images, device=args.device, batch_size=args.batch_size,
-                                 progress=lambda done, total: _emit({"stage": "predict", "step": done, "steps": total}))
+                                 progress=lambda done, total: _emit({"stage": "predict", "step": done, "steps": total}),
+                                 preprocess=args.preprocess)
         # Uncompressed: the Slicer process reads these back at once and deletes them.
         write_image_atomic(prediction.energy, args.output_dir / "energy.mha", compress=False)
         write_image_atomic(prediction.brain_mask, args.output_dir / "brain.mha", compress=False)
