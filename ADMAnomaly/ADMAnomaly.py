@@ -64,6 +64,7 @@ EXPECTED_WIDGETS = {
     "t1cSelector": "qMRMLNodeComboBox",
     "t2Selector": "qMRMLNodeComboBox",
     "autoFillButton": "QPushButton",
+    "rawScansCheckBox": "QCheckBox",
     "modelComboBox": "QComboBox",
     "modelBrowseButton": "QToolButton",
     "modelInfoLabel": "QLabel",
@@ -149,7 +150,7 @@ class ADMAnomalyParameterNode:
     """GUI state, saved with the scene.
 
     casesFolder, resultsFolder - the folder of cases browsed and its results (predict outputs, cases.csv).
-    flair, t1, t1c, t2 - input volumes. modelPath - model file ("" = bundled default). device - auto/GPU/CPU.
+    flair, t1, t1c, t2 - input volumes; rawScans - they are raw scans (registered and brain-extracted first). modelPath - model file ("" = bundled default). device - auto/GPU/CPU.
     energyVolume, anomalySegmentation - outputs (overwritten by the next Apply when set).
     thresholdMode/threshold/percentile - the segmentation's threshold. training* - the training panel."""
 
@@ -159,6 +160,7 @@ class ADMAnomalyParameterNode:
     t1: vtkMRMLScalarVolumeNode
     t1c: vtkMRMLScalarVolumeNode
     t2: vtkMRMLScalarVolumeNode
+    rawScans: bool = False
     modelPath: str = ""
     device: Annotated[str, Choice(["auto", "GPU", "CPU"])] = "auto"
     energyVolume: vtkMRMLScalarVolumeNode
@@ -349,11 +351,12 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateInputStatus(self) -> None:
         p = self._parameterNode
         nodes = (p.flair, p.t1, p.t1c, p.t2)
-        key = tuple((n.GetID(), n.GetImageData().GetMTime() if n.GetImageData() else 0) if n else None for n in nodes)
+        key = (p.rawScans,) + tuple((n.GetID(), n.GetImageData().GetMTime() if n.GetImageData() else 0) if n else None
+                                    for n in nodes)
         if key != self._lastValidatedInputs:
             self._lastValidatedInputs = key
             try:
-                self.logic.validateInputs(*nodes)
+                self.logic.validateInputs(*nodes, sameGrid=not p.rawScans)
                 self._inputsValid = True
                 self.ui.inputStatusLabel.text = _("Inputs are valid.")
                 self.ui.inputStatusLabel.setStyleSheet("")
@@ -445,12 +448,13 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         try:
-            self.logic.validateInputs(p.flair, p.t1, p.t1c, p.t2)
+            self.logic.validateInputs(p.flair, p.t1, p.t1c, p.t2, sameGrid=not p.rawScans)
             self.logic.ensureDependencies()  # raises DependencyError (an ADMError) with what is missing
             self.updateDeviceLabel()
             self.updateModelInfo()
             self._inferenceJob = self.logic.startInference(p.flair, p.t1, p.t1c, p.t2, model=self.currentModel(),
-                                                           device=p.device)
+                                                           device=p.device,
+                                                           preprocess="auto" if p.rawScans else "none")
         except errors.ADMError as exc:
             self.showError(self.ui.statusLabel, str(exc))
             return
