@@ -312,3 +312,33 @@ def test_user_mask_replaces_brain_extraction_and_steps_can_be_forced(raw_run, pr
     assert np.array_equal(sitk.GetArrayViewFromImage(result.brain_mask), sitk.GetArrayViewFromImage(mask) > 0)
     with pytest.raises(InputError, match="plausible"):
         rawprep.prepare_raw(images, rawprep.RawOptions.from_mode("auto", mask=mask * 0))
+
+
+def test_n4_removes_most_of_a_known_bias_field(raw_images):
+    flair = sitk.Cast(sitk.Shrink(raw_images["flair"], [2, 2, 1]), sitk.sitkFloat32)
+    values = sitk.GetArrayFromImage(flair)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in values.shape], indexing="ij")
+    field = np.exp(0.35 * x + 0.25 * y).astype(np.float32)
+    biased = sitk.GetImageFromArray(values * field)
+    biased.CopyInformation(flair)
+    corrected = rawprep.n4_correct(biased)
+    assert corrected.GetSize() == flair.GetSize() and corrected.GetOrigin() == flair.GetOrigin()
+    head = sitk.GetArrayViewFromImage(rawprep.head_mask(flair)) > 0
+    tissue = head & (values > np.percentile(values[head], 20))
+    # Spread of the multiplicative error (log units) before and after; N4 also flattens the scan's
+    # own bias, so the remainder is not zero.
+    before = np.log(field[tissue]).std()
+    after = np.log(sitk.GetArrayViewFromImage(corrected)[tissue] / values[tissue]).std()
+    assert after < 0.6 * before, (before, after)
+
+
+def test_a_dicom_series_folder_is_found_as_a_contrast(tmp_path):
+    case = tmp_path / "patient"
+    case.mkdir()
+    for name in ("FLAIR_AX.nii.gz", "T1_AX_POST_GAD.nii.gz", "T2_AX.nii.gz"):
+        shutil.copy(RAW / name, case / name)
+    (case / "T1_AX").mkdir()  # a DICOM series folder (its reading is tested above)
+    (case / "notes.txt").write_text("not an image")
+    found = rawprep.find_series(case)
+    assert found["t1"] == case / "T1_AX" and found["t1c"].name == "T1_AX_POST_GAD.nii.gz"
+    assert [c.case_id for c in rawprep.discover_raw_cases(tmp_path)] == ["patient"]
