@@ -342,3 +342,27 @@ def test_a_dicom_series_folder_is_found_as_a_contrast(tmp_path):
     found = rawprep.find_series(case)
     assert found["t1"] == case / "T1_AX" and found["t1c"].name == "T1_AX_POST_GAD.nii.gz"
     assert [c.case_id for c in rawprep.discover_raw_cases(tmp_path)] == ["patient"]
+
+
+def test_auto_on_a_preprocessed_case_changes_nothing(tmp_path):
+    from conftest import make_synthetic_case
+
+    folder = make_synthetic_case(tmp_path, "synth")
+    images = {c: sitk.ReadImage(str(folder / f"synth_{n}.nii.gz"))
+              for c, n in zip(CONTRASTS, ("flair", "t1", "t1ce", "t2"))}
+    model = api.load_model()
+    plain = api.predict(model, images, device="cpu")
+    auto = api.predict(model, images, device="cpu", preprocess="auto")
+    assert [step.ran for step in auto.preprocessing.steps] == [False, False, False]
+    assert np.array_equal(sitk.GetArrayViewFromImage(auto.energy), sitk.GetArrayViewFromImage(plain.energy))
+    assert plain.preprocessing is None
+
+
+def test_cli_refuses_raw_step_flags_without_preprocess(tmp_path, capsys):
+    from ADMAnomalyLib import cli
+
+    code = cli.main(["predict", "default", str(RAW), "-o", str(tmp_path / "out"), "--n4"])
+    assert code == 2
+    assert "need --preprocess auto or full" in capsys.readouterr().err
+    with pytest.raises(InputError, match="preprocess must be one of"):
+        api.predict(None, {}, preprocess="yes")
