@@ -1,4 +1,8 @@
-"""Public Python API; the CLI and the Slicer module call these functions and nothing deeper."""
+"""Public Python API; the CLI and the Slicer module call these functions and nothing deeper.
+
+One function per ``admanomaly`` command holds its logic (the CLI only parses arguments): ``train``,
+``build_cache`` (cache), ``predict_folder`` (predict), ``rethreshold_folder`` (threshold),
+``evaluate``, ``study``, ``demo`` and ``model_info`` (info)."""
 
 from __future__ import annotations
 
@@ -10,13 +14,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import SimpleITK as sitk
+from torch import device as torch_device
 
 from .cases import CaseFiles, case_from_images, discover_cases, find_cases, load_case
 from .config import ADMConfig, CONTRASTS, PRESETS, preset
-from .device import PRECISIONS, describe_device, resolve_device
+from .device import PRECISIONS, describe_device, resolve_device, training_dtype
 from .errors import ADMError, InputError, ModelFileError, OutputError
 from .infer import InferenceOptions, Prediction, anomaly_mask, percentile_threshold, predict_case
 from .io import write_image_atomic, write_text_atomic
@@ -27,9 +32,11 @@ from .model import ADMModel
 from .train import train
 
 __all__ = [
-    "ADMConfig", "ADMModel", "CONTRASTS", "FolderReport", "InferenceOptions", "PRECISIONS", "PRESETS", "Prediction", "anomaly_mask",
-    "default_model_path", "describe_device", "find_cases", "load_case", "load_model", "output_paths",
-    "percentile_threshold", "predict", "predict_case", "predict_folder", "preset", "resolve_device", "train",
+    "ADMConfig", "ADMModel", "CONTRASTS", "FolderReport", "InferenceOptions", "PRECISIONS", "PRESETS", "Prediction",
+    "anomaly_mask", "build_cache", "default_model_path", "demo", "describe_device", "evaluate", "find_cases",
+    "load_case", "load_model", "model_info", "output_paths", "parse_settings", "percentile_threshold", "predict",
+    "predict_case", "predict_folder", "preset", "resolve_device", "rethreshold_folder", "study", "train",
+    "training_config", "with_postprocess",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,6 +149,7 @@ def predict_folder(
     compile: bool = False,
     shard: str | tuple[int, int] | None = None,
     case_progress: CaseProgress | None = None,
+    postprocess: dict[str, Any] | None = None,
     preprocess: "str | RawOptions" = "none",
     write_preprocessed: bool = False,
 ) -> FolderReport:
@@ -168,9 +176,12 @@ def predict_folder(
     options.checked()  # a bad device, precision or batch size is refused before any case
     workers = check_positive_int(workers, "workers")
     part = parse_shard(shard)
-    loaded = load_model(model)
+    loaded = with_postprocess(load_model(model), postprocess)
     chosen = check_threshold(threshold) if threshold is not None else loaded.threshold
     if chosen is None:
+        if postprocess:
+            raise InputError("the model's threshold was chosen for its own post-processing; with other "
+                             "post-processing give a threshold (admanomaly evaluate with the same --set shows the best)")
         raise InputError("the model has no validation threshold; pass threshold=")
     raw = raw_options(preprocess)
     cases = _discover(input_dir, pattern, raw)
@@ -178,6 +189,9 @@ def predict_folder(
         cases = cases[part[0] - 1 :: part[1]]
     output_dir = ensure_writable_folder(output_dir)
     model_id = results.model_identity(loaded)
+    if postprocess:
+        # Other post-processing makes other energies: outputs are told apart by the settings too.
+        model_id += "+" + ",".join(f"{k}={v}" for k, v in sorted(postprocess.items()))
     table = results.read_table(output_dir)
 
     report = FolderReport()
@@ -229,7 +243,8 @@ def predict_folder(
         if loaded.path is None:
             # Worker processes load the model from its file; an unsaved one would be replaced silently.
             raise InputError("workers > 1 needs a model loaded from a file; save it first or use workers=1")
-        _predict_in_workers(loaded.path, pending, output_dir, options, chosen, model_id, workers, record_case, (raw, write_preprocessed))
+        _predict_in_workers(loaded.path, postprocess, pending, output_dir, options, chosen, model_id, workers,
+                            record_case, (raw, write_preprocessed))
     report_json = {"threshold": chosen, "model": model_id, "shard": None if part is None else f"{part[0]}/{part[1]}",
                    **report.__dict__}
     write_text_atomic(json.dumps(report_json, indent=2, allow_nan=False), output_dir / "report.json")
@@ -304,7 +319,7 @@ def _case_outputs(model: ADMModel, files: CaseFiles, output_dir: Path, options: 
                               reference=str(files.label) if label is not None else "", **figures)
 
 
-def _predict_in_workers(model_path: Path, pending: list[CaseFiles], output_dir: Path, options: InferenceOptions,
+def _predict_in_workers(model_path: Path, postprocess: dict[str, Any] | None, pending: list[CaseFiles], output_dir: Path, options: InferenceOptions,
                         threshold: float, model_id: str, workers: int,
                         record_case: Callable[..., None], raw: tuple = (None, False)) -> None:
     """Run :func:`_predict_to_files` for ``pending`` in ``workers`` processes (``raw``: its raw options
@@ -313,7 +328,7 @@ def _predict_in_workers(model_path: Path, pending: list[CaseFiles], output_dir: 
     atomic writes leave no partial output."""
     context = multiprocessing.get_context("spawn")  # fork after torch threads is unsafe
     pool = context.Pool(workers, initializer=_init_worker,
-                        initargs=(str(model_path), str(options.device), workers, os.getpid()))
+                        initargs=(str(model_path), postprocess, str(options.device), workers, os.getpid()))
     try:
         tasks = [(files, str(output_dir), options, threshold, model_id, *raw) for files in pending]
         for record in pool.imap_unordered(_worker_predict, tasks):
@@ -329,7 +344,8 @@ def _predict_in_workers(model_path: Path, pending: list[CaseFiles], output_dir: 
 _WORKER: dict[str, object] = {}
 
 
-def _init_worker(model_path: str, device: str, workers: int, parent_pid: int) -> None:
+def _init_worker(model_path: str, postprocess: dict[str, Any] | None, device: str, workers: int,
+                 parent_pid: int) -> None:
     import signal
     import threading
 
@@ -353,7 +369,7 @@ def _init_worker(model_path: str, device: str, workers: int, parent_pid: int) ->
     worker_index = (identity[0] - 1) if identity else 0
     if resolve_device(device).type == "cuda" and torch.cuda.device_count() > 1:
         device = f"cuda:{worker_index % torch.cuda.device_count()}"
-    _WORKER.update(model=load_model(model_path), device=device)
+    _WORKER.update(model=with_postprocess(load_model(model_path), postprocess), device=device)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
@@ -365,6 +381,162 @@ def _worker_predict(task: tuple) -> "results.CaseRecord":
     options = dataclasses.replace(options, device=_WORKER["device"])
     return _predict_to_files(_WORKER["model"], files, Path(output_dir), options, threshold, model_id, raw=raw,
                              write_preprocessed=write_preprocessed)
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["section.field=value", ...]`` (the CLI's ``--set``; values are JSON, else strings) as
+    config section overrides, e.g. ``{"postprocess": {"flair_weight": 0.0}}``."""
+    sections: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = str(item).partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise InputError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        sections.setdefault(section, {})[name] = value
+    return sections
+
+
+def training_config(
+    preset_name: str = "small",
+    *,
+    epochs_ctoc: int | None = None,
+    epochs_joint: int | None = None,
+    batch_size: int | None = None,
+    lambda_energy: float | None = None,
+    components: int | None = None,
+    lesion_margin: int | None = None,
+    seed: int | None = None,
+    workers: int | None = None,
+    settings: Sequence[str] | dict[str, dict[str, Any]] = (),
+) -> ADMConfig:
+    """The training configuration of a preset with the usual settings and any other config value
+    (``settings``: ``--set`` strings or section overrides); the CLI and the Slicer module both build
+    their configurations here."""
+    named = {("train", "epochs_ctoc"): epochs_ctoc, ("train", "epochs_joint"): epochs_joint,
+             ("train", "batch_size"): batch_size, ("train", "lambda_energy"): lambda_energy,
+             ("train", "lesion_margin"): lesion_margin, ("train", "seed"): seed, ("train", "num_workers"): workers,
+             ("model", "n_components"): components}
+    overrides = parse_settings(settings) if not isinstance(settings, dict) else {k: dict(v) for k, v in settings.items()}
+    for (section, name), value in named.items():
+        if value is not None:
+            overrides.setdefault(section, {})[name] = value
+    try:
+        config = preset(preset_name, **overrides)
+        training_dtype(torch_device("cpu"), config.train.precision)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"invalid configuration: {exc}") from None
+    return config
+
+
+def with_postprocess(model: ADMModel, overrides: dict[str, Any] | None) -> ADMModel:
+    """``model`` with other post-processing (``PostprocessConfig`` fields), for trying it without
+    retraining; e.g. ``{"flair_weight": 0}`` shows the model's own evidence. The stored threshold
+    was chosen for the model's own post-processing, so the result has none: give one."""
+    if not overrides:
+        return model
+    try:
+        post = dataclasses.replace(model.config.postprocess, **overrides)
+    except TypeError as exc:
+        raise InputError(f"invalid post-processing setting: {exc}") from None
+    config = dataclasses.replace(model.config, postprocess=post)
+    metadata = {**model.metadata, "postprocess_overrides": dict(overrides)}
+    return ADMModel(config, model.network, model.gmm, None, metadata, model.path)
+
+
+def evaluate(
+    model: ADMModel | str | Path | None,
+    data_dir: str | Path,
+    slices: str = "lesion",
+    device: str = "auto",
+    batch_size: int = 16,
+    threshold: float | None = None,
+    pattern: dict[str, str] | None = None,
+    postprocess: dict[str, Any] | None = None,
+    progress: FolderProgress | None = None,
+    json_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Pixel metrics of ADM and the FLAIR baseline inside the brain of every labelled case of
+    ``data_dir`` (:func:`ADMAnomalyLib.evaluate.evaluate`), optionally with other post-processing
+    (:func:`with_postprocess`) and written to ``json_path``."""
+    from .evaluate import evaluate as evaluate_cases
+
+    loaded = with_postprocess(load_model(model), postprocess)
+    options = InferenceOptions(device, batch_size=batch_size).checked()
+    chosen = check_threshold(threshold) if threshold is not None else None
+    report = evaluate_cases(loaded, data_dir, slices=slices, options=options, threshold=chosen, pattern=pattern,
+                            progress=progress)
+    if postprocess:
+        report["postprocess_overrides"] = dict(postprocess)
+    if json_path is not None:
+        write_text_atomic(json.dumps(report, indent=2, allow_nan=False), json_path)
+    return report
+
+
+def build_cache(data_dir: str | Path, output_dir: str | Path, preset_name: str = "small",
+                lesion_margin: int | None = None, pattern: dict[str, str] | None = None,
+                progress: FolderProgress | None = None) -> Path:
+    """One-off preprocessing of a large cohort into a memory-mapped slice cache for ``train``."""
+    from .cache import build_slice_cache
+
+    config = training_config(preset_name, lesion_margin=lesion_margin)
+    return build_slice_cache(data_dir, output_dir, config, pattern=pattern, progress=progress)
+
+
+def model_info(model: ADMModel | str | Path | None) -> dict[str, Any]:
+    """A model file's settings, threshold, validation metrics and training command."""
+    loaded = load_model(model)
+    return {"path": str(loaded.path), "threshold": loaded.threshold, "config": loaded.config.to_dict(),
+            "validation": loaded.metadata.get("validation"),
+            "training_command": loaded.metadata.get("training_command")}
+
+
+def demo(output_dir: str | Path = "admanomaly_demo", device: str = "auto",
+         progress: CaseProgress | None = None) -> dict[str, Any]:
+    """The bundled model on the bundled MS case (:func:`ADMAnomalyLib.demo.run_demo`)."""
+    from .demo import run_demo
+
+    return run_demo(output_dir, device=device, progress=progress)
+
+
+def rethreshold_folder(results_dir: str | Path, threshold: float,
+                       progress: FolderProgress | None = None) -> dict[str, Any]:
+    """Rewrite a results folder's anomaly maps at ``threshold`` from the stored energies
+    (:func:`ADMAnomalyLib.results.rethreshold_folder`); returns the case table."""
+    return results.rethreshold_folder(results_dir, threshold, progress=progress)
+
+
+def study(data_dir: str | Path | None, output_dir: str | Path = "runs/study", setting: str = "quick",
+          docs_dir: str | Path | None = "docs", run: bool = True, progress: Callable[[str], None] | None = None,
+          command: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The evaluation study (:mod:`ADMAnomalyLib.study`): with ``run``, train and score every method
+    on ``data_dir`` into ``output_dir/study.json`` (``setting`` 'quick' or 'full', ``overrides`` of
+    its :class:`~ADMAnomalyLib.study.StudySettings`); with ``docs_dir``, the figures and results.md
+    from that JSON. Returns ``{"result": ..., "report": path}`` (either may be None)."""
+    from . import study as study_module
+
+    output_dir = Path(output_dir)
+    outcome: dict[str, Any] = {"result": None, "report": None}
+    if run:
+        if data_dir is None:
+            raise InputError("the study needs a folder of labelled cases")
+        make = {"quick": study_module.quick_settings, "full": study_module.full_settings}.get(setting)
+        if make is None:
+            raise InputError(f"study setting must be quick or full, not {setting!r}")
+        try:
+            settings = make(**overrides)
+        except TypeError as exc:
+            raise InputError(f"invalid study setting: {exc}") from None
+        outcome["result"] = study_module.run_study(data_dir, output_dir, settings, progress=progress, command=command)
+    if docs_dir is not None:
+        json_path = output_dir / "study.json"
+        if not json_path.exists():
+            raise InputError(f"{json_path}: no study JSON to report on")
+        outcome["report"] = study_module.make_report(json_path, docs_dir)
+    return outcome
 
 
 def ensure_writable_folder(folder: str | Path) -> Path:

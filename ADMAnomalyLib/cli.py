@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from .config import PRECISIONS, PRESETS, preset
+from .config import PRECISIONS, PRESETS
 from .errors import ADMError, InputError
 from .validation import check_positive_int, check_threshold, parse_shard
 
@@ -72,6 +72,13 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, not {text!r}")
     return value
+
+
+def _add_postprocess_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="postprocess.FIELD=VALUE",
+                        help="other post-processing than the model's, without retraining, e.g. "
+                             "--set postprocess.flair_weight=0 (the model's own evidence); needs --threshold "
+                             "for the anomaly maps")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -161,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CtoC precision: auto = bf16/fp16 on a GPU, fp32 on CPU (default: auto)")
     predict.add_argument("--compile", action="store_true",
                          help="run the CtoC network through torch.compile (pays off over many cases)")
+    _add_postprocess_settings(predict)
     _add_device(predict)
     _add_progress(predict)
     _add_pattern(predict)
@@ -175,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path, default=Path("evaluation.json"), help="JSON report to write")
     evaluate.add_argument("--batch-size", type=_POSITIVE["batch size"], default=16,
                           help="slices per network batch (default 16)")
+    _add_postprocess_settings(evaluate)
     _add_device(evaluate)
     _add_pattern(evaluate)
 
@@ -248,32 +257,6 @@ def _model_argument(value: str) -> Path | None:
     return None if value == "default" else Path(value)
 
 
-def _config_from_args(args: argparse.Namespace):
-    overrides: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
-    for flag, section, name in (("epochs_ctoc", "train", "epochs_ctoc"), ("epochs_joint", "train", "epochs_joint"),
-                                ("batch_size", "train", "batch_size"), ("lambda_energy", "train", "lambda_energy"),
-                                ("lesion_margin", "train", "lesion_margin"), ("seed", "train", "seed"),
-                                ("workers", "train", "num_workers"),
-                                ("components", "model", "n_components")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides[section][name] = value
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise InputError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        overrides.setdefault(section, {})[name] = value
-    try:
-        return preset(args.preset, **overrides)
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"invalid configuration: {exc}") from None
-
-
 def _json_line(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
 
@@ -341,7 +324,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .distributed import init_from_environment, shutdown
 
-        config = _config_from_args(args)
+        config = api.training_config(args.preset, epochs_ctoc=args.epochs_ctoc, epochs_joint=args.epochs_joint,
+                                     batch_size=args.batch_size, lambda_energy=args.lambda_energy,
+                                     components=args.components, lesion_margin=args.lesion_margin, seed=args.seed,
+                                     workers=args.workers, settings=args.set)
         # Under torchrun every rank runs this same command; only rank 0 writes and reports.
         context, device = init_from_environment(args.device)
         try:
@@ -356,12 +342,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "cache":
-        from .cache import build_slice_cache
-
-        config = preset(args.preset)
-        config.train.lesion_margin = args.lesion_margin if args.lesion_margin is not None else config.train.lesion_margin
-        build_slice_cache(args.data_dir, args.output, config, pattern=_parse_pattern(args.pattern),
-                          progress=lambda done, total, case: print(f"[{done}/{total}] {case}", file=sys.stderr))
+        api.build_cache(args.data_dir, args.output, args.preset, args.lesion_margin, pattern=_parse_pattern(args.pattern),
+                        progress=lambda done, total, case: print(f"[{done}/{total}] {case}", file=sys.stderr))
         print(f"slice cache written to {args.output}; train with: admanomaly train {args.output} -o MODEL "
               f"--preset {args.preset}")
         return 0
@@ -373,7 +355,8 @@ def _run(args: argparse.Namespace) -> int:
                                         batch_size=args.batch_size, pattern=_parse_pattern(args.pattern),
                                         progress=shown.case_done, workers=args.workers, precision=args.precision,
                                         compile=args.compile, shard=args.shard, case_progress=shown.within_case,
-                                        preprocess=_raw_options(args), write_preprocessed=args.write_preprocessed)
+                                        preprocess=_raw_options(args), write_preprocessed=args.write_preprocessed,
+                                        postprocess=_postprocess_overrides(args))
         summary = (f"{len(report.done)} written, {len(report.rethresholded)} re-thresholded, "
                    f"{len(report.skipped)} skipped, {len(report.failed)} failed")
         if args.progress == "json":
@@ -386,35 +369,25 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_PARTIAL if report.failed else 0
 
     if args.command == "threshold":
-        from .results import STATUS_DONE, rethreshold_folder
-
         with _FolderProgress(args.progress, "threshold") as shown:
-            table = rethreshold_folder(args.results, args.threshold, progress=shown.case_done)
-        rewritten = [r for r in table.values() if r.status == STATUS_DONE]
+            table = api.rethreshold_folder(args.results, args.threshold, progress=shown.case_done)
+        rewritten = [r for r in table.values() if r.done]
         if args.progress != "json":
             print(f"{len(rewritten)} anomaly maps rewritten at threshold {args.threshold:g} in {args.results}")
         return 0
 
     if args.command == "evaluate":
-        from .evaluate import evaluate
-        from .infer import InferenceOptions
-        from .io import write_text_atomic
-
-        model = api.load_model(_model_argument(args.model))
-        report = evaluate(model, args.data_dir, slices=args.slices,
-                          options=InferenceOptions(args.device, batch_size=args.batch_size), threshold=args.threshold,
-                          pattern=_parse_pattern(args.pattern),
-                          progress=lambda done, total, case: print(f"[{done}/{total}] {case}", file=sys.stderr))
+        report = api.evaluate(_model_argument(args.model), args.data_dir, slices=args.slices, device=args.device,
+                              batch_size=args.batch_size, threshold=args.threshold, pattern=_parse_pattern(args.pattern),
+                              postprocess=_postprocess_overrides(args), json_path=args.json,
+                              progress=lambda done, total, case: print(f"[{done}/{total}] {case}", file=sys.stderr))
         print(format_table(report))
-        write_text_atomic(json.dumps(report, indent=2), args.json)
         print(f"report written to {args.json}")
         return 0
 
     if args.command == "demo":
-        from .demo import run_demo
-
         with _FolderProgress(args.progress, "demo") as shown:
-            summary = run_demo(args.output, device=args.device, progress=shown.within_case)
+            summary = api.demo(args.output, device=args.device, progress=shown.within_case)
         print(f"demo case {summary['case']} with {summary['model']}")
         print(f"AUROC {summary['auroc']:.3f}  AUPRC {summary['auprc']:.3f}  best Dice {summary['best_dice']:.3f}  "
               f"Dice@threshold {summary['dice_at_threshold']:.3f}")
@@ -426,44 +399,50 @@ def _run(args: argparse.Namespace) -> int:
         return _run_study(args)
 
     if args.command == "info":
-        model = api.load_model(_model_argument(args.model))
-        print(json.dumps({"path": str(model.path), "threshold": model.threshold, "config": model.config.to_dict(),
-                          "validation": model.metadata.get("validation"),
-                          "training_command": model.metadata.get("training_command")}, indent=2))
+        print(json.dumps(api.model_info(_model_argument(args.model)), indent=2))
         return 0
     raise AssertionError(args.command)
 
 
 def _run_study(args: argparse.Namespace) -> int:
-    from . import study as study_module
+    from . import api
 
-    output = args.output
-    if not args.report_only:
-        if args.data_dir is None:
-            raise InputError("study needs DATA_DIR (or --report-only)")
-        overrides: dict[str, Any] = {"device": args.device}
-        for flag, name in (("folds", "n_folds"), ("image_size", "image_size"), ("epochs_ctoc", "epochs_ctoc"),
-                           ("epochs_joint", "epochs_joint"), ("preset", "preset"), ("max_cases", "max_cases")):
-            if getattr(args, flag) is not None:
-                overrides[name] = getattr(args, flag)
-        if args.seeds:
+    overrides: dict[str, Any] = {"device": args.device}
+    for flag, name in (("folds", "n_folds"), ("image_size", "image_size"), ("epochs_ctoc", "epochs_ctoc"),
+                       ("epochs_joint", "epochs_joint"), ("preset", "preset"), ("max_cases", "max_cases")):
+        if getattr(args, flag) is not None:
+            overrides[name] = getattr(args, flag)
+    if args.seeds:
+        try:
             overrides["seeds"] = tuple(int(v) for v in args.seeds.split(","))
-        if args.methods:
-            overrides["methods"] = tuple(m.strip() for m in args.methods.split(","))
-        settings = (study_module.full_settings if args.full else study_module.quick_settings)(**overrides)
-        result = study_module.run_study(args.data_dir, output, settings,
-                                        progress=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}",
-                                                                              file=sys.stderr, flush=True),
-                                        command="admanomaly " + " ".join(args.argv))
-        print(study_module.format_table(result, markdown=False))
-        print(f"study written to {output / 'study.json'} in {result['runtime_s'] / 60:.1f} min")
-    if not args.no_report:
-        json_path = output / "study.json"
-        if not json_path.exists():
-            raise InputError(f"{json_path}: no study JSON to report on")
-        report = study_module.make_report(json_path, args.docs)
-        print(f"report written to {report}")
+        except ValueError:
+            raise InputError(f"--seeds expects comma-separated whole numbers, not {args.seeds!r}") from None
+    if args.methods:
+        overrides["methods"] = tuple(m.strip() for m in args.methods.split(","))
+    outcome = api.study(args.data_dir, args.output, "full" if args.full else "quick",
+                        docs_dir=None if args.no_report else args.docs, run=not args.report_only,
+                        progress=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,
+                                                       flush=True),
+                        command="admanomaly " + " ".join(args.argv), **({} if args.report_only else overrides))
+    if outcome["result"] is not None:
+        from .study import format_table as study_table
+
+        print(study_table(outcome["result"], markdown=False))
+        print(f"study written to {args.output / 'study.json'} in {outcome['result']['runtime_s'] / 60:.1f} min")
+    if outcome["report"] is not None:
+        print(f"report written to {outcome['report']}")
     return 0
+
+
+def _postprocess_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--set postprocess.FIELD=VALUE`` of predict and evaluate (other sections are training settings)."""
+    from .api import parse_settings
+
+    sections = parse_settings(args.set)
+    other = sorted(set(sections) - {"postprocess"})
+    if other:
+        raise InputError(f"--set here takes postprocess.FIELD=VALUE only, not {', '.join(other)} settings")
+    return sections.get("postprocess")
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -40,7 +40,7 @@ import slicer
 
 from . import conversion
 from .engine import DependencyError, describe_missing, ensure_engine_importable, missing_dependencies
-from .naming import CONTRAST_LABELS, case_name
+from .naming import CONTRAST_LABELS, case_name, guess_contrast_roles
 
 ensure_engine_importable()
 
@@ -93,6 +93,13 @@ def engine_api():
     return api
 
 
+def chosenPath(value) -> Path | None:
+    """A path the user chose, or None for an empty one ("" or ".", what an empty path field gives
+    a ``pathlib.Path`` parameter)."""
+    text = str(value).strip() if value is not None else ""
+    return None if text in ("", ".") else Path(text)
+
+
 def ensure_segmentation_converter_rules() -> None:
     """Register the binary labelmap <-> closed surface conversion rules when nobody has (the Slicer
     application's Segmentations module does; ``PythonSlicer`` and ``slicer-core`` alone do not).
@@ -127,6 +134,8 @@ class ThresholdResult:
 
 class ADMAnomalyCoreLogic:
     """MRML side of the module: inputs -> engine -> energy volume + "Anomaly" segmentation."""
+
+    chosenPath = staticmethod(chosenPath)
 
     def __init__(self, scene=None) -> None:
         self._scene = scene
@@ -192,6 +201,22 @@ class ADMAnomalyCoreLogic:
                             f"{CONTRAST_LABELS[contrast]} volume '{node.GetName()}'",
                             f"FLAIR volume '{reference.GetName()}'", tolerance)
         return nodes
+
+    def guessInputs(self, selected: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Volumes of the scene that look, by name, like each contrast without a node in ``selected``
+        (contrast -> node or None), most recently loaded first. Labelmaps, the module's outputs and
+        the volumes already selected are left out. Returns the contrasts guessed only."""
+        selected = selected or {}
+        empty = [contrast for contrast in CONTRASTS if selected.get(contrast) is None]
+        if not empty:
+            return {}
+        taken = {node.GetID() for node in selected.values() if node is not None}
+        scene = self.scene
+        volumes = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                   for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+        candidates = [node for node in volumes if not node.IsA("vtkMRMLLabelMapVolumeNode")
+                      and not node.GetAttribute(ROLE_ATTRIBUTE) and node.GetID() not in taken]
+        return guess_contrast_roles(reversed(candidates), only=empty)
 
     # -- model and device ----------------------------------------------------------------------
     def loadModel(self, model=None):
@@ -520,24 +545,35 @@ class ADMAnomalyCoreLogic:
         return report
 
     @staticmethod
+    def trainingPresets() -> list[str]:
+        """Names of the engine's training presets (``small``, ``paper``, ``tiny`` ...)."""
+        from ADMAnomalyLib.config import PRESETS
+
+        return list(PRESETS)
+
+    @staticmethod
+    def trainingDefaults(preset: str = "small") -> dict[str, Any]:
+        """The settings of :meth:`train` (``epochsCtoC``, ``epochsJoint``, ``lambdaEnergy``,
+        ``components``, ``lesionMargin``) as ``preset`` has them; needs no torch."""
+        from ADMAnomalyLib.config import preset as make_preset
+
+        try:
+            config = make_preset(preset)
+        except ValueError as exc:
+            raise errors.InputError(str(exc)) from None
+        return {"epochsCtoC": config.train.epochs_ctoc, "epochsJoint": config.train.epochs_joint,
+                "lambdaEnergy": config.train.lambda_energy, "components": config.model.n_components,
+                "lesionMargin": config.train.lesion_margin}
+
+    @staticmethod
     def trainingConfig(preset: str = "small", epochsCtoC: int | None = None, epochsJoint: int | None = None,
                        lambdaEnergy: float | None = None, components: int | None = None,
                        lesionMargin: int | None = None):
-        """The engine's ``ADMConfig`` for a preset with the panel's overrides."""
-        from ADMAnomalyLib.config import preset as make_preset
-
-        train: dict[str, Any] = {}
-        model: dict[str, Any] = {}
-        for key, value in (("epochs_ctoc", epochsCtoC), ("epochs_joint", epochsJoint),
-                           ("lambda_energy", lambdaEnergy), ("lesion_margin", lesionMargin)):
-            if value is not None:
-                train[key] = value
-        if components is not None:
-            model["n_components"] = int(components)
-        try:
-            return make_preset(preset, train=train, model=model)
-        except (ValueError, TypeError) as exc:
-            raise errors.InputError(f"invalid training settings: {exc}") from None
+        """The engine's ``ADMConfig`` for a preset with the panel's overrides (built by
+        ``ADMAnomalyLib.api.training_config``, as the command line builds its own)."""
+        return engine_api().training_config(preset, epochs_ctoc=epochsCtoC, epochs_joint=epochsJoint,
+                                            lambda_energy=lambdaEnergy, components=components,
+                                            lesion_margin=lesionMargin)
 
     @staticmethod
     def validateTrainingInputs(dataDir, outputPath, resume: bool = False) -> list:
@@ -545,9 +581,9 @@ class ADMAnomalyCoreLogic:
         no stale checkpoint unless resuming. Returns the engine's case list."""
         from ADMAnomalyLib.cases import find_cases
 
-        if not dataDir or not str(dataDir).strip():
+        if chosenPath(dataDir) is None:
             raise errors.InputError("choose a folder of training cases")
-        if not outputPath or not str(outputPath).strip():
+        if chosenPath(outputPath) is None:
             raise errors.InputError("choose where to write the model file (.admm)")
         cases = find_cases(dataDir)
         output = Path(outputPath)
@@ -578,28 +614,33 @@ class ADMAnomalyCoreLogic:
     # -- background processes (GUI) ------------------------------------------------------------
     def startInference(self, flair, t1, t1c, t2, model=None, device: str = "auto", workDir=None,
                        preprocess: str = "none"):
-        """Validate now, then run inference in a background process; see :class:`.jobs.InferenceJob`.
-        ``preprocess`` as in :meth:`run` (raw scans)."""
+        """Validate now, then run inference in a background process (the engine's ``predict``
+        command, as :meth:`run` gives); see :class:`.jobs.InferenceJob`. ``preprocess`` as in
+        :meth:`run` (raw scans)."""
         from .jobs import InferenceJob
 
         sameGrid = preprocess == "none"
         nodes = self.validateInputs(flair, t1, t1c, t2, sameGrid=sameGrid)
         self.resolveDevice(device)
         loaded = self.loadModel(model)
+        if loaded.path is None:
+            raise errors.InputError("a background run needs a model saved in a file")
         self.validateInputs(flair, t1, t1c, t2, loaded.config.preprocess.grid_tolerance, sameGrid=sameGrid)
         return InferenceJob(self, nodes, loaded, (device or "auto").lower(), workDir, preprocess=preprocess)
 
     def startTraining(self, dataDir, outputPath, preset: str = "small", epochsCtoC: int | None = None,
                       epochsJoint: int | None = None, lambdaEnergy: float | None = None,
-                      components: int | None = None, device: str = "auto", resume: bool = False, workDir=None):
-        """Validate now, then train in a background process (the engine's CLI); see :class:`.jobs.TrainingJob`."""
+                      components: int | None = None, device: str = "auto", resume: bool = False, workDir=None,
+                      lesionMargin: int | None = None):
+        """Validate now, then train in a background process (the engine's CLI) with the settings of
+        :meth:`train`; see :class:`.jobs.TrainingJob`."""
         from .jobs import TrainingJob
 
         self.validateTrainingInputs(dataDir, outputPath, resume)
-        self.trainingConfig(preset, epochsCtoC, epochsJoint, lambdaEnergy, components)
+        self.trainingConfig(preset, epochsCtoC, epochsJoint, lambdaEnergy, components, lesionMargin)
         self.resolveDevice(device)
         return TrainingJob(dataDir, outputPath, preset, epochsCtoC, epochsJoint, lambdaEnergy, components,
-                           (device or "auto").lower(), resume, workDir)
+                           (device or "auto").lower(), resume, workDir, lesionMargin=lesionMargin)
 
     # -- a folder of cases ---------------------------------------------------------------------
     def openFolder(self, casesDir, resultsDir, model=None, pattern: dict[str, str] | None = None) -> list:

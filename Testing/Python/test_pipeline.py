@@ -279,3 +279,41 @@ def test_demo_case_does_not_follow_the_model_override(trained_model, monkeypatch
     monkeypatch.setenv("ADMANOMALY_MODEL", str(trained_model))
     assert api.default_model_path() == trained_model
     assert demo_case_dir() == before and before.is_dir()
+
+
+def test_predict_and_evaluate_try_other_post_processing_without_retraining(trained_model, cohort, tmp_path, capsys):
+    case_dir = cohort / "synth_0"
+    plain, smoothed = tmp_path / "plain", tmp_path / "smoothed"
+    assert main(["predict", str(trained_model), str(case_dir), "-o", str(plain), "--device", "cpu",
+                 "--progress", "none"]) == 0
+    setting = ["--set", "postprocess.smoothing_sigma_mm=2"]
+    # The stored threshold belongs to the model's own post-processing: another one needs a threshold.
+    assert main(["predict", str(trained_model), str(case_dir), "-o", str(smoothed), "--device", "cpu", *setting]) == 2
+    assert "threshold" in capsys.readouterr().err
+    assert main(["predict", str(trained_model), str(case_dir), "-o", str(smoothed), "--device", "cpu",
+                 "--progress", "none", "--threshold", "1.0", *setting]) == 0
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(plain / "synth_0_energy.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(smoothed / "synth_0_energy.nii.gz")))
+    assert a.shape == b.shape and not np.allclose(a, b)
+    from ADMAnomalyLib.results import read_table
+
+    assert read_table(smoothed)["synth_0"].model.endswith("+smoothing_sigma_mm=2")
+    report_path = tmp_path / "evaluation.json"
+    assert main(["evaluate", str(trained_model), str(cohort), "--device", "cpu", "--json", str(report_path),
+                 *setting]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["postprocess_overrides"] == {"smoothing_sigma_mm": 2}
+    assert report["methods"]["ADM"]["pooled"]["auprc"] is not None
+    assert main(["predict", str(trained_model), str(case_dir), "-o", str(smoothed), "--set", "train.seed=1"]) == 2
+    assert main(["evaluate", str(trained_model), str(cohort), "--set", "postprocess.no_such_step=1"]) == 2
+
+
+def test_training_settings_are_mapped_once(tmp_path):
+    config = api.training_config("tiny", epochs_ctoc=3, components=4, lesion_margin=2,
+                                 settings=["model.use_dr=false", "postprocess.flip_tta=true"])
+    assert (config.train.epochs_ctoc, config.model.n_components, config.train.lesion_margin) == (3, 4, 2)
+    assert config.model.use_dr is False and config.postprocess.flip_tta is True
+    with pytest.raises(InputError, match="invalid configuration"):
+        api.training_config("tiny", settings=["train.precision=fp16"])
+    with pytest.raises(InputError, match="SECTION.FIELD=VALUE"):
+        api.training_config("tiny", settings=["nonsense"])
