@@ -8,6 +8,7 @@ PyPI package ``slicer-core``); every computation is the engine's.
 import logging
 import math
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -39,8 +40,13 @@ if _MODULE_DIR not in sys.path:
     sys.path.insert(0, _MODULE_DIR)
 
 from ADMAnomalyCore import engine as _engine  # noqa: E402  (puts the extension's ADMAnomalyLib on sys.path)
-from ADMAnomalyCore.logic import THRESHOLD_ATTRIBUTE, ADMAnomalyCoreLogic  # noqa: E402
-from ADMAnomalyCore.naming import guess_contrast_roles  # noqa: E402
+from ADMAnomalyCore import sampledata  # noqa: E402
+from ADMAnomalyCore.logic import (  # noqa: E402
+    BRAIN_MINIMUM_ATTRIBUTE,
+    ENERGY_REFERENCE_ROLE,
+    THRESHOLD_ATTRIBUTE,
+    ADMAnomalyCoreLogic,
+)
 from ADMAnomalyLib import errors  # noqa: E402  (torch-free)
 from ADMAnomalyLib.config import CONTRASTS  # noqa: E402  (torch-free)
 
@@ -92,6 +98,7 @@ EXPECTED_WIDGETS = {
     "epochsJointSpinBox": "QSpinBox",
     "lambdaSpinBox": "QDoubleSpinBox",
     "componentsSpinBox": "QSpinBox",
+    "lesionMarginSpinBox": "QSpinBox",
     "trainingOutputEdit": "ctkPathLineEdit",
     "resumeCheckBox": "QCheckBox",
     "trainButton": "QPushButton",
@@ -137,7 +144,19 @@ class ADMAnomaly(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Method: S. Kim, H. Kwon, J. Oh, S. Park, \"Unsupervised Anomaly Detection in MR Images using "
             "Multi-Contrast Information\" (2021). PyTorch is installed through the PyTorch Utils extension "
-            "(SlicerPyTorch). Module layout follows the Slicer scripted-module template.")
+            "(SlicerPyTorch). Module layout follows the Slicer scripted-module template. Demo case (SampleData): "
+            "patient26 of the MS dataset of Lesjak et al., Neuroinformatics 2017 (CC-BY).")
+        # The demo case in the SampleData module, once that module exists.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Add the bundled demo case (FLAIR, T1, T1c, T2 and its reference lesions) to the SampleData
+    module, category "ADMAnomaly" (sources built by ``ADMAnomalyCore.sampledata``)."""
+    import SampleData
+
+    for source in sampledata.sample_data_sources():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
 
 
 #
@@ -150,12 +169,15 @@ class ADMAnomalyParameterNode:
     """GUI state, saved with the scene.
 
     casesFolder, resultsFolder - the folder of cases browsed and its results (predict outputs, cases.csv).
-    flair, t1, t1c, t2 - input volumes; rawScans - they are raw scans (registered and brain-extracted first). modelPath - model file ("" = bundled default). device - auto/GPU/CPU.
+    flair, t1, t1c, t2 - input volumes; rawScans - they are raw scans (registered and brain-extracted first).
+    modelPath - model file ("" = bundled default). device - auto/GPU/CPU.
     energyVolume, anomalySegmentation - outputs (overwritten by the next Apply when set).
-    thresholdMode/threshold/percentile - the segmentation's threshold. training* - the training panel."""
+    thresholdMode/threshold/percentile - the segmentation's threshold.
+    trainingFolder ... lesionMargin, trainingOutput, trainingResume - the settings of logic.train.
+    A path field left empty reads as Path("."), which the logic takes as "not chosen"."""
 
-    casesFolder: str = ""
-    resultsFolder: str = ""
+    casesFolder: pathlib.Path
+    resultsFolder: pathlib.Path
     flair: vtkMRMLScalarVolumeNode
     t1: vtkMRMLScalarVolumeNode
     t1c: vtkMRMLScalarVolumeNode
@@ -168,13 +190,14 @@ class ADMAnomalyParameterNode:
     thresholdMode: Annotated[str, Choice(["energy", "percentile"])] = "energy"
     threshold: Annotated[float, WithinRange(-1.0e9, 1.0e9)] = 0.0
     percentile: Annotated[float, WithinRange(0.0, 100.0)] = 99.0
-    trainingFolder: str = ""
+    trainingFolder: pathlib.Path
     trainingPreset: Annotated[str, Choice(["small", "paper", "tiny"])] = "small"
     epochsCtoC: Annotated[int, WithinRange(1, 1000)] = 12
     epochsJoint: Annotated[int, WithinRange(1, 1000)] = 6
     lambdaEnergy: Annotated[float, WithinRange(0.0, 1.0)] = 5e-4
     components: Annotated[int, WithinRange(1, 32)] = 6
-    trainingOutput: str = ""
+    lesionMargin: Annotated[int, WithinRange(0, 1000)] = 3
+    trainingOutput: pathlib.Path
     trainingResume: bool = False
 
 
@@ -216,16 +239,10 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.autoFillButton.connect("clicked(bool)", lambda checked=False: self.autoFillInputs(onlyEmpty=False))
         self.ui.modelBrowseButton.connect("clicked(bool)", self.onBrowseModel)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdSliderChanged)
-        self.ui.percentileSlider.connect("valueChanged(double)", self.onPercentileSliderChanged)
         self.ui.resetThresholdButton.connect("clicked(bool)", self.onResetThreshold)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         # activated: user choices only, so a scene's saved epochs are not reset when it is loaded.
         self.ui.presetComboBox.connect("activated(int)", self.onPresetChanged)
-        self.ui.trainingFolderEdit.connect("currentPathChanged(QString)", self.onTrainingPathsChanged)
-        self.ui.trainingOutputEdit.connect("currentPathChanged(QString)", self.onTrainingPathsChanged)
-        self.ui.casesFolderEdit.connect("currentPathChanged(QString)", self.onCaseFoldersChanged)
-        self.ui.resultsFolderEdit.connect("currentPathChanged(QString)", self.onCaseFoldersChanged)
         self.ui.casesTable.connect("cellDoubleClicked(int,int)",
                                    lambda row, column: self.showCase(lambda: self.logic.loadCase(row)))
         self.ui.previousCaseButton.connect("clicked(bool)", lambda checked=False: self.showCase(self.logic.previousCase))
@@ -311,13 +328,6 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             percentileMode = p.thresholdMode == "percentile"
             self.ui.percentileSlider.setEnabled(percentileMode)
             self.ui.thresholdSlider.setEnabled(not percentileMode)
-            self.ui.percentileSlider.value = p.percentile
-            if abs(self.ui.thresholdSlider.value - p.threshold) > 1e-9:
-                self.ui.thresholdSlider.value = p.threshold
-            self.ui.trainingFolderEdit.currentPath = p.trainingFolder
-            self.ui.trainingOutputEdit.currentPath = p.trainingOutput
-            self.ui.casesFolderEdit.currentPath = p.casesFolder
-            self.ui.resultsFolderEdit.currentPath = p.resultsFolder
             combo = self.ui.modelComboBox
             if (combo.itemData(combo.currentIndex) or "") != (p.modelPath or ""):
                 self.populateModels()  # e.g. a scene saved with another model was loaded
@@ -333,19 +343,12 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        selectors = {"flair": "flair", "t1": "t1", "t1c": "t1c", "t2": "t2"}
-        empty = [c for c, field in selectors.items() if getattr(p, field) is None] if onlyEmpty else list(selectors)
-        if not empty:
-            return
-        taken = {getattr(p, f).GetID() for f in selectors.values() if getattr(p, f) is not None} if onlyEmpty else set()
-        candidates = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                      if not n.IsA("vtkMRMLLabelMapVolumeNode") and not n.GetAttribute("ADMAnomaly.Role")
-                      and n.GetID() not in taken]
-        guessed = guess_contrast_roles(reversed(candidates), only=empty)  # most recently loaded first
+        # The parameter node's input fields are named by the contrasts (flair, t1, t1c, t2).
+        guessed = self.logic.guessInputs({c: getattr(p, c) for c in CONTRASTS} if onlyEmpty else None)
         if guessed:
             wasModified = p.StartModify()
             for contrast, node in guessed.items():
-                setattr(p, selectors[contrast], node)
+                setattr(p, contrast, node)
             p.EndModify(wasModified)
 
     def updateInputStatus(self) -> None:
@@ -481,7 +484,9 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if total:
             self.ui.progressBar.setRange(0, total)
             self.ui.progressBar.value = done
-            self.ui.statusLabel.text = _("Slice batches: {done}/{total}").format(done=done, total=total)
+            self.ui.statusLabel.text = _("Slices: {done}/{total}").format(done=done, total=total)
+        elif job.preprocess != "none":
+            self.ui.statusLabel.text = _("Raw scans: registering to FLAIR and extracting the brain...")
         if not job.finished:
             return
         self._inferenceJob = None
@@ -517,7 +522,7 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         energyNode = p.energyVolume if p else None
         hasResult = energyNode is not None and p.anomalySegmentation is not None
         self.ui.thresholdCollapsibleButton.enabled = hasResult
-        if not hasResult or not energyNode.GetAttribute("ADMAnomaly.BrainMinimumEnergy"):
+        if not hasResult or not energyNode.GetAttribute(BRAIN_MINIMUM_ATTRIBUTE):
             return
         key = (energyNode.GetID(), energyNode.GetImageData().GetMTime() if energyNode.GetImageData() else 0)
         if getattr(self, "_energyRangeKey", None) != key:  # the range costs a pass over the volume
@@ -531,14 +536,6 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slider.decimals = max(0, 3 - int(math.floor(math.log10(span))))
         slider.value = p.threshold
         slider.blockSignals(wasBlocked)
-
-    def onThresholdSliderChanged(self, value: float) -> None:
-        if not self._updatingGui and self._parameterNode:
-            self._parameterNode.threshold = value
-
-    def onPercentileSliderChanged(self, value: float) -> None:
-        if not self._updatingGui and self._parameterNode:
-            self._parameterNode.percentile = value
 
     def onResetThreshold(self) -> None:
         p = self._parameterNode
@@ -559,17 +556,15 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None or p.anomalySegmentation is None or p.energyVolume is None:
             return
-        if p.anomalySegmentation.GetNodeReference("ADMAnomalyEnergy") is None:
+        if p.anomalySegmentation.GetNodeReference(ENERGY_REFERENCE_ROLE) is None:
             return
-        state = (p.anomalySegmentation.GetID(), p.thresholdMode, p.threshold, p.percentile)
+        state = self.thresholdState()
         if state == getattr(self, "_appliedThresholdState", None):
             return
         try:
             if p.thresholdMode == "percentile":
                 result = self.logic.setThreshold(p.anomalySegmentation, percentile=p.percentile)
-                self._updatingGui = True
-                self.ui.thresholdSlider.value = result.threshold  # shows the energy the percentile gives
-                self._updatingGui = False
+                p.threshold = result.threshold  # the slider shows the energy the percentile gives
             else:
                 result = self.logic.setThreshold(p.anomalySegmentation, threshold=p.threshold)
         except errors.ADMError as exc:
@@ -578,27 +573,27 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._appliedThresholdState = state
         self.showStatus(self.ui.statisticsLabel, result.summary())
 
-    # -- a folder of cases ---------------------------------------------------------------------
-    def onCaseFoldersChanged(self, path: str = "") -> None:
-        if self._updatingGui or self._parameterNode is None:
-            return
-        wasModified = self._parameterNode.StartModify()
-        self._parameterNode.casesFolder = self.ui.casesFolderEdit.currentPath
-        self._parameterNode.resultsFolder = self.ui.resultsFolderEdit.currentPath
-        self._parameterNode.EndModify(wasModified)
+    def thresholdState(self) -> tuple:
+        """What the segmentation's threshold depends on (the energy slider only in energy mode: in
+        percentile mode it follows the percentile)."""
+        p = self._parameterNode
+        energyMode = p.thresholdMode == "energy"
+        return (p.anomalySegmentation.GetID(), p.thresholdMode, p.threshold if energyMode else None,
+                None if energyMode else p.percentile)
 
+    # -- a folder of cases ---------------------------------------------------------------------
     def openCaseFolder(self) -> None:
         """Open the parameter node's folders in the logic, unless they are open already."""
         p = self._parameterNode
-        if p is None or not p.casesFolder or not p.resultsFolder:
+        folders = (self.logic.chosenPath(p.casesFolder), self.logic.chosenPath(p.resultsFolder)) if p else (None,)
+        if None in folders:
             return
         # Once per pair of folders (this runs on every parameter change, e.g. each slider step).
-        folders = (p.casesFolder, p.resultsFolder)
         if folders == self._caseFolders:
             return
         self._caseFolders = folders
         try:
-            rows = self.logic.openFolder(p.casesFolder, p.resultsFolder, model=self.currentModel())
+            rows = self.logic.openFolder(*folders, model=self.currentModel())
         except errors.ADMError as exc:
             self.logic.closeFolder()
             self.fillCaseTable([])
@@ -665,7 +660,7 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # The threshold the stored map was made with; already applied, so not applied again.
             p.thresholdMode = "energy"
             p.threshold = float(loaded.anomaly.GetAttribute(THRESHOLD_ATTRIBUTE))
-            self._appliedThresholdState = (loaded.anomaly.GetID(), p.thresholdMode, p.threshold, p.percentile)
+            self._appliedThresholdState = self.thresholdState()
         p.EndModify(wasModified)
         slicer.util.resetSliceViews()
         rows = self.logic.caseBrowser.rows()
@@ -765,7 +760,7 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         applied = p.anomalySegmentation.GetAttribute(THRESHOLD_ATTRIBUTE) if p and p.anomalySegmentation else None
         if applied and p.thresholdMode == "energy" and float(applied) != p.threshold:
-            self._appliedThresholdState = (p.anomalySegmentation.GetID(), "energy", float(applied), p.percentile)
+            self._appliedThresholdState = (p.anomalySegmentation.GetID(), "energy", float(applied), None)
             p.threshold = float(applied)
 
     def onSaveThresholdModel(self) -> None:
@@ -788,24 +783,12 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPresetChanged(self, index: int) -> None:
         if self._updatingGui or self._parameterNode is None:
             return
-        from ADMAnomalyLib.config import PRESETS, TrainConfig
-
-        preset = self.ui.presetComboBox.currentText
-        train = PRESETS.get(preset, {}).get("train", {})
-        defaults = TrainConfig()
+        # The combo box's connector has set trainingPreset already (currentIndexChanged comes first).
         p = self._parameterNode
         wasModified = p.StartModify()
-        p.epochsCtoC = int(train.get("epochs_ctoc", defaults.epochs_ctoc))
-        p.epochsJoint = int(train.get("epochs_joint", defaults.epochs_joint))
+        for name, value in self.logic.trainingDefaults(p.trainingPreset).items():
+            setattr(p, name, value)
         p.EndModify(wasModified)
-
-    def onTrainingPathsChanged(self, path: str = "") -> None:
-        if self._updatingGui or self._parameterNode is None:
-            return
-        wasModified = self._parameterNode.StartModify()
-        self._parameterNode.trainingFolder = self.ui.trainingFolderEdit.currentPath
-        self._parameterNode.trainingOutput = self.ui.trainingOutputEdit.currentPath
-        self._parameterNode.EndModify(wasModified)
 
     def onTrainButton(self) -> None:
         if self._trainingJob is not None:
@@ -818,8 +801,8 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.ensureDependencies()
             self._trainingJob = self.logic.startTraining(
                 p.trainingFolder, p.trainingOutput, preset=p.trainingPreset, epochsCtoC=p.epochsCtoC,
-                epochsJoint=p.epochsJoint, lambdaEnergy=p.lambdaEnergy, components=p.components, device=p.device,
-                resume=p.trainingResume)
+                epochsJoint=p.epochsJoint, lambdaEnergy=p.lambdaEnergy, components=p.components,
+                lesionMargin=p.lesionMargin, device=p.device, resume=p.trainingResume)
         except errors.ADMError as exc:
             self.ui.trainingLog.appendPlainText("error: " + str(exc))
             self.showError(self.ui.statusLabel, _("Training not started: ") + str(exc))
@@ -931,12 +914,15 @@ class ADMAnomalyLogic(ADMAnomalyCoreLogic, ScriptedLoadableModuleLogic):
 
 
 class ADMAnomalyTest(ScriptedLoadableModuleTest):
-    """Self-test inside Slicer on synthetic cases it writes itself (Reload and Test, or ctest)."""
+    """Self-test inside Slicer (Reload and Test, or ctest) on the bundled demo case, loaded through
+    the SampleData module as a user would; a tiny model is trained on it first."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        self.setUp()
+        self.test_DemoCaseInSampleData()
         self.setUp()
         self.test_InputsAndValidation()
         self.setUp()
@@ -944,57 +930,50 @@ class ADMAnomalyTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_CaseFolder()
 
-    # A small synthetic head: ellipsoid brain, smooth tissue contrast per sequence, one bright lesion.
     @staticmethod
-    def writeSyntheticCase(folder, caseId, seed=0, spacing=(1.0, 1.0, 1.2), shape=(40, 36, 30), lesion=True):
-        import numpy as np
-        import SimpleITK as sitk
+    def loadDemoCase() -> dict:
+        """The demo case's nodes by name, loaded by the SampleData module."""
+        import SampleData
 
-        rng = np.random.default_rng(seed)
-        nx, ny, nz = shape
-        z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) / 0.85 for n in (nz, ny, nx)), indexing="ij")
-        r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
-        brain = r < 1.0
-        grey = 1.0 / (1.0 + np.exp(-(r - 0.7) / 0.05))
-        label = np.zeros(brain.shape, np.uint8)
-        if lesion:
-            label[(np.sqrt((x - 0.35) ** 2 + (y + 0.25) ** 2 + (z - 0.2) ** 2) < 0.22) & brain] = 1
-        tissue = {"flair": (0.75, 1.0, 1.7), "t1": (1.0, 0.7, 0.8), "t1ce": (1.0, 0.75, 0.85), "t2": (0.6, 0.9, 1.6)}
+        registerSampleData()
+        return {node.GetName(): node for node in SampleData.downloadSamples(sampledata.SAMPLE_NAME)}
+
+    @staticmethod
+    def copyDemoCase(folder, caseId) -> None:
+        """The demo case's files as case ``caseId`` of a folder of cases."""
+        import shutil
+
         os.makedirs(os.path.join(folder, caseId), exist_ok=True)
-        paths = {}
-        for name, (wm, gm, gain) in tissue.items():
-            values = (wm * (1 - grey) + gm * grey) * 400.0 * (1 + 0.03 * rng.standard_normal(brain.shape))
-            values = np.where(label > 0, values * gain, values)
-            image = sitk.GetImageFromArray(np.where(brain, values, 0).astype(np.float32))
-            image.SetSpacing(spacing)
-            image.SetOrigin((-20.0, 15.0, 5.0))
-            paths[name] = os.path.join(folder, caseId, f"{caseId}_{name}.nii.gz")
-            sitk.WriteImage(image, paths[name])
-        seg = sitk.GetImageFromArray(label)
-        seg.SetSpacing(spacing)
-        seg.SetOrigin((-20.0, 15.0, 5.0))
-        sitk.WriteImage(seg, os.path.join(folder, caseId, f"{caseId}_seg.nii.gz"))
-        return paths
+        for suffix, path in sampledata.demo_case_files().items():
+            shutil.copy(path, os.path.join(folder, caseId, f"{caseId}_{suffix}.nii.gz"))
+
+    def test_DemoCaseInSampleData(self):
+        self.delayDisplay("The demo case is in the SampleData module: four contrasts and the reference lesions")
+        source = sampledata.sample_data_sources()[0]
+        nodes = self.loadDemoCase()
+        self.assertEqual(sorted(nodes), sorted(source["nodeNames"]))
+        self.assertTrue(nodes["patient26_seg"].IsA("vtkMRMLSegmentationNode"))
+        guessed = ADMAnomalyLogic().guessInputs()
+        self.assertEqual({c: n.GetName() for c, n in guessed.items()},
+                         {"flair": "patient26_flair", "t1": "patient26_t1", "t1c": "patient26_t1ce", "t2": "patient26_t2"})
+        self.delayDisplay("SampleData test passed")
 
     def test_InputsAndValidation(self):
         self.delayDisplay("Inputs: auto-fill by name, validation, clear errors")
-        folder = slicer.util.tempDirectory("ADMAnomalyTest")
-        paths = self.writeSyntheticCase(folder, "case_a")
-        nodes = [slicer.util.loadVolume(paths[name]) for name in ("t2", "t1ce", "flair", "t1")]
-        guessed = guess_contrast_roles(nodes)
-        self.assertEqual({c: n.GetName() for c, n in guessed.items()},
-                         {"flair": "case_a_flair", "t1": "case_a_t1", "t1c": "case_a_t1ce", "t2": "case_a_t2"})
+        nodes = self.loadDemoCase()
         logic = ADMAnomalyLogic()
-        logic.validateInputs(guessed["flair"], guessed["t1"], guessed["t1c"], guessed["t2"])
+        guessed = logic.guessInputs()
+        flair, t1, t1c, t2 = (guessed[c] for c in CONTRASTS)
+        logic.validateInputs(flair, t1, t1c, t2)
         with self.assertRaises(errors.InputError):
-            logic.validateInputs(guessed["flair"], None, guessed["t1c"], guessed["t2"])
-        label = slicer.util.loadLabelVolume(os.path.join(folder, "case_a", "case_a_seg.nii.gz"))
+            logic.validateInputs(flair, None, t1c, t2)
         with self.assertRaises(errors.InputError):
-            logic.validateInputs(guessed["flair"], label, guessed["t1c"], guessed["t2"])
-        other = self.writeSyntheticCase(folder, "case_b", spacing=(1.0, 1.0, 2.0))
-        mismatched = slicer.util.loadVolume(other["t2"])
+            logic.validateInputs(flair, nodes["patient26_seg"], t1c, t2)
+        other = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, t2, "t2 on another grid")
+        other.SetSpacing(1.0, 1.0, 2.0)
         with self.assertRaises(errors.GridMismatchError):
-            logic.validateInputs(guessed["flair"], guessed["t1"], guessed["t1c"], mismatched)
+            logic.validateInputs(flair, t1, t1c, other)
+        self.assertEqual(logic.guessInputs({"flair": flair, "t1": t1, "t1c": t1c, "t2": t2}), {})
         self.delayDisplay("Inputs test passed")
 
     def test_RunThresholdAndCancel(self):
@@ -1004,25 +983,30 @@ class ADMAnomalyTest(ScriptedLoadableModuleTest):
         import numpy as np
         from ADMAnomalyLib import api
 
-        self.delayDisplay("Training a tiny model on synthetic cases (a few seconds)")
+        self.delayDisplay("Training a tiny model on the demo case (a few seconds)")
         folder = slicer.util.tempDirectory("ADMAnomalyTest")
-        for number in range(2):
-            self.writeSyntheticCase(os.path.join(folder, "train"), f"case_{number}", seed=number)
         logic = ADMAnomalyLogic()
-        modelPath = self.modelPath = logic.train(os.path.join(folder, "train"), os.path.join(folder, "tiny.admm"), preset="tiny",
-                                lesionMargin=1, device="cpu")
-        paths = self.writeSyntheticCase(folder, "case_test", seed=5)
-        nodes = {name: slicer.util.loadVolume(path) for name, path in paths.items()}
-        inputs = (nodes["flair"], nodes["t1"], nodes["t1ce"], nodes["t2"])
+        modelPath = self.modelPath = logic.train(sampledata.demo_case_dir(), os.path.join(folder, "tiny.admm"),
+                                                 preset="tiny", device="cpu")
+        self.loadDemoCase()
+        inputs = tuple(logic.guessInputs()[c] for c in CONTRASTS)
 
         self.delayDisplay("Run (blocking console API)")
         energyNode, segmentationNode = logic.run(*inputs, model=modelPath, device="cpu")
-        self.assertEqual(slicer.util.arrayFromVolume(energyNode).shape, slicer.util.arrayFromVolume(nodes["flair"]).shape)
+        self.assertEqual(slicer.util.arrayFromVolume(energyNode).shape, slicer.util.arrayFromVolume(inputs[0]).shape)
         model = api.load_model(modelPath)
         segment = logic.segmentArray(segmentationNode)
         energy = slicer.util.arrayFromVolume(energyNode)
         brain = logic.brainMask(energyNode)
         np.testing.assert_array_equal(segment, ((energy >= model.threshold) & brain).astype(np.uint8))
+
+        self.delayDisplay("Apply's background process (the engine's predict command) gives the same energy")
+        job = logic.startInference(*inputs, model=modelPath, device="cpu")
+        job.process.wait(300)
+        backgroundEnergy, backgroundSegmentation = job.finish(show=False)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(backgroundEnergy), energy)
+        slicer.mrmlScene.RemoveNode(backgroundEnergy)
+        slicer.mrmlScene.RemoveNode(backgroundSegmentation)
 
         self.delayDisplay("Threshold: higher threshold, smaller anomaly")
         low, high = logic.energyRange(energyNode)
@@ -1036,6 +1020,10 @@ class ADMAnomalyTest(ScriptedLoadableModuleTest):
         count = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
         with self.assertRaises(errors.CancelledError):
             logic.run(*inputs, model=modelPath, device="cpu", shouldCancel=lambda: True)
+        job = logic.startInference(*inputs, model=modelPath, device="cpu")
+        job.cancel()
+        with self.assertRaises(errors.CancelledError):
+            job.finish()
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), count)
         self.delayDisplay("Run test passed")
 
@@ -1050,7 +1038,7 @@ class ADMAnomalyTest(ScriptedLoadableModuleTest):
         folder = slicer.util.tempDirectory("ADMAnomalyTest")
         cases, output = os.path.join(folder, "cases"), os.path.join(folder, "out")
         for number in range(3):
-            self.writeSyntheticCase(cases, f"case_{number}", seed=number)
+            self.copyDemoCase(cases, f"case_{number}")
         logic = ADMAnomalyLogic()
         rows = logic.openFolder(cases, output, model=self.modelPath)
         self.assertEqual([r.status for r in rows], ["not run"] * 3)

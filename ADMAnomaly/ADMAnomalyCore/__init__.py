@@ -10,8 +10,8 @@ in a plain Python with the PyPI package ``slicer-core`` (which the pytest suite 
 * :mod:`.logic` is the console / batch API (``run``, ``setThreshold``, ``processFolder``, ``train``,
   and a folder of cases: ``openFolder``, ``loadCase``, ``applyThresholdToFolder`` ...);
 * :mod:`.casebrowser` keeps one case of an open folder in the scene and reads its table ``cases.csv``;
-* :mod:`.jobs` runs inference and training in a background process (GUI), polled without threads;
-* :mod:`.worker` is the background inference process (``python -m ADMAnomalyCore.worker``);
+* :mod:`.jobs` runs inference and training in a background process, the engine's command line
+  (GUI), polled without threads;
 * :mod:`.rendering` renders a slice view with the overlay offscreen (tests, screenshots).
 
 The engine itself is never reimplemented here: every computation goes through ``ADMAnomalyLib.api``.

@@ -1,9 +1,12 @@
-"""Background processes for the GUI: inference (:mod:`.worker`) and training (the engine's CLI).
+"""Background processes for the GUI: every job is a command of the engine's CLI
+(``python -m ADMAnomalyLib.cli ... --progress json``): inference of the panel's volumes and of a
+folder of cases (``predict``), re-thresholding (``threshold``) and training (``train``).
 
 The child writes JSON progress lines to ``stdout.log`` and errors to ``stderr.log`` in a job
 folder; the GUI polls :meth:`ProcessJob.poll` from a ``qt.QTimer``. No threads and no pipes are
 involved, so the Slicer GUI stays responsive on every platform and nothing blocks on a full
 pipe. Cancelling terminates the child; no node is touched until a job has finished successfully.
+A failed child becomes the engine's exception for its exit code (:data:`ERRORS_BY_EXIT_CODE`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,23 @@ ensure_engine_importable()
 
 from ADMAnomalyLib import errors  # noqa: E402
 from ADMAnomalyLib.config import CONTRASTS  # noqa: E402
+
+
+def errors_by_exit_code() -> dict[int, type[errors.ADMError]]:
+    """The engine's error class of each exit code of ``ADMAnomalyLib/errors.py``: the most general
+    class with that code (``InputError`` for 2, not its subclass ``GridMismatchError``)."""
+    found: dict[int, type[errors.ADMError]] = {}
+    pending = [errors.ADMError]
+    while pending:  # breadth first: a class is met before its subclasses
+        cls = pending.pop(0)
+        if cls.__module__ == errors.__name__:
+            found.setdefault(cls.exit_code, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+ERRORS_BY_EXIT_CODE = errors_by_exit_code()
+"""Exit code of an engine command -> the exception a finished job raises for it."""
 
 
 def python_executable() -> str:
@@ -147,89 +167,19 @@ class ProcessJob:
             raise errors.CancelledError("cancelled by the user; earlier results are unchanged")
         if code in (0, None):
             return
-        by_code = {2: errors.InputError, 3: errors.ModelFileError, 4: errors.OutputError, 5: errors.DeviceError}
-        raise by_code.get(code, errors.ADMError)(self.errorMessage())
-
-
-class InferenceJob:
-    """Runs :mod:`.worker` on the four input volumes, then turns its output into nodes.
-
-    Created by ``ADMAnomalyCoreLogic.startInference`` after validation. Poll :meth:`poll` for
-    ``(done, total)`` slice progress; when :attr:`finished`, :meth:`finish` creates the output nodes
-    (or raises the child's error)."""
-
-    def __init__(self, logic, nodes: dict[str, Any], model, device: str, workDir=None, preprocess: str = "none") -> None:
-        self.logic = logic
-        self.preprocess = preprocess
-        self.nodeIds = {contrast: node.GetID() for contrast, node in nodes.items()}
-        self.modelPath = str(model.path) if getattr(model, "path", None) else "default"
-        self.workDir = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="ADMAnomaly-run-"))
-        self._ownsWorkDir = workDir is None
-        self.outputDir = self.workDir / "out"
-        self.progress = (0, 0)
-        inputs = []
-        for contrast, node in nodes.items():
-            path = self.workDir / f"{contrast}.mha"
-            sitk.WriteImage(conversion.sitk_from_volume_node(node, np.float32), str(path), False)
-            inputs += ["--input", f"{contrast}={path}"]
-        args = [python_executable(), "-m", "ADMAnomalyCore.worker", "--model", self.modelPath, "--device", device,
-                "--output-dir", str(self.outputDir), "--preprocess", preprocess] + inputs
-        self.process = ProcessJob(args, self.workDir)
-
-    @property
-    def finished(self) -> bool:
-        return not self.process.running
-
-    def poll(self) -> tuple[int, int]:
-        for event in self.process.poll():
-            if event.get("stage") == "predict" and "steps" in event:
-                self.progress = (int(event.get("step", 0)), int(event["steps"]))
-        return self.progress
-
-    def cancel(self) -> None:
-        self.process.cancel()
-
-    def finish(self, energyNode=None, segmentationNode=None, threshold=None, percentile=None, show=True):
-        """Create (or overwrite) the output nodes from the finished child; raises its error."""
-        try:
-            self.process.wait()
-            self.poll()
-            self.process.raiseForFailure()
-            done = [e for e in self.process.events if e.get("stage") == "done"]
-            if not done:
-                raise errors.ADMError("the background process ended without a result")
-            scene = self.logic.scene
-            reference = scene.GetNodeByID(self.nodeIds[CONTRASTS[0]])
-            if reference is None:
-                raise errors.InputError("the FLAIR volume was removed from the scene while the model was running")
-            energy = sitk.ReadImage(str(self.outputDir / "energy.mha"))
-            brain = sitk.ReadImage(str(self.outputDir / "brain.mha"))
-            modelThreshold = done[-1].get("threshold")
-            return self.logic.createOutputNodes(
-                energy, brain, modelThreshold, reference, energyNode=energyNode, segmentationNode=segmentationNode,
-                threshold=threshold, percentile=percentile,
-                modelPath=None if self.modelPath == "default" else self.modelPath, show=show,
-                brainSegment=self.preprocess != "none")
-        finally:
-            self.cleanup()
-
-    def cleanup(self) -> None:
-        if self.process.running:
-            self.process.cancel()
-        if self._ownsWorkDir:
-            shutil.rmtree(self.workDir, ignore_errors=True)
+        raise ERRORS_BY_EXIT_CODE.get(code, errors.ADMError)(self.errorMessage())
 
 
 class TrainingJob:
     """Trains with the engine's CLI (``python -m ADMAnomalyLib.cli train ... --progress json``)."""
 
     def __init__(self, dataDir, outputPath, preset="small", epochsCtoC=None, epochsJoint=None, lambdaEnergy=None,
-                 components=None, device="auto", resume=False, workDir=None) -> None:
+                 components=None, device="auto", resume=False, workDir=None, lesionMargin=None) -> None:
         self.outputPath = Path(outputPath)
         self.workDir = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="ADMAnomaly-train-"))
         self._ownsWorkDir = workDir is None
         self.args = training_command(dataDir, outputPath, preset, epochsCtoC, epochsJoint, lambdaEnergy,
-                                     components, device, resume)
+                                     components, device, resume, lesionMargin)
         self.process = ProcessJob(self.args, self.workDir)
         self.lastEvent: dict[str, Any] = {}
 
@@ -294,12 +244,13 @@ class TrainingJob:
 
 
 def training_command(dataDir, outputPath, preset="small", epochsCtoC=None, epochsJoint=None, lambdaEnergy=None,
-                     components=None, device="auto", resume=False) -> list[str]:
-    """Arguments of the engine's ``train`` command for these settings."""
+                     components=None, device="auto", resume=False, lesionMargin=None) -> list[str]:
+    """Arguments of the engine's ``train`` command for the settings of ``logic.train``."""
     args = [python_executable(), "-m", "ADMAnomalyLib.cli", "train", str(dataDir), "-o", str(outputPath),
             "--preset", preset, "--device", device, "--progress", "json"]
     for flag, value in (("--epochs-ctoc", epochsCtoC), ("--epochs-joint", epochsJoint),
-                        ("--lambda-energy", lambdaEnergy), ("--components", components)):
+                        ("--lambda-energy", lambdaEnergy), ("--components", components),
+                        ("--lesion-margin", lesionMargin)):
         if value is not None:
             args += [flag, repr(value) if isinstance(value, float) else str(value)]
     if resume:
@@ -357,28 +308,111 @@ class FolderJob:
 
     def finish(self) -> dict[str, Any]:
         """The command's summary, or its error (CancelledError after cancel). Finished cases stay."""
+        try:
+            return self.result()
+        finally:
+            self.cleanup()
+
+    def result(self) -> dict[str, Any]:
+        """Wait for the child; its summary, or its error (exit code 6 is a summary with failures)."""
         from ADMAnomalyLib.cli import EXIT_PARTIAL
 
-        try:
-            self.process.wait()
-            self.poll()
-            if self.process.returncode != EXIT_PARTIAL or self.process.cancelled:
-                self.process.raiseForFailure()
-            return self.summary
-        finally:
-            if self._ownsWorkDir:
-                shutil.rmtree(self.workDir, ignore_errors=True)
+        self.process.wait()
+        self.poll()
+        if self.process.returncode != EXIT_PARTIAL or self.process.cancelled:
+            self.process.raiseForFailure()
+        return self.summary
+
+    def cleanup(self) -> None:
+        """Stop the child if it still runs and remove the job folder made for it."""
+        if self.process.running:
+            self.process.cancel()
+        if self._ownsWorkDir:
+            shutil.rmtree(self.workDir, ignore_errors=True)
 
 
-def predict_command(model, casesDir, resultsDir, device="auto", threshold=None, pattern=None) -> list[str]:
-    """Arguments of the engine's ``predict`` command for a folder (cases with results are skipped)."""
+def predict_command(model, casesDir, resultsDir, device="auto", threshold=None, pattern=None,
+                    preprocess: str = "none") -> list[str]:
+    """Arguments of the engine's ``predict`` command for a folder (cases with results are skipped);
+    ``preprocess`` 'auto' or 'full' treats the cases as raw scans."""
     args = [python_executable(), "-m", "ADMAnomalyLib.cli", "predict", str(model), str(casesDir), "-o",
             str(resultsDir), "--device", device, "--progress", "json"]
     if threshold is not None:
         args += ["--threshold", repr(float(threshold))]
     for role, glob in (pattern or {}).items():
         args += ["--pattern", f"{role}={glob}"]
+    if preprocess != "none":
+        args += ["--preprocess", preprocess]
     return args
+
+
+class InferenceJob(FolderJob):
+    """The panel's Apply: the engine's ``predict`` command on the four input volumes, written as one
+    case into the job folder, then its energy map turned into nodes.
+
+    Created by ``ADMAnomalyCoreLogic.startInference`` after validation. Poll :meth:`poll` for
+    ``(done, total)`` slices; when :attr:`finished`, :meth:`finish` creates the output nodes (or
+    raises the child's error). The engine writes the energy on the FLAIR volume's grid (raw scans
+    too) with the background 1 below the brain's lowest energy, so the brain mask comes from it."""
+
+    CASE_ID = "panel"
+
+    def __init__(self, logic, nodes: dict[str, Any], model, device: str, workDir=None, preprocess: str = "none") -> None:
+        self.logic = logic
+        self.preprocess = preprocess
+        self.nodeIds = {contrast: node.GetID() for contrast, node in nodes.items()}
+        self.modelPath = str(model.path)
+        self.modelThreshold = model.threshold
+        self.progress = (0, 0)
+        owned = workDir is None
+        workDir = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="ADMAnomaly-run-"))
+        caseDir = workDir / "case"
+        caseDir.mkdir(parents=True, exist_ok=True)
+        for contrast, node in nodes.items():
+            # Uncompressed: written and read back at once, then deleted with the job folder.
+            sitk.WriteImage(conversion.sitk_from_volume_node(node, np.float32),
+                            str(caseDir / f"{self.CASE_ID}_{contrast}.mha"), False)
+        self.outputDir = workDir / "out"
+        # ``predict`` also writes an anomaly map, which needs a threshold; the panel thresholds the
+        # energy itself, so for a model without one any finite value serves (that file is not read).
+        threshold = None if model.threshold is not None else 0.0
+        args = predict_command(self.modelPath, caseDir, self.outputDir, device, threshold, preprocess=preprocess)
+        FolderJob.__init__(self, args, workDir)
+        self._ownsWorkDir = owned
+
+    def poll(self) -> tuple[int, int]:
+        """Slices scored so far and in all, ``(0, 0)`` while the case is read (and, raw scans,
+        registered and brain-extracted)."""
+        seen = len(self.process.events)
+        FolderJob.poll(self)
+        for event in self.process.events[seen:]:
+            if event.get("stage") == "slices" and event.get("steps"):
+                self.progress = (int(event.get("step", 0)), int(event["steps"]))
+        return self.progress
+
+    def finish(self, energyNode=None, segmentationNode=None, threshold=None, percentile=None, show=True):
+        """Create (or overwrite) the output nodes from the finished child; raises its error."""
+        from ADMAnomalyLib.results import brain_of_energy, output_paths
+
+        try:
+            summary = self.result()
+            failed = summary.get("failed") or {}
+            if self.CASE_ID in failed:
+                raise errors.ADMError(failed[self.CASE_ID])
+            if self.CASE_ID not in (summary.get("done") or ()):
+                raise errors.ADMError("the background process ended without a result")
+            reference = self.logic.scene.GetNodeByID(self.nodeIds[CONTRASTS[0]])
+            if reference is None:
+                raise errors.InputError("the FLAIR volume was removed from the scene while the model was running")
+            energy = sitk.ReadImage(str(output_paths(self.outputDir, self.CASE_ID)[0]), sitk.sitkFloat32)
+            brain = sitk.GetImageFromArray(brain_of_energy(sitk.GetArrayViewFromImage(energy)).astype(np.uint8))
+            brain.CopyInformation(energy)
+            return self.logic.createOutputNodes(
+                energy, brain, self.modelThreshold, reference, energyNode=energyNode,
+                segmentationNode=segmentationNode, threshold=threshold, percentile=percentile,
+                modelPath=self.modelPath, show=show, brainSegment=self.preprocess != "none")
+        finally:
+            self.cleanup()
 
 
 def threshold_command(resultsDir, threshold: float) -> list[str]:

@@ -8,6 +8,7 @@ import json
 import re
 import struct
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,83 @@ def test_parameter_bindings_match_the_parameter_node():
     assert "WithinRange" in ast.unparse(fields["threshold"]) and "WithinRange" in ast.unparse(fields["percentile"])
 
 
+def ui_bindings() -> dict[str, tuple[str, str]]:
+    """Widget name -> (its class, the parameter it is bound to by SlicerParameterName)."""
+    bound = {}
+    for widget in ET.parse(UI_FILE).getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[widget.get("name")] = (widget.get("class"), prop.findtext("string"))
+    return bound
+
+
+def test_paths_and_numbers_use_slicers_standard_connectors():
+    """Slicer's parameterNodeWrapper connects ctkPathLineEdit <-> pathlib.Path, ctkSliderWidget and
+    QDoubleSpinBox <-> bounded float, QSpinBox <-> int by SlicerParameterName alone: every such widget
+    of the panel is bound that way, to a parameter of the matching type."""
+    fields = {name: ast.unparse(annotation) for name, annotation in parameter_fields().items()}
+    bound = ui_bindings()
+    expected_type = {"ctkPathLineEdit": "pathlib.Path", "ctkSliderWidget": "float", "QDoubleSpinBox": "float",
+                     "QSpinBox": "int"}
+    for name, cls in ui_widgets().items():
+        if cls in expected_type:
+            assert name in bound, f"{name} ({cls}) is not bound to a parameter"
+            annotation = fields[bound[name][1]]
+            assert annotation == expected_type[cls] or annotation.startswith(f"Annotated[{expected_type[cls]}, "), (
+                f"{name} ({cls}) is bound to {bound[name][1]}: {annotation}")
+            if cls == "ctkSliderWidget":
+                assert "WithinRange" in annotation  # the connector refuses an unbounded slider
+    # No hand-written wiring of what the connectors do.
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert "currentPathChanged" not in source and "currentPath =" not in source
+
+
+def test_the_panel_sets_everything_logic_train_takes():
+    import inspect
+    import sys
+
+    if str(MODULE) not in sys.path:
+        sys.path.insert(0, str(MODULE))
+    from ADMAnomalyCore.logic import ADMAnomalyCoreLogic
+
+    fields = parameter_fields()
+    bound = {parameter for _, parameter in ui_bindings().values()}
+    defaults = ADMAnomalyCoreLogic.trainingDefaults("small")
+    settings = set(inspect.signature(ADMAnomalyCoreLogic.train).parameters) - {"self", "progress", "shouldCancel"}
+    # The panel's parameter of each setting (the others are named as the setting).
+    panel = {"dataDir": "trainingFolder", "outputPath": "trainingOutput", "preset": "trainingPreset",
+             "resume": "trainingResume"}
+    for setting in settings:
+        assert panel.get(setting, setting) in bound, f"logic.train's {setting} has no widget"
+    assert set(defaults) <= settings
+    # The parameters start at the default preset's values, and the preset list is the engine's.
+    values = {}
+    for node in module_tree().body:
+        if isinstance(node, ast.ClassDef) and node.name == "ADMAnomalyParameterNode":
+            values = {item.target.id: ast.literal_eval(item.value) for item in node.body
+                      if isinstance(item, ast.AnnAssign) and item.value is not None
+                      and item.target.id in defaults}
+    assert values == defaults
+    choices = ast.literal_eval(re.search(r"Choice\((\[.*?\])\)", ast.unparse(fields["trainingPreset"])).group(1))
+    assert sorted(choices) == sorted(ADMAnomalyCoreLogic.trainingPresets()) and choices[0] == "small"
+    # The Train button passes every setting to the background job.
+    calls = [node for node in ast.walk(module_tree()) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and node.func.attr == "startTraining"]
+    assert len(calls) == 1
+    passed = {keyword.arg for keyword in calls[0].keywords}
+    assert settings - {"dataDir", "outputPath"} <= passed, settings - passed
+
+
+def test_the_widget_uses_no_engine_internals_and_the_module_no_test_data_code():
+    widget = next(node for node in module_tree().body if isinstance(node, ast.ClassDef)
+                  and node.name == "ADMAnomalyWidget")
+    engine_imports = [ast.unparse(node) for node in ast.walk(widget) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert not engine_imports, engine_imports  # presets, defaults, guessing: through the logic
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    for making_data in ("GetImageFromArray", "WriteImage", "default_rng", "meshgrid"):
+        assert making_data not in source, f"ADMAnomaly.py makes test data ({making_data})"
+
+
 def test_the_cases_table_has_a_column_per_shown_field():
     root = ET.parse(UI_FILE).getroot()
     table = next(w for w in root.iter("widget") if w.get("name") == "casesTable")
@@ -166,6 +244,8 @@ def test_module_cmake_lists_every_script_engine_file_and_resource():
     assert on_disk_resources == resources, f"unlisted resources: {sorted(on_disk_resources - resources)}"
     models = cmake_list(text, "ADMANOMALY_MODEL_FILES")
     assert "ADMAnomaly_default.admm" in models
+    demo = REPO / "Resources" / "DemoData" / "patient26"
+    assert set(cmake_list(text, "ADMANOMALY_DEMO_FILES")) == {p.name for p in demo.iterdir() if p.is_file()}
     assert "WITH_GENERIC_TESTS" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
 
@@ -250,3 +330,49 @@ def test_module_logic_is_the_core_logic_with_dependency_handling(module_file, mo
     monkeypatch.setattr(engine, "torch_missing", lambda: True)
     with pytest.raises(engine.DependencyError, match="PyTorch.*Extensions Manager"):
         logic.ensureDependencies()  # no PyTorchUtils module outside Slicer: a clear message, no traceback
+
+
+def test_the_demo_case_is_registered_with_sample_data(module_file, monkeypatch):
+    """registerSampleData gives SampleData one source whose files are the bundled demo case, with
+    the arguments of Slicer 5's SampleDataLogic.registerCustomSampleDataSource."""
+    import hashlib
+    import sys
+    import types
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    registered = []
+
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
+                                           nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                           loadFileType="VolumeFile", loadFiles=None, loadFileProperties={},
+                                           checksums=None):
+            registered.append(dict(category=category, sampleName=sampleName, uris=uris, fileNames=fileNames,
+                                   nodeNames=nodeNames, thumbnailFileName=thumbnailFileName,
+                                   loadFileType=loadFileType, checksums=checksums))
+
+    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=SampleDataLogic))
+    module_file.registerSampleData()
+    assert len(registered) == 1
+    source = registered[0]
+    assert source["category"] == "ADMAnomaly" and source["sampleName"]
+    demo = (REPO / "Resources" / "DemoData" / "patient26").resolve()
+    paths = [Path(url2pathname(urlparse(uri).path)) for uri in source["uris"]]
+    assert all(uri.startswith("file:") for uri in source["uris"])
+    assert paths == [demo / f"patient26_{s}.nii.gz" for s in ("flair", "t1", "t1ce", "t2", "seg")]
+    for path, checksum in zip(paths, source["checksums"]):
+        assert checksum == "SHA256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert source["loadFileType"] == ["VolumeFile"] * 4 + ["SegmentationFile"]
+    assert len(set(source["fileNames"])) == len(set(source["nodeNames"])) == len(paths)
+    # The nodes are named so that the panel's auto-fill finds each contrast.
+    from ADMAnomalyCore.naming import guess_contrast_roles
+
+    assert guess_contrast_roles(source["nodeNames"][:4], name_of=str) == dict(
+        zip(("flair", "t1", "t1c", "t2"), source["nodeNames"][:4]))
+    thumbnail = Path(source["thumbnailFileName"])
+    assert thumbnail.parent == MODULE / "Resources" / "Icons" and thumbnail.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Registered when Slicer has started (SampleData exists by then), as other extensions do.
+    module_class = next(node for node in module_tree().body if isinstance(node, ast.ClassDef) and node.name == "ADMAnomaly")
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in ast.unparse(module_class).replace("'", '"')

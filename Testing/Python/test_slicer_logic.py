@@ -25,7 +25,7 @@ for entry in (REPO / "ADMAnomaly", REPO):
         sys.path.insert(0, str(entry))
 
 from ADMAnomalyCore import conversion, engine  # noqa: E402
-from ADMAnomalyCore.jobs import ProcessJob, TrainingJob  # noqa: E402
+from ADMAnomalyCore.jobs import ERRORS_BY_EXIT_CODE, ProcessJob, TrainingJob  # noqa: E402
 from ADMAnomalyCore.logic import SEGMENT_NAME, SEGMENT_TERMINOLOGY, ADMAnomalyCoreLogic  # noqa: E402
 from ADMAnomalyCore.naming import guess_contrast_roles  # noqa: E402
 from ADMAnomalyCore.standalone import StandaloneScene  # noqa: E402
@@ -126,6 +126,21 @@ def test_contrast_roles_are_guessed_from_node_names(mrml, data):
     roles = {name: guess_contrast_roles([name], name_of=str) for name in names}
     assert [next(iter(r), None) for r in roles.values()] == [
         "flair", "t1", "t1c", "t2", "flair", "t1c", "t1c", "flair", None]
+
+
+def test_the_logic_fills_empty_inputs_from_the_scene_and_skips_labels_and_outputs(mrml, data):
+    case = mrml.load_case(data / "synth_0", "synth_0")
+    label = mrml.load(data / "synth_0" / "synth_0_seg.nii.gz", name="synth_0_flair_label", labelmap=True)
+    output = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "synth_0_flair energy")
+    output.SetAttribute("ADMAnomaly.Role", "energy")
+    logic = ADMAnomalyCoreLogic()
+    assert logic.guessInputs() == case
+    assert logic.guessInputs({"flair": case["t2"], "t1": None, "t1c": None, "t2": None}) == {
+        "t1": case["t1"], "t1c": case["t1c"]}  # the FLAIR field is taken, and its node too
+    assert logic.guessInputs(case) == {}
+    newer = mrml.load(data / "synth_1" / "synth_1_flair.nii.gz")
+    assert logic.guessInputs()["flair"] is newer  # most recently loaded first
+    assert label.GetID() and output.GetID()
 
 
 # -- run -------------------------------------------------------------------------------------------
@@ -333,16 +348,31 @@ def test_background_inference_equals_the_blocking_run_and_cancel_leaves_no_node(
     assert node_counts(mrml) == before and not job.workDir.exists()
 
 
+def test_a_case_the_engine_refuses_in_the_background_is_its_error_line_and_no_node(mrml, case, model_path):
+    values = slicer.util.arrayFromVolume(case["t1"])
+    values[values.shape[0] // 2] = np.nan  # refused by the engine's reading of the case, not by the panel
+    slicer.util.arrayFromVolumeModified(case["t1"])
+    logic = ADMAnomalyCoreLogic()
+    before = node_counts(mrml)
+    job = logic.startInference(*case.values(), model=model_path, device="cpu")
+    job.process.wait(120)
+    with pytest.raises(errors.ADMError, match="NaN") as raised:
+        job.finish()
+    assert "\n" not in str(raised.value) and node_counts(mrml) == before and not job.workDir.exists()
+
+
 def test_background_training_through_the_engine_cli(data, tmp_path):
     logic = ADMAnomalyCoreLogic(scene=slicer.vtkMRMLScene())
     output = tmp_path / "trained.admm"
-    job = logic.startTraining(data / "synth_1", output, preset="tiny", epochsCtoC=1, epochsJoint=1, components=3, device="cpu")
-    assert "--components" in job.args and "--progress" in job.args
+    job = logic.startTraining(data / "synth_1", output, preset="tiny", epochsCtoC=1, epochsJoint=1, components=3,
+                              lesionMargin=1, device="cpu")
+    assert job.args[job.args.index("--lesion-margin") + 1] == "1" and "--progress" in job.args
     job.process.wait(240)
     events = job.poll()
     stages = [e.get("stage") for e in events]
     assert "ctoc" in stages and "joint" in stages and stages[-1] == "done", job.process.stderrText()
-    assert job.finish() == output and api.load_model(output).config.model.n_components == 3
+    trained = api.load_model(job.finish())
+    assert trained.config.model.n_components == 3 and trained.config.train.lesion_margin == 1
     assert TrainingJob.describe(events[0]) and job.fraction() == 1.0
 
     cancelled = logic.startTraining(data, tmp_path / "never.admm", preset="tiny", device="cpu")
@@ -364,6 +394,23 @@ def test_process_job_reports_the_childs_error_line(tmp_path):
     assert events[-1] == {"stage": "log", "message": "partial"}
     with pytest.raises(errors.InputError, match="^case x: bad things$"):
         job.raiseForFailure()
+
+
+def test_exit_codes_map_to_the_engines_most_general_error_of_each_code(tmp_path):
+    classes = [cls for cls in vars(errors).values()
+               if isinstance(cls, type) and issubclass(cls, errors.ADMError) and cls.__module__ == errors.__name__]
+    assert set(ERRORS_BY_EXIT_CODE) == {cls.exit_code for cls in classes}
+    for cls in classes:  # each class is, or derives from, the class its code maps to ...
+        assert issubclass(cls, ERRORS_BY_EXIT_CODE[cls.exit_code])
+    for code, cls in ERRORS_BY_EXIT_CODE.items():  # ... which no base class with that code precedes
+        assert all(base.exit_code != code for base in cls.__mro__[1:] if issubclass(base, errors.ADMError))
+    assert ERRORS_BY_EXIT_CODE[2] is errors.InputError and ERRORS_BY_EXIT_CODE[5] is errors.DeviceError
+    for code in (3, 4, 5):
+        job = ProcessJob([sys.executable, "-c", f"import sys; sys.stderr.write('error: code {code}'); sys.exit({code})"],
+                         tmp_path / str(code), env=None)
+        job.wait(30)
+        with pytest.raises(ERRORS_BY_EXIT_CODE[code], match=f"^code {code}$"):
+            job.raiseForFailure()
 
 
 # -- dependencies ----------------------------------------------------------------------------------

@@ -75,9 +75,9 @@ def test_raw_scans_run_in_the_background_job_and_leave_the_inputs_untouched(scen
         logic.startInference(*nodes, device="cpu")
 
     job = logic.startInference(*nodes, device="cpu", preprocess="auto")
+    assert job.args[job.args.index("--preprocess") + 1] == "auto"  # the engine's predict command
     job.process.wait(300)
-    job.poll()
-    assert any(event.get("stage") == "preprocess" for event in job.process.events)
+    assert job.poll()[1] > 0, job.process.stderrText()
     energy_node, segmentation_node = job.finish(show=False)
 
     flair = nodes[0]
