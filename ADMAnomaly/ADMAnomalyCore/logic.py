@@ -740,10 +740,8 @@ class ADMAnomalyCoreLogic:
         """Rewrite every done case's anomaly map in the results folder at ``threshold`` from its stored
         energy (no network run; as ``admanomaly threshold``), update ``cases.csv`` and return the
         table. The loaded case's segmentation follows."""
-        from ADMAnomalyLib.results import rethreshold_folder
-
         browser = self._openFolder()
-        rethreshold_folder(browser.resultsDir, threshold, progress=progress)
+        engine_api().rethreshold_folder(browser.resultsDir, threshold, progress=progress)
         return browser.refresh()
 
     def startApplyThresholdToFolder(self, threshold: float, workDir=None):
