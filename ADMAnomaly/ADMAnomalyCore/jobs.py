@@ -367,16 +367,23 @@ class InferenceJob(FolderJob):
         owned = workDir is None
         workDir = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="ADMAnomaly-run-"))
         caseDir = workDir / "case"
-        caseDir.mkdir(parents=True, exist_ok=True)
-        for contrast, node in nodes.items():
-            # Uncompressed: written and read back at once, then deleted with the job folder.
-            sitk.WriteImage(conversion.sitk_from_volume_node(node, np.float32),
-                            str(caseDir / f"{self.CASE_ID}_{contrast}.mha"), False)
+        try:
+            caseDir.mkdir(parents=True, exist_ok=True)
+            for contrast, node in nodes.items():
+                # Uncompressed: written and read back at once, then deleted with the job folder.
+                sitk.WriteImage(conversion.sitk_from_volume_node(node, np.float32),
+                                str(caseDir / f"{self.CASE_ID}_{contrast}.mha"), False)
+        except (OSError, RuntimeError) as exc:
+            if owned:
+                shutil.rmtree(workDir, ignore_errors=True)
+            raise errors.OutputError(f"cannot write the input volumes to {caseDir}: {exc}") from None
         self.outputDir = workDir / "out"
         # ``predict`` also writes an anomaly map, which needs a threshold; the panel thresholds the
         # energy itself, so for a model without one any finite value serves (that file is not read).
         threshold = None if model.threshold is not None else 0.0
-        args = predict_command(self.modelPath, caseDir, self.outputDir, device, threshold, preprocess=preprocess)
+        # --overwrite: a reused job folder's earlier result is never taken for this one.
+        args = predict_command(self.modelPath, caseDir, self.outputDir, device, threshold,
+                               preprocess=preprocess) + ["--overwrite"]
         FolderJob.__init__(self, args, workDir)
         self._ownsWorkDir = owned
 
