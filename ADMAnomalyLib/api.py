@@ -319,7 +319,8 @@ def _case_outputs(model: ADMModel, files: CaseFiles, output_dir: Path, options: 
                               reference=str(files.label) if label is not None else "", **figures)
 
 
-def _predict_in_workers(model_path: Path, postprocess: dict[str, Any] | None, pending: list[CaseFiles], output_dir: Path, options: InferenceOptions,
+def _predict_in_workers(model_path: Path, postprocess: dict[str, Any] | None, pending: list[CaseFiles],
+                        output_dir: Path, options: InferenceOptions,
                         threshold: float, model_id: str, workers: int,
                         record_case: Callable[..., None], raw: tuple = (None, False)) -> None:
     """Run :func:`_predict_to_files` for ``pending`` in ``workers`` processes (``raw``: its raw options
