@@ -263,9 +263,10 @@ def test_a_2d_scout_is_refused(raw_images):
 def test_registration_failure_is_refused_and_nothing_is_written(tmp_path, raw_images):
     case = tmp_path / "cases" / "bad"
     case.mkdir(parents=True)
-    for name in ("FLAIR_AX.nii.gz", "T1_AX_POST_GAD.nii.gz", "T2_AX.nii.gz"):
-        shutil.copy(RAW / name, case / name)
-    # A "T1" that is not this head: noise in T1's field of view (coarse, so the test stays quick).
+    # The real series shrunk 2x in-plane (quicker), and a "T1" that is not this head: noise in T1's
+    # field of view.
+    for contrast, name in (("flair", "FLAIR_AX"), ("t1c", "T1_AX_POST_GAD"), ("t2", "T2_AX")):
+        sitk.WriteImage(sitk.Shrink(raw_images[contrast], [2, 2, 1]), str(case / f"{name}.nii.gz"))
     t1 = raw_images["t1"]
     noise = sitk.GetImageFromArray(np.random.default_rng(0).gamma(2.0, 100.0, (26, 56, 64)).astype(np.int16))
     noise.SetSpacing((t1.GetSpacing()[0] * 4, t1.GetSpacing()[1] * 4, t1.GetSpacing()[2]))
