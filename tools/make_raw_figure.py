@@ -69,7 +69,7 @@ def main() -> None:
                  fontsize=10)
     fig.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.output, dpi=100)
+    fig.savefig(args.output, dpi=72)
     print(f"wrote {args.output}")
 
 
