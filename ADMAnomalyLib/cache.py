@@ -126,7 +126,7 @@ def load_slice_cache(cache_dir: str | Path, config: ADMConfig, verify: bool = Tr
     """Memory-map a cache as :class:`TrainingData`; its preprocessing must match ``config``."""
     cache_dir = Path(cache_dir)
     try:
-        manifest = json.loads((cache_dir / MANIFEST_NAME).read_text())
+        manifest = json.loads((cache_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{cache_dir}: unreadable slice-cache manifest ({exc})") from None
     if manifest.get("format") != CACHE_FORMAT or manifest.get("version") != CACHE_VERSION:

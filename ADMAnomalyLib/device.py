@@ -47,7 +47,7 @@ def describe_device(device: torch.device) -> str:
 def _cpu_has_native_bf16() -> bool:
     # Without AVX512-BF16 or AMX, CPU bf16 is emulated and slower than fp32.
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -161,7 +161,7 @@ def _table_lock(output_dir: PathLike) -> Iterator[None]:
     except ImportError:  # Windows: one job per results folder
         yield
         return
-    with open(Path(output_dir) / LOCK_FILE, "a") as handle:
+    with open(Path(output_dir) / LOCK_FILE, "ab") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

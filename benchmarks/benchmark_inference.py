@@ -97,7 +97,7 @@ def main() -> int:
     for name in args.models:
         command = [sys.executable, __file__, "--child", name, "--case", str(args.case), "--device", args.device,
                    "--repeats", str(args.repeats), "--precision", args.precision]
-        output = subprocess.run(command + (["--compile"] if args.compile else []), capture_output=True, text=True,
+        output = subprocess.run(command + (["--compile"] if args.compile else []), capture_output=True, text=True, encoding="utf-8",
                                 cwd=REPO, check=True).stdout
         row = json.loads(output.strip().splitlines()[-1])
         flops = flops_per_slice_set(name)

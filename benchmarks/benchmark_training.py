@@ -132,7 +132,7 @@ def main() -> int:
                    __file__, "--child", "--preset", args.preset, "--steps", str(args.steps), "--device", args.device]
         if args.batch_size:
             command += ["--batch-size", str(args.batch_size)]
-        output = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout
+        output = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=True, cwd=REPO).stdout
         row = json.loads(output.strip().splitlines()[-1])
         base.setdefault("ctoc", row["ctoc"])
         base.setdefault("joint", row["joint"])

@@ -202,7 +202,7 @@ def make_report(study_json: str | Path, docs_dir: str | Path) -> Path:
     from .. import figures as fig
 
     study_json = Path(study_json)
-    study = json.loads(study_json.read_text())
+    study = json.loads(study_json.read_text(encoding="utf-8"))
     docs_dir = Path(docs_dir)
     figure_dir = docs_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)

@@ -309,7 +309,7 @@ def test_pickle_bytes_inside_a_valid_file_stay_raw_numbers(tmp_path, monkeypatch
     loaded = load_model_file(path)
     assert loaded.state_dict["evil"].numpy().tobytes() == blob
     assert not marker.exists()
-    source = Path(modelfile.__file__).read_text()
+    source = Path(modelfile.__file__).read_text(encoding="utf-8")
     assert "import pickle" not in source and "torch.load(" not in source
 
 

@@ -127,7 +127,7 @@ def test_cli_predict_partial_failure_keeps_going(trained_model, cohort, tmp_path
                  "--progress", "none"])
     assert code == 6
     assert (tmp_path / "out" / "good_energy.nii.gz").exists()
-    assert "broken" in (tmp_path / "out" / "errors.log").read_text()
+    assert "broken" in (tmp_path / "out" / "errors.log").read_text(encoding="utf-8")
     assert "broken" in capsys.readouterr().err
 
 
@@ -204,7 +204,7 @@ def test_cli_demo_runs_the_bundled_model_on_the_bundled_case(tmp_path, capsys):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["patient26_anomaly.nii.gz", "patient26_energy.nii.gz", "patient26_metrics.json",
                      "patient26_overlay.png"]
-    metrics = json.loads((out / "patient26_metrics.json").read_text())
+    metrics = json.loads((out / "patient26_metrics.json").read_text(encoding="utf-8"))
     # The bundled model finds the MS lesions of a site it never saw (0.95 when it was bundled).
     assert metrics["auroc"] > 0.9
     energy = sitk.ReadImage(str(out / "patient26_energy.nii.gz"))
@@ -301,7 +301,7 @@ def test_predict_and_evaluate_try_other_post_processing_without_retraining(train
     report_path = tmp_path / "evaluation.json"
     assert main(["evaluate", str(trained_model), str(cohort), "--device", "cpu", "--json", str(report_path),
                  *setting]) == 0
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     assert report["postprocess_overrides"] == {"smoothing_sigma_mm": 2}
     assert report["methods"]["ADM"]["pooled"]["auprc"] is not None
     assert main(["predict", str(trained_model), str(case_dir), "-o", str(smoothed), "--set", "train.seed=1"]) == 2

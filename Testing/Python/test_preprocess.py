@@ -271,7 +271,7 @@ def test_real_brats_case(brats_dir):
     np.testing.assert_array_equal(prep.has_lesion, seg.any(axis=(1, 2)))
     summary = brats_dir / "SEG_SUMMARY.txt"
     if summary.is_file():
-        line = next(ln for ln in summary.read_text().splitlines() if ln.startswith(files[0].case_id + "/"))
+        line = next(ln for ln in summary.read_text(encoding="utf-8").splitlines() if ln.startswith(files[0].case_id + "/"))
         assert prep.has_lesion.sum() == int(re.search(r"brain_slices_with_lesion=(\d+)", line)[1])
     assert prep.label[prep.has_lesion].any() and not prep.label[~prep.has_lesion].any()
     assert 100 < prep.has_brain.sum() < 155

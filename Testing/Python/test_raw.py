@@ -197,7 +197,7 @@ def test_raw_case_outputs_lie_on_the_raw_flair_grid(raw_run, raw_images):
         np.testing.assert_allclose(image.GetSpacing(), flair.GetSpacing(), rtol=1e-6)
         np.testing.assert_allclose(image.GetOrigin(), flair.GetOrigin(), atol=1e-4)
         np.testing.assert_allclose(image.GetDirection(), flair.GetDirection(), atol=1e-6)
-    steps = json.loads((out / "raw_preprocessed" / "raw_preprocessing.json").read_text())
+    steps = json.loads((out / "raw_preprocessed" / "raw_preprocessing.json").read_text(encoding="utf-8"))
     assert steps["register"]["ran"] and steps["brain"]["ran"] and not steps["n4"]["ran"]
     for contrast in ("t1", "t1c", "t2"):
         assert steps["register"][contrast]["head_overlap"] >= rawprep.MIN_HEAD_OVERLAP

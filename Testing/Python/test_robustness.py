@@ -72,7 +72,7 @@ def test_truncated_case_fails_alone_and_is_named_truncated(trained_model, tmp_pa
     out = tmp_path / "out"
     assert predict_cli(trained_model, data, out) == 6
     assert (out / "good_anomaly.nii.gz").exists() and not (out / "cut_energy.nii.gz").exists()
-    assert "truncated" in (out / "errors.log").read_text()
+    assert "truncated" in (out / "errors.log").read_text(encoding="utf-8")
     assert table(out)["cut"].status == "failed" and "truncated" in table(out)["cut"].reason
 
 
@@ -91,7 +91,7 @@ def test_full_disk_leaves_no_output_and_the_rerun_computes_the_case(trained_mode
     out = tmp_path / "out"
     command = [sys.executable, "-c", _FULL_DISK_SCRIPT, "predict", str(trained_model), str(cohort / "synth_0"),
                "-o", str(out), "--device", "cpu", "--progress", "none"]
-    run = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    run = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", env=subprocess_env(), timeout=300)
     assert run.returncode == 6, run.stderr
     assert "disk may be full" in run.stderr
     assert not (out / "synth_0_energy.nii.gz").exists() and not (out / "synth_0_anomaly.nii.gz").exists()
@@ -169,7 +169,7 @@ def test_changed_threshold_rewrites_the_anomaly_maps_from_the_stored_energy(trai
     report = api.predict_folder(trained_model, cohort, out, device="cpu", threshold=new_threshold)
     assert sorted(report.rethresholded) == ["synth_0", "synth_1"] and not report.done and not report.skipped
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*_energy.nii.gz")} == energy_before
-    assert json.loads((out / "report.json").read_text())["threshold"] == new_threshold
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["threshold"] == new_threshold
     fresh = tmp_path / "fresh"
     api.predict_folder(trained_model, cohort, fresh, device="cpu", threshold=new_threshold)
     for case_id in ("synth_0", "synth_1"):
@@ -207,7 +207,7 @@ def test_a_case_missing_a_contrast_or_with_two_flairs_fails_alone(trained_model,
     out = tmp_path / "out"
     assert predict_cli(trained_model, data, out) == 6
     err = capsys.readouterr().err
-    log = dict(line.split("\t", 1) for line in (out / "errors.log").read_text().splitlines())
+    log = dict(line.split("\t", 1) for line in (out / "errors.log").read_text(encoding="utf-8").splitlines())
     assert "missing contrast t2" in log["missing"] and "two files for flair" in log["doubled"]
     assert (out / "good_energy.nii.gz").exists()
     # Each failure is printed once, after the run.
@@ -237,7 +237,7 @@ def _children(pid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = (entry / "stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
             except OSError:
                 continue
             if int(fields[1]) == pid:
@@ -247,7 +247,7 @@ def _children(pid: int) -> list[int]:
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
     return state != "Z"
@@ -358,7 +358,7 @@ def test_fault_battery_killed_and_rerun_equals_an_uninterrupted_run(trained_mode
     assert interrupted and set(good) - interrupted, "the kill came too late to test anything"
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
     rerun = subprocess.run(_predict_command(trained_model, data, out), env=subprocess_env(), capture_output=True,
-                           text=True, timeout=600)
+                           text=True, encoding="utf-8", timeout=600)
     assert rerun.returncode == 6, rerun.stderr
     summary = rerun.stdout.strip().splitlines()[-1]
     assert f"{len(good) - len(interrupted)} written" in summary and f"{len(interrupted)} skipped" in summary
@@ -369,7 +369,7 @@ def test_fault_battery_killed_and_rerun_equals_an_uninterrupted_run(trained_mode
         for kind in ("energy", "anomaly"):
             name = f"{case_id}_{kind}.nii.gz"
             assert (out / name).read_bytes() == (reference / name).read_bytes(), name
-    log = dict(line.split("\t", 1) for line in (out / "errors.log").read_text().splitlines())
+    log = dict(line.split("\t", 1) for line in (out / "errors.log").read_text(encoding="utf-8").splitlines())
     assert set(log) == set(expected_failures)
     for case_id, reason in expected_failures.items():
         assert reason in log[case_id], (case_id, log[case_id])
@@ -507,4 +507,4 @@ def test_cli_version(capsys):
 
 
 def test_demo_output_folder_is_ignored_by_git():
-    assert "admanomaly_demo/" in (REPO / ".gitignore").read_text().split()
+    assert "admanomaly_demo/" in (REPO / ".gitignore").read_text(encoding="utf-8").split()

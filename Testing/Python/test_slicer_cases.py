@@ -330,12 +330,12 @@ def test_the_case_table_round_trips_and_agrees_with_the_cli(mrml, folder, tmp_pa
     assert {r.case_id: r for r in rows} == results.read_table(folder["results"])
     results.write_table(tmp_path, rows)
     assert results.read_table(tmp_path) == {r.case_id: r for r in rows}
-    assert (tmp_path / "cases.csv").read_text() == (folder["results"] / "cases.csv").read_text()
+    assert (tmp_path / "cases.csv").read_text(encoding="utf-8") == (folder["results"] / "cases.csv").read_text(encoding="utf-8")
 
     threshold = rows[index_of(logic, "case_0")].threshold + 0.75
     logic.applyThresholdToFolder(threshold)
     command = [sys.executable, "-m", "ADMAnomalyLib.cli", "threshold", str(shell), "--threshold", repr(threshold)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
 
     def without_time(table):

@@ -496,7 +496,7 @@ try:
 except DependencyError as exc:
     print("dependency:", exc)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "input: select the FLAIR, T1, T1c, T2 volumes" in result.stdout
     assert "dependency:" in result.stdout and "ensureDependencies" in result.stdout

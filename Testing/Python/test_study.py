@@ -172,7 +172,7 @@ def study_run(tmp_path_factory):
 
 def test_study_json_schema_and_protocol(study_run):
     _, out, result = study_run
-    on_disk = json.loads((out / "study.json").read_text())
+    on_disk = json.loads((out / "study.json").read_text(encoding="utf-8"))
     assert on_disk == json.loads(json.dumps(result))
     for key in ("settings", "folds", "methods", "runs", "summary", "curves", "singularity", "machine", "git",
                 "runtime_s", "command", "examples"):
@@ -204,7 +204,7 @@ def test_report_and_figures_from_json(study_run, tmp_path):
     _, out, result = study_run
     docs = tmp_path / "docs"
     report = study.make_report(out / "study.json", docs)
-    text = report.read_text()
+    text = report.read_text(encoding="utf-8")
     for name in ("roc_pr_curves.png", "example_slices.png", "auroc_vs_lesion_size.png", "singularity.png"):
         path = docs / "figures" / name
         assert path.exists() and path.stat().st_size > 1000, name
@@ -215,7 +215,7 @@ def test_report_and_figures_from_json(study_run, tmp_path):
     # The CLI regenerates the report from the JSON alone.
     docs2 = tmp_path / "docs2"
     assert main(["study", "--report-only", "-o", str(out), "--docs", str(docs2)]) == 0
-    assert study.format_table(result) in (docs2 / "results.md").read_text()
+    assert study.format_table(result) in (docs2 / "results.md").read_text(encoding="utf-8")
 
 
 def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, cohort):
