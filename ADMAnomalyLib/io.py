@@ -103,21 +103,36 @@ _NIFTI_BITS = {2: 8, 4: 16, 8: 32, 16: 32, 64: 64, 256: 8, 512: 16, 768: 32, 102
 """Bits per voxel of each NIfTI datatype code (nifti1.h)."""
 
 
-def _inspect_nifti(path: Path) -> tuple[int, int]:
-    """Check that a NIfTI-1/2 file holds all the data its header promises and count its NaN and inf
-    voxels (float data). A truncated file, or a gzip stream that ends early or fails its CRC, is an
-    :class:`InputError` saying "truncated"; a header this parser does not understand is left to ITK."""
+def _inspect_nifti(path: Path, count_non_finite: bool = True) -> tuple[int, int]:
+    """Check that a NIfTI-1/2 file holds all the data its header promises and, with
+    ``count_non_finite``, count its NaN and inf voxels (float data). A truncated file, or a gzip
+    stream that ends early or fails its CRC, is an :class:`InputError` saying "truncated"; a header
+    this parser does not understand is left to ITK.
+
+    A gzip stream records its uncompressed length in its last 4 bytes; when that record matches the
+    header's promise the stream is whole (a cut file ends in arbitrary bytes), so only float data,
+    whose NaNs must be counted, is decompressed here."""
     import gzip
-    import struct
     import zlib
 
     compressed = path.name.lower().endswith(".gz")
     try:
-        if compressed:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
+            header = handle.read(540)
+        layout = _nifti_layout(header)
+        if layout is None:
+            return 0, 0
+        endian, datatype, count, offset, expected = layout
+        floats = count_non_finite and datatype in (16, 64)
+        if not compressed:
+            size = path.stat().st_size
+            data = path.read_bytes() if floats and size >= expected else b""
+        elif not floats and _gzip_recorded_size(path) == expected % 2**32:
+            return 0, 0
+        else:
             with gzip.open(path, "rb") as handle:
                 data = handle.read()  # reads to the end: raises on an early end or a bad CRC
-        else:
-            data = path.read_bytes()
+            size = len(data)
     except EOFError:
         raise InputError(f"{path}: truncated (the gzip stream ends before its end-of-stream marker)") from None
     except (gzip.BadGzipFile, zlib.error) as exc:
@@ -125,14 +140,36 @@ def _inspect_nifti(path: Path) -> tuple[int, int]:
         raise InputError(f"{path}: cannot read image ({reason})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read file ({_os_reason(exc)})") from None
-    header = data[:540]
+    except _ShortHeader as exc:
+        raise InputError(f"{path}: truncated ({exc.length} bytes, shorter than a NIfTI header)") from None
+    if size < expected:
+        what = "decompressed data" if compressed else "file"
+        raise InputError(f"{path}: truncated ({what} has {size} of the {expected} bytes its header promises)")
+    if not floats:
+        return 0, 0
+    values = np.frombuffer(data, dtype=endian + {16: "f4", 64: "f8"}[datatype], count=count, offset=offset)
+    n_nan = int(np.count_nonzero(np.isnan(values)))
+    return n_nan, int(np.count_nonzero(np.isinf(values)))
+
+
+class _ShortHeader(Exception):
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int, int] | None:
+    """``(endian, datatype, voxel count, data offset, expected file size)`` from the first bytes of a
+    NIfTI-1/2 file; None for a header this parser does not understand."""
+    import struct
+
     try:
         for endian in "<>":
             size = struct.unpack(endian + "i", header[:4])[0]
             if size in (348, 540):
                 break
         else:
-            return 0, 0
+            return None
         if size == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
             datatype = struct.unpack(endian + "h", header[70:72])[0]
@@ -142,25 +179,24 @@ def _inspect_nifti(path: Path) -> tuple[int, int]:
             dims = struct.unpack(endian + "8q", header[16:80])
             offset = int(struct.unpack(endian + "q", header[168:176])[0])
     except struct.error:
-        # Shorter than a header: the file cannot be the volume it claims to be.
-        raise InputError(f"{path}: truncated ({len(data)} bytes, shorter than a NIfTI header)") from None
+        raise _ShortHeader(len(header)) from None
+    if len(header) < size:
+        raise _ShortHeader(len(header))
     bits = _NIFTI_BITS.get(datatype)
     if bits is None or not 1 <= dims[0] <= 7 or any(d < 0 for d in dims[1 : dims[0] + 1]):
-        return 0, 0
+        return None
     count = int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64))
-    offset = max(offset, size + (4 if size == 348 else 4))
-    expected = offset + count * bits // 8
-    if len(data) < expected:
-        what = "decompressed data" if compressed else "file"
-        raise InputError(
-            f"{path}: truncated ({what} has {len(data)} of the {expected} bytes its header promises)"
-        )
-    dtype = {16: "f4", 64: "f8"}.get(datatype)
-    if dtype is None:
-        return 0, 0
-    values = np.frombuffer(data, dtype=endian + dtype, count=count, offset=offset)
-    n_nan = int(np.count_nonzero(np.isnan(values)))
-    return n_nan, int(np.count_nonzero(np.isinf(values)))
+    offset = max(offset, size + 4)  # the 4 extension bytes follow the header in a single file
+    return endian, datatype, count, offset, offset + count * bits // 8
+
+
+def _gzip_recorded_size(path: Path) -> int:
+    """The uncompressed size (mod 2**32) a gzip file records in its last 4 bytes."""
+    import struct
+
+    with open(path, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", handle.read(4))[0]
 
 
 def write_image_atomic(image: sitk.Image, path: PathLike, compress: bool = True) -> Path:
@@ -189,7 +225,7 @@ def _verify_written(tmp: Path, image: sitk.Image, path: Path) -> None:
     final name would later pass for a finished output."""
     try:
         if image_suffix(tmp) in (".nii", ".nii.gz"):
-            _inspect_nifti(tmp)
+            _inspect_nifti(tmp, count_non_finite=False)
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(tmp))
             reader.ReadImageInformation()
