@@ -315,7 +315,8 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, name: str = "moving",
                             "is it the same patient's head?")
 
 
-def _registration_method(seed: int, fixed_mask: Optional[sitk.Image]) -> sitk.ImageRegistrationMethod:
+def _mattes_method(seed: int, fixed_mask: Optional[sitk.Image]) -> sitk.ImageRegistrationMethod:
+    """A registration method with the metric both the optimisation and the final check use."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     method.SetMetricSamplingStrategy(method.RANDOM)
@@ -323,6 +324,11 @@ def _registration_method(seed: int, fixed_mask: Optional[sitk.Image]) -> sitk.Im
     if fixed_mask is not None:
         method.SetMetricFixedMask(fixed_mask)
     method.SetInterpolator(sitk.sitkLinear)
+    return method
+
+
+def _registration_method(seed: int, fixed_mask: Optional[sitk.Image]) -> sitk.ImageRegistrationMethod:
+    method = _mattes_method(seed, fixed_mask)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=4.0, minStep=1e-3, numberOfIterations=100,
                                                     relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
@@ -334,13 +340,7 @@ def _registration_method(seed: int, fixed_mask: Optional[sitk.Image]) -> sitk.Im
 
 def _full_metric(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, seed: int,
                  fixed_mask: Optional[sitk.Image]) -> float:
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.1, seed)
-    if fixed_mask is not None:
-        method.SetMetricFixedMask(fixed_mask)
-    method.SetInterpolator(sitk.sitkLinear)
+    method = _mattes_method(seed, fixed_mask)
     method.SetInitialTransform(transform)
     try:
         return float(method.MetricEvaluate(fixed, moving))

@@ -270,15 +270,22 @@ def _predict_command(model: Path, data: Path, out: Path, *extra: str) -> list[st
             "--device", "cpu", "--progress", "none", "--batch-size", "1", *extra]
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
-def test_cancel_with_two_workers_stops_every_worker(trained_model, tmp_path):
+def _two_worker_run(model: Path, tmp_path: Path, output=subprocess.PIPE) -> tuple[subprocess.Popen, Path, list[int]]:
+    """A ``predict --workers 2`` run over 14 cases, once its first case is done: (process, output
+    folder, worker pids)."""
     data = _big_cohort(tmp_path, 14)
     out = tmp_path / "out"
-    process = subprocess.Popen(_predict_command(trained_model, data, out, "--workers", "2"), env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(_predict_command(model, data, out, "--workers", "2"), env=subprocess_env(),
+                               stdout=output, stderr=output, start_new_session=True)
     _wait_for_done_cases(out, 1, process)
     workers = _children(process.pid)
     assert len(workers) >= 2
+    return process, out, workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
+def test_cancel_with_two_workers_stops_every_worker(trained_model, tmp_path):
+    process, out, workers = _two_worker_run(trained_model, tmp_path)
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
     _, err = process.communicate(timeout=20)
     assert process.returncode == 130, err
@@ -300,13 +307,7 @@ def test_cancel_with_two_workers_stops_every_worker(trained_model, tmp_path):
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
 def test_workers_end_when_their_parent_is_killed(trained_model, tmp_path):
-    data = _big_cohort(tmp_path, 14)
-    out = tmp_path / "out"
-    process = subprocess.Popen(_predict_command(trained_model, data, out, "--workers", "2"), env=subprocess_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait_for_done_cases(out, 1, process)
-    workers = _children(process.pid)
-    assert len(workers) >= 2
+    process, out, workers = _two_worker_run(trained_model, tmp_path, subprocess.DEVNULL)
     process.kill()
     process.wait()
     deadline = time.monotonic() + 15
