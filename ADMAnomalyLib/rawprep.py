@@ -219,7 +219,7 @@ def looks_skull_stripped(image: sitk.Image) -> bool:
     """Heuristic: a skull-stripped volume is mostly exact zeros around at most an intracranial volume
     (BraTS: 80 % zeros, 1.1-1.7 L); a raw head has noise or tissue almost everywhere and 2.5-6 L of
     foreground. Wrong guesses are overridden with ``skull_strip='yes'|'no'``."""
-    values = sitk.GetArrayViewFromImage(image)
+    values = sitk.GetArrayFromImage(image)
     foreground = values != 0
     millilitres = float(foreground.sum()) * float(np.prod(image.GetSpacing())) / 1000.0
     return bool((1.0 - foreground.mean()) >= STRIPPED_BACKGROUND and millilitres <= STRIPPED_MAX_ML)
@@ -350,12 +350,12 @@ def _full_metric(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transfor
 
 def _head_agreement(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> tuple[float, float]:
     """Dice of the head outlines inside moving's field of view, and the share of fixed's head in it."""
-    fixed_head = sitk.GetArrayViewFromImage(head_mask(fixed)) > 0
-    moving_head = sitk.GetArrayViewFromImage(
+    fixed_head = sitk.GetArrayFromImage(head_mask(fixed)) > 0
+    moving_head = sitk.GetArrayFromImage(
         sitk.Resample(head_mask(moving), fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
     ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(moving)
-    field_of_view = sitk.GetArrayViewFromImage(sitk.Resample(ones, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
+    field_of_view = sitk.GetArrayFromImage(sitk.Resample(ones, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
     field_of_view = field_of_view.copy()
     field_of_view[0] = field_of_view[-1] = False  # edge slices are partial in thick-slice data
     a, b = fixed_head & field_of_view, moving_head & field_of_view
@@ -427,7 +427,7 @@ def extract_brain(image: sitk.Image) -> sitk.Image:
 def check_brain_mask(mask: sitk.Image, name: str) -> sitk.Image:
     """A brain mask must be non-empty and of a plausible size; returns it as uint8 0/1."""
     binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
-    millilitres = float(sitk.GetArrayViewFromImage(binary).sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
+    millilitres = float(sitk.GetArrayFromImage(binary).sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
     if not BRAIN_ML[0] <= millilitres <= BRAIN_ML[1]:
         raise InputError(f"{name}: brain mask of {millilitres:.0f} mL, outside the plausible "
                          f"{BRAIN_ML[0]:.0f}-{BRAIN_ML[1]:.0f} mL: not a brain scan?")
@@ -442,8 +442,8 @@ def _check_skull_around(brain: sitk.Image, head_scan: sitk.Image, name: str) -> 
     """The extracted brain's share of the head outline (0.5-0.6 in a head scan). A share near 1 means
     the tool labelled a whole object without skull or scalp around it, which it also does for a
     phantom or a non-brain scan: refused. Returns the share."""
-    head = float(sitk.GetArrayViewFromImage(head_mask(head_scan)).sum())
-    share = float(sitk.GetArrayViewFromImage(brain).sum()) / max(head, 1.0)
+    head = float(sitk.GetArrayFromImage(head_mask(head_scan)).sum())
+    share = float(sitk.GetArrayFromImage(brain).sum()) / max(head, 1.0)
     if share > MAX_BRAIN_TO_HEAD:
         raise InputError(f"{name}: the extracted 'brain' fills {share:.0%} of the imaged object, with no skull or "
                          "scalp around it: not a brain scan? (already skull-stripped: use skull_strip='no')")
@@ -519,7 +519,7 @@ def prepare_raw(images: dict[str, sitk.Image], options: Optional[RawOptions] = N
         details = {"source": "inputs already skull-stripped" if stripped else "skull stripping off"}
         ran = False
     if brain is not None:
-        millilitres = float(sitk.GetArrayViewFromImage(brain).sum()) * float(np.prod(flair.GetSpacing())) / 1000
+        millilitres = float(sitk.GetArrayFromImage(brain).sum()) * float(np.prod(flair.GetSpacing())) / 1000
         details["brain_ml"] = round(millilitres, 1)
         images = {c: sitk.Mask(images[c], brain) for c in CONTRASTS}
     else:

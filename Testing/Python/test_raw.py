@@ -150,7 +150,7 @@ def test_dicom_series_folder_is_read_like_the_file(tmp_path, raw_images):
     np.testing.assert_allclose(image.GetSpacing(), flair.GetSpacing(), atol=1e-3)
     np.testing.assert_allclose(image.GetOrigin(), flair.GetOrigin(), atol=1e-3)
     np.testing.assert_allclose(image.GetDirection(), flair.GetDirection(), atol=1e-5)
-    assert np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(flair))
+    assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(flair))
 
 
 # ------------------------------------------------------------------------------------------- registration
@@ -175,7 +175,7 @@ def test_registration_recovers_a_known_rigid_motion(raw_images):
     before = rawprep.register_rigid(flair, t1, "t1")
     after = rawprep.register_rigid(flair, _moved(t1, motion), "moved t1")
     # Where a FLAIR head point lands in the moved T1 must be where it landed before, moved.
-    head = np.argwhere(sitk.GetArrayViewFromImage(rawprep.head_mask(flair)) > 0)[::50]
+    head = np.argwhere(sitk.GetArrayFromImage(rawprep.head_mask(flair)) > 0)[::50]
     points = [flair.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]]) for idx in head]
     errors = [np.linalg.norm(np.subtract(after.transform.TransformPoint(p),
                                          motion.TransformPoint(before.transform.TransformPoint(p))))
@@ -209,7 +209,7 @@ def test_raw_case_outputs_lie_on_the_raw_flair_grid(raw_run, raw_images):
 
 def test_mapping_of_the_preprocessed_case_onto_the_raw_grid_is_sound(reference, raw_images):
     # Same patient, same contrast: inside the brain the mapped BraTS FLAIR must follow the raw FLAIR.
-    raw = sitk.GetArrayViewFromImage(raw_images["flair"]).astype(np.float64)
+    raw = sitk.GetArrayFromImage(raw_images["flair"]).astype(np.float64)
     brain = reference["brain"]
     correlation = np.corrcoef(raw[brain], reference["flair"][brain])[0, 1]
     assert correlation >= 0.8, correlation
@@ -218,7 +218,7 @@ def test_mapping_of_the_preprocessed_case_onto_the_raw_grid_is_sound(reference, 
 
 def test_brain_extraction_agrees_with_the_preprocessed_brain(raw_run, reference):
     out, _ = raw_run
-    mask = sitk.GetArrayViewFromImage(sitk.ReadImage(str(out / "raw_preprocessed" / "raw_mask.nii.gz"))) > 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "raw_preprocessed" / "raw_mask.nii.gz"))) > 0
     dice = _dice(mask, reference["brain"])
     print(f"brain-mask Dice vs the preprocessed brain on the raw FLAIR grid: {dice:.3f}")
     assert dice >= 0.90
@@ -227,12 +227,13 @@ def test_brain_extraction_agrees_with_the_preprocessed_brain(raw_run, reference)
 def test_raw_path_finds_the_tumour_as_well_as_the_preprocessed_path(raw_run, reference, preprocessed):
     out, _ = raw_run
     model = api.load_model()
-    energy = sitk.GetArrayViewFromImage(sitk.ReadImage(str(out / "raw_energy.nii.gz")))
-    brain = sitk.GetArrayViewFromImage(sitk.ReadImage(str(out / "raw_preprocessed" / "raw_mask.nii.gz"))) > 0
+    # A copy: a view of a temporary image would point into freed memory once the image is collected.
+    energy = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "raw_energy.nii.gz")))
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "raw_preprocessed" / "raw_mask.nii.gz"))) > 0
     raw = _metrics(energy, reference["tumour"], brain, model.threshold)
     prediction = api.predict(model, {c: preprocessed[c] for c in CONTRASTS}, device="cpu")
-    pre = _metrics(sitk.GetArrayViewFromImage(prediction.energy), sitk.GetArrayViewFromImage(preprocessed["label"]) > 0,
-                   sitk.GetArrayViewFromImage(prediction.brain_mask) > 0, model.threshold)
+    pre = _metrics(sitk.GetArrayFromImage(prediction.energy), sitk.GetArrayFromImage(preprocessed["label"]) > 0,
+                   sitk.GetArrayFromImage(prediction.brain_mask) > 0, model.threshold)
     print(f"raw path: AUPRC {raw['auprc']:.3f} AUROC {raw['auroc']:.3f} Dice {raw['dice']:.3f}; "
           f"preprocessed path: AUPRC {pre['auprc']:.3f} AUROC {pre['auroc']:.3f} Dice {pre['dice']:.3f}")
     assert raw["auprc"] >= pre["auprc"] - 0.1
@@ -310,7 +311,7 @@ def test_user_mask_replaces_brain_extraction_and_steps_can_be_forced(raw_run, pr
     options = rawprep.RawOptions.from_mode("full", register="no", mask=mask)
     result = rawprep.prepare_raw(images, options)
     assert result.steps[2].details["source"] == "user mask"
-    assert np.array_equal(sitk.GetArrayViewFromImage(result.brain_mask), sitk.GetArrayViewFromImage(mask) > 0)
+    assert np.array_equal(sitk.GetArrayFromImage(result.brain_mask), sitk.GetArrayFromImage(mask) > 0)
     with pytest.raises(InputError, match="plausible"):
         rawprep.prepare_raw(images, rawprep.RawOptions.from_mode("auto", mask=mask * 0))
 
@@ -324,12 +325,12 @@ def test_n4_removes_most_of_a_known_bias_field(raw_images):
     biased.CopyInformation(flair)
     corrected = rawprep.n4_correct(biased)
     assert corrected.GetSize() == flair.GetSize() and corrected.GetOrigin() == flair.GetOrigin()
-    head = sitk.GetArrayViewFromImage(rawprep.head_mask(flair)) > 0
+    head = sitk.GetArrayFromImage(rawprep.head_mask(flair)) > 0
     tissue = head & (values > np.percentile(values[head], 20))
     # Spread of the multiplicative error (log units) before and after; N4 also flattens the scan's
     # own bias, so the remainder is not zero.
     before = np.log(field[tissue]).std()
-    after = np.log(sitk.GetArrayViewFromImage(corrected)[tissue] / values[tissue]).std()
+    after = np.log(sitk.GetArrayFromImage(corrected)[tissue] / values[tissue]).std()
     assert after < 0.6 * before, (before, after)
 
 
@@ -355,7 +356,7 @@ def test_auto_on_a_preprocessed_case_changes_nothing(tmp_path):
     plain = api.predict(model, images, device="cpu")
     auto = api.predict(model, images, device="cpu", preprocess="auto")
     assert [step.ran for step in auto.preprocessing.steps] == [False, False, False]
-    assert np.array_equal(sitk.GetArrayViewFromImage(auto.energy), sitk.GetArrayViewFromImage(plain.energy))
+    assert np.array_equal(sitk.GetArrayFromImage(auto.energy), sitk.GetArrayFromImage(plain.energy))
     assert plain.preprocessing is None
 
 
