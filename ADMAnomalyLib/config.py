@@ -50,6 +50,10 @@ class PreprocessConfig:
     """A slice with fewer brain pixels (at network resolution) is treated as containing no brain."""
     grid_tolerance: float = 1e-4
     """Relative tolerance when comparing spacing, origin and direction of the four contrasts."""
+    normalisation: str = "zscore"
+    """Per-contrast intensity normalisation over the brain: 'zscore' (method.md: mean and standard
+    deviation) or 'robust' (beyond the paper: median and IQR / 1.349, so a large lesion or a site's
+    histogram tail does not move where normal tissue lands)."""
 
 
 @dataclass
@@ -71,6 +75,10 @@ class ModelConfig:
     n_components: int = 6
     eps: float = 1e-6
     """Lower bound on covariance eigenvalues: Lambda_p = ReLU(Lambda - eps) + eps."""
+    ctoc_uncertainty: bool = False
+    """Beyond the paper: CtoC also predicts the log-variance of each translated pixel (trained by a
+    beta-NLL loss) and Z_ct becomes |X - X_hat| / sigma_hat, so tissue boundaries that are hard to
+    predict everywhere stop dominating the energy. False is the faithful ADM (Z_ct = |X - X_hat|)."""
     use_ctoc: bool = True
     """Include Z_ct in the density features (False gives the ADM_dr ablation)."""
     use_dr: bool = True
@@ -104,6 +112,21 @@ class TrainConfig:
     """Slices within this many slices of a labelled lesion are neither training nor validation."""
     intensity_scale: tuple[float, float] = (0.9, 1.1)
     """Range of the random per-contrast intensity scaling applied to training slices."""
+    augmentation: str = "scaling"
+    """'scaling' (method.md: the random intensity scaling above) or 'site' (beyond the paper: the
+    scaling plus a smooth bias field, a contrast/gamma change, noise and blur per contrast, modelling
+    what changes between scanners and sites)."""
+    bias_field_sd: float = 0.15
+    """'site' augmentation: standard deviation of the smooth multiplicative bias field (log scale)."""
+    gamma_log_sd: float = 0.15
+    """'site' augmentation: standard deviation of log(gamma) of the per-contrast intensity curve."""
+    noise_sd_max: float = 0.05
+    """'site' augmentation: Gaussian noise with a standard deviation up to this (z-score units)."""
+    blur_sigma_max: float = 1.0
+    """'site' augmentation: Gaussian blur with a sigma up to this (network pixels)."""
+    nll_beta: float = 0.5
+    """With ``model.ctoc_uncertainty``: beta of the beta-NLL loss (Seitzer et al. 2022; 0 is plain
+    Gaussian NLL, 1 weights like MSE), which keeps the mean prediction as good as MSE training."""
     seed: int = 0
     precision: str = "auto"
     """CtoC precision while training, one of :data:`PRECISIONS`: 'auto' is bf16 where the device runs
@@ -136,15 +159,20 @@ class PostprocessConfig:
     """After smoothing and rim suppression, z-score E over the case's brain voxels and add this weight
     times the FLAIR z-score (native grid, z-scored over the brain), combining the model's evidence
     with FLAIR hyperintensity; 0 = off (E unchanged)."""
-    median_size: int = 0
-    """Last step: 3-D median filter of the score with this cubic window (odd, voxels), as published
-    FLAIR-thresholding baselines use; 0 = off."""
+    median_size_mm: float = 0.0
+    """3-D median filter of the score with a window of about this many mm along each axis (an odd
+    number of voxels, at least 1, per axis: 5 mm is 5x5x5 voxels at 1 mm and 5x5x1 on 5.5 mm
+    slices), as published FLAIR-thresholding baselines use; 0 = off."""
+    standardise: str = "none"
+    """Last step: 'robust' rescales the score of each case to (score - median) / (1.4826 MAD) over
+    its brain, so a threshold means "this many robust SDs above the case's typical tissue" and
+    carries over between sites; 'none' keeps the energy's own scale (the faithful ADM)."""
 
     @property
     def native_active(self) -> bool:
         """Whether any native-grid step (smoothing, rim, FLAIR term, median filter) is enabled."""
         return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.flair_weight != 0
-                or self.median_size > 1)
+                or self.median_size_mm > 0 or self.standardise != "none")
 
     @property
     def active(self) -> bool:
@@ -177,12 +205,15 @@ class ADMConfig:
         if "amp" in train:  # model files before the shared precision vocabulary
             amp = train.pop("amp")
             train.setdefault("precision", {"off": "fp32"}.get(amp, amp))
+        postprocess = dict(data.get("postprocess", {}))
+        if "median_size" in postprocess:  # model files before mm-sized post-processing (1 mm data)
+            postprocess.setdefault("median_size_mm", float(postprocess.pop("median_size")))
         return cls(
             preprocess=_build(PreprocessConfig, data.get("preprocess", {})),
             model=_build(ModelConfig, data.get("model", {})),
             train=_build(TrainConfig, train),
             preset=str(data.get("preset", "custom")),
-            postprocess=_build(PostprocessConfig, data.get("postprocess", {})),
+            postprocess=_build(PostprocessConfig, postprocess),
         )
 
 

@@ -9,7 +9,8 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
 2. :func:`suppress_rim` - the brain rim gets the lowest brain score;
 3. :func:`add_intensity_term` - the score, standardised over the brain, plus a weight times an
    intensity z-score (FLAIR hyperintensity);
-4. :func:`median_filter_in_brain` - a cubic 3-D median filter;
+4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
+5. :func:`standardise_in_brain` - the score as robust SDs above the case's median brain score;
 
 and sets the background exactly 1 below the lowest brain score. :func:`suppress_small_components`
 works at a threshold (it needs a binary map) and is applied where a threshold is known.
@@ -29,17 +30,26 @@ Spacing = Sequence[float]
 
 
 # -- steps -----------------------------------------------------------------------------------------
-def median_filter(score: np.ndarray, size: int = 5) -> np.ndarray:
-    """Median filter of a 2-D or 3-D float array with a cubic ``size`` window (odd, in voxels).
+def median_filter(score: np.ndarray, size: int | Sequence[int] = 5) -> np.ndarray:
+    """Median filter of a 2-D or 3-D float array with a ``size`` window (odd voxel counts: one for
+    every axis, or one per axis in array order).
 
     SimpleITK's filter is multi-threaded and replicates the border (zero-flux Neumann)."""
-    if size < 1 or size % 2 == 0:
-        raise ValueError(f"median size must be a positive odd number, got {size}")
-    if size == 1:
+    sizes = [int(size)] * score.ndim if np.isscalar(size) else [int(v) for v in size]
+    if len(sizes) != score.ndim or any(v < 1 or v % 2 == 0 for v in sizes):
+        raise ValueError(f"median size must be positive odd voxel counts, got {size}")
+    if max(sizes) == 1:
         return np.array(score, dtype=np.float32)
     image = sitk.GetImageFromArray(np.ascontiguousarray(score, dtype=np.float32))
-    filtered = sitk.Median(image, [size // 2] * image.GetDimension())
+    filtered = sitk.Median(image, [v // 2 for v in reversed(sizes)])  # SimpleITK radii are (x, y, z)
     return sitk.GetArrayFromImage(filtered)
+
+
+def median_window(spacing: Spacing, size_mm: float) -> tuple[int, ...]:
+    """Odd voxel counts (array order z, y, x) spanning about ``size_mm`` along each axis, at least 1:
+    5 mm is 5x5x5 voxels at 1 mm and 5x5x1 on 0.9 x 0.9 x 5.5 mm voxels, so a filter meant for
+    3-mm lesions never spans two thick slices."""
+    return tuple(max(1, 2 * int(round((size_mm / float(step) - 1) / 2)) + 1) for step in reversed(tuple(spacing)))
 
 
 def smooth_in_brain(values: np.ndarray, brain: np.ndarray, spacing: Spacing, sigma_mm: float,
@@ -83,11 +93,25 @@ def add_intensity_term(values: np.ndarray, brain: np.ndarray, intensity: np.ndar
     return np.where(brain, standardised + np.float32(weight) * intensity, values).astype(np.float32)
 
 
-def median_filter_in_brain(values: np.ndarray, brain: np.ndarray, size: int) -> np.ndarray:
-    """Cubic median filter (``size`` voxels) with the background at the lowest brain score."""
+def median_filter_in_brain(values: np.ndarray, brain: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Median filter (``size`` voxels, see :func:`median_filter`) with the background at the lowest
+    brain score."""
     floor = np.float32(values[brain].min())
-    filtered = median_filter(np.where(brain, values, floor), int(size))
+    filtered = median_filter(np.where(brain, values, floor), size)
     return np.where(brain, filtered, values).astype(np.float32)
+
+
+def standardise_in_brain(values: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """``(score - median) / (1.4826 MAD)`` over the brain: a threshold then reads "robust SDs above the
+    case's typical tissue", which carries over between sites and scanners where the raw energy's
+    scale does not. Median and MAD ignore the lesion (a minority of voxels), unlike mean and SD."""
+    inside = values[brain].astype(np.float64)
+    centre = float(np.median(inside))
+    spread = 1.4826 * float(np.median(np.abs(inside - centre)))
+    if not spread > 0:  # more than half the brain shares one score (e.g. a suppressed rim): use the SD
+        spread = float(inside.std()) or 1.0
+    standardised = (values - np.float32(centre)) / np.float32(spread)
+    return np.where(brain, standardised, values).astype(np.float32)
 
 
 def remove_small_components(binary: np.ndarray, min_voxels: int, fully_connected: bool = False) -> np.ndarray:
@@ -135,8 +159,9 @@ def postprocess_scores(
     # Everything outside the brain's bounding box is background, so the filters run on the box plus
     # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
     # voxels come out as on the whole grid at a fraction of the cost.
-    margin = np.ceil((4 * cfg.smoothing_sigma_mm + cfg.rim_erosion_mm) / np.asarray(spacing[::-1], dtype=float))
-    margin = margin.astype(int) + int(cfg.median_size) + 2
+    margin = np.ceil((4 * cfg.smoothing_sigma_mm + cfg.rim_erosion_mm) / np.asarray(spacing[::-1], dtype=float)).astype(int)
+    window = median_window(spacing, cfg.median_size_mm) if cfg.median_size_mm > 0 else (1, 1, 1)
+    margin = margin + np.asarray(window) // 2 + 2
     occupied = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     box = tuple(slice(max(0, int(index[0]) - m), min(size, int(index[-1]) + 1 + m))
                 for index, m, size in zip(occupied, margin, brain.shape))
@@ -149,8 +174,12 @@ def postprocess_scores(
         inner = suppress_rim(inner, inner_brain, spacing, cfg.rim_erosion_mm, box_cache)
     if cfg.flair_weight:
         inner = add_intensity_term(inner, inner_brain, intensity[box], cfg.flair_weight)
-    if cfg.median_size > 1:
-        inner = median_filter_in_brain(inner, inner_brain, cfg.median_size)
+    if max(window) > 1:
+        inner = median_filter_in_brain(inner, inner_brain, window)
+    if cfg.standardise == "robust":
+        inner = standardise_in_brain(inner, inner_brain)
+    elif cfg.standardise != "none":
+        raise ValueError(f"postprocess.standardise must be 'none' or 'robust', not {cfg.standardise!r}")
     result = np.full(values.shape, float(inner[inner_brain].min()) - 1.0, dtype=np.float32)
     result[box] = np.where(inner_brain, inner, result[box])
     return result

@@ -88,7 +88,8 @@ class PreparedCase:
     has_lesion: np.ndarray
     """bool (S,): any labelled voxel in the native slice (all False without a label)."""
     zscore: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Per contrast (mean, std) of the brain voxels used for normalisation."""
+    """Per contrast (centre, scale) of the brain voxels used for normalisation: (mean, std) for the
+    'zscore' normalisation, (median, IQR / 1.349) for 'robust'."""
     geometry: Optional[SliceGeometry] = field(default=None, repr=False)
     native_brain: Optional[np.ndarray] = field(default=None, repr=False)
     """bool native numpy volume (z, y, x) of the brain mask."""
@@ -133,6 +134,26 @@ def orientation_axes(direction: tuple[float, ...], orientation: str) -> tuple[tu
     axes = tuple(perm[o] for o in order)
     new_flips = tuple(sorted(order.index(f) for f in flips))
     return axes, new_flips
+
+
+NORMALISATIONS = ("zscore", "robust")
+
+
+def normalisation_statistics(inside: np.ndarray, method: str) -> tuple[float, float]:
+    """``(centre, scale)`` that map one contrast's brain voxels ``inside`` to the network's scale.
+
+    'zscore' is method.md's mean and standard deviation. 'robust' is the median and IQR / 1.349 (the
+    standard deviation of a normal distribution with that IQR): a large bright lesion, a site's long
+    histogram tail or interpolation residue below zero then no longer moves where normal tissue
+    lands. When more than half the voxels share one value (IQR 0) it falls back to the standard
+    deviation rather than dividing by zero."""
+    if method == "zscore":
+        return float(inside.mean(dtype=np.float64)), float(inside.std(dtype=np.float64))
+    if method != "robust":
+        raise ValueError(f"preprocess.normalisation must be one of {', '.join(NORMALISATIONS)}, not {method!r}")
+    low, median, high = (float(v) for v in np.percentile(inside, (25, 50, 75)))
+    scale = (high - low) / 1.349
+    return median, scale if scale > 0 else float(inside.std(dtype=np.float64))
 
 
 def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[str] = ("flair",)) -> PreparedCase:
@@ -194,9 +215,7 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[
     zscore: dict[str, tuple[float, float]] = {}
     kept: dict[str, np.ndarray] = {}
     for channel, (name, values) in enumerate(zip(CONTRASTS, arrays)):
-        inside = values[brain]
-        mean = float(inside.mean(dtype=np.float64))
-        std = float(inside.std(dtype=np.float64))
+        mean, std = normalisation_statistics(values[brain], cfg.normalisation)
         if not std > 1e-6 * max(1.0, abs(mean)):
             raise InputError(
                 f"case {case.case_id}: contrast {name} is constant inside the brain (std 0)"

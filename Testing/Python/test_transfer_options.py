@@ -1,0 +1,114 @@
+"""Options that make scores and thresholds carry over between sites: robust intensity normalisation,
+mm-sized median filtering and the per-case robust standardisation of the score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ADMAnomalyLib.cases import case_from_images
+from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
+from ADMAnomalyLib.postprocess import median_filter, median_window, postprocess_scores, standardise_in_brain
+from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case
+from conftest import synthetic_volumes
+
+
+def _case_with_lesion(scale: float, lesion_radius: int):
+    """A synthetic case whose FLAIR lesion has the given radius (voxels); intensities times ``scale``."""
+    volumes, _ = synthetic_volumes((48, 48, 40), False, 0)  # (x, y, z): arrays are (40, 48, 48)
+    z, y, x = np.ogrid[:40, :48, :48]
+    lesion = (z - 20) ** 2 + (y - 24) ** 2 + (x - 20) ** 2 <= lesion_radius ** 2
+    volumes["flair"] = np.where(lesion, volumes["flair"].max() * 1.5, volumes["flair"]).astype(np.float32)
+    images = {}
+    for key, array in volumes.items():
+        image = sitk.GetImageFromArray((array * scale).astype(np.float32))
+        images[key] = image
+    label = sitk.GetImageFromArray(lesion.astype(np.uint8))
+    return case_from_images(images, label=label, case_id=f"lesion{lesion_radius}")
+
+
+def _normal_tissue_median(normalisation: str, lesion_radius: int) -> float:
+    prepared = prepare_case(_case_with_lesion(1.0, lesion_radius),
+                            PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation=normalisation),
+                            keep_native=("flair",))
+    flair = prepared.native_zscored["flair"]
+    normal = prepared.native_brain & ~prepared.native_lesion
+    return float(np.median(flair[normal]))
+
+
+def test_robust_normalisation_keeps_normal_tissue_in_place_when_the_lesion_grows():
+    moved = {method: abs(_normal_tissue_median(method, 12) - _normal_tissue_median(method, 2))
+             for method in ("zscore", "robust")}
+    # A lesion of ~7000 voxels drags the mean and inflates the SD; median and IQR barely move.
+    assert moved["zscore"] > 0.1
+    assert moved["robust"] < moved["zscore"] / 3
+
+
+def test_robust_statistics_and_their_fallbacks():
+    values = np.random.default_rng(0).normal(10.0, 2.0, 200_000)
+    centre, scale = normalisation_statistics(values, "robust")
+    assert centre == pytest.approx(10.0, abs=0.02) and scale == pytest.approx(2.0, rel=0.02)
+    mostly_one_value = np.r_[np.zeros(900), np.arange(100.0)]
+    assert normalisation_statistics(mostly_one_value, "robust")[1] == pytest.approx(mostly_one_value.std())
+    with pytest.raises(ValueError, match="normalisation"):
+        normalisation_statistics(values, "percentile")
+
+
+def test_normalisation_makes_the_network_input_independent_of_a_site_gain():
+    cfg = PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation="robust")
+    a = prepare_case(_case_with_lesion(1.0, 4), cfg)
+    b = prepare_case(_case_with_lesion(3.7, 4), cfg)
+    np.testing.assert_allclose(a.slices, b.slices, atol=1e-4)
+
+
+def test_median_window_is_sized_in_mm_per_axis():
+    assert median_window((1.0, 1.0, 1.0), 5) == (5, 5, 5)
+    assert median_window((1.0, 1.0, 1.0), 3) == (3, 3, 3)
+    # thick slices: never filter across a 5.5 mm slice for a 5 mm window
+    assert median_window((0.9, 0.9, 5.5), 5) == (1, 5, 5)
+    assert median_window((1.0, 1.0, 1.0), 0.5) == (1, 1, 1)
+
+
+def test_mm_median_keeps_a_lesion_on_thick_slices_that_a_cubic_window_erases():
+    scores = np.zeros((9, 20, 20), np.float32)
+    scores[4, 8:12, 8:12] = 10.0  # a lesion on a single thick slice
+    brain = np.ones_like(scores, bool)
+    cfg = PostprocessConfig(median_size_mm=3.0)
+    thick = postprocess_scores(scores, brain, (1.0, 1.0, 5.5), cfg)
+    assert thick[4, 9, 9] == pytest.approx(10.0)
+    cubic = median_filter(scores, 3)
+    assert cubic[4, 9, 9] == 0.0
+    with pytest.raises(ValueError, match="odd"):
+        median_filter(scores, (3, 2, 3))
+
+
+def test_robust_standardisation_makes_a_threshold_carry_over_between_scales():
+    rng = np.random.default_rng(1)
+    brain = np.ones((10, 30, 30), bool)
+    energy = rng.normal(0.0, 1.0, brain.shape).astype(np.float32)
+    energy[4:6, 10:14, 10:14] += 8.0
+    site_b = 37.0 + 4.5 * energy  # another site: same anatomy, other energy scale and offset
+    a, b = standardise_in_brain(energy, brain), standardise_in_brain(site_b, brain)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    assert np.median(a) == pytest.approx(0.0, abs=1e-3)
+    # the lesion (32 voxels of 9000) does not move the scale: typical tissue has robust SD 1
+    assert 1.4826 * np.median(np.abs(a - np.median(a))) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_standardise_is_the_last_step_and_checked():
+    brain = np.zeros((8, 16, 16), bool)
+    brain[1:7, 2:14, 2:14] = True
+    scores = np.random.default_rng(2).normal(5.0, 2.0, brain.shape).astype(np.float32)
+    out = postprocess_scores(scores, brain, (1.0, 1.0, 1.0),
+                             PostprocessConfig(median_size_mm=3.0, standardise="robust"))
+    assert np.median(out[brain]) == pytest.approx(0.0, abs=1e-4)
+    assert out[~brain].max() < out[brain].min()
+    with pytest.raises(ValueError, match="standardise"):
+        postprocess_scores(scores, brain, (1.0, 1.0, 1.0), PostprocessConfig(standardise="zscore"))
+
+
+def test_model_files_with_a_voxel_median_size_load_as_mm():
+    config = ADMConfig.from_dict({"postprocess": {"median_size": 5, "flair_weight": 2.0}})
+    assert config.postprocess.median_size_mm == 5.0
+    assert config.postprocess.native_active
