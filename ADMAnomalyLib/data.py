@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from functools import partial
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .cases import CaseFiles, load_case
-from .config import ADMConfig
+from .config import ADMConfig, TrainConfig
 from .errors import TrainingDataError
 from .preprocess import PreparedCase, prepare_case
 
@@ -90,6 +93,130 @@ def random_intensity_scaling(
     batch, channels = images.shape[:2]
     factors = torch.rand((batch, channels, 1, 1), generator=generator, device="cpu") * (high - low) + low
     return images * factors.to(images.device) * brain.unsqueeze(1)
+
+
+Augmentation = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+"""``(images (B, K, H, W), brain (B, H, W), generator) -> augmented images``."""
+
+AUGMENTATIONS = ("scaling", "site")
+"""Values of ``TrainConfig.augmentation``."""
+
+BIAS_FIELD_GRID = 4
+"""Side of the coarse grid of the site augmentation's log bias field: 4 knots over a slice give a
+field that varies over about a third of the head, as scanner coil profiles do."""
+
+
+def augmentation_for(train: TrainConfig) -> Augmentation:
+    """The training augmentation ``train.augmentation`` names, with its settings bound."""
+    if train.augmentation == "scaling":
+        return partial(_scaling, scale_range=train.intensity_scale)
+    if train.augmentation == "site":
+        return partial(site_shift_augmentation, train=train)
+    raise ValueError(f"train.augmentation must be one of {', '.join(AUGMENTATIONS)}, not {train.augmentation!r}")
+
+
+def _scaling(images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
+             scale_range: tuple[float, float]) -> torch.Tensor:
+    return random_intensity_scaling(images, brain, scale_range, generator)
+
+
+def site_shift_augmentation(images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
+                            train: TrainConfig) -> torch.Tensor:
+    """Beyond the paper: what changes between scanners and sites, per slice and contrast, on z-scored
+    images (B, K, H, W) with brain masks (B, H, W); background stays 0.
+
+    In order: the paper's random scaling (``train.intensity_scale``), a smooth multiplicative bias
+    field (``bias_field_sd``), a monotone gamma curve (``gamma_log_sd``), Gaussian blur (sigma up to
+    ``blur_sigma_max`` px) and Gaussian noise (sd up to ``noise_sd_max``). Noise comes last so the
+    blur does not shrink it. Every random number comes from ``generator`` (a CPU generator: the same
+    draws on any device); a step whose size is 0 is skipped."""
+    inside = brain.unsqueeze(1).to(images.dtype)
+    images = random_intensity_scaling(images, brain, train.intensity_scale, generator)
+    if train.bias_field_sd > 0:
+        images = _apply_bias_field(images, inside, _random_bias_field(images, train.bias_field_sd, generator))
+    if train.gamma_log_sd > 0:
+        images = _apply_gamma(images, inside, _random_per_channel(images, generator, "normal") * train.gamma_log_sd)
+    if train.blur_sigma_max > 0:
+        images = _masked_blur(images, inside, _random_per_channel(images, generator, "uniform") * train.blur_sigma_max)
+    if train.noise_sd_max > 0:
+        sd = _random_per_channel(images, generator, "uniform") * train.noise_sd_max
+        images = images + sd.view(*sd.shape, 1, 1) * _random_like(images, generator)
+    return images * inside
+
+
+def _random_per_channel(images: torch.Tensor, generator: torch.Generator, kind: str) -> torch.Tensor:
+    """(B, K) standard normal or U(0, 1) numbers on the images' device."""
+    draw = torch.randn if kind == "normal" else torch.rand
+    return draw(images.shape[:2], generator=generator, device="cpu").to(images.device, images.dtype)
+
+
+def _random_like(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(images.shape, generator=generator, device="cpu").to(images.device, images.dtype)
+
+
+def _brain_range(images: torch.Tensor, inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slice and contrast min and max (B, K, 1, 1) over the brain; 0 for a slice without brain."""
+    has_brain = inside.flatten(2).amax(dim=2, keepdim=True).unsqueeze(-1) > 0
+    lowest = images.masked_fill(inside == 0, math.inf).amin(dim=(2, 3), keepdim=True)
+    highest = images.masked_fill(inside == 0, -math.inf).amax(dim=(2, 3), keepdim=True)
+    return torch.where(has_brain, lowest, 0.0), torch.where(has_brain, highest, 0.0)
+
+
+def _random_bias_field(images: torch.Tensor, sd: float, generator: torch.Generator) -> torch.Tensor:
+    """A smooth positive field (B, K, H, W): exp of a random 4×4 log-field (sd ``sd`` at the knots)
+    upsampled bicubically, so it has no detail finer than a quarter of the slice."""
+    batch, channels, height, width = images.shape
+    knots = torch.randn((batch, channels, BIAS_FIELD_GRID, BIAS_FIELD_GRID), generator=generator, device="cpu") * sd
+    log_field = F.interpolate(knots.to(images.device, torch.float32), size=(height, width), mode="bicubic",
+                              align_corners=True)
+    return log_field.exp().to(images.dtype)
+
+
+def _apply_bias_field(images: torch.Tensor, inside: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """Multiply by ``field`` the intensity measured from the slice's brain minimum.
+
+    A bias field multiplies raw intensities, which are non-negative; a z-score is raw minus the
+    brain mean over the SD, so it is negative for dark tissue. Multiplying z-scores directly would
+    make dark tissue darker where the field is bright, the opposite of what a coil does. The brain
+    minimum stands in for raw zero (the darkest tissue: CSF on T1, FLAIR), so the field brightens or
+    darkens every tissue in proportion to its raw level, keeping the darkest fixed."""
+    floor, _ = _brain_range(images, inside)
+    return (floor + field * (images - floor)) * inside
+
+
+def _apply_gamma(images: torch.Tensor, inside: torch.Tensor, log_gamma: torch.Tensor) -> torch.Tensor:
+    """Monotone contrast change u -> u^gamma of the intensities rescaled to [0, 1] over each slice's
+    brain (gamma = exp(``log_gamma``) per slice and contrast), mapped back to the same range: the
+    darkest and brightest brain pixel keep their values, the tissues between move."""
+    low, high = _brain_range(images, inside)
+    span = (high - low).clamp_min(1e-6)
+    unit = ((images - low) / span).clamp(0.0, 1.0)
+    curved = unit.pow(log_gamma.exp().view(*log_gamma.shape, 1, 1))
+    return (low + curved * span) * inside
+
+
+def _masked_blur(images: torch.Tensor, inside: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur with its own ``sigma`` (B, K) pixels per slice and contrast, normalised over the
+    brain (blur(x·m) / blur(m)) so the zero background does not darken the brain's rim."""
+    batch, channels, height, width = images.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
+    # A sigma near 0 gives the kernel [0, ..., 1, ..., 0]: the image unchanged.
+    spread = sigma.float().clamp_min(1e-3).reshape(-1, 1)
+    kernel = torch.exp(-0.5 * (offsets / spread) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(images.dtype)  # (B*K, taps)
+
+    def blur(planes: torch.Tensor) -> torch.Tensor:
+        # Separable and grouped: one kernel per (slice, contrast) plane, rows then columns.
+        flat = planes.reshape(1, batch * channels, height, width)
+        flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0)), kernel.view(-1, 1, 1, 2 * radius + 1),
+                        groups=batch * channels)
+        flat = F.conv2d(F.pad(flat, (0, 0, radius, radius)), kernel.view(-1, 1, 2 * radius + 1, 1),
+                        groups=batch * channels)
+        return flat.reshape(batch, channels, height, width)
+
+    weight = blur(inside.expand_as(images))
+    return blur(images * inside) / weight.clamp_min(1e-6) * inside
 
 
 def training_slices(prepared: PreparedCase, margin: int) -> tuple[np.ndarray, np.ndarray]:

@@ -75,19 +75,22 @@ class InferenceOptions:
 
 
 Translations = dict
-"""CtoC translations of a case's brain slices, ``{mirrored: (S_brain, 4, N, N) float32}``
-(:func:`ctoc_translations`): models that share one CtoC network share them."""
+"""CtoC translations of a case's brain slices, ``{mirrored: (S_brain, C, N, N) float32}``
+(:func:`ctoc_translations`): models that share one CtoC network share them. Callers keep them as
+they are: C is 4 (X̂_ct), or 8 for a model with ``ctoc_uncertainty`` (X̂_ct, then its log-variances;
+see :func:`~ADMAnomalyLib.networks.translate_all`)."""
 
 
 def ctoc_translations(model: ADMModel, prepared: PreparedCase, options: InferenceOptions = InferenceOptions(),
                       mirrored: bool = False) -> np.ndarray:
-    """CtoC translations (S_brain, 4, N, N) of a prepared case's brain slices (of their left-right
-    mirrors with ``mirrored``), exactly as :func:`energy_volume` computes them."""
+    """CtoC translations (S_brain, C, N, N) of a prepared case's brain slices (of their left-right
+    mirrors with ``mirrored``), exactly as :func:`energy_volume` computes them (C: see
+    :data:`Translations`)."""
     options = options.checked()
     images, brain = _brain_slices(prepared, mirrored)
     ctoc = ctoc_runner(model, options.compile).to(options.device).eval()
     dtype = inference_dtype(options.device, options.precision)
-    out = np.zeros(images.shape, dtype=np.float32)
+    out = np.zeros((len(images), model.network.translation_channels, *images.shape[2:]), dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, len(images), options.batch_size):
             x = torch.from_numpy(np.array(images[start : start + options.batch_size], dtype=np.float32))
@@ -117,7 +120,7 @@ def energy_slices(
     """Per-pixel energy of slices (M, 4, N, N) with brain masks (M, N, N), one pass (no test-time
     augmentation); returns (M, N, N) float32, computed at brain pixels only (the rest is 0).
 
-    ``x_hat_ct`` (M, 4, N, N) may hold these slices' CtoC translations (:func:`ctoc_translations`)."""
+    ``x_hat_ct`` (M, C, N, N) may hold these slices' CtoC translations (:func:`ctoc_translations`)."""
     if model.gmm is None:
         raise ValueError("the model's mixture has not been fitted")
     options = options.checked()
@@ -212,7 +215,8 @@ def brain_features(
     dtype: torch.dtype | None, x_hat_ct: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Density features (n_brain_pixels, d) of slices ``x`` (B, K, H, W): CtoC (``ctoc``, autocast to
-    ``dtype``; skipped when ``x_hat_ct`` is given or ``ctoc`` is None), DR, brain pixels only."""
+    ``dtype``; skipped when the translation ``x_hat_ct`` is given or ``ctoc`` is None), DR, brain
+    pixels only."""
     if x_hat_ct is None and ctoc is not None:
         with autocast(x.device, dtype):
             x_hat_ct = translate_all(ctoc, x, brain).float()

@@ -4,6 +4,12 @@ Sizes come from :class:`~ADMAnomalyLib.config.ModelConfig`. The DR and DE parts 
 float32 with autocast disabled: they are tiny, and their outputs feed float64 mixture statistics
 whose covariances must resolve eigenvalues near ε = 1e-6, which bf16 (8-bit mantissa) cannot.
 Only CtoC benefits from (and tolerates) a caller's bf16 autocast.
+
+Beyond the paper, ``ModelConfig.ctoc_uncertainty`` gives CtoC a second output channel, the
+log-variance s of each translated pixel, and Z_ct becomes |X − X̂| / exp(s/2). A *translation* (what
+:func:`translate_all` returns and callers may cache) is then (B, 2K, H, W): the K translated contrasts
+followed by their K log-variances; without the option it is (B, K, H, W), the faithful X̂_ct. Code
+outside this module passes translations on unopened; :func:`ctoc_residual` is what reads them.
 """
 
 from __future__ import annotations
@@ -12,6 +18,11 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+
+LOG_VARIANCE_RANGE = (-8.0, 8.0)
+"""Clamp of the predicted log-variance: sigma between e^-4 and e^4 z-score units. Keeps exp(-s) in
+the loss and the division in Z_ct finite while the head is still untrained or a pixel is trivially
+predictable (background-like), where the NLL would otherwise push s towards minus infinity."""
 
 
 def _norm_relu(channels: int) -> list[nn.Module]:
@@ -40,9 +51,11 @@ class ResidualBlock(nn.Module):
 class CtoCNet(nn.Module):
     """Contrast-to-contrast translator G_ct (style-transfer ResNet, one network for all contrasts).
 
-    ``forward(x_masked (B, n_contrasts, H, W), median_map (B, 1, H, W)) -> (B, 1, H, W)``; H and W
-    must be divisible by 4. With ``cfg.median_bias`` the median map is also concatenated to the
-    input of the output conv, giving the last layer the target contrast's intensity level.
+    ``forward(x_masked (B, n_contrasts, H, W), median_map (B, 1, H, W)) -> (B, C, H, W)``; H and W
+    must be divisible by 4. C is 1 (the translated contrast), or 2 with ``cfg.ctoc_uncertainty``
+    (translated contrast, unclamped log-variance). With ``cfg.median_bias`` the median map is also
+    concatenated to the input of the output conv, giving the last layer the target contrast's
+    intensity level.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -69,8 +82,10 @@ class CtoCNet(nn.Module):
         # no norm or activation, as the target intensities are z-scores of either sign.
         self.head = nn.Sequential(
             nn.ReflectionPad2d(kernel // 2),
-            nn.Conv2d(width + int(cfg.median_bias), 1, kernel),
+            nn.Conv2d(width + int(cfg.median_bias), 1 + int(cfg.ctoc_uncertainty), kernel),
         )
+        if cfg.ctoc_uncertainty:
+            _start_at_unit_variance(self.head[-1])
 
     def forward(self, x_masked: torch.Tensor, median_map: torch.Tensor) -> torch.Tensor:
         if x_masked.shape[-2] % 4 or x_masked.shape[-1] % 4:
@@ -79,6 +94,14 @@ class CtoCNet(nn.Module):
         if self.median_bias:
             features = torch.cat([features, median_map.to(features.dtype)], dim=1)
         return self.head(features)
+
+
+@torch.no_grad()
+def _start_at_unit_variance(conv: nn.Conv2d) -> None:
+    # s = 0 everywhere at first: sigma 1 is the z-scored intensities' own scale, so Z_ct starts as
+    # the faithful |X - X_hat| and the NLL's early gradients do not come from a random variance map.
+    conv.weight[1:].zero_()
+    conv.bias[1:].zero_()
 
 
 @torch.no_grad()
@@ -94,11 +117,15 @@ def brain_medians(x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
 
 
 def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
-    """``X̂_ct``: contrast k of ``x`` (B, K, H, W) synthesised from the others, for every k at once.
+    """The translation of ``x`` (B, K, H, W): contrast k synthesised from the others, for every k at once.
 
     Input k is ``x`` with channel k replaced by its brain median (the channel position tells the
     shared network which contrast to make). The K translations run as one batch of K·B samples;
     output channel k comes from translation k, and pixels outside ``brain`` (B, H, W) are 0.
+
+    A CtoC with an uncertainty head gives (B, 2K, H, W): X̂_ct, then its log-variances clamped to
+    :data:`LOG_VARIANCE_RANGE` (0 outside the brain), all float32 whatever the caller's autocast
+    (a bf16 s would put about 1 % error on sigma). Otherwise (B, K, H, W) X̂_ct in the CtoC's dtype.
     """
     batch, n_contrasts, height, width = x.shape
     medians = brain_medians(x, brain)  # (B, K)
@@ -107,8 +134,34 @@ def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor) -> torc
     inputs = torch.where(target.view(n_contrasts, 1, n_contrasts, 1, 1), fill, x.unsqueeze(0))
     median_maps = medians.mT.reshape(n_contrasts * batch, 1, 1, 1).expand(-1, 1, height, width)
     out = ctoc(inputs.reshape(n_contrasts * batch, n_contrasts, height, width), median_maps)
-    x_hat = out.reshape(n_contrasts, batch, height, width).transpose(0, 1)
-    return x_hat * brain.unsqueeze(1).to(x_hat.dtype)
+    outputs = out.reshape(n_contrasts, batch, out.shape[1], height, width).transpose(0, 1)  # (B, K, C, H, W)
+    inside = brain.unsqueeze(1)
+    x_hat = outputs[:, :, 0] * inside.to(outputs.dtype)
+    if outputs.shape[2] == 1:
+        return x_hat
+    log_variance = outputs[:, :, 1].float().clamp(*LOG_VARIANCE_RANGE) * inside.float()
+    return torch.cat([x_hat.float(), log_variance], dim=1)
+
+
+def split_translation(translation: torch.Tensor, n_contrasts: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(X̂_ct, log-variance or None)`` of a translation from :func:`translate_all`."""
+    channels = translation.shape[1]
+    if channels == n_contrasts:
+        return translation, None
+    if channels == 2 * n_contrasts:
+        return translation[:, :n_contrasts], translation[:, n_contrasts:]
+    raise ValueError(f"a translation of {n_contrasts} contrasts has {n_contrasts} or {2 * n_contrasts} "
+                     f"channels, not {channels}")
+
+
+def ctoc_residual(x: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """Z_ct (B, K, H, W) float32: |X − X̂_ct|, divided by the predicted sigma exp(s/2) when the
+    translation carries log-variances (computed in float32)."""
+    x_hat, log_variance = split_translation(translation, x.shape[1])
+    residual = (x.float() - x_hat.float()).abs()
+    if log_variance is None:
+        return residual
+    return residual * torch.exp(-0.5 * log_variance.float())
 
 
 class _Float32Module(nn.Module):
@@ -182,27 +235,38 @@ class ADMNetwork(nn.Module):
         self.estimator = DensityEstimator(cfg)
 
     def translate(self, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
-        """``X̂_ct`` (B, K, H, W) by :func:`translate_all` (requires ``use_ctoc``)."""
+        """The translation of ``x`` by :func:`translate_all` (requires ``use_ctoc``): X̂_ct (B, K, H, W),
+        followed by its log-variances (B, 2K, H, W in all) with ``ctoc_uncertainty``."""
         if self.ctoc is None:
             raise RuntimeError("this configuration has no CtoC network (use_ctoc=False)")
         return translate_all(self.ctoc, x, brain)
 
+    @property
+    def translation_channels(self) -> int:
+        """Channels of this network's translations (see :func:`translate_all`)."""
+        return self.config.n_contrasts * (2 if self.config.ctoc_uncertainty else 1)
+
     def features(
         self, x: torch.Tensor, brain: torch.Tensor, x_hat_ct: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-pixel features ``z`` (B, d, H, W) = concat(|X − X̂_ct|, Z_dr[, X]), float32, and ``X̂_dr``
-        (B, K, H, W) or ``None`` without DR.
+        """Per-pixel features ``z`` (B, d, H, W) = concat(Z_ct, Z_dr[, X]), float32, and ``X̂_dr``
+        (B, K, H, W) or ``None`` without DR. Z_ct is :func:`ctoc_residual`: |X − X̂_ct|, or that over
+        the predicted sigma with ``ctoc_uncertainty``.
 
-        ``x_hat_ct`` may be a cached output of the frozen CtoC; otherwise it is computed (under the
-        caller's autocast/grad mode). Background pixels of ``z`` are not meaningful (Z_dr is not
-        masked): select brain pixels before estimating or scoring the mixture.
+        ``x_hat_ct`` may be a cached translation of the frozen CtoC (:meth:`translate`); otherwise it
+        is computed (under the caller's autocast/grad mode). Background pixels of ``z`` are not
+        meaningful (Z_dr is not masked): select brain pixels before estimating or scoring the mixture.
         """
         parts: list[torch.Tensor] = []
         x_hat_dr = None
         if self.ctoc is not None:
             if x_hat_ct is None:
                 x_hat_ct = self.translate(x, brain)
-            parts.append((x.float() - x_hat_ct.float()).abs())
+            elif x_hat_ct.shape[1] != self.translation_channels:
+                raise ValueError(f"the cached translation has {x_hat_ct.shape[1]} channels; this network's have "
+                                 f"{self.translation_channels} (a translation of a CtoC with"
+                                 f"{'out' if self.config.ctoc_uncertainty else ''} an uncertainty head?)")
+            parts.append(ctoc_residual(x, x_hat_ct))
         if self.dr_encoder is not None and self.dr_decoder is not None:
             z_dr = self.dr_encoder(x)
             x_hat_dr = self.dr_decoder(z_dr)

@@ -1,6 +1,7 @@
 """Two-step ADM training (method.md, 'Training') with checkpoints, resume and the final frozen GMM.
 
-Step 1 trains CtoC alone on ||X - X_ct||^2. Step 2 freezes CtoC and trains DR and DE on
+Step 1 trains CtoC alone on ||X - X_ct||^2 (with ``model.ctoc_uncertainty``, beyond the paper: on
+the beta-NLL of its mean and log-variance, :func:`masked_beta_nll`). Step 2 freezes CtoC and trains DR and DE on
 ||X - X_dr||^2 + lambda * mean(E). Afterwards the mixture is estimated once over all normal
 training pixels and frozen, and the best-F1 threshold is chosen on the lesion slices.
 
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .cases import CaseFiles, find_cases
 from .config import ADMConfig
-from .data import SliceSet, TrainingData, build_training_data, random_intensity_scaling
+from .data import SliceSet, TrainingData, augmentation_for, build_training_data
 from .device import autocast, inference_dtype, resolve_device, training_dtype
 from .distributed import (SINGLE_PROCESS, DistributedContext, all_reduce_sum_, barrier, shard_exact,
                           shard_for_training)
@@ -39,7 +40,7 @@ from .evaluate import calibrate_threshold
 from .infer import InferenceOptions, brain_features, ctoc_runner, energy_slices
 from .metrics import best_f1_threshold, detection_metrics
 from .model import ADMModel
-from .networks import ADMNetwork, translate_all
+from .networks import ADMNetwork, split_translation, translate_all
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class Trainer:
         self.should_cancel = should_cancel
         self.show_progress_bar = show_progress_bar and context.is_main
         self.ctoc_dtype = training_dtype(self.device, config.train.precision)
+        self.augment = augmentation_for(config.train)
         # Identical initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(config.train.seed)
         self.model = ADMModel.create(config)
@@ -174,7 +176,7 @@ class Trainer:
         except Exception as exc:
             raise InputError(f"{self.checkpoint_path}: unreadable checkpoint ({str(exc).splitlines()[0]}); "
                              "delete it to start afresh") from None
-        if state.get("checkpoint_version") != CHECKPOINT_VERSION or state.get("config") != self.config.to_dict():
+        if state.get("checkpoint_version") != CHECKPOINT_VERSION or not self._same_config(state.get("config")):
             raise InputError(f"{self.checkpoint_path}: checkpoint was made with a different configuration; "
                              "use the same settings to resume or delete it to start afresh")
         self.model.network.load_state_dict(state["network"])
@@ -186,6 +188,14 @@ class Trainer:
         log.info("resumed from %s at stage %s, epoch %d", self.checkpoint_path, self.stage, self.epoch)
         return True
 
+    def _same_config(self, saved: Any) -> bool:
+        # Through from_dict, so a checkpoint written before a field existed compares with that
+        # field's default (what it was trained with) instead of being refused.
+        try:
+            return ADMConfig.from_dict(saved).to_dict() == self.config.to_dict()
+        except (ValueError, TypeError, AttributeError):
+            return False
+
     # -- training steps ------------------------------------------------------------------------------
     def _seed(self, *parts: int) -> int:
         return int(np.random.SeedSequence([self.config.train.seed, *parts]).generate_state(1)[0])
@@ -196,12 +206,19 @@ class Trainer:
 
     def _ctoc_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
         with autocast(self.device, self.ctoc_dtype):
-            reconstruction = translate_all(self._ctoc, images, brain)
-        loss = masked_mse(reconstruction.float(), images, brain)
+            translation = translate_all(self._ctoc, images, brain)
+        x_hat, log_variance = split_translation(translation, images.shape[1])
+        mse = masked_mse(x_hat.float(), images, brain)
+        if log_variance is None:
+            loss, losses = mse, {"loss_ct": mse.item()}
+        else:
+            loss = masked_beta_nll(x_hat, log_variance, images, brain, self.config.train.nll_beta)
+            # The mean's squared error too, comparable with a faithful model's loss_ct.
+            losses = {"loss_ct": loss.item(), "mse_ct": mse.item()}
         self.ctoc_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.ctoc_optimizer.step()
-        return {"loss_ct": loss.item()}
+        return losses
 
     def _joint_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
         train_cfg = self.config.train
@@ -250,7 +267,7 @@ class Trainer:
                 self._check_cancel()
                 images = images.to(self.device, non_blocking=True)
                 brain = brain.to(self.device, non_blocking=True)
-                images = random_intensity_scaling(images, brain, self.config.train.intensity_scale, generator)
+                images = self.augment(images, brain, generator)
                 losses = step(images, brain, generator)
                 if not all(np.isfinite(v) for v in losses.values()):
                     raise FloatingPointError(f"non-finite loss in {stage} epoch {self.epoch + 1}: {losses}")
@@ -346,6 +363,23 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, brain: torch.Tens
     # per-brain-pixel squared error the spec minimises.
     weight = brain.unsqueeze(1).to(prediction.dtype)
     return ((prediction - target) ** 2 * weight).sum() / (weight.sum() * prediction.shape[1]).clamp_min(1.0)
+
+
+def masked_beta_nll(mean: torch.Tensor, log_variance: torch.Tensor, target: torch.Tensor, brain: torch.Tensor,
+                    beta: float) -> torch.Tensor:
+    """beta-NLL (Seitzer et al. 2022) over the brain pixels of (B, K, H, W) tensors: the Gaussian NLL
+    0.5 (r² e^-s + s) of each pixel (constant dropped), weighted by stop-gradient(e^s)^beta, in float32.
+
+    Plain NLL (beta 0) lets the network give up on hard pixels by raising their variance, which
+    starves their mean of gradient; the weight restores the MSE-like gradient of the mean (beta 1:
+    exactly MSE's) while s still learns the residual's variance."""
+    log_variance = log_variance.float()
+    squared_error = (target.float() - mean.float()) ** 2
+    nll = 0.5 * (squared_error * torch.exp(-log_variance) + log_variance)
+    if beta:
+        nll = nll * torch.exp(beta * log_variance.detach())
+    weight = brain.unsqueeze(1).to(nll.dtype)
+    return (nll * weight).sum() / (weight.sum() * nll.shape[1]).clamp_min(1.0)
 
 
 def fit_frozen_gmm(
