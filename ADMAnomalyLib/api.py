@@ -512,31 +512,39 @@ def rethreshold_folder(results_dir: str | Path, threshold: float,
 
 def study(data_dir: str | Path | None, output_dir: str | Path = "runs/study", setting: str = "quick",
           docs_dir: str | Path | None = "docs", run: bool = True, progress: Callable[[str], None] | None = None,
-          command: str | None = None, **overrides: Any) -> dict[str, Any]:
+          command: str | None = None, domains: str | Path | None = None,
+          report_dirs: Sequence[str | Path] | None = None, **overrides: Any) -> dict[str, Any]:
     """The evaluation study (:mod:`ADMAnomalyLib.study`): with ``run``, train and score every method
-    on ``data_dir`` into ``output_dir/study.json`` (``setting`` 'quick' or 'full', ``overrides`` of
-    its :class:`~ADMAnomalyLib.study.StudySettings`); with ``docs_dir``, the figures and results.md
-    from that JSON. Returns ``{"result": ..., "report": path}`` (either may be None)."""
+    on ``data_dir`` (patient folds) or on the domains file ``domains`` (leave one domain out; give
+    exactly one of the two) into ``output_dir/study.json`` (``setting`` 'quick' or 'full',
+    ``overrides`` of its :class:`~ADMAnomalyLib.study.StudySettings`); with ``docs_dir``, the
+    figures and results.md from the study JSON of ``report_dirs`` (default: ``output_dir``; a
+    patient-fold study and a domain study make one report). Returns ``{"result": ..., "report":
+    path}`` (either may be None)."""
     from . import study as study_module
 
     output_dir = Path(output_dir)
     outcome: dict[str, Any] = {"result": None, "report": None}
     if run:
-        if data_dir is None:
-            raise InputError("the study needs a folder of labelled cases")
+        if (data_dir is None) == (domains is None):
+            raise InputError("the study needs either a folder of labelled cases or a domains file (exactly one)")
         make = {"quick": study_module.quick_settings, "full": study_module.full_settings}.get(setting)
         if make is None:
             raise InputError(f"study setting must be quick or full, not {setting!r}")
+        if domains is not None:
+            overrides = {**overrides, "split": "domains"}
         try:
             settings = make(**overrides)
         except TypeError as exc:
             raise InputError(f"invalid study setting: {exc}") from None
-        outcome["result"] = study_module.run_study(data_dir, output_dir, settings, progress=progress, command=command)
+        outcome["result"] = study_module.run_study(data_dir, output_dir, settings, progress=progress, command=command,
+                                                   domains_file=domains)
     if docs_dir is not None:
-        json_path = output_dir / "study.json"
-        if not json_path.exists():
-            raise InputError(f"{json_path}: no study JSON to report on")
-        outcome["report"] = study_module.make_report(json_path, docs_dir)
+        json_paths = [Path(folder) / "study.json" for folder in (report_dirs or [output_dir])]
+        for json_path in json_paths:
+            if not json_path.exists():
+                raise InputError(f"{json_path}: no study JSON to report on")
+        outcome["report"] = study_module.make_report(json_paths, docs_dir)
     return outcome
 
 

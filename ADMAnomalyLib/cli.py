@@ -194,15 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = commands.add_parser("study", help="evaluation study: ADM, ablations, improvements and baselines on "
                                               "patient-level folds; JSON, figures and docs/results.md")
-    study.add_argument("data_dir", type=Path, nargs="?", help="folder of labelled cases (e.g. ../shared/data/brats18)")
+    study.add_argument("data_dir", type=Path, nargs="?",
+                       help="folder of labelled cases for patient-level folds (e.g. ../shared/data/brats18)")
+    study.add_argument("--domains", type=Path, metavar="FILE.json",
+                       help="leave one domain out: a JSON file mapping each domain to its folder, case glob and "
+                            "layout (e.g. benchmarks/domains.json); instead of the data folder")
     setting = study.add_mutually_exclusive_group()
     setting.add_argument("--quick", action="store_true", help="2-core CPU setting, < 30 min (default)")
     setting.add_argument("--full", action="store_true", help="GPU setting: paper preset, 50 + 50 epochs, 3 seeds")
     study.add_argument("-o", "--output", type=Path, default=Path("runs/study"),
                        help="folder for study.json and examples.npz (default: runs/study)")
     study.add_argument("--docs", type=Path, default=Path("docs"), help="where results.md and figures/ go (default: docs)")
-    study.add_argument("--report-only", action="store_true",
-                       help="only regenerate the figures and results.md from OUTPUT/study.json")
+    study.add_argument("--report-only", nargs="*", type=Path, metavar="FOLDER",
+                       help="only regenerate the figures and results.md from FOLDER/study.json (default: OUTPUT); "
+                            "a patient-fold and a leave-one-domain-out folder make one report")
     study.add_argument("--no-report", action="store_true", help="write the JSON only")
     study.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     study.add_argument("--folds", type=_POSITIVE["workers"], help="patient-level folds (default: the setting's)")
@@ -419,11 +424,16 @@ def _run_study(args: argparse.Namespace) -> int:
             raise InputError(f"--seeds expects comma-separated whole numbers, not {args.seeds!r}") from None
     if args.methods:
         overrides["methods"] = tuple(m.strip() for m in args.methods.split(","))
+    report_only = args.report_only is not None
+    if not report_only and (args.data_dir is None) == (args.domains is None):
+        raise argparse.ArgumentTypeError("study: give either a folder of labelled cases or --domains FILE.json "
+                                         "(exactly one)")
     outcome = api.study(args.data_dir, args.output, "full" if args.full else "quick",
-                        docs_dir=None if args.no_report else args.docs, run=not args.report_only,
+                        docs_dir=None if args.no_report else args.docs, run=not report_only,
+                        domains=args.domains, report_dirs=args.report_only or None,
                         progress=lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,
                                                        flush=True),
-                        command="admanomaly " + " ".join(args.argv), **({} if args.report_only else overrides))
+                        command="admanomaly " + " ".join(args.argv), **({} if report_only else overrides))
     if outcome["result"] is not None:
         from .study import format_table as study_table
 

@@ -4,10 +4,11 @@ post-processed (no training values live anywhere else)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ADMConfig, PostprocessConfig, preset
+from ..config import ADMConfig, PostprocessConfig, PreprocessConfig, preset
 
 # ------------------------------------------------------------------------------------------------
 # settings
@@ -26,14 +27,19 @@ class StudySettings:
     epochs_joint: int = 3
     batch_size: int = 16
     lesion_margin: int = 3
+    split: str = "patients"
+    """'patients': ``n_folds`` patient-level folds of one folder; 'domains': leave one domain out
+    (each domain of a domains file in turn is the test set, the others train and validate)."""
     methods: tuple[str, ...] = ()
-    """Methods to run (empty: all of :data:`DEFAULT_METHODS`)."""
+    """Methods to run (empty: :data:`DEFAULT_METHODS`, or :data:`DOMAIN_METHODS` for the domain split)."""
     ocsvm_max_train: int = 10_000
     mahalanobis_max_train: int = 500_000
     smoothing_sigma_mm: float = 3.0
     rim_erosion_mm: float = 3.0
-    flair_median_size: int = 5
-    flair_min_component_voxels: int = 20
+    median_size_mm: float = 5.0
+    """Window of the 3-D median filter of the 'median' placeholder of the ADM variants."""
+    min_component_mm3: float = 20.0
+    """``+cc``: components smaller than this volume are dropped at the threshold (20 voxels at 1 mm)."""
     dagmm_lambda_energy: float = 5e-4
     dagmm_lambda_cov: float = 5e-3
     dagmm_jitter: float = 1e-6
@@ -48,6 +54,12 @@ class StudySettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def method_names(self) -> list[str]:
+        """The methods this study runs, in table order."""
+        if self.methods:
+            return list(self.methods)
+        return list(DOMAIN_METHODS if self.split == "domains" else DEFAULT_METHODS)
 
 
 def quick_settings(**overrides: Any) -> StudySettings:
@@ -66,6 +78,18 @@ def full_settings(**overrides: Any) -> StudySettings:
 # ------------------------------------------------------------------------------------------------
 # methods registry
 
+FLAIR_WEIGHTS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+"""Candidate weights of the FLAIR z-score added to E (picked by validation AUPRC)."""
+POST_CANDIDATES: dict[str, tuple[float, ...]] = {
+    "smoothing_sigma_mm": (0.0, 2.0),
+    "rim_erosion_mm": (0.0, 3.0),
+    "flair_weight": FLAIR_WEIGHTS,
+    "median_size_mm": (0.0, 3.0, 5.0),
+}
+"""Candidate values of the post-processing fields a method chooses on validation (``search``)."""
+POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
+"""The '+post' search order: one field at a time (greedy, 11 configurations instead of 84)."""
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -79,12 +103,14 @@ class MethodSpec:
     network: str | None = None
     """For 'adm': which trained network (key of :data:`NETWORKS`)."""
     postprocess: dict[str, Any] = field(default_factory=dict)
-    """For 'adm': PostprocessConfig overrides; the values 'smooth' and 'rim' take the settings'."""
-    flair_weight: bool = False
-    """For 'adm': add w x FLAIR z-score to E, w chosen on the validation data."""
+    """For 'adm' and 'flair_filtered': PostprocessConfig overrides; the values 'smooth', 'rim' and
+    'median' take the settings'."""
+    search: tuple[str, ...] = ()
+    """For 'adm': PostprocessConfig fields chosen on the validation data, greedily one after the
+    other in this order, each from its :data:`POST_CANDIDATES` grid (the others as chosen so far)."""
     small_components: bool = False
-    """For 'adm': at the threshold, lower voxels in components smaller than the settings'
-    ``flair_min_component_voxels`` to just below it (as the FLAIR +med+cc baseline does)."""
+    """At the threshold, lower voxels in components smaller than the settings' ``min_component_mm3``
+    to just below it (as the FLAIR +med+cc baselines do)."""
 
 
 NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
@@ -93,6 +119,11 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM_dr": {"model": {"use_ctoc": False}},
     "ADM_woj": {"train": {"joint": False}},
     "ADM+X": {"model": {"density_intensities": True}},
+    "ADM robust-norm": {"preprocess": {"normalisation": "robust"}},
+    "ADM site-aug": {"train": {"augmentation": "site"}},
+    "ADM unc": {"model": {"ctoc_uncertainty": True}},
+    "ADM+": {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
+             "model": {"ctoc_uncertainty": True}},
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -106,8 +137,12 @@ METHODS: dict[str, MethodSpec] = {
     "OCSVM": MethodSpec("ocsvm", "baseline", "one-class SVM, RBF on the 4 intensities, gamma 0.25"),
     "Mahalanobis": MethodSpec("mahalanobis", "baseline", "Mahalanobis distance of the 4 z-scored intensities"),
     "FLAIR z": MethodSpec("flair", "baseline", "FLAIR z-score inside the brain"),
-    "FLAIR z +med+cc": MethodSpec("flair_filtered", "baseline",
-                                  "FLAIR z-score, 3-D median filter, small components removed at the threshold"),
+    "FLAIR z +med3+cc": MethodSpec("flair_filtered", "baseline",
+                                   "FLAIR z-score, 3 mm 3-D median filter, small components removed at the threshold",
+                                   postprocess={"median_size_mm": 3.0}, small_components=True),
+    "FLAIR z +med5+cc": MethodSpec("flair_filtered", "baseline",
+                                   "FLAIR z-score, 5 mm 3-D median filter, small components removed at the threshold",
+                                   postprocess={"median_size_mm": 5.0}, small_components=True),
     "ADM +flip": MethodSpec("adm", "improvement", "ADM, left-right flip test-time augmentation", "ADM",
                             {"flip_tta": True}),
     "ADM +smooth": MethodSpec("adm", "improvement", "ADM, 3-D Gaussian smoothing of E", "ADM",
@@ -115,19 +150,19 @@ METHODS: dict[str, MethodSpec] = {
     "ADM +smooth+rim": MethodSpec("adm", "improvement", "ADM, smoothing and brain-rim suppression", "ADM",
                                   {"smoothing_sigma_mm": "smooth", "rim_erosion_mm": "rim"}),
     "ADM +med+rim": MethodSpec("adm", "improvement", "ADM, 3-D median filter of E and rim suppression", "ADM",
-                               {"median_size": "median", "rim_erosion_mm": "rim"}),
+                               {"median_size_mm": "median", "rim_erosion_mm": "rim"}),
     "ADM +smooth+rim+FLAIR": MethodSpec("adm", "improvement",
                                         "ADM +smooth+rim plus w x FLAIR z (w chosen on validation)", "ADM",
                                         {"smoothing_sigma_mm": "smooth", "rim_erosion_mm": "rim"},
-                                        flair_weight=True),
+                                        search=("flair_weight",)),
     "ADM +smooth+rim+FLAIR+med": MethodSpec("adm", "improvement",
                                             "ADM +smooth+rim+FLAIR, then a 3-D median filter", "ADM",
                                             {"smoothing_sigma_mm": "smooth", "rim_erosion_mm": "rim",
-                                             "median_size": "median"}, flair_weight=True),
+                                             "median_size_mm": "median"}, search=("flair_weight",)),
     "ADM +smooth+rim+FLAIR+med+cc": MethodSpec("adm", "improvement",
                                                "ADM +smooth+rim+FLAIR+med, small components removed at the threshold",
                                                "ADM", {"smoothing_sigma_mm": "smooth", "rim_erosion_mm": "rim",
-                                                       "median_size": "median"}, flair_weight=True,
+                                                       "median_size_mm": "median"}, search=("flair_weight",),
                                                small_components=True),
     "ADM+X": MethodSpec("adm", "improvement", "ADM with the intensities X in the density features", "ADM+X"),
     "ADM+X +smooth+rim": MethodSpec("adm", "improvement", "ADM+X with smoothing and rim suppression", "ADM+X",
@@ -138,16 +173,30 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+X +smooth+rim+FLAIR": MethodSpec("adm", "improvement",
                                           "ADM+X +smooth+rim plus w x FLAIR z (w chosen on validation)",
                                           "ADM+X", {"smoothing_sigma_mm": "smooth", "rim_erosion_mm": "rim"},
-                                          flair_weight=True),
+                                          search=("flair_weight",)),
+    "ADM +post": MethodSpec("adm", "improvement", "ADM, post-processing chosen on validation (robust per-case "
+                            "standardisation last)", "ADM", {"standardise": "robust"}, search=POST_SEARCH),
+    "ADM robust-norm": MethodSpec("adm", "improvement", "ADM on median/IQR-normalised contrasts", "ADM robust-norm"),
+    "ADM site-aug": MethodSpec("adm", "improvement", "ADM trained with site augmentation (bias field, gamma, "
+                               "noise, blur)", "ADM site-aug"),
+    "ADM unc": MethodSpec("adm", "improvement", "ADM with CtoC uncertainty (Z_ct divided by the predicted sigma)",
+                          "ADM unc"),
+    "ADM+": MethodSpec("adm", "improvement", "ADM with robust normalisation, site augmentation and CtoC "
+                       "uncertainty", "ADM+"),
+    "ADM+ +post": MethodSpec("adm", "improvement", "ADM+, post-processing chosen on validation (robust per-case "
+                             "standardisation last)", "ADM+", {"standardise": "robust"}, search=POST_SEARCH),
 }
 
-DEFAULT_METHODS: tuple[str, ...] = tuple(METHODS)
-QUICK_METHODS: tuple[str, ...] = tuple(m for m in METHODS
+DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5+cc", "ADM", "ADM +post",
+                                    "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ +post")
+"""The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
+variants aimed at transfer between sites."""
+_IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in _IN_DOMAIN_ONLY)
+QUICK_METHODS: tuple[str, ...] = tuple(m for m in DEFAULT_METHODS
                                        if m not in ("ADM +flip", "ADM +smooth", "ADM+X +flip+smooth+rim"))
 """The quick setting leaves out the flip-TTA variants and smoothing without rim suppression (in the
 full setting) to fit a 2-core CPU."""
-FLAIR_WEIGHTS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-"""Candidate weights of the FLAIR z-score added to E (picked by validation AUPRC)."""
 
 
 def postprocess_for(spec: MethodSpec, settings: StudySettings) -> PostprocessConfig:
@@ -158,7 +207,7 @@ def postprocess_for(spec: MethodSpec, settings: StudySettings) -> PostprocessCon
         elif value == "rim":
             value = settings.rim_erosion_mm
         elif value == "median":
-            value = settings.flair_median_size
+            value = settings.median_size_mm
         values[key] = value
     return PostprocessConfig(**values)
 
@@ -175,3 +224,41 @@ def network_config(name: str, settings: StudySettings, seed: int) -> ADMConfig:
     return preset(settings.preset, **overrides)
 
 
+
+
+def baseline_preprocess(settings: StudySettings) -> PreprocessConfig:
+    """The preparation the baselines read (the default z-score normalisation at the study's size)."""
+    return network_config("ADM", settings, 0).preprocess
+
+
+def preprocess_key(cfg: PreprocessConfig) -> str:
+    """Identity of a preparation: cases are prepared once per distinct key."""
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+_STEP2_ONLY_TRAIN_FIELDS = frozenset({"epochs_joint", "lr_joint", "lambda_energy", "joint",
+                                      "max_gmm_pixels_per_batch", "num_workers", "fallback_threshold_percentile"})
+"""Training settings that only act after step 1. Every other training field is taken to shape the
+CtoC (a field added later then prevents sharing rather than sharing a CtoC wrongly)."""
+
+
+def ctoc_key(config: ADMConfig) -> str:
+    """What a trained CtoC depends on: the preparation, the CtoC's own model fields (``ctoc_*``,
+    ``median_bias``, ``n_contrasts``) and the step-1 training settings (epochs, learning rate, batch,
+    augmentation and its parameters, beta-NLL, precision, seed, lesion margin). Networks with equal
+    keys get one shared CtoC."""
+    data = config.to_dict()
+    model = {k: v for k, v in data["model"].items() if k.startswith("ctoc_") or k in ("median_bias", "n_contrasts")}
+    train = {k: v for k, v in data["train"].items() if k not in _STEP2_ONLY_TRAIN_FIELDS}
+    return json.dumps({"preprocess": data["preprocess"], "model": model, "train": train}, sort_keys=True)
+
+
+def ctoc_groups(names: list[str] | tuple[str, ...], settings: StudySettings, seed: int) -> list[list[str]]:
+    """The networks ``names`` that use CtoC, grouped by :func:`ctoc_key` (one CtoC is trained per
+    group, by the group's first network's config; names are taken in sorted order)."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names):
+        config = network_config(name, settings, seed)
+        if config.model.use_ctoc:
+            groups.setdefault(ctoc_key(config), []).append(name)
+    return list(groups.values())

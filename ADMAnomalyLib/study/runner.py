@@ -21,7 +21,7 @@ from torch import nn
 
 from ..baselines import MahalanobisBaseline, OCSVMBaseline
 from ..cases import find_cases, load_case
-from ..config import CONTRASTS, ModelConfig, PostprocessConfig, preset
+from ..config import CONTRASTS, ModelConfig, PostprocessConfig, PreprocessConfig, preset
 from ..data import SliceSet, TrainingData, lesion_free_slices, lesion_slices, random_intensity_scaling
 from ..device import resolve_device
 from ..errors import InputError
@@ -34,7 +34,9 @@ from ..postprocess import (add_intensity_term, median_filter_in_brain, postproce
                            suppress_small_components)
 from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices_to_image
 from ..train import Trainer, masked_mse
-from .methods import DEFAULT_METHODS, FLAIR_WEIGHTS, METHODS, StudySettings, network_config, postprocess_for
+from .domains import load_domains
+from .methods import (METHODS, POST_CANDIDATES, MethodSpec, StudySettings, baseline_preprocess, ctoc_groups,
+                      network_config, postprocess_for, preprocess_key)
 
 STUDY_VERSION = 2
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -55,10 +57,14 @@ def patient_folds(case_ids: Sequence[str], n_folds: int, seed: int = 0) -> list[
 
 @dataclass
 class CaseData:
-    """One labelled case: network slices plus its native brain voxels (the scored voxels)."""
+    """One labelled case: network slices per preparation plus its native brain voxels (the scored voxels)."""
 
     case_id: str
-    prepared: PreparedCase
+    preparations: dict[str, PreparedCase]
+    """Per :func:`~.methods.preprocess_key`: the case prepared with that preprocessing (each keeps
+    only its native FLAIR, which the FLAIR term of the post-processing reads)."""
+    baseline_key: str
+    """Key of the default z-score preparation the baselines read."""
     brain: np.ndarray
     """bool (z, y, x) native brain."""
     labels: np.ndarray
@@ -68,19 +74,33 @@ class CaseData:
     normal: np.ndarray
     """bool (N,) brain voxels on the lesion-free training slices (with the margin)."""
     features: np.ndarray
-    """float32 (N, 4) z-scored intensities."""
-    flair_median: np.ndarray
-    """float32 (z, y, x) median-filtered FLAIR z-score (background at the brain minimum)."""
+    """float32 (N, 4) z-scored intensities (default preparation)."""
     spacing: tuple[float, float, float]
     lesion_ml: float
+    domain: str = ""
+    """The case's domain (leave-one-domain-out split); '' in the patient split."""
+
+    @property
+    def prepared(self) -> PreparedCase:
+        """The default z-score preparation."""
+        return self.preparations[self.baseline_key]
+
+    def preparation(self, cfg: PreprocessConfig) -> PreparedCase:
+        return self.preparations[preprocess_key(cfg)]
+
+    @property
+    def voxel_mm3(self) -> float:
+        return float(np.prod(self.spacing))
 
 
-def load_case_data(files, settings: StudySettings) -> CaseData:
-    """Load and prepare one labelled case at the study's network size, keeping the native z-scored
-    contrasts the baselines and the FLAIR term read."""
+def load_case_data(files, settings: StudySettings, preprocess: Sequence[PreprocessConfig] = (),
+                   domain: str = "") -> CaseData:
+    """Load one labelled case once and prepare it with the study's default preprocessing and with
+    every config of ``preprocess`` (the networks' own), keeping the native z-scored contrasts the
+    baselines read and each preparation's native FLAIR for the FLAIR term."""
     case = load_case(files)
-    cfg = preset(settings.preset, preprocess={"image_size": settings.image_size}).preprocess
-    prepared = prepare_case(case, cfg, keep_native=CONTRASTS)
+    default = baseline_preprocess(settings)
+    prepared = prepare_case(case, default, keep_native=CONTRASTS)
     brain = prepared.native_brain
     if prepared.native_lesion is None:
         raise InputError(f"case {files.case_id}: the study needs a lesion label")
@@ -88,46 +108,86 @@ def load_case_data(files, settings: StudySettings) -> CaseData:
     validation = native_slice_region(prepared, lesion_slices(prepared))[brain]
     normal = native_slice_region(prepared, lesion_free_slices(prepared, settings.lesion_margin))[brain]
     features = np.ascontiguousarray(np.stack([prepared.native_zscored[c][brain] for c in CONTRASTS], axis=1))
-    flair = prepared.native_zscored["flair"]
-    flair_median = median_filter_in_brain(flair, brain, settings.flair_median_size)
-    flair_median[~brain] = flair_median[brain].min()
     # Only FLAIR stays on the native grid (the FLAIR term of the post-processing reads it).
-    prepared.native_zscored = {"flair": flair}
-    spacing = case.images["flair"].GetSpacing()
-    return CaseData(files.case_id, prepared, brain, labels, validation, normal, features, flair_median,
-                    tuple(float(s) for s in spacing), float(labels.sum() * np.prod(spacing) / 1000.0))
+    prepared.native_zscored = {"flair": prepared.native_zscored["flair"]}
+    preparations = {preprocess_key(default): prepared}
+    for cfg in preprocess:
+        if preprocess_key(cfg) not in preparations:
+            preparations[preprocess_key(cfg)] = prepare_case(case, cfg, keep_native=("flair",))
+    spacing = tuple(float(s) for s in case.images["flair"].GetSpacing())
+    return CaseData(files.case_id, preparations, preprocess_key(default), brain, labels, validation, normal, features,
+                    spacing, float(labels.sum() * np.prod(spacing) / 1000.0), domain)
 
 
 # ------------------------------------------------------------------------------------------------
 # ADM networks: trained by the engine's Trainer, scored by the engine's inference
 
 
-def train_networks(names: Sequence[str], settings: StudySettings, seed: int, data: TrainingData,
-                   device: torch.device) -> tuple[dict[str, Any], dict[str, Any], dict[str, list]]:
-    """Train the ADM networks ``names`` of one run: step 1 (CtoC) once, shared by every variant that
-    uses it (it is identical for them), then each variant's step 2 and frozen mixture. Returns
-    ``(models, ctoc_model, histories)``; ``ctoc_model`` is a model holding the shared CtoC (None when
-    no variant uses CtoC), for computing the translations once per case."""
-    ctoc_state, ctoc_model = None, None
-    if any(network_config(name, settings, seed).model.use_ctoc for name in names):
-        trainer = Trainer(network_config("ADM", settings, seed), device, show_progress_bar=False)
-        ctoc_state = trainer.fit_ctoc(data)
-        ctoc_model = trainer.model
-    models, histories = {}, {}
-    for name in names:
-        config = network_config(name, settings, seed)
-        trainer = Trainer(config, device, show_progress_bar=False)
-        # The study chooses thresholds on native validation voxels itself, so the trainer's is skipped.
-        models[name] = trainer.fit(data, ctoc_state=ctoc_state if config.model.use_ctoc else None, calibrate=False)
-        histories[name] = trainer.history
-    return models, ctoc_model, histories
+@dataclass
+class TrainedNetworks:
+    """The ADM networks of one run and the CtoCs they share."""
+
+    models: dict[str, Any]
+    ctoc_groups: list[tuple[Any, list[str]]]
+    """(model holding the group's CtoC, the networks that share it); ``(None, names)`` for the
+    networks without CtoC."""
+    histories: dict[str, list]
+
+
+def train_networks(names: Sequence[str], settings: StudySettings, seed: int, data: dict[str, TrainingData],
+                   device: torch.device) -> TrainedNetworks:
+    """Train the ADM networks ``names`` of one run on ``data`` (training slices per preparation key):
+    step 1 (CtoC) once per :func:`~.methods.ctoc_groups` group (identical for its members), then each
+    network's step 2 and frozen mixture."""
+    models, histories, groups = {}, {}, []
+    with_ctoc = ctoc_groups(list(names), settings, seed)
+    without_ctoc = [n for n in sorted(names) if not any(n in g for g in with_ctoc)]
+    for members in with_ctoc + ([without_ctoc] if without_ctoc else []):
+        ctoc_state, ctoc_model = None, None
+        first = network_config(members[0], settings, seed)
+        if first.model.use_ctoc:
+            trainer = Trainer(first, device, show_progress_bar=False)
+            ctoc_state = trainer.fit_ctoc(data[preprocess_key(first.preprocess)])
+            ctoc_model = trainer.model
+        for name in members:
+            config = network_config(name, settings, seed)
+            trainer = Trainer(config, device, show_progress_bar=False)
+            # The study chooses thresholds on native validation voxels itself, so the trainer's is skipped.
+            models[name] = trainer.fit(data[preprocess_key(config.preprocess)], ctoc_state=ctoc_state,
+                                       calibrate=False)
+            histories[name] = trainer.history
+        groups.append((ctoc_model, members))
+    return TrainedNetworks(models, groups, histories)
 
 
 def raw_energy(model, case: CaseData, options: InferenceOptions, translations: dict | None) -> np.ndarray:
     """The model's energy of every native brain voxel of ``case`` (N,), without post-processing:
-    :func:`~ADMAnomalyLib.infer.energy_volume`, the path ``admanomaly predict`` runs."""
-    image = energy_volume(model, case.prepared, options, translations=translations, postprocess=PostprocessConfig())
+    :func:`~ADMAnomalyLib.infer.energy_volume` on the case prepared as the model was trained, the
+    path ``admanomaly predict`` runs."""
+    prepared = case.preparation(model.config.preprocess)
+    image = energy_volume(model, prepared, options, translations=translations, postprocess=PostprocessConfig())
     return sitk.GetArrayFromImage(image)[case.brain]
+
+
+def score_networks(trained: TrainedNetworks, cases: Sequence[CaseData], flips: set[str],
+                   options: InferenceOptions) -> dict[str, dict[str, np.ndarray]]:
+    """Raw energies ``{network (|flip): {case: (N,)}}``. The translations of a CtoC group are computed
+    once per case (and mirror) and dropped after its networks have scored the case, so only one
+    case's translations are held at a time."""
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for ctoc_model, members in trained.ctoc_groups:
+        mirrors = (False, True) if flips & set(members) else (False,)
+        for case in cases:
+            translations = None
+            if ctoc_model is not None:
+                prepared = case.preparation(ctoc_model.config.preprocess)
+                translations = {m: ctoc_translations(ctoc_model, prepared, options, m) for m in mirrors}
+            for name in members:
+                for flip in (False, True) if name in flips else (False,):
+                    key = f"{name}|flip" if flip else name
+                    scores.setdefault(key, {})[case.case_id] = raw_energy(
+                        trained.models[name], case, dataclasses.replace(options, flip_tta=flip), translations)
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,17 +370,70 @@ def _pooled(values: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(values) if values else np.zeros(0, np.float32)
 
 
-def validation_threshold(scores: dict[str, np.ndarray], cases: Sequence[CaseData]) -> float:
-    """Best-F1 threshold over the validation voxels (lesion slices) of the training patients."""
-    s = _pooled([scores[c.case_id][c.validation] for c in cases])
-    y = _pooled([c.labels[c.validation] for c in cases])
-    threshold, _ = best_f1_threshold(s, y)
-    return float(threshold)
+def selection_groups(train_cases: Sequence[CaseData], split: str) -> list[list[CaseData]]:
+    """The groups every data-driven choice averages its criterion over: the training patients pooled
+    (patient split), or each training domain on its own (domain split), so that the criterion is the
+    mean of the per-domain values and the largest domain does not dictate the choice."""
+    if split != "domains":
+        return [list(train_cases)]
+    groups: dict[str, list[CaseData]] = {}
+    for case in train_cases:
+        groups.setdefault(case.domain, []).append(case)
+    return list(groups.values())
+
+
+def _validation_voxels(scores: dict[str, np.ndarray], group: Sequence[CaseData]) -> tuple[np.ndarray, np.ndarray]:
+    s = _pooled([np.asarray(scores[c.case_id], np.float32)[c.validation] for c in group])
+    y = _pooled([c.labels[c.validation] for c in group]).astype(bool)
+    return s, y
+
+
+def validation_threshold(scores: dict[str, np.ndarray], groups: Sequence[Sequence[CaseData]]) -> float:
+    """The threshold of highest mean (over ``groups``) Dice on the validation voxels (brain voxels of
+    the lesion slices) of each group's cases; with one group it is that group's best-F1 threshold.
+    Every distinct validation score is a candidate; on ties the highest threshold wins."""
+    parts = [_validation_voxels(scores, group) for group in groups]
+    parts = [(s, y) for s, y in parts if y.any()]
+    if not parts:
+        return float("nan")
+    candidates = np.unique(np.concatenate([s for s, _ in parts]))
+    mean_dice = np.zeros(candidates.size)
+    for s, y in parts:
+        positives, negatives = np.sort(s[y]), np.sort(s[~y])
+        tp = positives.size - np.searchsorted(positives, candidates, side="left")
+        fp = negatives.size - np.searchsorted(negatives, candidates, side="left")
+        mean_dice += 2.0 * tp / (tp + fp + positives.size)
+    best = candidates.size - 1 - int(np.argmax(mean_dice[::-1]))
+    return float(candidates[best])
+
+
+def validation_auprc(scores: dict[str, np.ndarray], groups: Sequence[Sequence[CaseData]]) -> float:
+    """Mean over ``groups`` of the AUPRC of each group's validation voxels (pooled within a group)."""
+    values = [_auprc(*_validation_voxels(scores, group)) for group in groups]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _auprc(s: np.ndarray, y: np.ndarray) -> float:
     from ..metrics import detection_metrics
     return detection_metrics(s, y).auprc
+
+
+def choose_postprocess(post: PostprocessConfig, fields: Sequence[str],
+                       criterion: Callable[[PostprocessConfig], float]) -> tuple[PostprocessConfig, dict[str, Any]]:
+    """Greedy choice of the post-processing ``fields``, one after the other in that order, each the
+    :data:`~.methods.POST_CANDIDATES` value of highest ``criterion`` (validation AUPRC) with the
+    fields chosen so far in place; on ties the first candidate (the simpler one) stays."""
+    chosen: dict[str, Any] = {}
+    for name in fields:
+        best_value, best_score = None, -np.inf
+        for value in POST_CANDIDATES[name]:
+            score = criterion(dataclasses.replace(post, **{name: value}))
+            if best_value is None or score > best_score:
+                best_value, best_score = value, score
+        post = dataclasses.replace(post, **{name: best_value})
+        chosen[name] = best_value
+    return post, chosen
 
 
 def curve_points(s: np.ndarray, y: np.ndarray, n: int) -> dict[str, list[float]]:
@@ -335,16 +448,38 @@ def curve_points(s: np.ndarray, y: np.ndarray, n: int) -> dict[str, list[float]]
     return {"fpr": fpr.round(6).tolist(), "tpr": tpr.round(6).tolist(), "precision": precision.round(6).tolist()}
 
 
-def evaluate_method(name: str, scores: dict[str, np.ndarray], train_cases: Sequence[CaseData],
-                    test_cases: Sequence[CaseData], settings: StudySettings,
+def evaluate_method(name: str, scores: dict[str, np.ndarray], groups: Sequence[Sequence[CaseData]],
+                    test_cases: Sequence[CaseData],
                     test_override: Callable[[float], dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
-    """Validation threshold on the training patients, metrics on the test patients' brains."""
-    threshold = validation_threshold(scores, train_cases)
+    """Validation threshold on the training cases (:func:`validation_threshold` over ``groups``),
+    metrics on the test cases' brains."""
+    threshold = validation_threshold(scores, groups)
     test_scores = test_override(threshold) if test_override else {c.case_id: scores[c.case_id] for c in test_cases}
     report = pooled_and_per_case([(c.case_id, test_scores[c.case_id], c.labels, None) for c in test_cases], threshold)
     for row, case in zip(report["per_case"], test_cases):
         row["lesion_ml"] = case.lesion_ml
     return report
+
+
+def pooled_test_metrics(entries: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> dict[str, Any]:
+    """Metrics over the test voxels of several runs pooled, ``entries`` of (scores, labels, that run's
+    threshold): AUROC, AUPRC and best Dice of the pooled voxels; Dice, precision and recall of the
+    pooled counts, each case thresholded at its own run's validation threshold."""
+    from ..metrics import _cast_threshold, detection_metrics
+
+    s = _pooled([e[0] for e in entries]).astype(np.float32)
+    y = _pooled([e[1] for e in entries]).astype(bool)
+    detection = dataclasses.asdict(detection_metrics(s, y))
+    tp = n_pred = 0
+    for scores, labels, threshold in entries:
+        predicted = scores >= _cast_threshold(threshold, np.asarray(scores).dtype)
+        tp += int(np.count_nonzero(predicted & labels))
+        n_pred += int(np.count_nonzero(predicted))
+    n_pos = int(np.count_nonzero(y))
+    ratio = lambda num, den: num / den if den else None  # noqa: E731
+    return json_safe({"pooled": detection,
+                      "at_threshold": {"dice": ratio(2 * tp, n_pred + n_pos), "precision": ratio(tp, n_pred),
+                                       "recall": ratio(tp, n_pos)}})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,30 +513,212 @@ def machine_description(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_study(data_dir: str | Path, output_dir: str | Path, settings: StudySettings,
-              progress: Progress | None = None, command: str | None = None) -> dict[str, Any]:
-    """Run the study and write ``output_dir/study.json`` (+ ``examples.npz`` for the example figure)."""
+def study_cases(data_dir: str | Path | None, domains_file: str | Path | None,
+                settings: StudySettings) -> dict[str, list]:
+    """The study's case files per domain: the domains file's domains (domain split), or one unnamed
+    domain holding every case of ``data_dir`` (patient split); ``max_cases`` applies per domain."""
+    if (data_dir is None) == (domains_file is None):
+        raise InputError("the study needs either a folder of labelled cases or a domains file, not both")
+    if (domains_file is not None) != (settings.split == "domains"):
+        raise InputError("a domains file goes with split='domains', a folder of cases with split='patients'")
+    domains = load_domains(domains_file) if domains_file is not None else {"": find_cases(data_dir)}
+    return {name: files[: settings.max_cases] if settings.max_cases else files for name, files in domains.items()}
+
+
+def study_splits(domains: dict[str, list[str]], settings: StudySettings) -> list[tuple[str, list[str]]]:
+    """(name, test case ids) of every run of a seed: each domain in turn (domain split), or the
+    patient folds."""
+    if settings.split == "domains":
+        return [(name, list(ids)) for name, ids in domains.items()]
+    folds = patient_folds([c for ids in domains.values() for c in ids], settings.n_folds)
+    return [(f"fold {number + 1}", ids) for number, ids in enumerate(folds)]
+
+
+@dataclass
+class RunCaches:
+    """Post-processed scores of one run, shared by the methods that need the same configuration."""
+
+    post: dict = dataclasses.field(default_factory=dict)
+    """(score key, config, case) -> brain-voxel scores."""
+    per_case: dict = dataclasses.field(default_factory=dict)
+    """case -> the per-case cache of :func:`~ADMAnomalyLib.postprocess.postprocess_scores`."""
+
+
+def _postprocessed(raw: dict[str, np.ndarray], post: PostprocessConfig, cases: Sequence[CaseData],
+                   flair_of: Callable[[CaseData], np.ndarray], caches: RunCaches, key: str,
+                   keep: bool = True) -> dict[str, np.ndarray]:
+    """Brain-voxel scores (N,) per case of the raw scores ``raw`` post-processed by ``post`` through
+    :func:`~ADMAnomalyLib.postprocess.postprocess_scores`, the product's own composition, with the
+    native FLAIR z-score ``flair_of(case)`` of the scores' own preparation. Results are cached per
+    configuration when ``keep`` (the validation search does not keep its candidates: memory)."""
+    out = {}
+    for case in cases:
+        memo = (key, repr(post), case.case_id)
+        if memo in caches.post:
+            out[case.case_id] = caches.post[memo]
+            continue
+        values = raw[case.case_id]
+        if post.native_active:
+            volume = np.zeros(case.brain.shape, np.float32)
+            volume[case.brain] = values
+            volume = postprocess_scores(volume, case.brain, case.spacing, post, flair_of(case),
+                                        caches.per_case.setdefault(case.case_id, {}))
+            values = volume[case.brain]
+        if keep:
+            caches.post[memo] = values
+        out[case.case_id] = values
+    return out
+
+
+def _component_override(test_cases: Sequence[CaseData], min_mm3: float, scores: dict[str, np.ndarray]):
+    """``+cc``: at the threshold, :func:`~ADMAnomalyLib.postprocess.suppress_small_components` on each
+    test case's brain-voxel scores (the map stays continuous); the size is a volume, so the voxel
+    count follows each case's voxel size."""
+
+    def apply(threshold: float) -> dict[str, np.ndarray]:
+        out = {}
+        for c in test_cases:
+            volume = np.full(c.brain.shape, -np.inf, dtype=np.float32)
+            volume[c.brain] = scores[c.case_id]
+            min_voxels = max(1, int(round(min_mm3 / c.voxel_mm3)))
+            out[c.case_id] = suppress_small_components(volume, c.brain, threshold, min_voxels)[c.brain]
+        return out
+
+    return apply
+
+
+@dataclass
+class RunData:
+    """What the methods of one run see."""
+
+    settings: StudySettings
+    seed: int
+    train_cases: list[CaseData]
+    test_cases: list[CaseData]
+    groups: list[list[CaseData]]
+    """The selection groups (:func:`selection_groups`)."""
+    raw: dict[str, dict[str, np.ndarray]]
+    """Raw scores per network (|flip) and DAGMM-conv."""
+    caches: RunCaches
+    training: dict[str, TrainingData]
+
+    @property
+    def all_cases(self) -> list[CaseData]:
+        return self.train_cases + self.test_cases
+
+
+def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """An ADM row: its network's raw energies post-processed as the spec says, the searched fields
+    chosen on the training cases' validation voxels (:func:`choose_postprocess`,
+    :func:`validation_auprc` over the selection groups)."""
+    settings = run.settings
+    post = postprocess_for(spec, settings)
+    key = f"{spec.network}|flip" if post.flip_tta else spec.network
+    prep = network_config(spec.network, settings, 0).preprocess
+
+    def flair_of(case: CaseData) -> np.ndarray:
+        # The FLAIR term reads the native FLAIR of the network's own preparation, as predict does.
+        return case.preparation(prep).native_zscored["flair"]
+
+    extra: dict[str, Any] = {}
+    if spec.search:
+        def criterion(candidate: PostprocessConfig) -> float:
+            return validation_auprc(_postprocessed(run.raw[key], candidate, run.train_cases, flair_of, run.caches,
+                                                   key, keep=False), run.groups)
+
+        post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)
+        extra["postprocess"] = dataclasses.asdict(post)
+    return _postprocessed(run.raw[key], post, run.all_cases, flair_of, run.caches, key), extra
+
+
+def baseline_method_scores(method: str, spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndarray], dict]:
+    """A baseline row's brain-voxel scores (training cases: at least their validation voxels)."""
+    flair = CONTRASTS.index("flair")
+    if spec.kind == "dagmm":
+        return run.raw["DAGMM-conv"], {}
+    if spec.kind in ("flair", "flair_filtered"):
+        raw = {c.case_id: c.features[:, flair] for c in run.all_cases}
+        post = postprocess_for(spec, run.settings)
+        return _postprocessed(raw, post, run.all_cases, lambda c: c.prepared.native_zscored["flair"], run.caches,
+                              method), {}
+    if spec.kind in ("mahalanobis", "ocsvm"):
+        settings, extra = run.settings, {}
+        normal = _pooled([c.features[c.normal] for c in run.train_cases])
+        rng = np.random.default_rng(run.seed)
+        if spec.kind == "mahalanobis":
+            if len(normal) > settings.mahalanobis_max_train:
+                normal = normal[rng.choice(len(normal), settings.mahalanobis_max_train, replace=False)]
+            scorer = MahalanobisBaseline().fit(normal)
+        else:
+            scorer = OCSVMBaseline(max_train=settings.ocsvm_max_train, seed=run.seed).fit(normal)
+            extra["n_support"] = scorer.n_support
+        scores = {}
+        for c in run.train_cases:  # validation voxels only are needed from training cases
+            s = np.full(len(c.labels), -np.inf, dtype=np.float32)
+            s[c.validation] = scorer.score(c.features[c.validation])
+            scores[c.case_id] = s
+        for c in run.test_cases:
+            scores[c.case_id] = scorer.score(c.features)
+        return scores, extra
+    raise AssertionError(spec.kind)  # pragma: no cover - registry and dispatch are kept in step
+
+
+def evaluate_methods(methods: Sequence[str], run: RunData, record: dict[str, Any],
+                     tick: Callable[[str, float], None]) -> dict[str, dict[str, np.ndarray]]:
+    """Score and evaluate every method of one run into ``record['methods']``; returns each method's
+    final test scores (after ``+cc`` at its threshold) per test case."""
+    finals: dict[str, dict[str, np.ndarray]] = {}
+    for method in methods:
+        t = time.perf_counter()
+        spec = METHODS[method]
+        if spec.kind == "adm":
+            scores, extra = adm_method_scores(spec, run)
+        else:
+            scores, extra = baseline_method_scores(method, spec, run)
+        override = _component_override(run.test_cases, run.settings.min_component_mm3, scores) \
+            if spec.small_components else None
+        result = evaluate_method(method, scores, run.groups, run.test_cases, override)
+        result.update(extra)
+        result["seconds"] = time.perf_counter() - t
+        record["methods"][method] = result
+        final = override(result["threshold"]) if override else scores
+        finals[method] = {c.case_id: np.asarray(final[c.case_id], np.float32) for c in run.test_cases}
+        tick(f"evaluate {method}", t)
+    return finals
+
+
+def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: StudySettings,
+              progress: Progress | None = None, command: str | None = None,
+              domains_file: str | Path | None = None) -> dict[str, Any]:
+    """Run the study and write ``output_dir/study.json`` (+ ``examples.npz`` for the example figure):
+    patient folds of the cases in ``data_dir`` (``settings.split == 'patients'``) or leave one domain
+    of ``domains_file`` out at a time (``'domains'``)."""
     started = time.perf_counter()
     say = progress or (lambda message: None)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device)
-    methods = list(settings.methods or DEFAULT_METHODS)
+    methods = settings.method_names()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    files = find_cases(data_dir)
-    if settings.max_cases:
-        files = files[: settings.max_cases]
-    cases: dict[str, CaseData] = {}
-    for number, case_files in enumerate(files, start=1):
-        cases[case_files.case_id] = load_case_data(case_files, settings)
-        say(f"loaded {case_files.case_id} ({number}/{len(files)})")
-    folds = patient_folds(list(cases), settings.n_folds)
+    if settings.split not in ("patients", "domains"):
+        raise InputError(f"study split must be 'patients' or 'domains', not {settings.split!r}")
+    files_by_domain = study_cases(data_dir, domains_file, settings)
     networks_needed = sorted({METHODS[m].network for m in methods if METHODS[m].kind == "adm"})
     flips_needed = {METHODS[m].network for m in methods
                     if METHODS[m].kind == "adm" and METHODS[m].postprocess.get("flip_tta")}
+    network_preprocess = [network_config(n, settings, 0).preprocess for n in networks_needed]
+    cases: dict[str, CaseData] = {}
+    total = sum(len(files) for files in files_by_domain.values())
+    for domain, files in files_by_domain.items():
+        for case_files in files:
+            cases[case_files.case_id] = load_case_data(case_files, settings, network_preprocess, domain)
+            say(f"loaded {case_files.case_id} ({len(cases)}/{total})")
+    domains = {name: [f.case_id for f in files] for name, files in files_by_domain.items()}
+    splits = study_splits(domains, settings)
     runs: list[dict[str, Any]] = []
+    seed_pooled: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list]] = {m: {"scores": [], "labels": []} for m in methods}
     example_store: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     timings: dict[str, float] = {}
@@ -409,147 +726,86 @@ def run_study(data_dir: str | Path, output_dir: str | Path, settings: StudySetti
     def tick(key: str, since: float) -> None:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - since
 
+    def summaries() -> dict[str, Any]:
+        return study_summaries(runs, seed_pooled, methods, settings.split, list(domains))
+
     for seed in settings.seeds:
-        for fold_index, test_ids in enumerate(folds):
-            train_cases = [cases[c] for c in cases if c not in test_ids]
-            test_cases = [cases[c] for c in test_ids]
-            all_cases = train_cases + test_cases
-            data = TrainingData.from_prepared([c.prepared for c in train_cases], settings.lesion_margin)
-            run = {"seed": seed, "fold": fold_index, "test": list(test_ids),
-                   "train": [c.case_id for c in train_cases], "train_slices": len(data.train),
-                   "validation_slices": len(data.validation), "methods": {}, "histories": {}}
-            say(f"seed {seed} fold {fold_index + 1}/{len(folds)}: {len(train_cases)} training patients "
-                f"({len(data.train)} normal slices), test {', '.join(test_ids)}")
-            scores: dict[str, dict[str, np.ndarray]] = {}
-            # -- ADM networks ----------------------------------------------------------------------
+        seed_entries: dict[str, list] = {m: [] for m in methods}
+        for fold_index, (split_name, test_ids) in enumerate(splits):
+            record, run_data = _start_run(seed, fold_index, split_name, test_ids, cases, settings, networks_needed,
+                                          "DAGMM-conv" in methods)
+            say(f"seed {seed} {split_name} ({fold_index + 1}/{len(splits)}): {len(run_data.train_cases)} training "
+                f"cases ({record['train_slices']} normal slices), test {', '.join(test_ids)}")
             t = time.perf_counter()
-            models, ctoc_model, histories = train_networks(networks_needed, settings, seed, data, device)
-            run["histories"].update(histories)
+            trained = train_networks(networks_needed, settings, seed, run_data.training, device)
+            record["histories"].update(trained.histories)
             tick("train ADM networks", t)
             say(f"  ADM networks trained ({timings['train ADM networks']:.0f} s so far)")
             t = time.perf_counter()
-            options = InferenceOptions(device)
-            # Translations by the shared CtoC, once per case (and mirror) for every variant that uses it.
-            translations: dict[str, dict[bool, np.ndarray]] = {}
-            if ctoc_model is not None:
-                for case in all_cases:
-                    translations[case.case_id] = {
-                        mirrored: ctoc_translations(ctoc_model, case.prepared, options, mirrored)
-                        for mirrored in ((False, True) if flips_needed else (False,))}
-            for name in networks_needed:
-                model = models[name]
-                uses_ctoc = model.config.model.use_ctoc
-                for flip in [False] + ([True] if name in flips_needed else []):
-                    key = f"{name}|flip" if flip else name
-                    flip_options = dataclasses.replace(options, flip_tta=flip)
-                    scores[key] = {case.case_id: raw_energy(model, case, flip_options,
-                                                            translations.get(case.case_id) if uses_ctoc else None)
-                                   for case in all_cases}
+            run_data.raw.update(score_networks(trained, run_data.all_cases, flips_needed, InferenceOptions(device)))
+            del trained
             tick("score ADM networks", t)
-            # -- DAGMM-conv ---------------------------------------------------------------------
             if "DAGMM-conv" in methods:
                 t = time.perf_counter()
-                net, gmm = train_dagmm(data, settings, seed, device)
-                scores["DAGMM-conv"] = {c.case_id: dagmm_native_energy(net, gmm, c, device)[c.brain]
-                                        for c in all_cases}
+                net, gmm = train_dagmm(run_data.training[run_data.train_cases[0].baseline_key], settings, seed, device)
+                run_data.raw["DAGMM-conv"] = {c.case_id: dagmm_native_energy(net, gmm, c, device)[c.brain]
+                                              for c in run_data.all_cases}
                 tick("DAGMM-conv", t)
                 say("  DAGMM-conv trained and scored")
-            # -- evaluate every method -------------------------------------------------------------
-            post_cache: dict[tuple, dict[str, np.ndarray]] = {}
-            case_cache: dict[str, dict] = {c.case_id: {} for c in all_cases}
-            for method in methods:
-                t = time.perf_counter()
-                spec = METHODS[method]
-                override = None
-                extra: dict[str, Any] = {}
-                if spec.kind == "adm":
-                    post = postprocess_for(spec, settings)
-                    key = f"{spec.network}|flip" if post.flip_tta else spec.network
-                    if spec.flair_weight:
-                        # w is chosen on the validation voxels of the training patients, after smoothing
-                        # and rim suppression and before the median filter, as the steps run.
-                        first = PostprocessConfig(smoothing_sigma_mm=post.smoothing_sigma_mm,
-                                                  rim_erosion_mm=post.rim_erosion_mm)
-                        weight = _flair_weight(_postprocessed(scores[key], first, train_cases, case_cache,
-                                                              post_cache, key), train_cases)
-                        post = dataclasses.replace(post, flair_weight=weight)
-                        extra["flair_weight"] = weight
-                    method_scores = _postprocessed(scores[key], post, all_cases, case_cache, post_cache, key)
-                    if spec.small_components:
-                        override = _component_override(test_cases, settings.flair_min_component_voxels,
-                                                       method_scores)
-                elif spec.kind == "dagmm":
-                    method_scores = scores["DAGMM-conv"]
-                elif spec.kind == "flair":
-                    method_scores = {c.case_id: c.features[:, CONTRASTS.index("flair")] for c in all_cases}
-                elif spec.kind == "flair_filtered":
-                    method_scores = {c.case_id: c.flair_median[c.brain] for c in all_cases}
-                    override = _component_override(test_cases, settings.flair_min_component_voxels, method_scores)
-                elif spec.kind in ("mahalanobis", "ocsvm"):
-                    normal = _pooled([c.features[c.normal] for c in train_cases])
-                    rng = np.random.default_rng(seed)
-                    if spec.kind == "mahalanobis":
-                        if len(normal) > settings.mahalanobis_max_train:
-                            normal = normal[rng.choice(len(normal), settings.mahalanobis_max_train, replace=False)]
-                        scorer = MahalanobisBaseline().fit(normal)
-                    else:
-                        scorer = OCSVMBaseline(max_train=settings.ocsvm_max_train, seed=seed).fit(normal)
-                        extra["n_support"] = scorer.n_support
-                    method_scores = {}
-                    for c in train_cases:  # validation voxels only are needed from training patients
-                        s = np.full(len(c.labels), -np.inf, dtype=np.float32)
-                        s[c.validation] = scorer.score(c.features[c.validation])
-                        method_scores[c.case_id] = s
-                    for c in test_cases:
-                        method_scores[c.case_id] = scorer.score(c.features)
-                else:  # pragma: no cover - registry and dispatch are kept in step
-                    raise AssertionError(spec.kind)
-                result = evaluate_method(method, method_scores, train_cases, test_cases, settings, override)
-                result.update(extra)
-                result["seconds"] = time.perf_counter() - t
-                run["methods"][method] = result
+            run_data.training.clear()
+            finals = evaluate_methods(methods, run_data, record, tick)
+            for method, final in finals.items():
+                threshold = record["methods"][method]["threshold"]
+                seed_entries[method] += [(final[c.case_id], c.labels, threshold) for c in run_data.test_cases]
                 if seed == settings.seeds[0]:
-                    final = override(result["threshold"]) if override else method_scores
-                    curves[method]["scores"] += [np.asarray(final[c.case_id], np.float32) for c in test_cases]
-                    curves[method]["labels"] += [c.labels for c in test_cases]
-                    for c in test_cases:
+                    curves[method]["scores"] += [final[c.case_id] for c in run_data.test_cases]
+                    curves[method]["labels"] += [c.labels for c in run_data.test_cases]
+                    for c in run_data.test_cases:
                         example_store.setdefault((fold_index, c.case_id), {})[method] = final[c.case_id]
-                tick(f"evaluate {method}", t)
-            del scores, post_cache, case_cache, translations, models
-            runs.append(run)
+            del run_data, finals
+            runs.append(record)
             # Partial results after every run, so an interrupted study still leaves its numbers.
             write_text_atomic(json.dumps(json_safe({"settings": settings.to_dict(), "runs": runs,
-                                                    "summary": summarise(runs, methods)}), indent=1),
+                                                    **summaries()}), indent=1),
                               output_dir / "study_partial.json")
-            say("  fold done: " + ", ".join(f"{m} AUPRC {run['methods'][m]['pooled']['auprc']:.3f}"
-                                            for m in methods))
-    t = time.perf_counter()
-    singularity = singularity_experiment(list(cases.values())[: max(1, len(cases) * 2 // 3)], settings, device, say)
-    tick("singularity experiment", t)
+            say(f"  {split_name} done: " + ", ".join(f"{m} AUPRC {record['methods'][m]['pooled']['auprc']:.3f}"
+                                                     for m in methods))
+        if settings.split == "domains":
+            seed_pooled.append({"seed": seed, "methods": {m: pooled_test_metrics(seed_entries[m]) for m in methods}})
+        del seed_entries
+    singularity = None
+    if settings.split == "patients":
+        t = time.perf_counter()
+        singularity = singularity_experiment(list(cases.values())[: max(1, len(cases) * 2 // 3)], settings, device,
+                                             say)
+        tick("singularity experiment", t)
 
-    summary = summarise(runs, methods)
     curve_json = {}
     for method in methods:
         s, y = _pooled(curves[method]["scores"]), _pooled(curves[method]["labels"])
         if len(s):
-            curve_json[method] = curve_points(s, y, settings.curve_points)
+            curve_json[method] = curve_points(s, y.astype(bool), settings.curve_points)
     examples = _save_examples(output_dir / "examples.npz", example_store, cases, runs, methods)
     result = json_safe({
         "study_version": STUDY_VERSION,
+        "split": settings.split,
         "settings": settings.to_dict(),
         "command": command,
-        "data_dir": str(data_dir),
-        "cases": {c.case_id: {"lesion_ml": c.lesion_ml, "brain_voxels": int(c.brain.sum()),
+        "data_dir": str(data_dir) if data_dir is not None else None,
+        "domains_file": str(domains_file) if domains_file is not None else None,
+        "domains": domains if settings.split == "domains" else None,
+        "cases": {c.case_id: {"domain": c.domain, "lesion_ml": c.lesion_ml, "brain_voxels": int(c.brain.sum()),
                               "normal_slices": int(len(lesion_free_slices(c.prepared, settings.lesion_margin))),
                               "lesion_slices": int(len(lesion_slices(c.prepared)))} for c in cases.values()},
-        "folds": folds,
-        "methods": {m: {"group": METHODS[m].group, "description": METHODS[m].description,
-                        "network_config": (network_config(METHODS[m].network, settings, 0).to_dict()["model"]
+        "folds": [ids for _, ids in splits],
+        "methods": {m: {"kind": METHODS[m].kind, "group": METHODS[m].group, "description": METHODS[m].description,
+                        "network_config": (network_config(METHODS[m].network, settings, 0).to_dict()
                                            if METHODS[m].kind == "adm" else None),
                         "postprocess": (dataclasses.asdict(postprocess_for(METHODS[m], settings))
-                                        if METHODS[m].kind == "adm" else None)} for m in methods},
+                                        if METHODS[m].kind in ("adm", "flair_filtered") else None),
+                        "search": list(METHODS[m].search)} for m in methods},
         "runs": runs,
-        "summary": summary,
+        **summaries(),
         "curves": curve_json,
         "examples": examples,
         "singularity": singularity,
@@ -563,56 +819,38 @@ def run_study(data_dir: str | Path, output_dir: str | Path, settings: StudySetti
     return result
 
 
-def _postprocessed(raw: dict[str, np.ndarray], post: PostprocessConfig, cases: Sequence[CaseData],
-                   case_cache: dict[str, dict], post_cache: dict, key: str) -> dict[str, np.ndarray]:
-    """Brain-voxel scores (N,) per case of the raw energies ``raw`` post-processed by ``post`` through
-    :func:`~ADMAnomalyLib.postprocess.postprocess_scores`, the product's own composition (cached per
-    configuration; the per-case caches keep the brain-only maps)."""
-    out = {}
-    for case in cases:
-        memo = (key, repr(post), case.case_id)
-        if memo not in post_cache:
-            if post.native_active:
-                volume = np.zeros(case.brain.shape, np.float32)
-                volume[case.brain] = raw[case.case_id]
-                volume = postprocess_scores(volume, case.brain, case.spacing, post,
-                                            case.prepared.native_zscored["flair"], case_cache[case.case_id])
-                post_cache[memo] = volume[case.brain]
-            else:
-                post_cache[memo] = raw[case.case_id]
-        out[case.case_id] = post_cache[memo]
-    return out
+def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[str], cases: dict[str, CaseData],
+               settings: StudySettings, networks: Sequence[str], dagmm: bool) -> tuple[dict[str, Any], RunData]:
+    """The record and the data of one run: training cases (every case not tested), their training
+    slices per preparation the run's networks need, and the selection groups."""
+    train_cases = [c for c in cases.values() if c.case_id not in test_ids]
+    test_cases = [cases[c] for c in test_ids]
+    baseline_key = train_cases[0].baseline_key
+    keys = {preprocess_key(network_config(n, settings, 0).preprocess) for n in networks} | {baseline_key}
+    training = {key: TrainingData.from_prepared([c.preparations[key] for c in train_cases], settings.lesion_margin)
+                for key in keys}
+    record: dict[str, Any] = {"seed": seed, "fold": fold_index, "test": list(test_ids),
+                              "train": [c.case_id for c in train_cases],
+                              "train_slices": len(training[baseline_key].train),
+                              "validation_slices": len(training[baseline_key].validation),
+                              "methods": {}, "histories": {}}
+    if settings.split == "domains":
+        record["domain"] = split_name
+        record["train_domains"] = sorted({c.domain for c in train_cases})
+    groups = selection_groups(train_cases, settings.split)
+    return record, RunData(settings, seed, train_cases, test_cases, groups, {}, RunCaches(), training)
 
 
-def _flair_weight(scores: dict[str, np.ndarray], train_cases: Sequence[CaseData]) -> float:
-    """The weight of the FLAIR term (:func:`~ADMAnomalyLib.postprocess.add_intensity_term`) that
-    maximises the validation AUPRC of the training patients."""
-    flair = CONTRASTS.index("flair")
-    y = _pooled([c.labels[c.validation] for c in train_cases])
-    best = (-1.0, 0.0)
-    for weight in FLAIR_WEIGHTS:
-        s = []
-        for c in train_cases:
-            # Standardised over the case's whole brain, as the product does, then the validation voxels.
-            combined = add_intensity_term(scores[c.case_id], np.ones(len(c.labels), bool), c.features[:, flair], weight)
-            s.append(combined[c.validation])
-        best = max(best, (_auprc(_pooled(s), y), weight))
-    return best[1]
-
-
-def _component_override(test_cases: Sequence[CaseData], min_voxels: int, scores: dict[str, np.ndarray]):
-    """``+cc``: at the threshold, :func:`~ADMAnomalyLib.postprocess.suppress_small_components` on each
-    test case's brain-voxel scores (the map stays continuous)."""
-
-    def apply(threshold: float) -> dict[str, np.ndarray]:
-        out = {}
-        for c in test_cases:
-            volume = np.full(c.brain.shape, -np.inf, dtype=np.float32)
-            volume[c.brain] = scores[c.case_id]
-            out[c.case_id] = suppress_small_components(volume, c.brain, threshold, min_voxels)[c.brain]
-        return out
-
-    return apply
+def study_summaries(runs: Sequence[dict[str, Any]], seed_pooled: Sequence[dict[str, Any]], methods: Sequence[str],
+                    split: str, domains: Sequence[str]) -> dict[str, Any]:
+    """``summary``: mean +- sd over runs (patient split) or, for the domain split, over seeds of the
+    metrics pooled over every left-out test case of a seed; plus ``domain_summary`` (domain split):
+    per domain, mean +- sd over seeds."""
+    if split != "domains":
+        return {"summary": summarise(runs, methods)}
+    return {"summary": summarise(seed_pooled, methods),
+            "domain_summary": {d: summarise([r for r in runs if r.get("domain") == d], methods) for d in domains},
+            "seed_pooled": list(seed_pooled)}
 
 
 SUMMARY_METRICS = ("auroc", "auprc", "dice", "best_dice", "precision", "recall")

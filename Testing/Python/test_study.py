@@ -21,7 +21,7 @@ from ADMAnomalyLib.networks import ADMNetwork
 from conftest import make_synthetic_case
 
 STUDY_METHODS = ("ADM", "ADM+X +smooth+rim", "ADM +flip", "DAGMM-conv", "OCSVM", "Mahalanobis", "FLAIR z",
-                 "FLAIR z +med+cc")
+                 "FLAIR z +med5+cc")
 
 
 # -- options ----------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_postprocess_cache_shared_by_configurations_with_other_margins():
     brain = ((z - 30) ** 2 + (y - 35) ** 2 + (x - 35) ** 2) < 100
     values = np.where(brain, np.random.default_rng(1).standard_normal(brain.shape), 0.0).astype(np.float32)
     configs = [PostprocessConfig(smoothing_sigma_mm=3.0, rim_erosion_mm=3.0),
-               PostprocessConfig(rim_erosion_mm=3.0, median_size=5),
+               PostprocessConfig(rim_erosion_mm=3.0, median_size_mm=5.0),
                PostprocessConfig(smoothing_sigma_mm=1.0, rim_erosion_mm=2.0)]
     cache: dict = {}
     for cfg in configs + configs:
@@ -225,7 +225,7 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     from ADMAnomalyLib import api
     from ADMAnomalyLib.cases import find_cases
     from ADMAnomalyLib.infer import ctoc_translations
-    from ADMAnomalyLib.study.runner import _postprocessed, raw_energy
+    from ADMAnomalyLib.study.runner import RunCaches, _postprocessed, raw_energy
 
     model = api.load_model(trained_model)
     settings = study.quick_settings(preset="tiny", image_size=model.config.preprocess.image_size, device="cpu")
@@ -237,8 +237,10 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     study_energy = raw_energy(model, case, options, translations)
     product = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(study_energy, product[case.brain])
-    post = PostprocessConfig(smoothing_sigma_mm=2.0, rim_erosion_mm=1.0, flair_weight=1.5, median_size=3)
-    study_post = _postprocessed({case.case_id: study_energy}, post, [case], {case.case_id: {}}, {}, "ADM")
+    post = PostprocessConfig(smoothing_sigma_mm=2.0, rim_erosion_mm=1.0, flair_weight=1.5, median_size_mm=3.0,
+                             standardise="robust")
+    study_post = _postprocessed({case.case_id: study_energy}, post, [case],
+                                lambda c: c.prepared.native_zscored["flair"], RunCaches(), "ADM")
     model.config.postprocess = post
     product_post = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(study_post[case.case_id], product_post[case.brain])
