@@ -245,3 +245,227 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     product_post = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(study_post[case.case_id], product_post[case.brain])
     assert not np.allclose(study_post[case.case_id], study_energy)
+
+
+# -- leave one domain out ---------------------------------------------------------------------------
+
+DOMAIN_STUDY_METHODS = ("FLAIR z", "FLAIR z +med3+cc", "ADM", "ADM +post", "ADM robust-norm")
+
+
+def _rescale_case(case_dir, factor: float) -> None:
+    """Multiply every contrast of a synthetic case by ``factor`` (another site's intensity scale)."""
+    import SimpleITK as sitk
+
+    for path in case_dir.iterdir():
+        if "seg" in path.name.lower() or "gold" in path.name.lower():
+            continue
+        image = sitk.ReadImage(str(path))
+        scaled = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) * np.float32(factor))
+        scaled.CopyInformation(image)
+        sitk.WriteImage(scaled, str(path))
+
+
+def _mirror_labels(case_dir) -> None:
+    """Move a case's lesion label to the mirrored position (the images stay as they are)."""
+    import SimpleITK as sitk
+
+    for path in case_dir.iterdir():
+        if "seg" in path.name.lower():
+            image = sitk.ReadImage(str(path))
+            moved = sitk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayFromImage(image)[:, :, ::-1]))
+            moved.CopyInformation(image)
+            sitk.WriteImage(moved, str(path))
+
+
+def _make_domains(root):
+    """Three tiny synthetic domains with different intensity scales; 'site B' in the open_ms layout,
+    'site C' picked by a case glob from a folder that also holds other cases."""
+    for number in range(2):
+        make_synthetic_case(root / "a", case_id=f"a_{number}", seed=number)
+        _rescale_case(make_synthetic_case(root / "b", case_id=f"b{number}", naming="ms", seed=10 + number), 3.0)
+    _rescale_case(make_synthetic_case(root / "c", case_id="c_0", seed=20), 0.5)
+    make_synthetic_case(root / "c", case_id="other_0", seed=21)
+    domains = {"site A": {"folder": "a"}, "site B": {"folder": "b", "pattern": "open_ms"},
+               "site C": {"folder": "c", "cases": "c_*"}}
+    path = root / "domains.json"
+    path.write_text(json.dumps(domains), encoding="utf-8")
+    return path
+
+
+def _domain_settings(**overrides):
+    return study.quick_settings(split="domains", preset="tiny", image_size=32, epochs_ctoc=1, epochs_joint=1,
+                                batch_size=4, lesion_margin=1, device="cpu", curve_points=40,
+                                methods=DOMAIN_STUDY_METHODS, **overrides)
+
+
+def test_domains_file_parsing_and_errors(tmp_path):
+    path = _make_domains(tmp_path)
+    domains = study.load_domains(path)
+    assert list(domains) == ["site A", "site B", "site C"]
+    assert {name: [f.case_id for f in files] for name, files in domains.items()} == {
+        "site A": ["a_0", "a_1"], "site B": ["b0", "b1"], "site C": ["c_0"]}
+    assert all(f.label is not None for files in domains.values() for f in files)
+
+    def write(entries):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(entries), encoding="utf-8")
+        return bad
+
+    good = {"site A": {"folder": "a"}, "site C": {"folder": "c", "cases": "c_*"}}
+    with pytest.raises(InputError, match="folder .* not found"):
+        study.load_domains(write({**good, "gone": {"folder": "nowhere"}}))
+    with pytest.raises(InputError, match="no case id .* matches"):
+        study.load_domains(write({**good, "empty": {"folder": "c", "cases": "z_*"}}))
+    with pytest.raises(InputError, match="unknown pattern 'brats99'"):
+        study.load_domains(write({**good, "odd": {"folder": "b", "pattern": "brats99"}}))
+    with pytest.raises(InputError, match="a_0 is in two domains"):
+        study.load_domains(write({**good, "again": {"folder": "a", "cases": "a_0"}}))
+    with pytest.raises(InputError, match="at least two domains"):
+        study.load_domains(write({"site A": {"folder": "a"}}))
+    with pytest.raises(InputError, match="needs a 'folder'"):
+        study.load_domains(write({**good, "typo": {"fodler": "a"}}))
+    with pytest.raises(InputError, match="not found"):
+        study.load_domains(tmp_path / "missing.json")
+    # Exactly one of a data folder and --domains: a usage error otherwise.
+    assert main(["study", "-o", str(tmp_path / "out")]) == 2
+    assert main(["study", str(tmp_path / "a"), "--domains", str(path), "-o", str(tmp_path / "out")]) == 2
+
+
+def test_domain_balanced_choices_average_the_domains():
+    from types import SimpleNamespace
+
+    from ADMAnomalyLib.metrics import detection_metrics, threshold_metrics
+
+    rng = np.random.default_rng(0)
+
+    def domain(name, n, lesion_level):
+        # Lesions score around `lesion_level`, normal tissue around 0: each domain prefers its own threshold.
+        labels = rng.random(n) < 0.2
+        scores = np.where(labels, rng.normal(lesion_level, 0.5, n), rng.normal(0.0, 0.5, n)).astype(np.float32)
+        case = SimpleNamespace(case_id=name, labels=labels, validation=np.ones(n, bool), domain=name)
+        return case, scores
+
+    big, small_1, small_2 = domain("big", 20000, 1.2), domain("small1", 500, 4.0), domain("small2", 500, 4.0)
+    cases = [big[0], small_1[0], small_2[0]]
+    scores = {case.case_id: s for case, s in (big, small_1, small_2)}
+    groups = study.selection_groups(cases, "domains")
+    assert [[c.case_id for c in g] for g in groups] == [["big"], ["small1"], ["small2"]]
+    assert study.selection_groups(cases, "patients") == [cases]
+    balanced = study.validation_threshold(scores, groups)
+    pooled = study.validation_threshold(scores, [cases])
+
+    def mean_dice(t):
+        return np.mean([threshold_metrics(scores[c.case_id], c.labels, t).dice for c in cases])
+
+    candidates = np.unique(np.concatenate(list(scores.values())))
+    best = max(mean_dice(t) for t in candidates[::7])
+    assert mean_dice(balanced) >= best - 1e-12, "the balanced threshold maximises the mean of the domains' Dice"
+    assert mean_dice(balanced) > mean_dice(pooled) + 0.01, "the big domain dictates the pooled choice"
+    # One group: exactly the pooled best-F1 threshold.
+    from ADMAnomalyLib.metrics import best_f1_threshold
+    assert pooled == pytest.approx(best_f1_threshold(np.concatenate(list(scores.values())),
+                                                     np.concatenate([c.labels for c in cases]))[0])
+    per_domain = [detection_metrics(scores[c.case_id], c.labels).auprc for c in cases]
+    assert study.validation_auprc(scores, groups) == pytest.approx(np.mean(per_domain))
+
+
+def test_greedy_postprocess_choice_takes_the_best_candidate_field_by_field():
+    from ADMAnomalyLib.study.runner import choose_postprocess
+
+    seen = []
+
+    def criterion(post):
+        seen.append(post)
+        # Prefers smoothing 2, no rim, w = 4 and a 3 mm median.
+        return (-abs(post.smoothing_sigma_mm - 2) - post.rim_erosion_mm - abs(post.flair_weight - 4)
+                - abs(post.median_size_mm - 3))
+
+    post, chosen = choose_postprocess(PostprocessConfig(standardise="robust"), study.methods.POST_SEARCH, criterion)
+    assert chosen == {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 0.0, "flair_weight": 4.0, "median_size_mm": 3.0}
+    assert post.standardise == "robust" and post.flair_weight == 4.0
+    assert len(seen) == sum(len(study.POST_CANDIDATES[f]) for f in study.methods.POST_SEARCH)
+
+
+def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
+    settings = study.quick_settings(preset="tiny")
+    groups = study.ctoc_groups(list(study.NETWORKS), settings, 0)
+    assert groups == [["ADM", "ADM+X", "ADM_ct", "ADM_woj"], ["ADM robust-norm"], ["ADM site-aug"], ["ADM unc"],
+                      ["ADM+"]]
+    assert not any("ADM_dr" in g for g in groups)  # no CtoC at all
+    base = study.network_config("ADM", settings, 0)
+    assert study.ctoc_key(base) == study.ctoc_key(preset("tiny", **{
+        **{k: v for k, v in base.to_dict().items() if k in ("preprocess", "model")},
+        "train": {**base.to_dict()["train"], "epochs_joint": 99, "lr_joint": 0.1}}))
+    for section, change in (("train", {"epochs_ctoc": 99}), ("train", {"nll_beta": 0.1}), ("train", {"seed": 5}),
+                            ("model", {"median_bias": False}), ("preprocess", {"normalisation": "robust"})):
+        data = base.to_dict()
+        data[section] = {**data[section], **change}
+        assert study.ctoc_key(ADMConfig.from_dict(data)) != study.ctoc_key(base), change
+
+
+@pytest.fixture(scope="module")
+def domain_runs(tmp_path_factory):
+    """The domain study twice: as made, and with the test domain 'site C''s labels moved."""
+    root = tmp_path_factory.mktemp("domains")
+    path = _make_domains(root)
+    first = study.run_study(None, root / "out", _domain_settings(), command="pytest domains", domains_file=path)
+    _mirror_labels(root / "c" / "c_0")
+    second = study.run_study(None, root / "out2", _domain_settings(), domains_file=path)
+    return root, first, second
+
+
+def test_leave_one_domain_out_never_uses_the_test_domain(domain_runs):
+    _, first, second = domain_runs
+    assert first["split"] == "domains" and [r["domain"] for r in first["runs"]] == ["site A", "site B", "site C"]
+    for run in first["runs"]:
+        test_domain = run["domain"]
+        assert run["test"] == first["domains"][test_domain]
+        assert sorted(run["train"]) == sorted(c for d, ids in first["domains"].items() if d != test_domain for c in ids)
+        assert test_domain not in run["train_domains"]
+        for method in DOMAIN_STUDY_METHODS:
+            assert [row["case_id"] for row in run["methods"][method]["per_case"]] == run["test"]
+        assert set(run["methods"]["ADM +post"]["chosen"]) == set(study.methods.POST_SEARCH)
+    # Changing the test domain's labels changes its test metrics but no choice of its run.
+    run_c1, run_c2 = first["runs"][2], second["runs"][2]
+    for method in DOMAIN_STUDY_METHODS:
+        assert run_c1["methods"][method]["threshold"] == run_c2["methods"][method]["threshold"], method
+        assert run_c1["methods"][method].get("chosen") == run_c2["methods"][method].get("chosen"), method
+    assert run_c1["methods"]["FLAIR z"]["pooled"]["auprc"] != run_c2["methods"]["FLAIR z"]["pooled"]["auprc"]
+    # ... while site C's labels are validation data in the other runs.
+    assert any(first["runs"][i]["methods"][m]["threshold"] != second["runs"][i]["methods"][m]["threshold"]
+               for i in (0, 1) for m in DOMAIN_STUDY_METHODS)
+
+
+def test_domain_summary_per_domain_and_pooled(domain_runs):
+    root, first, _ = domain_runs
+    assert list(first["domain_summary"]) == ["site A", "site B", "site C"]
+    for summary in list(first["domain_summary"].values()) + [first["summary"]]:
+        assert list(summary) == list(DOMAIN_STUDY_METHODS)
+        for row in summary.values():
+            assert set(row) == set(study.SUMMARY_METRICS)
+            assert row["auprc"]["n"] == 1 and row["auprc"]["mean"] is not None  # one seed
+    assert [p["seed"] for p in first["seed_pooled"]] == [0]
+    # Pooled over the left-out cases: the pooled voxels of the three runs.
+    pooled = first["seed_pooled"][0]["methods"]["FLAIR z"]["pooled"]
+    assert pooled["n_voxels"] == sum(r["methods"]["FLAIR z"]["pooled"]["n_voxels"] for r in first["runs"])
+    assert first["singularity"] is None
+    on_disk = json.loads((root / "out" / "study.json").read_text(encoding="utf-8"))
+    assert on_disk["domain_summary"] == json.loads(json.dumps(first["domain_summary"]))
+
+
+def test_report_with_in_domain_and_domain_sections(domain_runs, study_run, tmp_path):
+    root, first, _ = domain_runs
+    _, patient_out, _ = study_run
+    docs = tmp_path / "docs"
+    assert main(["study", "--report-only", str(patient_out), str(root / "out"), "--docs", str(docs)]) == 0
+    text = (docs / "results.md").read_text(encoding="utf-8")
+    assert "## In-domain: patient-level folds" in text and "## Leave-one-domain-out" in text
+    for domain in ("site A", "site B", "site C"):
+        assert f"### Test domain: {domain}" in text
+    assert "### Pooled over all left-out test cases" in text
+    assert text.count("Verdict:") == 4 and "the raw ADM energy" in text
+    assert f"{first['summary']['ADM']['auprc']['mean']:.3f}" in text
+    assert "pytest domains" in text
+    # A domain study alone reports too.
+    only = study.make_report(root / "out" / "study.json", tmp_path / "docs_only")
+    assert "## Leave-one-domain-out" in only.read_text(encoding="utf-8")
