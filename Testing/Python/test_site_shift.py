@@ -276,6 +276,8 @@ def test_site_augmentation_keeps_background_zero_is_deterministic_and_changes_in
     assert torch.equal(out, _site(x, b))
     assert not torch.allclose(out, _site(x, b, seed=1))
     assert (out - x)[~outside].abs().mean() > 0.02
+    b[0] = False  # a slice without brain stays empty (no NaN from its empty range)
+    assert torch.equal(_site(x * b.unsqueeze(1), b)[0], torch.zeros_like(x[0]))
 
 
 def test_site_augmentation_without_any_shift_is_the_identity():
