@@ -28,10 +28,9 @@ from ..errors import InputError
 from ..gmm import GMMAccumulator, GMMParams, SingularCovarianceError, diagonal_penalty, energy, mixture_statistics
 from ..infer import InferenceOptions, ctoc_translations, energy_volume
 from ..io import write_text_atomic
-from ..metrics import _curve, best_f1_threshold, json_safe, pooled_and_per_case
+from ..metrics import _curve, json_safe, pooled_and_per_case
 from ..networks import DRDecoder, DREncoder
-from ..postprocess import (add_intensity_term, median_filter_in_brain, postprocess_scores,
-                           suppress_small_components)
+from ..postprocess import postprocess_scores, suppress_small_components
 from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices_to_image
 from ..train import Trainer, masked_mse
 from .domains import load_domains
