@@ -381,6 +381,17 @@ def selection_groups(train_cases: Sequence[CaseData], split: str) -> list[list[C
     return list(groups.values())
 
 
+def search_groups(groups: Sequence[Sequence[CaseData]], per_group: int | None) -> list[list[CaseData]]:
+    """At most ``per_group`` cases of each group, evenly spread over its cases in id order."""
+    out = []
+    for group in groups:
+        ordered = sorted(group, key=lambda case: case.case_id)
+        if per_group is not None and len(ordered) > per_group:
+            ordered = [ordered[i] for i in np.linspace(0, len(ordered) - 1, per_group).round().astype(int)]
+        out.append(ordered)
+    return out
+
+
 def _validation_voxels(scores: dict[str, np.ndarray], group: Sequence[CaseData]) -> tuple[np.ndarray, np.ndarray]:
     s = _pooled([np.asarray(scores[c.case_id], np.float32)[c.validation] for c in group])
     y = _pooled([c.labels[c.validation] for c in group]).astype(bool)
@@ -621,9 +632,12 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
 
     extra: dict[str, Any] = {}
     if spec.search:
+        groups = search_groups(run.groups, settings.search_cases_per_group)
+        search_cases = [case for group in groups for case in group]
+
         def criterion(candidate: PostprocessConfig) -> float:
-            return validation_auprc(_postprocessed(run.raw[key], candidate, run.train_cases, flair_of, run.caches,
-                                                   key, keep=False), run.groups)
+            return validation_auprc(_postprocessed(run.raw[key], candidate, search_cases, flair_of, run.caches,
+                                                   key, keep=False), groups)
 
         post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)
         extra["postprocess"] = dataclasses.asdict(post)

@@ -469,3 +469,15 @@ def test_report_with_in_domain_and_domain_sections(domain_runs, study_run, tmp_p
     # A domain study alone reports too.
     only = study.make_report(root / "out" / "study.json", tmp_path / "docs_only")
     assert "## Leave-one-domain-out" in only.read_text(encoding="utf-8")
+
+
+def test_search_groups_spread_a_cap_over_each_group_and_keep_small_groups_whole():
+    from types import SimpleNamespace
+    from ADMAnomalyLib.study.runner import search_groups
+
+    big = [SimpleNamespace(case_id=f"c{i:02d}") for i in range(12)]
+    small = [SimpleNamespace(case_id="m")]
+    capped = search_groups([list(reversed(big)), small], 4)
+    assert [c.case_id for c in capped[0]] == ["c00", "c04", "c07", "c11"]
+    assert [c.case_id for c in capped[1]] == ["m"]
+    assert [len(g) for g in search_groups([big, small], None)] == [12, 1]
