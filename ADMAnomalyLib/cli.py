@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model on the normal slices of a folder of cases")
-    train.add_argument("data_dir", type=Path, help="folder of cases (lesion labels optional) or a slice cache")
+    train.add_argument("data_dir", type=Path,
+                       help="folder of cases (lesion labels optional), a domains file (.json: several folders, "
+                            "see benchmarks/domains.json) or a slice cache")
     train.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.admm)")
     train.add_argument("--preset", choices=sorted(PRESETS), default="small", help="size preset (default: small)")
     train.add_argument("--epochs-ctoc", type=_non_negative_int, help="epochs of step 1 (CtoC)")

@@ -441,12 +441,14 @@ def train(
     metadata: dict[str, Any] | None = None,
     context: DistributedContext = SINGLE_PROCESS,
 ) -> ADMModel:
-    """Train a model on the cases in ``data_dir`` (or a slice cache) and write it to ``output_path``.
+    """Train a model on the cases in ``data_dir`` (a folder of cases, a domains file naming several
+    folders — :mod:`ADMAnomalyLib.domains` — or a slice cache) and write it to ``output_path``.
 
     A checkpoint ``<output>.ckpt`` is written every epoch; ``resume=True`` continues from it. The
     checkpoint is removed once the model file is written. ``context`` comes from
     :func:`ADMAnomalyLib.distributed.init_from_environment` under torchrun."""
     from .cache import is_slice_cache, load_slice_cache
+    from .domains import domain_cases, is_domains_file
 
     output_path = Path(output_path)
     if not output_path.parent.is_dir() or not os.access(output_path.parent, os.W_OK):
@@ -459,7 +461,12 @@ def train(
         # One rank checks the checksums; the others read the same files.
         data = load_slice_cache(data_dir, config, verify=context.is_main)
     else:
-        case_files = list(data_dir) if not isinstance(data_dir, (str, Path)) else find_cases(data_dir, pattern)
+        if not isinstance(data_dir, (str, Path)):
+            case_files = list(data_dir)
+        elif is_domains_file(data_dir):  # several folders (sites, collections), each with its own layout
+            case_files = domain_cases(data_dir)
+        else:
+            case_files = find_cases(data_dir, pattern)
         data = build_training_data(case_files, config)
     barrier(context)  # every rank has checked the checkpoint before rank 0 may write one
     trainer = Trainer(config, device, checkpoint, progress, should_cancel, show_progress_bar, context)

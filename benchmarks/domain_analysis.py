@@ -27,8 +27,6 @@ Writes ``<out>/domain_analysis.json`` (every number), ``<out>/tables.md`` and th
 from __future__ import annotations
 
 import argparse
-import fnmatch
-import inspect
 import json
 import math
 import os
@@ -45,7 +43,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 LESION_MARGIN_SLICES = 3
 """Normal pixels for the CtoC error: lesion-free slices at least this many slices from a lesion slice."""
@@ -59,44 +56,6 @@ TOP_FRACTION = 0.01
 
 # --------------------------------------------------------------------------------------------------
 # domains
-
-
-def load_domains(path: str | Path, data_root: str | Path | None = None) -> dict[str, list]:
-    """``{domain: [CaseFiles, ...]}`` from a domains file; the shared loader of ADMAnomalyLib.study if
-    there is one, else the same format read here. A relative folder is taken relative to ``data_root``
-    (default ``<repo>/../shared/data``), else relative to the file's folder."""
-    try:  # the shared loader, when another part of the project provides it
-        from ADMAnomalyLib.study import domains as shared  # type: ignore
-
-        loader = getattr(shared, "load_domains", None)
-        if loader is not None:
-            params = inspect.signature(loader).parameters
-            return loader(path, data_root) if len(params) > 1 and data_root is not None else loader(path)
-    except ImportError:
-        pass
-    from ADMAnomalyLib.cases import OPEN_MS_PATTERN, find_cases
-
-    path = Path(path)
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    roots = [Path(data_root) if data_root is not None else DEFAULT_DATA_ROOT, path.parent]
-    domains: dict[str, list] = {}
-    for name, entry in spec.items():
-        if name.startswith("_") or not isinstance(entry, dict):
-            continue
-        folder = Path(entry["folder"])
-        if not folder.is_absolute():
-            folder = next((root / folder for root in roots if (root / folder).is_dir()), roots[0] / folder)
-        pattern = entry.get("pattern")
-        if pattern == "open_ms":
-            pattern = OPEN_MS_PATTERN
-        cases = find_cases(folder, pattern)
-        glob = entry.get("cases")
-        if glob:
-            cases = [c for c in cases if fnmatch.fnmatch(c.case_id, glob)]
-        if not cases:
-            raise ValueError(f"domain {name}: no case in {folder} matches {glob!r}")
-        domains[name] = cases
-    return domains
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,29 +234,17 @@ def choose_example_slice(maps: dict[str, np.ndarray], label: np.ndarray) -> dict
 # intensity normalisation (part 3, model-independent)
 
 
-def engine_has_robust() -> bool:
-    """Whether ``preprocess.prepare_case`` implements ``normalisation = "robust"``."""
-    from ADMAnomalyLib import preprocess
-
-    return "robust" in inspect.getsource(preprocess)
-
-
-def robust_stats(values: np.ndarray) -> tuple[float, float]:
-    """(median, IQR / 1.349) of ``values``."""
-    q25, q50, q75 = np.percentile(values, (25, 50, 75))
-    return float(q50), float((q75 - q25) / 1.349)
-
-
-def intensity_case(case, prepared_z, robust_native: dict[str, np.ndarray] | None) -> dict[str, Any]:
+def intensity_case(case, prepared_z, robust_native: dict[str, np.ndarray]) -> dict[str, Any]:
     """Part 3 for one case on its native grid: negative raw intensities in the brain, normal-tissue
     percentiles under z-score and robust normalisation, and how far the lesion moves normal tissue.
 
     ``prepared_z`` is the case prepared with z-score normalisation (its brain mask and lesion are
-    the engine's); ``robust_native`` the engine's robust-normalised native volumes, or None to
-    compute (x - median) / (IQR / 1.349) over the brain here."""
+    the engine's); ``robust_native`` the engine's robust-normalised native volumes
+    (``preprocess.normalisation = "robust"``)."""
     import SimpleITK as sitk
 
     from ADMAnomalyLib.config import CONTRASTS
+    from ADMAnomalyLib.preprocess import normalisation_statistics
 
     brain = prepared_z.native_brain
     lesion = prepared_z.native_lesion if prepared_z.native_lesion is not None else np.zeros_like(brain)
@@ -309,15 +256,12 @@ def intensity_case(case, prepared_z, robust_native: dict[str, np.ndarray] | None
         normal = raw[normal_mask].astype(np.float64)
         mean, std = float(inside.mean()), float(inside.std())
         engine_mean, engine_std = prepared_z.zscore[name]
-        med, scale = robust_stats(inside)
+        med, scale = normalisation_statistics(inside, "robust")
         z = (normal - mean) / std
-        if robust_native is not None:
-            r = robust_native[name][normal_mask].astype(np.float64)
-        else:
-            r = (normal - med) / scale
+        r = robust_native[name][normal_mask].astype(np.float64)
         # Normalisation on normal tissue only (what it would be without the lesion).
         n_mean, n_std = float(normal.mean()), float(normal.std())
-        n_med, n_scale = robust_stats(normal)
+        n_med, n_scale = normalisation_statistics(normal, "robust")
         zq = np.percentile(z, PERCENTILES)
         rq = np.percentile(r, PERCENTILES)
         out["contrasts"][name] = {
@@ -462,7 +406,6 @@ def analyse(model_paths: list[str | Path], domains: dict[str, list], device: str
             label += "_"
         models[label] = model
     options = InferenceOptions(device=device, precision="fp32", batch_size=16)
-    robust_in_engine = engine_has_robust()
     model_records: dict[str, dict[str, list]] = {m: {} for m in models}
     intensity_records: dict[str, dict[str, Any]] = {}
     examples: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in models}
@@ -475,12 +418,10 @@ def analyse(model_paths: list[str | Path], domains: dict[str, list], device: str
             start = time.perf_counter()
             case = load_case(files)
             base_cfg = next(iter(models.values())).config.preprocess
-            z_cfg = replace(base_cfg, normalisation="zscore") if hasattr(base_cfg, "normalisation") else base_cfg
+            z_cfg = replace(base_cfg, normalisation="zscore")
             prepared_z = prepare_case(case, z_cfg, keep_native=())
-            robust_native = None
-            if robust_in_engine:
-                robust_native = prepare_case(case, replace(z_cfg, normalisation="robust"),
-                                             keep_native=CONTRASTS).native_zscored
+            robust_native = prepare_case(case, replace(z_cfg, normalisation="robust"),
+                                         keep_native=CONTRASTS).native_zscored
             intensity_records[domain][files.case_id] = intensity_case(case, prepared_z, robust_native)
             del robust_native
             for label, model in models.items():
@@ -497,7 +438,6 @@ def analyse(model_paths: list[str | Path], domains: dict[str, list], device: str
                      "resolution": "network (128x128 axial slices, every slice containing brain)",
                      "lesion_margin_slices": LESION_MARGIN_SLICES, "sample_rate_normal": SAMPLE_RATE,
                      "rim_pixels": RIM_PIXELS, "top_fraction": TOP_FRACTION,
-                     "robust_normalisation_from_engine": robust_in_engine,
                      "definitions": {
                          "edge": "sqrt(sum over the 4 z-scored network-input contrasts of squared central "
                                  "differences along rows and columns)",
@@ -781,7 +721,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", help="model file (repeatable; required unless --replot)")
     parser.add_argument("--domains", default=str(REPO / "benchmarks" / "domains.json"))
-    parser.add_argument("--data-root", default=None, help="folder the domains' relative folders are under")
     parser.add_argument("-o", "--output", default="runs/domain_analysis")
     parser.add_argument("--docs", default=None, help="docs folder: figures go to <docs>/figures")
     parser.add_argument("--device", default="cpu")
@@ -799,8 +738,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from ADMAnomalyLib.domains import load_domains
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    domains = load_domains(args.domains, args.data_root)
+    domains = load_domains(args.domains)
     if args.only:
         domains = {d: c for d, c in domains.items() if d in args.only}
     if args.max_cases:

@@ -33,7 +33,7 @@ draws the figures and :func:`write_report` writes ``docs/results.md`` from it.
 
 from __future__ import annotations
 
-from .domains import KNOWN_PATTERNS, load_domains
+from ..domains import KNOWN_PATTERNS, load_domains
 from .methods import (DEFAULT_METHODS, DOMAIN_METHODS, METHODS, NETWORKS, POST_CANDIDATES, QUICK_METHODS, MethodSpec,
                       StudySettings, ctoc_groups, ctoc_key, full_settings, network_config, postprocess_for,
                       quick_settings)

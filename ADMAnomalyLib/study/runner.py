@@ -33,7 +33,7 @@ from ..networks import DRDecoder, DREncoder
 from ..postprocess import postprocess_scores, suppress_small_components
 from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices_to_image
 from ..train import Trainer, masked_mse
-from .domains import load_domains
+from ..domains import load_domains
 from .methods import (METHODS, POST_CANDIDATES, MethodSpec, StudySettings, baseline_preprocess, ctoc_groups,
                       network_config, postprocess_for, preprocess_key)
 
@@ -532,6 +532,8 @@ def study_cases(data_dir: str | Path | None, domains_file: str | Path | None,
     if (domains_file is not None) != (settings.split == "domains"):
         raise InputError("a domains file goes with split='domains', a folder of cases with split='patients'")
     domains = load_domains(domains_file) if domains_file is not None else {"": find_cases(data_dir)}
+    if domains_file is not None and len(domains) < 2:
+        raise InputError(f"{domains_file}: leaving one domain out needs at least two domains, found {len(domains)}")
     return {name: files[: settings.max_cases] if settings.max_cases else files for name, files in domains.items()}
 
 

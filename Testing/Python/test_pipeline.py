@@ -317,3 +317,16 @@ def test_training_settings_are_mapped_once(tmp_path):
         api.training_config("tiny", settings=["train.precision=fp16"])
     with pytest.raises(InputError, match="SECTION.FIELD=VALUE"):
         api.training_config("tiny", settings=["nonsense"])
+
+
+def test_train_on_a_domains_file_uses_every_domain_with_its_own_layout(tmp_path):
+    make_synthetic_case(tmp_path / "site_a", "a_1", seed=1)
+    make_synthetic_case(tmp_path / "site_a", "a_2", seed=2)
+    make_synthetic_case(tmp_path / "ms", "p7", naming="ms", seed=3)
+    domains = tmp_path / "domains.json"
+    domains.write_text(json.dumps({"site A": {"folder": "site_a"}, "MS": {"folder": "ms", "pattern": "open_ms"}}),
+                       encoding="utf-8")
+    model = api.train(domains, tmp_path / "m.admm", tiny_config(), device="cpu", show_progress_bar=False)
+    assert model.metadata["training_data"]["cases"] == ["a_1", "a_2", "p7"]
+    assert main(["train", str(domains), "-o", str(tmp_path / "cli.admm"), "--preset", "tiny", "--epochs-ctoc", "1",
+                 "--epochs-joint", "1", "--lesion-margin", "1", "--device", "cpu", "--progress", "none"]) == 0

@@ -12,12 +12,14 @@ import torch
 from ADMAnomalyLib import study
 from ADMAnomalyLib.cli import main
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, preset
+from ADMAnomalyLib.domains import domain_cases
 from ADMAnomalyLib.errors import InputError
 from ADMAnomalyLib.gmm import GMMAccumulator
 from ADMAnomalyLib.infer import InferenceOptions, energy_slices
 from ADMAnomalyLib.postprocess import postprocess_scores as postprocess_array
 from ADMAnomalyLib.model import ADMModel
 from ADMAnomalyLib.networks import ADMNetwork
+from ADMAnomalyLib.study.runner import study_cases
 from conftest import make_synthetic_case
 
 STUDY_METHODS = ("ADM", "ADM+X +smooth+rim", "ADM +flip", "DAGMM-conv", "OCSVM", "Mahalanobis", "FLAIR z",
@@ -320,8 +322,10 @@ def test_domains_file_parsing_and_errors(tmp_path):
         study.load_domains(write({**good, "odd": {"folder": "b", "pattern": "brats99"}}))
     with pytest.raises(InputError, match="a_0 is in two domains"):
         study.load_domains(write({**good, "again": {"folder": "a", "cases": "a_0"}}))
+    single = write({"site A": {"folder": "a"}})  # fine to train on, not to leave a domain out
+    assert [f.case_id for f in domain_cases(single)] == ["a_0", "a_1"]
     with pytest.raises(InputError, match="at least two domains"):
-        study.load_domains(write({"site A": {"folder": "a"}}))
+        study_cases(None, single, study.quick_settings(split="domains"))
     with pytest.raises(InputError, match="needs a 'folder'"):
         study.load_domains(write({**good, "typo": {"fodler": "a"}}))
     with pytest.raises(InputError, match="not found"):

@@ -1,4 +1,5 @@
-"""Domains of the leave-one-domain-out study, read from a JSON file.
+"""A cohort made of several domains (sites, collections, pathologies), read from a JSON file: the
+leave-one-domain-out study splits by it, and ``admanomaly train DOMAINS.json`` trains on all of it.
 
 A domains file maps each domain's name to where its labelled cases are::
 
@@ -17,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cases import OPEN_MS_PATTERN, CaseFiles, find_cases
-from ..errors import InputError
+from .cases import OPEN_MS_PATTERN, CaseFiles, find_cases
+from .errors import InputError
 
 KNOWN_PATTERNS: dict[str, dict[str, str]] = {"open_ms": OPEN_MS_PATTERN}
 """File layouts a domain may name (``"pattern": NAME``); without one, files are found by name."""
@@ -40,9 +41,19 @@ def load_domains(path: str | Path) -> dict[str, list[CaseFiles]]:
                 raise InputError(f"{path}: case {case.case_id} is in two domains ({owner[case.case_id]!r} and {name!r})")
             owner[case.case_id] = name
         domains[name] = files
-    if len(domains) < 2:
-        raise InputError(f"{path}: leaving one domain out needs at least two domains, found {len(domains)}")
+    if not domains:
+        raise InputError(f"{path}: the domains file names no domain")
     return domains
+
+
+def is_domains_file(path: str | Path) -> bool:
+    """Whether ``path`` names a domains file (a ``.json`` file) rather than a folder of cases."""
+    return Path(path).suffix.lower() == ".json" and not Path(path).is_dir()
+
+
+def domain_cases(path: str | Path) -> list[CaseFiles]:
+    """Every case of the domains file ``path``, domain after domain (for training on all of them)."""
+    return [case for files in load_domains(path).values() for case in files]
 
 
 def _read_entries(path: Path) -> dict[str, dict[str, Any]]:
