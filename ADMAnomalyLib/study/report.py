@@ -259,8 +259,8 @@ def domain_verdict(study: dict[str, Any], summary: dict[str, Any]) -> str:
     return "; ".join(parts) + "." if parts else "no comparison possible."
 
 
-def _domain_lines(study: dict[str, Any]) -> list[str]:
-    """The leave-one-domain-out part of ``docs/results.md``."""
+def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) -> list[str]:
+    """The leave-one-domain-out part of ``docs/results.md``; ``figures``: {key: path relative to docs}."""
     s = study["settings"]
     seeds = s["seeds"]
     domains = study["domains"]
@@ -293,6 +293,7 @@ def _domain_lines(study: dict[str, Any]) -> list[str]:
     for title, summary in blocks:
         lines += [f"### {title}", "", _domain_table(summary, methods), "", f"Verdict: {domain_verdict(study, summary)}",
                   ""]
+    lines += _domain_figure_lines(study, figures or {})
     chosen = _chosen_lines(study, lambda run: f"test {run['domain']}")
     if chosen:
         lines += ["Post-processing chosen on the training domains' validation voxels:", ""] + chosen + [""]
@@ -301,17 +302,137 @@ def _domain_lines(study: dict[str, Any]) -> list[str]:
     return lines + [""] + _timing_lines(study)
 
 
+# -- leave-one-domain-out figures --------------------------------------------------------------------
+
+# Drawn in this order where the JSON has them; other methods are left out of the figures.
+DOMAIN_KEY_METHODS = ("FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", "ADM +post", "ADM+", "ADM+ +post")
+RAW_NETWORK_METHODS = ("ADM", "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+")
+RAW_REFERENCE = "FLAIR z"
+# One colour per method, shared by both figures (ten methods: the ten tab10 colours).
+_FIGURE_METHODS = tuple(dict.fromkeys(DOMAIN_KEY_METHODS + RAW_NETWORK_METHODS))
+
+DOMAIN_FIGURE_FILES = {"auprc_dice": "domains_auprc_dice.png", "raw_vs_flair": "domains_raw_vs_flair.png"}
+
+
+def _domain_panels(study: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, summary) of every left-out domain, then of the pooled test cases."""
+    return [(name, study["domain_summary"][name]) for name in study["domains"]] + [("pooled", study["summary"])]
+
+
+def _present_methods(panels: list[tuple[str, dict[str, Any]]], wanted: Sequence[str]) -> list[str]:
+    """The methods of ``wanted`` (in its order) that some panel has."""
+    return [m for m in wanted if any(m in summary for _, summary in panels)]
+
+
+def _method_colour(method: str) -> tuple[float, float, float]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"].colors
+    index = _FIGURE_METHODS.index(method) if method in _FIGURE_METHODS else len(_FIGURE_METHODS)
+    return palette[index % len(palette)]
+
+
+def _metric_value(summary: dict[str, Any], method: str, metric: str) -> tuple[float | None, float | None]:
+    """(mean, sd) of one method's metric in one panel; (None, None) where the panel lacks it."""
+    row = (summary.get(method) or {}).get(metric) or {}
+    return row.get("mean"), row.get("sd")
+
+
+def _grouped_bars(axis, panels: list[tuple[str, dict[str, Any]]], methods: list[str], metric: str) -> None:
+    """Bars of ``metric`` grouped by panel (domain), one bar per method, sd error bars where known."""
+    width = 0.8 / len(methods)
+    for slot, method in enumerate(methods):
+        offset = (slot - (len(methods) - 1) / 2) * width
+        bars = [(index + offset, *_metric_value(summary, method, metric)) for index, (_, summary) in enumerate(panels)]
+        bars = [(x, mean, sd) for x, mean, sd in bars if mean is not None]
+        if not bars:
+            continue
+        xs, means, sds = zip(*bars)
+        errors = [sd or 0.0 for sd in sds] if any(sd is not None for sd in sds) else None
+        axis.bar(xs, means, width=width * 0.95, yerr=errors, capsize=2 if errors else 0,
+                 color=_method_colour(method), label=method, error_kw={"linewidth": 0.9})
+    axis.set_xticks(range(len(panels)))
+    axis.set_xticklabels([label for label, _ in panels])
+    axis.set_ylim(bottom=0)
+    axis.grid(axis="y", alpha=0.3)
+
+
+def _bars_figure(panels: list[tuple[str, dict[str, Any]]], methods: list[str], metrics: Sequence[str],
+                 title: str, path: Path) -> Path:
+    """One row of grouped bars per metric, domains along x, a shared legend below."""
+    from .. import figures as fig
+
+    plt = fig._plt()
+    width = max(7.0, 1.0 + len(panels) * (0.35 * len(methods) + 0.6))
+    figure, axes = plt.subplots(len(metrics), 1, figsize=(width, 3.4 * len(metrics) + 1.0), squeeze=False)
+    for axis, metric in zip(axes[:, 0], metrics):
+        _grouped_bars(axis, panels, methods, metric)
+        axis.set_ylabel(METRIC_LABELS[metric].split(" (")[0])
+    axes[-1, 0].set_xlabel("left-out test domain")
+    axes[0, 0].set_title(title)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=9, frameon=False)
+    figure.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 4), 1, 1))
+    fig._save(plt, figure, path, dpi=110, tight=False)
+    return path
+
+
+def domain_auprc_dice_figure(study: dict[str, Any], path: Path) -> Path | None:
+    """AUPRC and Dice at the validation threshold of the key methods, per left-out domain and pooled."""
+    panels = _domain_panels(study)
+    methods = _present_methods(panels, DOMAIN_KEY_METHODS)
+    if not methods:
+        return None
+    return _bars_figure(panels, methods, ("auprc", "dice"),
+                        "Leave-one-domain-out: strong baselines, FLAIR z and ADM", path)
+
+
+def domain_raw_vs_flair_figure(study: dict[str, Any], path: Path) -> Path | None:
+    """AUPRC of every network's raw energy (no post-processing) beside raw FLAIR z, per domain and pooled."""
+    panels = _domain_panels(study)
+    networks = _present_methods(panels, RAW_NETWORK_METHODS)
+    if not networks:
+        return None
+    methods = _present_methods(panels, (RAW_REFERENCE,)) + networks
+    return _bars_figure(panels, methods, ("auprc",), "Raw energies against raw FLAIR z (no post-processing)", path)
+
+
+def domain_figures(study: dict[str, Any], figure_dir: Path) -> dict[str, Path]:
+    """Draw the leave-one-domain-out figures into ``figure_dir``; returns {key: path} of those written."""
+    drawers = {"auprc_dice": domain_auprc_dice_figure, "raw_vs_flair": domain_raw_vs_flair_figure}
+    written = {key: draw(study, Path(figure_dir) / DOMAIN_FIGURE_FILES[key]) for key, draw in drawers.items()}
+    return {key: path for key, path in written.items() if path is not None}
+
+
+def _domain_figure_lines(study: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """The figures of the domain section, each with its one-line caption."""
+    if not figures:
+        return []
+    spread = "; error bars: sd over seeds" if len(study["settings"]["seeds"]) > 1 else ""
+    captions = {
+        "auprc_dice": "AUPRC (top) and Dice at the threshold chosen on the training domains (bottom) of the "
+                      f"strong baselines, FLAIR z and ADM, per left-out domain and pooled{spread}.",
+        "raw_vs_flair": "Does the learned energy beat raw FLAIR? AUPRC of each network's raw energy (no "
+                        f"post-processing) beside raw FLAIR z, per left-out domain and pooled{spread}.",
+    }
+    lines = ["### Figures", ""]
+    for key, rel in figures.items():
+        lines += [f"![{key}]({rel})", "", f"*{captions.get(key, key)}*", ""]
+    return lines
+
+
 def write_report(studies: dict[str, Any] | Sequence[dict[str, Any]], docs_dir: str | Path,
-                 figures: dict[str, str]) -> Path:
+                 figures: dict[str, str], domain_figures: dict[str, str] | None = None) -> Path:
     """``docs/results.md`` from study JSONs (every number comes from them): the in-domain section of
-    a patient-fold study and the leave-one-domain-out section of a domain study, either or both."""
+    a patient-fold study and the leave-one-domain-out section of a domain study, either or both.
+    ``figures`` / ``domain_figures``: {key: path relative to ``docs_dir``} of each section's figures."""
     studies = [studies] if isinstance(studies, dict) else list(studies)
     lines = ["# Evaluation study: ADM against its ablations and simple baselines", "",
              "Generated by `ADMAnomalyLib.study.write_report` from `study.json`; no number here is typed by hand.",
              ""]
     for study in studies:
         if study.get("split", "patients") == "domains":
-            lines += _domain_lines(study)
+            lines += _domain_lines(study, domain_figures)
         else:
             lines += _in_domain_lines(study, figures)
     lines += ["## Data citation", "",
@@ -341,19 +462,23 @@ def _post_text(post: dict[str, Any]) -> str:
 
 def make_report(study_jsons: str | Path | Sequence[str | Path], docs_dir: str | Path) -> Path:
     """Figures (``docs/figures/*.png``) and ``docs/results.md`` from one or more study JSONs (a
-    patient-fold study and a leave-one-domain-out study); the figures come from the patient-fold one."""
+    patient-fold study and a leave-one-domain-out study); each section's figures come from the first
+    study of its split."""
     from .. import figures as fig
 
     paths = [Path(study_jsons)] if isinstance(study_jsons, (str, Path)) else [Path(p) for p in study_jsons]
     studies = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
     docs_dir = Path(docs_dir)
+    figure_dir = docs_dir / "figures"
     relative: dict[str, str] = {}
-    # The figures belong to the in-domain section (the domain section is tables and verdicts).
+    domain_relative: dict[str, str] = {}
     for path, study in zip(paths, studies):
-        if study.get("split", "patients") != "domains":
-            figure_dir = docs_dir / "figures"
+        if study.get("split", "patients") != "domains" and not relative:
             figure_dir.mkdir(parents=True, exist_ok=True)
             written = fig.all_figures(study, figure_dir, path.parent)
             relative = {k: os.path.relpath(v, docs_dir) for k, v in written.items()}
-            break
-    return write_report(studies, docs_dir, relative)
+        elif study.get("split", "patients") == "domains" and not domain_relative:
+            figure_dir.mkdir(parents=True, exist_ok=True)
+            written = domain_figures(study, figure_dir)
+            domain_relative = {k: os.path.relpath(v, docs_dir) for k, v in written.items()}
+    return write_report(studies, docs_dir, relative, domain_relative)

@@ -485,3 +485,79 @@ def test_search_groups_spread_a_cap_over_each_group_and_keep_small_groups_whole(
     assert [c.case_id for c in capped[0]] == ["c00", "c04", "c07", "c11"]
     assert [c.case_id for c in capped[1]] == ["m"]
     assert [len(g) for g in search_groups([big, small], None)] == [12, 1]
+
+
+# -- leave-one-domain-out figures -------------------------------------------------------------------
+
+
+def _synthetic_domain_study(methods, domains=("site A", "site B"), seeds=(0, 1)):
+    """A study.json of the domain split with made-up numbers (the report only reads the JSON)."""
+    rng = np.random.default_rng(0)
+
+    def summary_row():
+        def metric():
+            values = rng.uniform(0.1, 0.9, len(seeds))
+            return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(seeds) > 1 else None,
+                    "n": len(seeds)}
+        return {k: metric() for k in study.SUMMARY_METRICS}
+
+    def run(domain, seed):
+        return {"domain": domain, "seed": seed, "test": [f"{domain}_0"],
+                "train": [f"{d}_0" for d in domains if d != domain],
+                "train_domains": [d for d in domains if d != domain],
+                "methods": {m: {"threshold": 0.5, "per_case": []} for m in methods}}
+
+    return {
+        "split": "domains", "command": "pytest synthetic domains", "domains_file": "domains.json",
+        "settings": {"name": "quick", "seeds": list(seeds), "preset": "tiny", "image_size": 32, "epochs_ctoc": 1,
+                     "epochs_joint": 1, "lesion_margin": 1, "split": "domains"},
+        "domains": {d: [f"{d}_0"] for d in domains},
+        "machine": {"cpu_model": "test cpu", "cpu_count": 2, "device": "cpu", "torch": "x", "python": "3"},
+        "git": {"commit": "0" * 40, "dirty": False}, "finished": "today", "runtime_s": 60.0,
+        "methods": {m: {"group": "baseline" if m.startswith("FLAIR") else "improvement", "description": m,
+                        "kind": "flair" if m.startswith("FLAIR") else "adm"} for m in methods},
+        "domain_summary": {d: {m: summary_row() for m in methods} for d in domains},
+        "summary": {m: summary_row() for m in methods},
+        "runs": [run(d, seed) for seed in seeds for d in domains],
+        "timings_s": {"train": 30.0, "evaluate": 30.0},
+    }
+
+
+def _report_from(study_dict, root):
+    (root / "out").mkdir(parents=True)
+    path = root / "out" / "study.json"
+    path.write_text(json.dumps(study_dict), encoding="utf-8")
+    docs = root / "docs"
+    assert main(["study", "--report-only", str(root / "out"), "--docs", str(docs)]) == 0
+    return docs, (docs / "results.md").read_text(encoding="utf-8")
+
+
+def test_domain_report_draws_the_domain_figures_from_the_json(tmp_path):
+    methods = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5+cc", "ADM", "ADM +post", "ADM robust-norm",
+               "ADM site-aug", "ADM unc", "ADM+", "ADM+ +post", "ADM+X")
+    docs, text = _report_from(_synthetic_domain_study(methods), tmp_path)
+    for name in ("domains_auprc_dice.png", "domains_raw_vs_flair.png"):
+        png = docs / "figures" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"](figures/{name})" in text, name
+    section = text[text.index("## Leave-one-domain-out"):]
+    assert section.index("domains_auprc_dice.png") < section.index("domains_raw_vs_flair.png")
+    assert "error bars: sd over seeds" in section
+    # Which methods each figure draws, in order (ADM+X is neither a key method nor a raw network).
+    assert study.report._present_methods(study.report._domain_panels(_synthetic_domain_study(methods)),
+                                         study.report.DOMAIN_KEY_METHODS) == [
+        "FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", "ADM +post", "ADM+", "ADM+ +post"]
+
+
+def test_domain_figures_with_only_some_methods(tmp_path):
+    # One seed (no sd), a value missing in one domain, and no raw network: the raw-energy figure is left out.
+    partial = _synthetic_domain_study(("FLAIR z", "FLAIR z +med3+cc", "ADM +post"), seeds=(0,))
+    partial["domain_summary"]["site B"]["FLAIR z +med3+cc"]["dice"] = {"mean": None, "sd": None, "n": 0}
+    docs, text = _report_from(partial, tmp_path / "partial")
+    assert (docs / "figures" / "domains_auprc_dice.png").is_file() and "domains_auprc_dice.png" in text
+    assert not (docs / "figures" / "domains_raw_vs_flair.png").exists() and "domains_raw_vs_flair" not in text
+    assert "error bars" not in text
+    # Without any of the figures' methods the section still renders, without figures.
+    other = _synthetic_domain_study(("Mahalanobis",))
+    docs, text = _report_from(other, tmp_path / "other")
+    assert "## Leave-one-domain-out" in text and "![" not in text
