@@ -561,3 +561,9 @@ def test_domain_figures_with_only_some_methods(tmp_path):
     other = _synthetic_domain_study(("Mahalanobis",))
     docs, text = _report_from(other, tmp_path / "other")
     assert "## Leave-one-domain-out" in text and "![" not in text
+
+
+def test_quick_domain_setting_runs_the_domain_methods():
+    assert study.quick_settings(split="domains").method_names() == list(study.DOMAIN_METHODS)
+    assert study.quick_settings().method_names() == list(study.QUICK_METHODS)
+    assert study.quick_settings(split="domains", methods=("ADM",)).method_names() == ["ADM"]
