@@ -148,12 +148,19 @@ def test_faithful_energy_is_the_papers_computed_by_hand():
         assert torch.equal(network.features(x, b)[0][:, :4], (x - network.translate(x, b)).abs())
 
 
-def test_bundled_model_is_faithful():
-    from ADMAnomalyLib import api
+def test_model_files_from_before_the_options_load_as_the_faithful_adm():
+    # A model file written before these options existed has none of their fields.
+    from ADMAnomalyLib.config import ADMConfig
 
-    model = api.load_model(None)
-    assert model.config.model.ctoc_uncertainty is False
-    assert model.network.ctoc.head[-1].out_channels == 1 and model.network.translation_channels == 4
+    stored = preset("tiny").to_dict()
+    for section, field in (("model", "ctoc_uncertainty"), ("train", "augmentation"), ("train", "nll_beta"),
+                           ("preprocess", "normalisation")):
+        del stored[section][field]
+    config = ADMConfig.from_dict(stored)
+    assert (config.model.ctoc_uncertainty, config.train.augmentation, config.preprocess.normalisation) == (
+        False, "scaling", "zscore")
+    network = ADMNetwork(config.model)
+    assert network.ctoc.head[-1].out_channels == 1 and network.translation_channels == 4
 
 
 # -- beta-NLL ---------------------------------------------------------------------------------------
