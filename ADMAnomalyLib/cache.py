@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .cases import CaseFiles, find_cases, load_case
+from .cases import CaseFiles, load_case
+from .domains import cohort_cases
 from .config import ADMConfig, CONTRASTS
 from .data import SliceSet, TrainingData, training_slices
 from .errors import InputError, OutputError, TrainingDataError
@@ -62,7 +63,7 @@ def build_slice_cache(
     cache_dir = Path(cache_dir)
     if cache_dir.exists():
         raise OutputError(f"{cache_dir} already exists; choose a new folder for the cache")
-    case_files = list(data) if not isinstance(data, (str, Path)) else find_cases(data, pattern)
+    case_files = list(data) if not isinstance(data, (str, Path)) else cohort_cases(data, pattern)
     parent = cache_dir.parent if str(cache_dir.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pattern(train)
 
     cache = commands.add_parser("cache", help="preprocess a large cohort once into a memory-mapped slice cache")
-    cache.add_argument("data_dir", type=Path, help="folder of cases")
+    cache.add_argument("data_dir", type=Path, help="folder of cases or a domains file (.json)")
     cache.add_argument("-o", "--output", type=Path, required=True, help="new cache folder (pass it to train)")
     cache.add_argument("--preset", choices=sorted(PRESETS), default="small",
                        help="preset whose preprocessing the cache uses (default: small)")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="pixel AUROC/AUPRC/Dice inside the brain, with the FLAIR baseline")
     evaluate.add_argument("model", help="model file, or 'default'")
-    evaluate.add_argument("data_dir", type=Path, help="folder of labelled cases")
+    evaluate.add_argument("data_dir", type=Path, help="folder of labelled cases or a domains file (.json)")
     evaluate.add_argument("--slices", choices=("lesion", "all"), default="lesion",
                           help="score lesion slices only (validation protocol) or whole brains")
     evaluate.add_argument("--threshold", type=_THRESHOLD, help="energy threshold for Dice (default: the model's)")

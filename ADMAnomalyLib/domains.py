@@ -56,6 +56,16 @@ def domain_cases(path: str | Path) -> list[CaseFiles]:
     return [case for files in load_domains(path).values() for case in files]
 
 
+def cohort_cases(path: str | Path, pattern: dict[str, str] | None = None) -> list[CaseFiles]:
+    """The cases of a folder (found with ``pattern``) or of a domains file: what ``train``,
+    ``evaluate`` and ``cache`` accept as their data."""
+    if is_domains_file(path):
+        if pattern:
+            raise InputError(f"{path}: a domains file names each domain's layout itself; drop --pattern")
+        return domain_cases(path)
+    return find_cases(path, pattern)
+
+
 def _read_entries(path: Path) -> dict[str, dict[str, Any]]:
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))

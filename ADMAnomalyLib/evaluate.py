@@ -7,7 +7,8 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .cases import CaseFiles, find_cases, load_case
+from .cases import CaseFiles, load_case
+from .domains import cohort_cases
 from .errors import InputError
 from .infer import InferenceOptions, energy_volume
 from .metrics import pooled_and_per_case
@@ -32,7 +33,7 @@ def evaluate(
     of method.md); ``"all"`` scores whole brains. The threshold metrics use ``threshold`` or the
     model's validation threshold for ADM, and each method's pooled best-F1 threshold otherwise."""
     options = options.checked()
-    cases = find_cases(data_dir, pattern)
+    cases = cohort_cases(data_dir, pattern)
     unlabelled = [files.case_id for files in cases if files.label is None]
     if unlabelled:
         raise InputError(f"evaluation needs lesion labels; none for: {', '.join(unlabelled)}")

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import __version__
-from .cases import CaseFiles, find_cases
+from .cases import CaseFiles
 from .config import ADMConfig
 from .data import SliceSet, TrainingData, augmentation_for, build_training_data
 from .device import autocast, inference_dtype, resolve_device, training_dtype
@@ -448,7 +448,7 @@ def train(
     checkpoint is removed once the model file is written. ``context`` comes from
     :func:`ADMAnomalyLib.distributed.init_from_environment` under torchrun."""
     from .cache import is_slice_cache, load_slice_cache
-    from .domains import domain_cases, is_domains_file
+    from .domains import cohort_cases
 
     output_path = Path(output_path)
     if not output_path.parent.is_dir() or not os.access(output_path.parent, os.W_OK):
@@ -461,12 +461,7 @@ def train(
         # One rank checks the checksums; the others read the same files.
         data = load_slice_cache(data_dir, config, verify=context.is_main)
     else:
-        if not isinstance(data_dir, (str, Path)):
-            case_files = list(data_dir)
-        elif is_domains_file(data_dir):  # several folders (sites, collections), each with its own layout
-            case_files = domain_cases(data_dir)
-        else:
-            case_files = find_cases(data_dir, pattern)
+        case_files = list(data_dir) if not isinstance(data_dir, (str, Path)) else cohort_cases(data_dir, pattern)
         data = build_training_data(case_files, config)
     barrier(context)  # every rank has checked the checkpoint before rank 0 may write one
     trainer = Trainer(config, device, checkpoint, progress, should_cancel, show_progress_bar, context)

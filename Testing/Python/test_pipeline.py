@@ -330,3 +330,13 @@ def test_train_on_a_domains_file_uses_every_domain_with_its_own_layout(tmp_path)
     assert model.metadata["training_data"]["cases"] == ["a_1", "a_2", "p7"]
     assert main(["train", str(domains), "-o", str(tmp_path / "cli.admm"), "--preset", "tiny", "--epochs-ctoc", "1",
                  "--epochs-joint", "1", "--lesion-margin", "1", "--device", "cpu", "--progress", "none"]) == 0
+
+
+def test_evaluate_accepts_a_domains_file_and_refuses_a_pattern_beside_it(trained_model, cohort, tmp_path):
+    domains = tmp_path / "domains.json"
+    domains.write_text(json.dumps({"cohort": {"folder": str(cohort)}}), encoding="utf-8")
+    by_file = evaluate(api.load_model(trained_model), domains, options=api.InferenceOptions("cpu"))
+    by_folder = evaluate(api.load_model(trained_model), cohort, options=api.InferenceOptions("cpu"))
+    assert by_file["methods"]["ADM"]["pooled"] == by_folder["methods"]["ADM"]["pooled"]
+    with pytest.raises(InputError, match="drop --pattern"):
+        evaluate(api.load_model(trained_model), domains, options=api.InferenceOptions("cpu"), pattern={"flair": "F*"})
