@@ -236,7 +236,11 @@ def test_raw_path_finds_the_tumour_as_well_as_the_preprocessed_path(raw_run, ref
                    sitk.GetArrayFromImage(prediction.brain_mask) > 0, model.threshold)
     print(f"raw path: AUPRC {raw['auprc']:.3f} AUROC {raw['auroc']:.3f} Dice {raw['dice']:.3f}; "
           f"preprocessed path: AUPRC {pre['auprc']:.3f} AUROC {pre['auroc']:.3f} Dice {pre['dice']:.3f}")
-    assert raw["auprc"] >= pre["auprc"] - 0.1
+    # The bundled model has this patient's preprocessed scans in its training pool (their normal
+    # slices), which favours the preprocessed path; the raw path must still find the tumour about as
+    # well (the CBICA-only model gave raw 0.711 vs preprocessed 0.739).
+    assert raw["auprc"] >= 0.7
+    assert raw["auprc"] >= pre["auprc"] - 0.15
     assert raw["auroc"] >= 0.9
 
 

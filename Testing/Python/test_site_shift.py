@@ -357,12 +357,6 @@ def test_noise_is_bounded_by_its_maximum_sd():
     assert 0.01 < (out - x)[inside].std() < 0.1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_site_augmentation_draws_the_same_on_cuda():
-    x, b = _tensors()
-    torch.testing.assert_close(_site(x.cuda(), b.cuda()).cpu(), _site(x, b), rtol=1e-4, atol=1e-4)
-
-
 def test_trainer_picks_the_augmentation_and_refuses_unknown_ones():
     x, b = _tensors()
     scaling = augmentation_for(TrainConfig())
