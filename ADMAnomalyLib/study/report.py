@@ -18,23 +18,29 @@ METRIC_LABELS = {"auprc": "AUPRC (headline)", "auroc": "AUROC", "dice": "Dice @ 
                  "best_dice": "best Dice (oracle)", "precision": "precision @ val.", "recall": "recall @ val."}
 
 
+def _summary_cells(summary: dict[str, Any], methods: list[str], metrics: Sequence[str],
+                   bold: bool = True) -> dict[tuple[str, str], str]:
+    """``mean ± sd`` of every (method, metric), 'n/a' when missing, the best of each column in bold."""
+    best = {k: max((summary[m][k]["mean"] for m in methods if summary[m][k]["mean"] is not None), default=None)
+            for k in metrics}
+    cells = {}
+    for m in methods:
+        for k in metrics:
+            mean, sd = summary[m][k]["mean"], summary[m][k]["sd"]
+            text = "n/a" if mean is None else f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+            is_best = mean is not None and best[k] is not None and abs(mean - best[k]) < 5e-4
+            cells[m, k] = f"**{text}**" if bold and is_best else text
+    return cells
+
+
 def format_table(study: dict[str, Any], markdown: bool = True) -> str:
     """The results table (mean +- sd over runs), best value per column in bold."""
     summary = study["summary"]
     order = ("auprc", "auroc", "dice", "best_dice", "precision", "recall")
     methods = list(summary)
-    best = {k: max((summary[m][k]["mean"] for m in methods if summary[m][k]["mean"] is not None), default=None)
-            for k in order}
-
-    def cell(m: str, k: str) -> str:
-        mean, sd = summary[m][k]["mean"], summary[m][k]["sd"]
-        if mean is None:
-            return "n/a"
-        text = f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
-        return f"**{text}**" if markdown and best[k] is not None and abs(mean - best[k]) < 5e-4 else text
-
+    cell = _summary_cells(summary, methods, order, bold=markdown)
     header = ["method", "group"] + [METRIC_LABELS[k] for k in order]
-    rows = [[m, study["methods"][m]["group"]] + [cell(m, k) for k in order] for m in methods]
+    rows = [[m, study["methods"][m]["group"]] + [cell[m, k] for k in order] for m in methods]
     if not markdown:
         widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
         return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in [header] + rows)
@@ -213,19 +219,10 @@ DOMAIN_METRICS = ("auprc", "auroc", "best_dice", "dice")
 
 def _domain_table(summary: dict[str, Any], methods: list[str]) -> str:
     """One block of the leave-one-domain-out table (mean +- sd over seeds), best per column in bold."""
-    best = {k: max((summary[m][k]["mean"] for m in methods if summary[m][k]["mean"] is not None), default=None)
-            for k in DOMAIN_METRICS}
-
-    def cell(m: str, k: str) -> str:
-        mean, sd = summary[m][k]["mean"], summary[m][k]["sd"]
-        if mean is None:
-            return "n/a"
-        text = f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
-        return f"**{text}**" if best[k] is not None and abs(mean - best[k]) < 5e-4 else text
-
+    cell = _summary_cells(summary, methods, DOMAIN_METRICS)
     lines = ["| method | " + " | ".join(METRIC_LABELS[k] for k in DOMAIN_METRICS) + " |",
              "|---|" + "---|" * len(DOMAIN_METRICS)]
-    lines += [f"| {m} | " + " | ".join(cell(m, k) for k in DOMAIN_METRICS) + " |" for m in methods]
+    lines += [f"| {m} | " + " | ".join(cell[m, k] for k in DOMAIN_METRICS) + " |" for m in methods]
     return "\n".join(lines)
 
 
