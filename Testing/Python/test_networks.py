@@ -16,6 +16,7 @@ from ADMAnomalyLib.networks import (
     DensityEstimator,
     DRDecoder,
     DREncoder,
+    InstanceNorm2d,
     brain_medians,
     translate_all,
 )
@@ -190,3 +191,17 @@ def test_dr_and_de_stay_float32_under_bf16_autocast():
     with torch.no_grad():
         z_dr_ref = net.dr_encoder.layers(x)
     torch.testing.assert_close(z[:, 4:], z_dr_ref)  # exactly the float32 computation
+
+
+def test_instance_norm_is_torchs_instance_norm_in_either_memory_format():
+    norm = InstanceNorm2d(6, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    stock = torch.nn.InstanceNorm2d(6, affine=True)
+    stock.load_state_dict(norm.state_dict())  # same parameters, same keys: model files unchanged
+    x = torch.randn(3, 6, 20, 24) * 3 + 1
+    expected = stock(x)
+    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norm(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norm(x[0]), stock(x[0]))  # unbatched input

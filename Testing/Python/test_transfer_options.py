@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from ADMAnomalyLib.cases import case_from_images
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
-from ADMAnomalyLib.postprocess import median_filter, median_window, postprocess_scores, standardise_in_brain
+from ADMAnomalyLib.postprocess import median_filter, median_filter_in_brain, median_window, postprocess_scores, standardise_in_brain
 from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case
 from conftest import synthetic_volumes
 
@@ -81,6 +81,18 @@ def test_mm_median_keeps_a_lesion_on_thick_slices_that_a_cubic_window_erases():
     assert cubic[4, 9, 9] == 0.0
     with pytest.raises(ValueError, match="odd"):
         median_filter(scores, (3, 2, 3))
+
+
+@pytest.mark.parametrize("size", [5, (1, 5, 5), (3, 1, 5)])
+def test_brain_only_median_equals_the_whole_volume_filter_at_brain_voxels(size):
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal((12, 30, 40)).astype(np.float32)
+    brain = rng.random(scores.shape) > 0.4
+    filled = np.where(brain, scores, scores[brain].min())
+    expected = np.where(brain, median_filter(filled, size), scores)
+    np.testing.assert_array_equal(median_filter_in_brain(scores, brain, size), expected)
+    with pytest.raises(ValueError, match="odd"):
+        median_filter_in_brain(scores, brain, 4)
 
 
 def test_robust_standardisation_makes_a_threshold_carry_over_between_scales():
