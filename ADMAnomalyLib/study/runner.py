@@ -5,6 +5,7 @@ own inference (:func:`ADMAnomalyLib.infer.energy_volume`) and post-processing
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ from ..gmm import GMMAccumulator, GMMParams, SingularCovarianceError, diagonal_p
 from ..infer import InferenceOptions, ctoc_translations, energy_volume
 from ..io import write_text_atomic
 from ..metrics import _curve, json_safe, pooled_and_per_case
+from ..model import ADMModel
 from ..networks import DRDecoder, DREncoder
 from ..postprocess import postprocess_scores, suppress_small_components
 from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices_to_image
@@ -133,28 +135,54 @@ class TrainedNetworks:
     histories: dict[str, list]
 
 
+def network_cache_path(cache_dir: Path, name: str, config, train_ids: Sequence[str]) -> Path:
+    """Where study network ``name`` trained with ``config`` on the cases ``train_ids`` is kept: the
+    file name carries a digest of both, so a changed setting or fold never reuses a stale network."""
+    identity = json.dumps({"config": config.to_dict(), "train": sorted(train_ids)}, sort_keys=True)
+    digest = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
+    return cache_dir / f"{''.join(ch if ch.isalnum() else '_' for ch in name)}-{digest}.admm"
+
+
 def train_networks(names: Sequence[str], settings: StudySettings, seed: int, data: dict[str, TrainingData],
-                   device: torch.device) -> TrainedNetworks:
+                   device: torch.device, cache_dir: Path | None = None,
+                   train_ids: Sequence[str] = ()) -> TrainedNetworks:
     """Train the ADM networks ``names`` of one run on ``data`` (training slices per preparation key):
     step 1 (CtoC) once per :func:`~.methods.ctoc_groups` group (identical for its members), then each
-    network's step 2 and frozen mixture."""
+    network's step 2 and frozen mixture.
+
+    With ``cache_dir`` every trained network is saved there as a model file
+    (:func:`network_cache_path`) and a network already there is loaded instead of trained: a study
+    rerun (more methods, other post-processing, an interrupted run) retrains nothing it has."""
     models, histories, groups = {}, {}, []
     with_ctoc = ctoc_groups(list(names), settings, seed)
     without_ctoc = [n for n in sorted(names) if not any(n in g for g in with_ctoc)]
     for members in with_ctoc + ([without_ctoc] if without_ctoc else []):
-        ctoc_state, ctoc_model = None, None
-        first = network_config(members[0], settings, seed)
-        if first.model.use_ctoc:
-            trainer = Trainer(first, device, show_progress_bar=False)
-            ctoc_state = trainer.fit_ctoc(data[preprocess_key(first.preprocess)])
-            ctoc_model = trainer.model
+        configs = {name: network_config(name, settings, seed) for name in members}
+        paths = {name: network_cache_path(cache_dir, name, configs[name], train_ids) if cache_dir else None
+                 for name in members}
         for name in members:
-            config = network_config(name, settings, seed)
-            trainer = Trainer(config, device, show_progress_bar=False)
+            if paths[name] is not None and paths[name].exists():
+                models[name] = ADMModel.load(paths[name])
+                histories[name] = models[name].metadata.get("study_history", [])
+        ctoc_state, ctoc_model = None, None
+        first = configs[members[0]]
+        pending = [name for name in members if name not in models]
+        if first.model.use_ctoc:
+            if pending:
+                trainer = Trainer(first, device, show_progress_bar=False)
+                ctoc_state = trainer.fit_ctoc(data[preprocess_key(first.preprocess)])
+                ctoc_model = trainer.model
+            else:  # every member was loaded; they share one CtoC, so any of them translates
+                ctoc_model = models[members[0]]
+        for name in pending:
+            trainer = Trainer(configs[name], device, show_progress_bar=False)
             # The study chooses thresholds on native validation voxels itself, so the trainer's is skipped.
-            models[name] = trainer.fit(data[preprocess_key(config.preprocess)], ctoc_state=ctoc_state,
+            models[name] = trainer.fit(data[preprocess_key(configs[name].preprocess)], ctoc_state=ctoc_state,
                                        calibrate=False)
             histories[name] = trainer.history
+            if paths[name] is not None:
+                models[name].metadata["study_history"] = json_safe(trainer.history)
+                models[name].save(paths[name])
         groups.append((ctoc_model, members))
     return TrainedNetworks(models, groups, histories)
 
@@ -707,7 +735,8 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
               domains_file: str | Path | None = None) -> dict[str, Any]:
     """Run the study and write ``output_dir/study.json`` (+ ``examples.npz`` for the example figure):
     patient folds of the cases in ``data_dir`` (``settings.split == 'patients'``) or leave one domain
-    of ``domains_file`` out at a time (``'domains'``)."""
+    of ``domains_file`` out at a time (``'domains'``). The trained networks are kept in
+    ``output_dir/networks`` and reused by a later run into the same folder (:func:`train_networks`)."""
     started = time.perf_counter()
     say = progress or (lambda message: None)
     output_dir = Path(output_dir)
@@ -752,7 +781,8 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
             say(f"seed {seed} {split_name} ({fold_index + 1}/{len(splits)}): {len(run_data.train_cases)} training "
                 f"cases ({record['train_slices']} normal slices), test {', '.join(test_ids)}")
             t = time.perf_counter()
-            trained = train_networks(networks_needed, settings, seed, run_data.training, device)
+            trained = train_networks(networks_needed, settings, seed, run_data.training, device,
+                                     output_dir / "networks", record["train"])
             record["histories"].update(trained.histories)
             tick("train ADM networks", t)
             say(f"  ADM networks trained ({timings['train ADM networks']:.0f} s so far)")

@@ -3,7 +3,9 @@ options (density intensities, post-processing) on synthetic cases with the tiny 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -200,6 +202,43 @@ def test_study_json_schema_and_protocol(study_run):
     assert set(result["singularity"]["runs"]) == {"none", "diagonal penalty", "eigenvalue bound"}
     # The trivial baseline is perfect on this synthetic data, as a sanity check of the voxel alignment.
     assert result["summary"]["FLAIR z"]["auroc"]["mean"] > 0.95
+
+
+def test_a_rerun_into_the_same_folder_reuses_the_trained_networks(study_run, monkeypatch, tmp_path):
+    data, out, result = study_run
+    saved = sorted((out / "networks").glob("*.admm"))
+    assert saved and all(ADMModel.load(path).gmm is not None for path in saved)
+    shutil.copytree(out / "networks", tmp_path / "networks")  # the fixture's own folder stays as it was
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached network was trained again")
+
+    monkeypatch.setattr(study.runner.Trainer, "fit", no_training)
+    monkeypatch.setattr(study.runner.Trainer, "fit_ctoc", no_training)
+    again = study.run_study(data, tmp_path, dataclasses.replace(_settings_of(result), methods=("ADM",)),
+                            command="pytest rerun")
+    for first, second in zip(result["runs"], again["runs"]):
+        assert second["methods"]["ADM"]["threshold"] == first["methods"]["ADM"]["threshold"]
+        assert second["methods"]["ADM"]["pooled"]["auprc"] == first["methods"]["ADM"]["pooled"]["auprc"]
+        assert second["histories"]["ADM"] == first["histories"]["ADM"]
+
+
+def test_cached_networks_are_keyed_by_config_and_training_cases(tmp_path):
+    settings = study.quick_settings(preset="tiny")
+    config = study.network_config("ADM", settings, 0)
+    path = study.runner.network_cache_path(tmp_path, "ADM+ +x", config, ["b", "a"])
+    assert path.parent == tmp_path and path.name.startswith("ADM___x-")
+    assert path == study.runner.network_cache_path(tmp_path, "ADM+ +x", config, ["a", "b"])
+    assert path != study.runner.network_cache_path(tmp_path, "ADM+ +x", config, ["a", "c"])
+    longer = study.network_config("ADM", dataclasses.replace(settings, epochs_ctoc=9), 0)
+    assert path != study.runner.network_cache_path(tmp_path, "ADM+ +x", longer, ["a", "b"])
+
+
+def _settings_of(result):
+    values = dict(result["settings"])
+    values["seeds"] = tuple(values["seeds"])
+    values["methods"] = tuple(values["methods"])
+    return study.StudySettings(**values)
 
 
 def test_report_and_figures_from_json(study_run, tmp_path):
