@@ -166,13 +166,26 @@ class PostprocessConfig:
     standardise: str = "none"
     """Last step: 'robust' rescales the score of each case to (score - median) / (1.4826 MAD) over
     its brain, so a threshold means "this many robust SDs above the case's typical tissue" and
-    carries over between sites; 'none' keeps the energy's own scale (the faithful ADM)."""
+    carries over between sites; 'zscore' to (score - mean) / SD over the brain (the scale of the
+    FLAIR z-score baselines, whose thresholds transfer); 'none' keeps the energy's own scale (the
+    faithful ADM)."""
+    energy_gate_z: float | None = None
+    """With the FLAIR term: the model's standardised evidence may raise a voxel's score only where
+    the FLAIR z-score exceeds this value; elsewhere it is capped at its brain median (typical
+    tissue), so it can only lower the score; None = off. The lesions the
+    product targets (gliomas, MS) are FLAIR-hyperintense, while the energy's false positives on
+    unseen sites lie in CSF, grey matter and tissue boundaries, which are not."""
 
     @property
     def native_active(self) -> bool:
         """Whether any native-grid step (smoothing, rim, FLAIR term, median filter) is enabled."""
-        return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.flair_weight != 0
+        return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.intensity_term
                 or self.median_size_mm > 0 or self.standardise != "none")
+
+    @property
+    def intensity_term(self) -> bool:
+        """Whether the score is combined with the FLAIR z-score (a FLAIR weight or an energy gate)."""
+        return self.flair_weight != 0 or self.energy_gate_z is not None
 
     @property
     def active(self) -> bool:

@@ -7,10 +7,10 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
 
 1. :func:`smooth_in_brain` - 3-D Gaussian smoothing normalised inside the brain;
 2. :func:`suppress_rim` - the brain rim gets the lowest brain score;
-3. :func:`add_intensity_term` - the score, standardised over the brain, plus a weight times an
-   intensity z-score (FLAIR hyperintensity);
+3. :func:`add_intensity_term` - the score, standardised over the brain (optionally gated by FLAIR
+   hyperintensity), plus a weight times an intensity z-score (FLAIR hyperintensity);
 4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
-5. :func:`standardise_in_brain` - the score as robust SDs above the case's median brain score;
+5. :func:`standardise_in_brain` - the score as (robust) SDs above the case's typical brain score;
 
 and sets the background exactly 1 below the lowest brain score. :func:`suppress_small_components`
 works at a threshold (it needs a binary map) and is applied where a threshold is known.
@@ -86,12 +86,18 @@ def suppress_rim(values: np.ndarray, brain: np.ndarray, spacing: Spacing, rim_mm
     return np.where(brain & (cache["depth"] <= rim_mm), floor, values).astype(np.float32)
 
 
-def add_intensity_term(values: np.ndarray, brain: np.ndarray, intensity: np.ndarray, weight: float) -> np.ndarray:
+def add_intensity_term(values: np.ndarray, brain: np.ndarray, intensity: np.ndarray, weight: float,
+                       gate_z: float | None = None) -> np.ndarray:
     """``(score - mean) / sd`` over the brain plus ``weight`` x ``intensity`` (an intensity z-score,
-    e.g. FLAIR's): the model's evidence and the hyperintensity on one scale."""
+    e.g. FLAIR's): the model's evidence and the hyperintensity on one scale. With ``gate_z`` the
+    standardised score is kept only where ``intensity > gate_z`` and elsewhere capped at its median
+    over the brain (typical tissue): there it may lower a voxel but not raise it."""
     inside = values[brain].astype(np.float64)
     scale = float(inside.std()) or 1.0
     standardised = (values - np.float32(inside.mean())) / np.float32(scale)
+    if gate_z is not None:
+        typical = np.float32((np.median(inside) - inside.mean()) / scale)
+        standardised = np.where(intensity > np.float32(gate_z), standardised, np.minimum(standardised, typical))
     return np.where(brain, standardised + np.float32(weight) * intensity, values).astype(np.float32)
 
 
@@ -127,15 +133,21 @@ def median_filter_in_brain(values: np.ndarray, brain: np.ndarray, size: int | Se
     return result
 
 
-def standardise_in_brain(values: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """``(score - median) / (1.4826 MAD)`` over the brain: a threshold then reads "robust SDs above the
-    case's typical tissue", which carries over between sites and scanners where the raw energy's
-    scale does not. Median and MAD ignore the lesion (a minority of voxels), unlike mean and SD."""
+def standardise_in_brain(values: np.ndarray, brain: np.ndarray, method: str = "robust") -> np.ndarray:
+    """The score rescaled over the brain: ``method`` 'robust' is ``(score - median) / (1.4826 MAD)``,
+    so a threshold reads "robust SDs above the case's typical tissue", which carries over between
+    sites and scanners where the raw energy's scale does not (median and MAD ignore the lesion, a
+    minority of voxels); 'zscore' is ``(score - mean) / SD``, the scale of a FLAIR z-score."""
     inside = values[brain].astype(np.float64)
-    centre = float(np.median(inside))
-    spread = 1.4826 * float(np.median(np.abs(inside - centre)))
-    if not spread > 0:  # more than half the brain shares one score (e.g. a suppressed rim): use the SD
-        spread = float(inside.std()) or 1.0
+    if method == "robust":
+        centre = float(np.median(inside))
+        spread = 1.4826 * float(np.median(np.abs(inside - centre)))
+        if not spread > 0:  # more than half the brain shares one score (e.g. a suppressed rim): use the SD
+            spread = float(inside.std()) or 1.0
+    elif method == "zscore":
+        centre, spread = float(inside.mean()), float(inside.std()) or 1.0
+    else:
+        raise ValueError(f"postprocess.standardise must be 'none', 'robust' or 'zscore', not {method!r}")
     standardised = (values - np.float32(centre)) / np.float32(spread)
     return np.where(brain, standardised, values).astype(np.float32)
 
@@ -180,8 +192,8 @@ def postprocess_scores(
     values = np.asarray(values, dtype=np.float32)
     if not brain.any():
         return values.copy()
-    if cfg.flair_weight and intensity is None:
-        raise ValueError("postprocess.flair_weight needs the native FLAIR z-score")
+    if cfg.intensity_term and intensity is None:
+        raise ValueError("postprocess.flair_weight and energy_gate_z need the native FLAIR z-score")
     # Everything outside the brain's bounding box is background, so the filters run on the box plus
     # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
     # voxels come out as on the whole grid at a fraction of the cost.
@@ -198,14 +210,12 @@ def postprocess_scores(
         inner = smooth_in_brain(inner, inner_brain, spacing, cfg.smoothing_sigma_mm, box_cache)
     if cfg.rim_erosion_mm > 0:
         inner = suppress_rim(inner, inner_brain, spacing, cfg.rim_erosion_mm, box_cache)
-    if cfg.flair_weight:
-        inner = add_intensity_term(inner, inner_brain, intensity[box], cfg.flair_weight)
+    if cfg.intensity_term:
+        inner = add_intensity_term(inner, inner_brain, intensity[box], cfg.flair_weight, cfg.energy_gate_z)
     if max(window) > 1:
         inner = median_filter_in_brain(inner, inner_brain, window)
-    if cfg.standardise == "robust":
-        inner = standardise_in_brain(inner, inner_brain)
-    elif cfg.standardise != "none":
-        raise ValueError(f"postprocess.standardise must be 'none' or 'robust', not {cfg.standardise!r}")
+    if cfg.standardise != "none":
+        inner = standardise_in_brain(inner, inner_brain, cfg.standardise)
     result = np.full(values.shape, float(inner[inner_brain].min()) - 1.0, dtype=np.float32)
     result[box] = np.where(inner_brain, inner, result[box])
     return result

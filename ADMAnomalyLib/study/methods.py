@@ -192,10 +192,20 @@ METHODS: dict[str, MethodSpec] = {
                        "uncertainty", "ADM+"),
     "ADM+ +post": MethodSpec("adm", "improvement", "ADM+, post-processing chosen on validation (robust per-case "
                              "standardisation last)", "ADM+", {"standardise": "robust"}, search=POST_SEARCH),
+    "ADM+ +post+cc": MethodSpec("adm", "improvement", "ADM+ +post, small components removed at the threshold",
+                                "ADM+", {"standardise": "robust"}, search=POST_SEARCH, small_components=True),
+    "ADM+ +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ +post+cc with mean/SD instead of median/MAD "
+                                    "standardisation last", "ADM+", {"standardise": "zscore"}, search=POST_SEARCH,
+                                    small_components=True),
+    "ADM+ +gate+post+cc": MethodSpec("adm", "improvement", "ADM+ +post+cc, the energy raising only FLAIR-"
+                                     "hyperintense voxels (FLAIR z > 0)", "ADM+",
+                                     {"standardise": "robust", "energy_gate_z": 0.0}, search=POST_SEARCH,
+                                     small_components=True),
 }
 
 DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5+cc", "ADM", "ADM +post",
-                                    "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ +post")
+                                    "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ +post",
+                                    "ADM+ +post+cc", "ADM+ +post+cc (z)", "ADM+ +gate+post+cc")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

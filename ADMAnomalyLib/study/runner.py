@@ -137,8 +137,10 @@ class TrainedNetworks:
 
 def network_cache_path(cache_dir: Path, name: str, config, train_ids: Sequence[str]) -> Path:
     """Where study network ``name`` trained with ``config`` on the cases ``train_ids`` is kept: the
-    file name carries a digest of both, so a changed setting or fold never reuses a stale network."""
-    identity = json.dumps({"config": config.to_dict(), "train": sorted(train_ids)}, sort_keys=True)
+    file name carries a digest of both, so a changed setting or fold never reuses a stale network.
+    Post-processing settings are left out: the study applies its own to the raw energies."""
+    trained_by = {section: values for section, values in config.to_dict().items() if section != "postprocess"}
+    identity = json.dumps({"config": trained_by, "train": sorted(train_ids)}, sort_keys=True)
     digest = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
     return cache_dir / f"{''.join(ch if ch.isalnum() else '_' for ch in name)}-{digest}.admm"
 
@@ -582,6 +584,9 @@ class RunCaches:
     """(score key, config, case) -> brain-voxel scores."""
     per_case: dict = dataclasses.field(default_factory=dict)
     """case -> the per-case cache of :func:`~ADMAnomalyLib.postprocess.postprocess_scores`."""
+    criteria: dict = dataclasses.field(default_factory=dict)
+    """(score key, config, search cases) -> validation criterion: methods that differ only after
+    the search (e.g. ``+cc``) share one search."""
 
 
 def _postprocessed(raw: dict[str, np.ndarray], post: PostprocessConfig, cases: Sequence[CaseData],
@@ -666,8 +671,11 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
         search_cases = [case for group in groups for case in group]
 
         def criterion(candidate: PostprocessConfig) -> float:
-            return validation_auprc(_postprocessed(run.raw[key], candidate, search_cases, flair_of, run.caches,
-                                                   key, keep=False), groups)
+            memo = (key, repr(candidate), tuple(case.case_id for case in search_cases))
+            if memo not in run.caches.criteria:
+                run.caches.criteria[memo] = validation_auprc(_postprocessed(
+                    run.raw[key], candidate, search_cases, flair_of, run.caches, key, keep=False), groups)
+            return run.caches.criteria[memo]
 
         post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)
         extra["postprocess"] = dataclasses.asdict(post)

@@ -232,6 +232,8 @@ def test_cached_networks_are_keyed_by_config_and_training_cases(tmp_path):
     assert path != study.runner.network_cache_path(tmp_path, "ADM+ +x", config, ["a", "c"])
     longer = study.network_config("ADM", dataclasses.replace(settings, epochs_ctoc=9), 0)
     assert path != study.runner.network_cache_path(tmp_path, "ADM+ +x", longer, ["a", "b"])
+    post = dataclasses.replace(config, postprocess=PostprocessConfig(median_size_mm=3.0))
+    assert path == study.runner.network_cache_path(tmp_path, "ADM+ +x", post, ["a", "b"])  # applied after training
 
 
 def _settings_of(result):

@@ -117,10 +117,41 @@ def test_standardise_is_the_last_step_and_checked():
     assert np.median(out[brain]) == pytest.approx(0.0, abs=1e-4)
     assert out[~brain].max() < out[brain].min()
     with pytest.raises(ValueError, match="standardise"):
-        postprocess_scores(scores, brain, (1.0, 1.0, 1.0), PostprocessConfig(standardise="zscore"))
+        postprocess_scores(scores, brain, (1.0, 1.0, 1.0), PostprocessConfig(standardise="minmax"))
 
 
 def test_model_files_with_a_voxel_median_size_load_as_mm():
     config = ADMConfig.from_dict({"postprocess": {"median_size": 5, "flair_weight": 2.0}})
     assert config.postprocess.median_size_mm == 5.0
     assert config.postprocess.native_active
+
+
+def test_energy_gate_lets_the_energy_raise_only_flair_hyperintense_voxels():
+    brain = np.ones((4, 20, 20), bool)
+    energy = np.zeros(brain.shape, np.float32)
+    flair = np.zeros(brain.shape, np.float32)
+    energy[1, 2:5, 2:5] = 10.0  # energy-only hot spot, e.g. CSF or a tissue boundary
+    energy[2, 10:14, 10:14] = 10.0  # a lesion: high energy and FLAIR-hyperintense
+    flair[2, 10:14, 10:14] = 2.0
+    energy[3, 15:18, 15:18] = -5.0  # low energy stays low wherever it is
+    open_map = postprocess_scores(energy, brain, (1.0, 1.0, 1.0), PostprocessConfig(flair_weight=1.0), flair)
+    gated = postprocess_scores(energy, brain, (1.0, 1.0, 1.0), PostprocessConfig(flair_weight=1.0, energy_gate_z=0.5),
+                               flair)
+    assert open_map[1, 3, 3] > open_map[0, 0, 0] and gated[1, 3, 3] == pytest.approx(gated[0, 0, 0])
+    assert gated[2, 12, 12] == pytest.approx(open_map[2, 12, 12])
+    assert gated[3, 16, 16] == pytest.approx(open_map[3, 16, 16]) and gated[3, 16, 16] < gated[0, 0, 0]
+    # the gate alone (weight 0) is a FLAIR-gated energy and still needs the FLAIR
+    assert PostprocessConfig(energy_gate_z=0.0).native_active
+    with pytest.raises(ValueError, match="FLAIR"):
+        postprocess_scores(energy, brain, (1.0, 1.0, 1.0), PostprocessConfig(energy_gate_z=0.0))
+
+
+def test_zscore_standardisation_gives_mean_0_sd_1_over_the_brain():
+    rng = np.random.default_rng(4)
+    brain = rng.random((6, 20, 20)) > 0.3
+    scores = rng.gamma(2.0, 3.0, brain.shape).astype(np.float32)
+    out = standardise_in_brain(scores, brain, "zscore")
+    assert out[brain].mean() == pytest.approx(0.0, abs=1e-5) and out[brain].std() == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_array_equal(out[~brain], scores[~brain])
+    with pytest.raises(ValueError, match="zscore"):
+        postprocess_scores(scores, brain, (1.0, 1.0, 1.0), PostprocessConfig(standardise="minmax"))
