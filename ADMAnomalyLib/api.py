@@ -33,7 +33,7 @@ from .train import train
 
 __all__ = [
     "ADMConfig", "ADMModel", "CONTRASTS", "FolderReport", "InferenceOptions", "PRECISIONS", "PRESETS", "Prediction",
-    "anomaly_mask", "build_cache", "default_model_path", "demo", "describe_device", "evaluate", "find_cases",
+    "anomaly_mask", "build_cache", "calibrate", "default_model_path", "demo", "describe_device", "evaluate", "find_cases",
     "load_case", "load_model", "model_info", "output_paths", "parse_settings", "percentile_threshold", "predict",
     "predict_case", "predict_folder", "preset", "resolve_device", "rethreshold_folder", "study", "train",
     "training_config", "with_postprocess",
@@ -475,6 +475,37 @@ def evaluate(
     if json_path is not None:
         write_text_atomic(json.dumps(report, indent=2, allow_nan=False), json_path)
     return report
+
+
+def calibrate(
+    model: ADMModel | str | Path | None,
+    data_dir: str | Path,
+    output_path: str | Path,
+    postprocess: dict[str, Any] | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    pattern: dict[str, str] | None = None,
+) -> ADMModel:
+    """``model`` with other post-processing (``PostprocessConfig`` fields, :func:`with_postprocess`)
+    and a threshold chosen anew on the lesion slices of the labelled cases of ``data_dir`` (a folder,
+    or a domains file: highest mean Dice over its domains, the study's rule), written to
+    ``output_path``: new post-processing, or a threshold fitted to a local cohort, without retraining."""
+    from .domains import cohort_groups
+    from .evaluate import calibrate_threshold
+
+    loaded = with_postprocess(load_model(model), postprocess)
+    options = InferenceOptions(device, batch_size=batch_size).checked()
+    output_path = Path(output_path)
+    if not output_path.parent.is_dir() or not os.access(output_path.parent, os.W_OK):
+        raise OutputError(f"cannot write the model to {output_path}: folder missing or not writable")
+    threshold, summary = calibrate_threshold(loaded, cohort_groups(data_dir, pattern), options)
+    if threshold is None:
+        raise InputError(f"{data_dir}: no labelled case with a lesion to choose a threshold on")
+    calibrated = ADMModel(loaded.config, loaded.network, loaded.gmm, threshold,
+                          {**loaded.metadata, "validation": summary,
+                           "calibration": {"data": str(data_dir), "postprocess_overrides": dict(postprocess or {})}})
+    calibrated.save(output_path)
+    return calibrated
 
 
 def build_cache(data_dir: str | Path, output_dir: str | Path, preset_name: str = "small",

@@ -1,4 +1,4 @@
-"""Command line: ``admanomaly train | cache | predict | threshold | evaluate | study | demo | info``, mirroring
+"""Command line: ``admanomaly train | cache | predict | threshold | calibrate | evaluate | study | demo | info``, mirroring
 the Python API (ADMAnomalyLib.api).
 
 Exit codes (one rule: the code says whether the command could start, and whether every case of it
@@ -229,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     threshold.add_argument("--threshold", type=_THRESHOLD, required=True, help="new energy threshold")
     _add_progress(threshold)
 
+    calibrate = commands.add_parser(
+        "calibrate", help="choose a model's threshold anew on labelled cases, optionally with other post-processing",
+        description="Write a copy of MODEL whose threshold is chosen on the lesion slices of the labelled cases in "
+                    "DATA (a folder, or a domains file: highest mean Dice over its domains), with the "
+                    "post-processing changed by --set; no retraining.")
+    calibrate.add_argument("model", help="model file, or 'default'")
+    calibrate.add_argument("data_dir", type=Path, help="folder of labelled cases or a domains file (.json)")
+    calibrate.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.admm)")
+    calibrate.add_argument("--batch-size", type=_POSITIVE["batch size"], default=16,
+                           help="slices per network batch (default 16)")
+    _add_postprocess_settings(calibrate)
+    _add_device(calibrate)
+    _add_pattern(calibrate)
+
     info = commands.add_parser("info", help="print a model file's settings, threshold and validation metrics")
     info.add_argument("model", help="model file, or 'default'")
     return parser
@@ -381,6 +395,15 @@ def _run(args: argparse.Namespace) -> int:
         rewritten = [r for r in table.values() if r.done]
         if args.progress != "json":
             print(f"{len(rewritten)} anomaly maps rewritten at threshold {args.threshold:g} in {args.results}")
+        return 0
+
+    if args.command == "calibrate":
+        model = api.calibrate(_model_argument(args.model), args.data_dir, args.output,
+                              postprocess=_postprocess_overrides(args), device=args.device,
+                              batch_size=args.batch_size, pattern=_parse_pattern(args.pattern))
+        summary = model.metadata["validation"]
+        print(f"threshold {model.threshold:.4g} ({summary['rule']}, {summary['cases']} cases); "
+              f"model written to {args.output}")
         return 0
 
     if args.command == "evaluate":

@@ -56,14 +56,20 @@ def domain_cases(path: str | Path) -> list[CaseFiles]:
     return [case for files in load_domains(path).values() for case in files]
 
 
-def cohort_cases(path: str | Path, pattern: dict[str, str] | None = None) -> list[CaseFiles]:
-    """The cases of a folder (found with ``pattern``) or of a domains file: what ``train``,
-    ``evaluate`` and ``cache`` accept as their data."""
+def cohort_groups(path: str | Path, pattern: dict[str, str] | None = None) -> dict[str, list[CaseFiles]]:
+    """The cases of a domains file by domain, or of a folder (found with ``pattern``) as one group
+    named after it: what calibration averages its threshold rule over."""
     if is_domains_file(path):
         if pattern:
             raise InputError(f"{path}: a domains file names each domain's layout itself; drop --pattern")
-        return domain_cases(path)
-    return find_cases(path, pattern)
+        return load_domains(path)
+    return {Path(path).name: find_cases(path, pattern)}
+
+
+def cohort_cases(path: str | Path, pattern: dict[str, str] | None = None) -> list[CaseFiles]:
+    """The cases of a folder (found with ``pattern``) or of a domains file: what ``train``,
+    ``evaluate`` and ``cache`` accept as their data."""
+    return [case for files in cohort_groups(path, pattern).values() for case in files]
 
 
 def _read_entries(path: Path) -> dict[str, dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -66,35 +66,47 @@ def evaluate(
 
 def calibrate_threshold(
     model: ADMModel,
-    cases: Sequence[CaseFiles],
+    cases: Sequence[CaseFiles] | Mapping[str, Sequence[CaseFiles]],
     options: InferenceOptions = InferenceOptions(),
 ) -> tuple[float | None, dict[str, Any]]:
-    """Best-F1 threshold of the model's (post-processed) native energies over the brain voxels of the
+    """The threshold of the model's (post-processed) native energies over the brain voxels of the
     lesion slices of the labelled ``cases``; ``(None, {})`` without labelled cases.
 
-    Used for models with native-grid post-processing (smoothing, rim suppression), whose energies
+    ``cases`` grouped by domain (``{domain: cases}``, e.g. :func:`~ADMAnomalyLib.domains.cohort_groups`
+    of a domains file) gives the threshold of highest mean Dice over the domains, the rule of the
+    evaluation study (:func:`~ADMAnomalyLib.metrics.balanced_best_threshold`); a plain sequence is one
+    group (its best-F1 threshold). Used for models with native-grid post-processing, whose energies
     differ from the network-resolution ones the trainer calibrates on."""
-    from .metrics import best_f1_threshold, detection_metrics
+    from .metrics import balanced_best_threshold, detection_metrics
 
-    scores, labels = [], []
-    for files in cases:
-        if files.label is None:
-            continue
-        case = load_case(files, model.config.preprocess.grid_tolerance)
-        prepared = prepare_case(case, model.config.preprocess)
-        if not prepared.has_lesion.any():
-            continue
-        energy = energy_volume(model, prepared, options)
-        brain = prepared.native_brain
-        region = brain & native_slice_region(prepared, prepared.has_lesion)
-        scores.append(sitk.GetArrayFromImage(energy)[region])
-        labels.append(prepared.native_lesion[region])
-    if not scores:
+    groups = dict(cases) if isinstance(cases, Mapping) else {"cases": list(cases)}
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    used: dict[str, int] = {}
+    for name, members in groups.items():
+        scores, labels = [], []
+        for files in members:
+            if files.label is None:
+                continue
+            case = load_case(files, model.config.preprocess.grid_tolerance)
+            prepared = prepare_case(case, model.config.preprocess)
+            if not prepared.has_lesion.any():
+                continue
+            energy = energy_volume(model, prepared, options)
+            region = prepared.native_brain & native_slice_region(prepared, prepared.has_lesion)
+            scores.append(sitk.GetArrayFromImage(energy)[region])
+            labels.append(prepared.native_lesion[region])
+        if scores:
+            parts[name] = (np.concatenate(scores), np.concatenate(labels))
+            used[name] = len(scores)
+    if not parts:
         return None, {}
-    s, y = np.concatenate(scores), np.concatenate(labels)
-    threshold, _ = best_f1_threshold(s, y)
+    threshold = balanced_best_threshold(list(parts.values()))
+    s = np.concatenate([v[0] for v in parts.values()])
+    y = np.concatenate([v[1] for v in parts.values()])
     metrics = detection_metrics(s, y)
-    summary = {"source": "lesion slices, native grid, post-processed energies", "cases": len(scores),
+    summary = {"source": "lesion slices, native grid, post-processed energies",
+               "rule": "highest mean Dice over the groups" if len(parts) > 1 else "best F1",
+               "groups": used, "cases": sum(used.values()),
                "auroc": metrics.auroc, "auprc": metrics.auprc, "best_f1": metrics.best_f1,
                "best_threshold": metrics.best_threshold, "n_voxels": metrics.n_voxels,
                "n_positive": metrics.n_positive}

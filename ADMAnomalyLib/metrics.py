@@ -26,7 +26,7 @@ import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -224,6 +224,26 @@ def best_f1_threshold(
     if n_pos == 0:
         return math.nan, math.nan
     return _best_f1(*_curve(s, y), n_pos)
+
+
+def balanced_best_threshold(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The threshold of highest mean Dice over ``parts`` (``(scores, labels)`` of each group, e.g.
+    each training domain), so that a large group does not dictate it; with one group it is that
+    group's best-F1 threshold. Every distinct score is a candidate; on ties the highest wins.
+    Groups without positives are left out; NaN when none has any."""
+    parts = [(np.asarray(s), np.asarray(y, dtype=bool)) for s, y in parts]
+    parts = [(s, y) for s, y in parts if y.any()]
+    if not parts:
+        return math.nan
+    candidates = np.unique(np.concatenate([s for s, _ in parts]))
+    mean_dice = np.zeros(candidates.size)
+    for s, y in parts:
+        positives, negatives = np.sort(s[y]), np.sort(s[~y])
+        tp = positives.size - np.searchsorted(positives, candidates, side="left")
+        fp = negatives.size - np.searchsorted(negatives, candidates, side="left")
+        mean_dice += 2.0 * tp / (tp + fp + positives.size)
+    best = candidates.size - 1 - int(np.argmax(mean_dice[::-1]))
+    return float(candidates[best])
 
 
 def json_safe(value: Any) -> Any:

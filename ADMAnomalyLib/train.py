@@ -448,7 +448,7 @@ def train(
     checkpoint is removed once the model file is written. ``context`` comes from
     :func:`ADMAnomalyLib.distributed.init_from_environment` under torchrun."""
     from .cache import is_slice_cache, load_slice_cache
-    from .domains import cohort_cases
+    from .domains import cohort_groups
 
     output_path = Path(output_path)
     if not output_path.parent.is_dir() or not os.access(output_path.parent, os.W_OK):
@@ -461,8 +461,10 @@ def train(
         # One rank checks the checksums; the others read the same files.
         data = load_slice_cache(data_dir, config, verify=context.is_main)
     else:
-        case_files = list(data_dir) if not isinstance(data_dir, (str, Path)) else cohort_cases(data_dir, pattern)
-        data = build_training_data(case_files, config)
+        # Grouped by domain (a domains file) so that the post-processed threshold follows the study's rule.
+        case_files = ({"cases": list(data_dir)} if not isinstance(data_dir, (str, Path))
+                      else cohort_groups(data_dir, pattern))
+        data = build_training_data([case for group in case_files.values() for case in group], config)
     barrier(context)  # every rank has checked the checkpoint before rank 0 may write one
     trainer = Trainer(config, device, checkpoint, progress, should_cancel, show_progress_bar, context)
     if resume:
@@ -480,7 +482,7 @@ def train(
     return model
 
 
-def _calibrate_post_processed(model: ADMModel, case_files: list[CaseFiles] | None, device: torch.device,
+def _calibrate_post_processed(model: ADMModel, case_files: dict[str, list[CaseFiles]] | None, device: torch.device,
                               batch_size: int) -> None:
     """Post-processing changes the energy scale, so the threshold the trainer chose on network-
     resolution energies is chosen again on post-processed native energies of the lesion slices."""

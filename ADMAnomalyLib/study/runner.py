@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..gmm import GMMAccumulator, GMMParams, SingularCovarianceError, diagonal_penalty, energy, mixture_statistics
 from ..infer import InferenceOptions, ctoc_translations, energy_volume
 from ..io import write_text_atomic
-from ..metrics import _curve, json_safe, pooled_and_per_case
+from ..metrics import _curve, balanced_best_threshold, json_safe, pooled_and_per_case
 from ..model import ADMModel
 from ..networks import DRDecoder, DREncoder
 from ..postprocess import postprocess_scores, suppress_small_components
@@ -430,21 +430,9 @@ def _validation_voxels(scores: dict[str, np.ndarray], group: Sequence[CaseData])
 
 def validation_threshold(scores: dict[str, np.ndarray], groups: Sequence[Sequence[CaseData]]) -> float:
     """The threshold of highest mean (over ``groups``) Dice on the validation voxels (brain voxels of
-    the lesion slices) of each group's cases; with one group it is that group's best-F1 threshold.
-    Every distinct validation score is a candidate; on ties the highest threshold wins."""
-    parts = [_validation_voxels(scores, group) for group in groups]
-    parts = [(s, y) for s, y in parts if y.any()]
-    if not parts:
-        return float("nan")
-    candidates = np.unique(np.concatenate([s for s, _ in parts]))
-    mean_dice = np.zeros(candidates.size)
-    for s, y in parts:
-        positives, negatives = np.sort(s[y]), np.sort(s[~y])
-        tp = positives.size - np.searchsorted(positives, candidates, side="left")
-        fp = negatives.size - np.searchsorted(negatives, candidates, side="left")
-        mean_dice += 2.0 * tp / (tp + fp + positives.size)
-    best = candidates.size - 1 - int(np.argmax(mean_dice[::-1]))
-    return float(candidates[best])
+    the lesion slices) of each group's cases (:func:`~ADMAnomalyLib.metrics.balanced_best_threshold`,
+    the rule ``admanomaly calibrate`` and training use too)."""
+    return balanced_best_threshold([_validation_voxels(scores, group) for group in groups])
 
 
 def validation_auprc(scores: dict[str, np.ndarray], groups: Sequence[Sequence[CaseData]]) -> float:

@@ -18,6 +18,7 @@ from sklearn.metrics import (
 
 from ADMAnomalyLib.metrics import (
     DetectionMetrics,
+    balanced_best_threshold,
     best_f1_threshold,
     detection_metrics,
     json_safe,
@@ -209,3 +210,21 @@ def test_millions_of_voxels():
     m = detection_metrics(scores, labels)
     # Two unit-variance Gaussians 1.5 apart: AUROC = Phi(1.5 / sqrt(2)) = 0.8556.
     assert m.auroc == pytest.approx(0.5 * (1 + math.erf(1.5 / 2)), abs=3e-3)
+
+
+def test_balanced_threshold_is_best_f1_for_one_group_and_averages_dice_over_groups():
+    rng = np.random.default_rng(7)
+    labels = rng.random(2000) < 0.1
+    scores = rng.normal(0, 1, 2000) + 2.0 * labels
+    threshold, _ = best_f1_threshold(scores, labels)
+    assert balanced_best_threshold([(scores, labels)]) == pytest.approx(threshold)
+    # A large group that wants a low threshold and a small one that wants a high one: the mean rule
+    # lands between, where pooling the voxels follows the large group.
+    big_y = np.r_[np.ones(500, bool), np.zeros(500, bool)]
+    big_s = np.r_[np.linspace(1, 2, 500), np.linspace(0, 1.2, 500)]
+    small_y = np.r_[np.ones(20, bool), np.zeros(80, bool)]
+    small_s = np.r_[np.linspace(3, 4, 20), np.linspace(0, 3.0, 80)]
+    pooled, _ = best_f1_threshold(np.r_[big_s, small_s], np.r_[big_y, small_y])
+    balanced = balanced_best_threshold([(big_s, big_y), (small_s, small_y)])
+    assert balanced > pooled
+    assert np.isnan(balanced_best_threshold([(small_s, np.zeros(100, bool))]))

@@ -340,3 +340,34 @@ def test_evaluate_accepts_a_domains_file_and_refuses_a_pattern_beside_it(trained
     assert by_file["methods"]["ADM"]["pooled"] == by_folder["methods"]["ADM"]["pooled"]
     with pytest.raises(InputError, match="drop --pattern"):
         evaluate(api.load_model(trained_model), domains, options=api.InferenceOptions("cpu"), pattern={"flair": "F*"})
+
+
+def test_calibrate_rechooses_the_threshold_for_other_post_processing(trained_model, cohort, tmp_path, capsys):
+    out = tmp_path / "calibrated.admm"
+    assert main(["calibrate", str(trained_model), str(cohort), "-o", str(out), "--device", "cpu",
+                 "--set", "postprocess.smoothing_sigma_mm=2", "--set", "postprocess.standardise=zscore"]) == 0
+    assert "threshold" in capsys.readouterr().out
+    calibrated, original = api.load_model(out), api.load_model(trained_model)
+    assert calibrated.config.postprocess.smoothing_sigma_mm == 2.0 and calibrated.config.postprocess.standardise == "zscore"
+    assert calibrated.threshold is not None and calibrated.threshold != original.threshold
+    assert calibrated.metadata["calibration"]["postprocess_overrides"] == {"smoothing_sigma_mm": 2, "standardise": "zscore"}
+    assert calibrated.metadata["validation"]["rule"] == "best F1" and calibrated.metadata["validation"]["cases"] == 2
+    # The new threshold is the best-F1 one of what evaluate reports for the same voxels and settings.
+    report = evaluate(calibrated, cohort, options=api.InferenceOptions("cpu"))
+    assert report["methods"]["ADM"]["pooled"]["best_threshold"] == pytest.approx(calibrated.threshold)
+    for name, param in original.network.state_dict().items():  # the networks are untouched
+        assert torch.equal(param, calibrated.network.state_dict()[name])
+
+
+def test_calibrate_on_a_domains_file_averages_dice_over_the_domains(trained_model, cohort, tmp_path):
+    domains = tmp_path / "domains.json"
+    domains.write_text(json.dumps({"one": {"folder": str(cohort), "cases": "synth_0"},
+                                   "two": {"folder": str(cohort), "cases": "synth_1"}}), encoding="utf-8")
+    model = api.calibrate(trained_model, domains, tmp_path / "c.admm", device="cpu")
+    assert model.metadata["validation"]["rule"] == "highest mean Dice over the groups"
+    assert model.metadata["validation"]["groups"] == {"one": 1, "two": 1}
+    unlabelled = tmp_path / "unlabelled"
+    make_synthetic_case(unlabelled, "u_1", seed=5, lesion=False)
+    assert main(["calibrate", str(trained_model), str(unlabelled), "-o", str(tmp_path / "u.admm"),
+                 "--device", "cpu"]) == 2
+    assert not (tmp_path / "u.admm").exists()
