@@ -94,6 +94,7 @@ EXPECTED_WIDGETS = {
     "trainingCollapsibleButton": "ctkCollapsibleButton",
     "trainingFolderEdit": "ctkPathLineEdit",
     "presetComboBox": "QComboBox",
+    "profileComboBox": "QComboBox",
     "epochsCtoCSpinBox": "QSpinBox",
     "epochsJointSpinBox": "QSpinBox",
     "lambdaSpinBox": "QDoubleSpinBox",
@@ -192,6 +193,7 @@ class ADMAnomalyParameterNode:
     percentile: Annotated[float, WithinRange(0.0, 100.0)] = 99.0
     trainingFolder: pathlib.Path
     trainingPreset: Annotated[str, Choice(["small", "paper", "tiny"])] = "small"
+    trainingProfile: Annotated[str, Choice(["faithful", "transfer"])] = "faithful"
     epochsCtoC: Annotated[int, WithinRange(1, 1000)] = 12
     epochsJoint: Annotated[int, WithinRange(1, 1000)] = 6
     lambdaEnergy: Annotated[float, WithinRange(0.0, 1.0)] = 5e-4
@@ -800,7 +802,8 @@ class ADMAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             self.logic.ensureDependencies()
             self._trainingJob = self.logic.startTraining(
-                p.trainingFolder, p.trainingOutput, preset=p.trainingPreset, epochsCtoC=p.epochsCtoC,
+                p.trainingFolder, p.trainingOutput, preset=p.trainingPreset, profile=p.trainingProfile,
+                epochsCtoC=p.epochsCtoC,
                 epochsJoint=p.epochsJoint, lambdaEnergy=p.lambdaEnergy, components=p.components,
                 lesionMargin=p.lesionMargin, device=p.device, resume=p.trainingResume)
         except errors.ADMError as exc:

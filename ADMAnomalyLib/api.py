@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from torch import device as torch_device
 
 from .cases import CaseFiles, case_from_images, discover_cases, find_cases, load_case
-from .config import ADMConfig, CONTRASTS, PRESETS, preset
+from .config import ADMConfig, CONTRASTS, PRESETS, PROFILES, preset, profile_overrides
 from .device import PRECISIONS, describe_device, resolve_device, training_dtype
 from .errors import ADMError, InputError, ModelFileError, OutputError
 from .infer import InferenceOptions, Prediction, anomaly_mask, percentile_threshold, predict_case
@@ -404,6 +404,7 @@ def parse_settings(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 def training_config(
     preset_name: str = "small",
     *,
+    profile: str = "faithful",
     epochs_ctoc: int | None = None,
     epochs_joint: int | None = None,
     batch_size: int | None = None,
@@ -414,14 +415,21 @@ def training_config(
     workers: int | None = None,
     settings: Sequence[str] | dict[str, dict[str, Any]] = (),
 ) -> ADMConfig:
-    """The training configuration of a preset with the usual settings and any other config value
-    (``settings``: ``--set`` strings or section overrides); the CLI and the Slicer module both build
-    their configurations here."""
+    """The training configuration of a size preset and a profile (:data:`~ADMAnomalyLib.config.PROFILES`:
+    'faithful' ADM or the bundled 'transfer' configuration) with the usual settings and any other
+    config value (``settings``: ``--set`` strings or section overrides, which win over the profile);
+    the CLI and the Slicer module both build their configurations here."""
     named = {("train", "epochs_ctoc"): epochs_ctoc, ("train", "epochs_joint"): epochs_joint,
              ("train", "batch_size"): batch_size, ("train", "lambda_energy"): lambda_energy,
              ("train", "lesion_margin"): lesion_margin, ("train", "seed"): seed, ("train", "num_workers"): workers,
              ("model", "n_components"): components}
-    overrides = parse_settings(settings) if not isinstance(settings, dict) else {k: dict(v) for k, v in settings.items()}
+    given = parse_settings(settings) if not isinstance(settings, dict) else {k: dict(v) for k, v in settings.items()}
+    try:
+        overrides = profile_overrides(profile)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    for section, values in given.items():
+        overrides.setdefault(section, {}).update(values)
     for (section, name), value in named.items():
         if value is not None:
             overrides.setdefault(section, {})[name] = value

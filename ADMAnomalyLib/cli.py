@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from .config import PRECISIONS, PRESETS
+from .config import PRECISIONS, PRESETS, PROFILES
 from .errors import ADMError, InputError
 from .validation import check_positive_int, check_threshold, parse_shard
 
@@ -74,11 +74,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_postprocess_settings(parser: argparse.ArgumentParser) -> None:
+def _add_postprocess_settings(parser: argparse.ArgumentParser, needs_threshold: bool = True) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="postprocess.FIELD=VALUE",
                         help="other post-processing than the model's, without retraining, e.g. "
-                             "--set postprocess.flair_weight=0 (the model's own evidence); needs --threshold "
-                             "for the anomaly maps")
+                             "--set postprocess.flair_weight=0 (the model's own evidence)"
+                             + ("; needs --threshold for the anomaly maps" if needs_threshold else ""))
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "see benchmarks/domains.json) or a slice cache")
     train.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.admm)")
     train.add_argument("--preset", choices=sorted(PRESETS), default="small", help="size preset (default: small)")
+    train.add_argument("--profile", choices=sorted(PROFILES), default="faithful",
+                       help="faithful = the paper's ADM; transfer = the bundled model's configuration for other "
+                            "sites and pathologies (robust normalisation, site augmentation, CtoC uncertainty, "
+                            "post-processing) (default: faithful)")
     train.add_argument("--epochs-ctoc", type=_non_negative_int, help="epochs of step 1 (CtoC)")
     train.add_argument("--epochs-joint", type=_non_negative_int, help="epochs of step 2 (DR + DE)")
     train.add_argument("--batch-size", type=_POSITIVE["batch size"], help="slices per training batch")
@@ -239,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.admm)")
     calibrate.add_argument("--batch-size", type=_POSITIVE["batch size"], default=16,
                            help="slices per network batch (default 16)")
-    _add_postprocess_settings(calibrate)
+    _add_postprocess_settings(calibrate, needs_threshold=False)
     _add_device(calibrate)
     _add_pattern(calibrate)
 
@@ -345,7 +349,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .distributed import init_from_environment, shutdown
 
-        config = api.training_config(args.preset, epochs_ctoc=args.epochs_ctoc, epochs_joint=args.epochs_joint,
+        config = api.training_config(args.preset, profile=args.profile, epochs_ctoc=args.epochs_ctoc,
+                                     epochs_joint=args.epochs_joint,
                                      batch_size=args.batch_size, lambda_energy=args.lambda_energy,
                                      components=args.components, lesion_margin=args.lesion_margin, seed=args.seed,
                                      workers=args.workers, settings=args.set)

@@ -256,6 +256,31 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "faithful": {},
+    "transfer": {
+        "preprocess": {"normalisation": "robust"},
+        "train": {"augmentation": "site"},
+        "model": {"ctoc_uncertainty": True},
+        "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
+                        "median_size_mm": 5.0, "standardise": "robust"},
+    },
+}
+"""What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper
+(every default); 'transfer' is the bundled model's configuration for scans from other sites and
+pathologies (robust normalisation, site-shift augmentation, CtoC uncertainty, and the post-processing
+the leave-one-domain-out study chose; see README, "The method as implemented")."""
+TRAINING_SECTIONS = ("preprocess", "model", "train")
+"""The config sections that shape the trained networks (post-processing is applied after them)."""
+
+
+def profile_overrides(name: str) -> dict[str, dict[str, Any]]:
+    """The section overrides of profile ``name`` (copies; a ValueError names the choices)."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    return {section: dict(values) for section, values in PROFILES[name].items()}
+
+
 def preset(name: str, **overrides: dict[str, Any]) -> ADMConfig:
     """Return the named preset, optionally with section overrides, e.g.
     ``preset("small", train={"epochs_joint": 2})``."""

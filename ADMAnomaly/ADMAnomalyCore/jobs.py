@@ -174,12 +174,13 @@ class TrainingJob:
     """Trains with the engine's CLI (``python -m ADMAnomalyLib.cli train ... --progress json``)."""
 
     def __init__(self, dataDir, outputPath, preset="small", epochsCtoC=None, epochsJoint=None, lambdaEnergy=None,
-                 components=None, device="auto", resume=False, workDir=None, lesionMargin=None) -> None:
+                 components=None, device="auto", resume=False, workDir=None, lesionMargin=None,
+                 profile="faithful") -> None:
         self.outputPath = Path(outputPath)
         self.workDir = Path(workDir) if workDir else Path(tempfile.mkdtemp(prefix="ADMAnomaly-train-"))
         self._ownsWorkDir = workDir is None
         self.args = training_command(dataDir, outputPath, preset, epochsCtoC, epochsJoint, lambdaEnergy,
-                                     components, device, resume, lesionMargin)
+                                     components, device, resume, lesionMargin, profile)
         self.process = ProcessJob(self.args, self.workDir)
         self.lastEvent: dict[str, Any] = {}
 
@@ -244,10 +245,11 @@ class TrainingJob:
 
 
 def training_command(dataDir, outputPath, preset="small", epochsCtoC=None, epochsJoint=None, lambdaEnergy=None,
-                     components=None, device="auto", resume=False, lesionMargin=None) -> list[str]:
+                     components=None, device="auto", resume=False, lesionMargin=None,
+                     profile="faithful") -> list[str]:
     """Arguments of the engine's ``train`` command for the settings of ``logic.train``."""
     args = [python_executable(), "-m", "ADMAnomalyLib.cli", "train", str(dataDir), "-o", str(outputPath),
-            "--preset", preset, "--device", device, "--progress", "json"]
+            "--preset", preset, "--profile", profile, "--device", device, "--progress", "json"]
     for flag, value in (("--epochs-ctoc", epochsCtoC), ("--epochs-joint", epochsJoint),
                         ("--lambda-energy", lambdaEnergy), ("--components", components),
                         ("--lesion-margin", lesionMargin)):

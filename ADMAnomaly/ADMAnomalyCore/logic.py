@@ -552,6 +552,14 @@ class ADMAnomalyCoreLogic:
         return list(PRESETS)
 
     @staticmethod
+    def trainingProfiles() -> list[str]:
+        """Names of the engine's training profiles (``faithful``, the paper's ADM; ``transfer``, the
+        bundled model's configuration)."""
+        from ADMAnomalyLib.config import PROFILES
+
+        return list(PROFILES)
+
+    @staticmethod
     def trainingDefaults(preset: str = "small") -> dict[str, Any]:
         """The settings of :meth:`train` (``epochsCtoC``, ``epochsJoint``, ``lambdaEnergy``,
         ``components``, ``lesionMargin``) as ``preset`` has them; needs no torch."""
@@ -568,10 +576,11 @@ class ADMAnomalyCoreLogic:
     @staticmethod
     def trainingConfig(preset: str = "small", epochsCtoC: int | None = None, epochsJoint: int | None = None,
                        lambdaEnergy: float | None = None, components: int | None = None,
-                       lesionMargin: int | None = None):
-        """The engine's ``ADMConfig`` for a preset with the panel's overrides (built by
+                       lesionMargin: int | None = None, profile: str = "faithful"):
+        """The engine's ``ADMConfig`` for a size preset and a profile ('faithful' ADM or the bundled
+        'transfer' configuration) with the panel's overrides (built by
         ``ADMAnomalyLib.api.training_config``, as the command line builds its own)."""
-        return engine_api().training_config(preset, epochs_ctoc=epochsCtoC, epochs_joint=epochsJoint,
+        return engine_api().training_config(preset, profile=profile, epochs_ctoc=epochsCtoC, epochs_joint=epochsJoint,
                                             lambda_energy=lambdaEnergy, components=components,
                                             lesion_margin=lesionMargin)
 
@@ -598,13 +607,14 @@ class ADMAnomalyCoreLogic:
     def train(self, dataDir, outputPath, preset: str = "small", epochsCtoC: int | None = None,
               epochsJoint: int | None = None, lambdaEnergy: float | None = None, components: int | None = None,
               lesionMargin: int | None = None, device: str = "auto", resume: bool = False,
-              progress: Callable[[dict], None] | None = None, shouldCancel: CancelCallback | None = None) -> Path:
+              progress: Callable[[dict], None] | None = None, shouldCancel: CancelCallback | None = None,
+              profile: str = "faithful") -> Path:
         """Train a model on the normal slices of the cases in ``dataDir`` (lesion labels, if any,
         exclude lesion slices and give the validation threshold) and write it to ``outputPath``.
         Blocking; returns the model path. Raises ``TrainingDataError`` when no case is usable."""
         api = engine_api()
         self.validateTrainingInputs(dataDir, outputPath, resume)
-        config = self.trainingConfig(preset, epochsCtoC, epochsJoint, lambdaEnergy, components, lesionMargin)
+        config = self.trainingConfig(preset, epochsCtoC, epochsJoint, lambdaEnergy, components, lesionMargin, profile)
         self.resolveDevice(device)
         # No tqdm bar in the Slicer Python console.
         api.train(dataDir, outputPath, config, device=(device or "auto").lower(), resume=resume,
@@ -631,16 +641,16 @@ class ADMAnomalyCoreLogic:
     def startTraining(self, dataDir, outputPath, preset: str = "small", epochsCtoC: int | None = None,
                       epochsJoint: int | None = None, lambdaEnergy: float | None = None,
                       components: int | None = None, device: str = "auto", resume: bool = False, workDir=None,
-                      lesionMargin: int | None = None):
+                      lesionMargin: int | None = None, profile: str = "faithful"):
         """Validate now, then train in a background process (the engine's CLI) with the settings of
         :meth:`train`; see :class:`.jobs.TrainingJob`."""
         from .jobs import TrainingJob
 
         self.validateTrainingInputs(dataDir, outputPath, resume)
-        self.trainingConfig(preset, epochsCtoC, epochsJoint, lambdaEnergy, components, lesionMargin)
+        self.trainingConfig(preset, epochsCtoC, epochsJoint, lambdaEnergy, components, lesionMargin, profile)
         self.resolveDevice(device)
         return TrainingJob(dataDir, outputPath, preset, epochsCtoC, epochsJoint, lambdaEnergy, components,
-                           (device or "auto").lower(), resume, workDir, lesionMargin=lesionMargin)
+                           (device or "auto").lower(), resume, workDir, lesionMargin=lesionMargin, profile=profile)
 
     # -- a folder of cases ---------------------------------------------------------------------
     def openFolder(self, casesDir, resultsDir, model=None, pattern: dict[str, str] | None = None) -> list:

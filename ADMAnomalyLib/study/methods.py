@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ADMConfig, PostprocessConfig, PreprocessConfig, preset
+from ..config import PROFILES, TRAINING_SECTIONS, ADMConfig, PostprocessConfig, PreprocessConfig, preset
 
 # ------------------------------------------------------------------------------------------------
 # settings
@@ -129,8 +129,7 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM robust-norm": {"preprocess": {"normalisation": "robust"}},
     "ADM site-aug": {"train": {"augmentation": "site"}},
     "ADM unc": {"model": {"ctoc_uncertainty": True}},
-    "ADM+": {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
-             "model": {"ctoc_uncertainty": True}},
+    "ADM+": {section: values for section, values in PROFILES["transfer"].items() if section in TRAINING_SECTIONS},
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 

@@ -140,7 +140,7 @@ def test_the_panel_sets_everything_logic_train_takes():
     settings = set(inspect.signature(ADMAnomalyCoreLogic.train).parameters) - {"self", "progress", "shouldCancel"}
     # The panel's parameter of each setting (the others are named as the setting).
     panel = {"dataDir": "trainingFolder", "outputPath": "trainingOutput", "preset": "trainingPreset",
-             "resume": "trainingResume"}
+             "profile": "trainingProfile", "resume": "trainingResume"}
     for setting in settings:
         assert panel.get(setting, setting) in bound, f"logic.train's {setting} has no widget"
     assert set(defaults) <= settings
@@ -154,6 +154,8 @@ def test_the_panel_sets_everything_logic_train_takes():
     assert values == defaults
     choices = ast.literal_eval(re.search(r"Choice\((\[.*?\])\)", ast.unparse(fields["trainingPreset"])).group(1))
     assert sorted(choices) == sorted(ADMAnomalyCoreLogic.trainingPresets()) and choices[0] == "small"
+    choices = ast.literal_eval(re.search(r"Choice\((\[.*?\])\)", ast.unparse(fields["trainingProfile"])).group(1))
+    assert choices == ADMAnomalyCoreLogic.trainingProfiles() and choices[0] == "faithful"
     # The Train button passes every setting to the background job.
     calls = [node for node in ast.walk(module_tree()) if isinstance(node, ast.Call)
              and isinstance(node.func, ast.Attribute) and node.func.attr == "startTraining"]

@@ -371,3 +371,19 @@ def test_calibrate_on_a_domains_file_averages_dice_over_the_domains(trained_mode
     assert main(["calibrate", str(trained_model), str(unlabelled), "-o", str(tmp_path / "u.admm"),
                  "--device", "cpu"]) == 2
     assert not (tmp_path / "u.admm").exists()
+
+
+def test_profiles_faithful_by_default_and_transfer_is_the_bundled_configuration():
+    faithful = api.training_config("small")
+    assert faithful == preset("small")
+    transfer = api.training_config("small", profile="transfer", settings=["postprocess.median_size_mm=3"])
+    assert transfer.preprocess.normalisation == "robust" and transfer.train.augmentation == "site"
+    assert transfer.model.ctoc_uncertainty and transfer.postprocess.median_size_mm == 3  # --set wins
+    with pytest.raises(InputError, match="profile"):
+        api.training_config("small", profile="best")
+    # The bundled model is what `--preset small --profile transfer` trains (README's command).
+    bundled = api.load_model().config
+    expected = api.training_config("small", profile="transfer")
+    for section in ("preprocess", "model", "postprocess"):
+        assert getattr(bundled, section) == getattr(expected, section), section
+    assert bundled.train.augmentation == expected.train.augmentation

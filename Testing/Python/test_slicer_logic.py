@@ -365,14 +365,16 @@ def test_background_training_through_the_engine_cli(data, tmp_path):
     logic = ADMAnomalyCoreLogic(scene=slicer.vtkMRMLScene())
     output = tmp_path / "trained.admm"
     job = logic.startTraining(data / "synth_1", output, preset="tiny", epochsCtoC=1, epochsJoint=1, components=3,
-                              lesionMargin=1, device="cpu")
+                              lesionMargin=1, device="cpu", profile="transfer")
     assert job.args[job.args.index("--lesion-margin") + 1] == "1" and "--progress" in job.args
+    assert job.args[job.args.index("--profile") + 1] == "transfer"
     job.process.wait(240)
     events = job.poll()
     stages = [e.get("stage") for e in events]
     assert "ctoc" in stages and "joint" in stages and stages[-1] == "done", job.process.stderrText()
     trained = api.load_model(job.finish())
     assert trained.config.model.n_components == 3 and trained.config.train.lesion_margin == 1
+    assert trained.config.preprocess.normalisation == "robust" and trained.config.model.ctoc_uncertainty
     assert TrainingJob.describe(events[0]) and job.fraction() == 1.0
 
     cancelled = logic.startTraining(data, tmp_path / "never.admm", preset="tiny", device="cpu")
