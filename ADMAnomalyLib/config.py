@@ -88,10 +88,16 @@ class ModelConfig:
     (z = concat(Z_ct, Z_dr, X), 4 more dimensions), so the mixture models how bright each contrast
     is, not only how well it is predicted. False is the faithful ADM."""
 
+    density_residuals: tuple[str, ...] = CONTRASTS
+    """Beyond the paper: the contrasts whose CtoC residual Z_ct enters the density features (all four
+    in the paper). The T1 and T1c residuals mark tissue boundaries on every site and point away from
+    the lesion off the training site (docs/domain_analysis.md); ('flair', 't2') keeps the two that
+    show oedema and MS lesions."""
+
     @property
     def feature_dim(self) -> int:
         """Dimension of the per-pixel feature z fed to the density estimator."""
-        return ((self.n_contrasts if self.use_ctoc else 0) + (self.dr_latent if self.use_dr else 0)
+        return ((len(self.density_residuals) if self.use_ctoc else 0) + (self.dr_latent if self.use_dr else 0)
                 + (self.n_contrasts if self.density_intensities else 0))
 
 

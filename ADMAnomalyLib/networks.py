@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import CONTRASTS, ModelConfig
 
 LOG_VARIANCE_RANGE = (-8.0, 8.0)
 """Clamp of the predicted log-variance: sigma between e^-4 and e^4 z-score units. Keeps exp(-s) in
@@ -241,8 +241,14 @@ class ADMNetwork(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.feature_dim == 0:
-            raise ValueError("use_ctoc and use_dr are both off: the density estimator would have no features")
+            raise ValueError("the density estimator would have no features (use_ctoc and use_dr off, or no "
+                             "density_residuals)")
+        unknown = [name for name in cfg.density_residuals if name not in CONTRASTS[: cfg.n_contrasts]]
+        if unknown or len(set(cfg.density_residuals)) != len(cfg.density_residuals):
+            raise ValueError(f"model.density_residuals must name distinct contrasts of {CONTRASTS[: cfg.n_contrasts]}, "
+                             f"not {tuple(cfg.density_residuals)}")
         self.config = cfg
+        self._residual_channels = [CONTRASTS.index(name) for name in cfg.density_residuals]
         self.ctoc = CtoCNet(cfg) if cfg.use_ctoc else None
         self.dr_encoder = DREncoder(cfg) if cfg.use_dr else None
         self.dr_decoder = DRDecoder(cfg) if cfg.use_dr else None
@@ -263,7 +269,7 @@ class ADMNetwork(nn.Module):
     def features(
         self, x: torch.Tensor, brain: torch.Tensor, x_hat_ct: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-pixel features ``z`` (B, d, H, W) = concat(Z_ct, Z_dr[, X]), float32, and ``X̂_dr``
+        """Per-pixel features ``z`` (B, d, H, W) = concat(Z_ct of ``density_residuals``, Z_dr[, X]), float32, and ``X̂_dr``
         (B, K, H, W) or ``None`` without DR. Z_ct is :func:`ctoc_residual`: |X − X̂_ct|, or that over
         the predicted sigma with ``ctoc_uncertainty``.
 
@@ -280,7 +286,10 @@ class ADMNetwork(nn.Module):
                 raise ValueError(f"the cached translation has {x_hat_ct.shape[1]} channels; this network's have "
                                  f"{self.translation_channels} (a translation of a CtoC with"
                                  f"{'out' if self.config.ctoc_uncertainty else ''} an uncertainty head?)")
-            parts.append(ctoc_residual(x, x_hat_ct))
+            residual = ctoc_residual(x, x_hat_ct)
+            if len(self._residual_channels) != residual.shape[1]:
+                residual = residual[:, self._residual_channels]
+            parts.append(residual)
         if self.dr_encoder is not None and self.dr_decoder is not None:
             z_dr = self.dr_encoder(x)
             x_hat_dr = self.dr_decoder(z_dr)

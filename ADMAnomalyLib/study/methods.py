@@ -130,6 +130,8 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM site-aug": {"train": {"augmentation": "site"}},
     "ADM unc": {"model": {"ctoc_uncertainty": True}},
     "ADM+": {section: values for section, values in PROFILES["transfer"].items() if section in TRAINING_SECTIONS},
+    "ADM+ FT2": {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
+                 "model": {"ctoc_uncertainty": True, "density_residuals": ("flair", "t2")}},
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -200,11 +202,17 @@ METHODS: dict[str, MethodSpec] = {
                                      "hyperintense voxels (FLAIR z > 0)", "ADM+",
                                      {"standardise": "robust", "energy_gate_z": 0.0}, search=POST_SEARCH,
                                      small_components=True),
+    "ADM+ FT2": MethodSpec("adm", "improvement", "ADM+ with only the FLAIR and T2 residuals (and Z_dr) in the "
+                           "density features", "ADM+ FT2"),
+    "ADM+ FT2 +gate+post+cc": MethodSpec("adm", "improvement", "ADM+ FT2 with the +gate+post+cc post-processing",
+                                         "ADM+ FT2", {"standardise": "robust", "energy_gate_z": 0.0},
+                                         search=POST_SEARCH, small_components=True),
 }
 
 DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5+cc", "ADM", "ADM +post",
                                     "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ +post",
-                                    "ADM+ +post+cc", "ADM+ +post+cc (z)", "ADM+ +gate+post+cc")
+                                    "ADM+ +post+cc", "ADM+ +post+cc (z)", "ADM+ +gate+post+cc", "ADM+ FT2",
+                                    "ADM+ FT2 +gate+post+cc")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

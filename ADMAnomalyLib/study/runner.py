@@ -169,13 +169,15 @@ def train_networks(names: Sequence[str], settings: StudySettings, seed: int, dat
         ctoc_state, ctoc_model = None, None
         first = configs[members[0]]
         pending = [name for name in members if name not in models]
+        loaded = [name for name in members if name in models]
         if first.model.use_ctoc:
-            if pending:
+            if loaded:  # the members share one CtoC (frozen in step 2): a loaded member's is theirs
+                ctoc_model = models[loaded[0]]
+                ctoc_state = {k: v.detach().clone() for k, v in ctoc_model.network.ctoc.state_dict().items()}
+            elif pending:
                 trainer = Trainer(first, device, show_progress_bar=False)
                 ctoc_state = trainer.fit_ctoc(data[preprocess_key(first.preprocess)])
                 ctoc_model = trainer.model
-            else:  # every member was loaded; they share one CtoC, so any of them translates
-                ctoc_model = models[members[0]]
         for name in pending:
             trainer = Trainer(configs[name], device, show_progress_bar=False)
             # The study chooses thresholds on native validation voxels itself, so the trainer's is skipped.

@@ -205,3 +205,24 @@ def test_instance_norm_is_torchs_instance_norm_in_either_memory_format():
     torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(norm(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(norm(x[0]), stock(x[0]))  # unbatched input
+
+
+def test_density_residuals_select_the_ctoc_residual_channels():
+    full_cfg = dataclasses.replace(preset("tiny").model)
+    picked_cfg = dataclasses.replace(full_cfg, density_residuals=("flair", "t2"))
+    assert full_cfg.feature_dim == 7 and picked_cfg.feature_dim == 5
+    torch.manual_seed(0)
+    full = ADMNetwork(full_cfg).eval()
+    picked = ADMNetwork(picked_cfg).eval()
+    picked.ctoc.load_state_dict(full.ctoc.state_dict())
+    picked.dr_encoder.load_state_dict(full.dr_encoder.state_dict())
+    picked.dr_decoder.load_state_dict(full.dr_decoder.state_dict())
+    x = torch.randn(2, 4, 32, 32)
+    brain = torch.ones(2, 32, 32, dtype=torch.bool)
+    with torch.no_grad():
+        z_full, _ = full.features(x, brain)
+        z_picked, _ = picked.features(x, brain)
+    torch.testing.assert_close(z_picked, z_full[:, [0, 3, 4, 5, 6]])
+    for bad in (("flair", "dwi"), ("t2", "t2")):
+        with pytest.raises(ValueError, match="density_residuals"):
+            ADMNetwork(dataclasses.replace(full_cfg, density_residuals=bad))
