@@ -608,3 +608,24 @@ def test_quick_domain_setting_runs_the_domain_methods():
     assert study.quick_settings(split="domains").method_names() == list(study.DOMAIN_METHODS)
     assert study.quick_settings().method_names() == list(study.QUICK_METHODS)
     assert study.quick_settings(split="domains", methods=("ADM",)).method_names() == ["ADM"]
+
+
+def test_a_new_network_takes_the_ctoc_of_a_cached_network_of_its_group(tmp_path, monkeypatch):
+    path = _make_domains(tmp_path)
+    out = tmp_path / "out"
+    settings = dataclasses.replace(_domain_settings(), methods=("ADM",))
+    study.run_study(None, out, settings, domains_file=path)
+    cached = {p.name for p in (out / "networks").glob("*.admm")}
+    assert len(cached) == 3  # one per left-out domain
+
+    def no_ctoc_training(*args, **kwargs):
+        raise AssertionError("the shared CtoC was trained again")
+
+    monkeypatch.setattr(study.runner.Trainer, "fit_ctoc", no_ctoc_training)
+    study.run_study(None, out, dataclasses.replace(settings, methods=("ADM", "ADM+X")), domains_file=path)
+    added = sorted(p for p in (out / "networks").glob("*.admm") if p.name not in cached)
+    assert len(added) == 3
+    shared = [ADMModel.load(p).network.ctoc.state_dict() for p in (out / "networks").glob("ADM-*.admm")]
+    for new in added:
+        ctoc = ADMModel.load(new).network.ctoc.state_dict()
+        assert any(all(torch.equal(ctoc[k], other[k]) for k in ctoc) for other in shared)
