@@ -629,3 +629,11 @@ def test_a_new_network_takes_the_ctoc_of_a_cached_network_of_its_group(tmp_path,
     for new in added:
         ctoc = ADMModel.load(new).network.ctoc.state_dict()
         assert any(all(torch.equal(ctoc[k], other[k]) for k in ctoc) for other in shared)
+
+
+def test_report_of_two_domain_studies_draws_the_figures_once(domain_runs, tmp_path):
+    root, _, _ = domain_runs
+    results = study.make_report([root / "out" / "study.json", root / "out2" / "study.json"], tmp_path)
+    text = results.read_text(encoding="utf-8")
+    assert text.count("## Leave-one-domain-out") == 2
+    assert text.count("](figures/domains_auprc_dice.png)") == 1
