@@ -132,6 +132,8 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+": {section: values for section, values in PROFILES["transfer"].items() if section in TRAINING_SECTIONS},
     "ADM+ FT2": {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
                  "model": {"ctoc_uncertainty": True, "density_residuals": ("flair", "t2")}},
+    "ADM+ F": {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
+               "model": {"ctoc_uncertainty": True, "density_residuals": ("flair",)}},
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -207,12 +209,22 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ FT2 +gate+post+cc": MethodSpec("adm", "improvement", "ADM+ FT2 with the +gate+post+cc post-processing",
                                          "ADM+ FT2", {"standardise": "robust", "energy_gate_z": 0.0},
                                          search=POST_SEARCH, small_components=True),
+    "ADM+ FT2 +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ FT2 with the +post+cc (z) post-processing",
+                                        "ADM+ FT2", {"standardise": "zscore"}, search=POST_SEARCH,
+                                        small_components=True),
+    "ADM+ FT2 +gate+post+cc (z)": MethodSpec("adm", "improvement", "ADM+ FT2, FLAIR gate, post-processing chosen "
+                                             "on validation, mean/SD standardisation, small components removed",
+                                             "ADM+ FT2", {"standardise": "zscore", "energy_gate_z": 0.0},
+                                             search=POST_SEARCH, small_components=True),
+    "ADM+ F": MethodSpec("adm", "improvement", "ADM+ with only the FLAIR residual (and Z_dr) in the density "
+                         "features", "ADM+ F"),
 }
 
 DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5+cc", "ADM", "ADM +post",
                                     "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ +post",
                                     "ADM+ +post+cc", "ADM+ +post+cc (z)", "ADM+ +gate+post+cc", "ADM+ FT2",
-                                    "ADM+ FT2 +gate+post+cc")
+                                    "ADM+ FT2 +gate+post+cc", "ADM+ FT2 +post+cc (z)", "ADM+ FT2 +gate+post+cc (z)",
+                                    "ADM+ F")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

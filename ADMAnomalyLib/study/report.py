@@ -305,7 +305,7 @@ def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) 
 
 # Drawn in this order where the JSON has them; other methods are left out of the figures.
 DOMAIN_KEY_METHODS = ("FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", "ADM +post", "ADM+", "ADM+ +post")
-RAW_NETWORK_METHODS = ("ADM", "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ FT2")
+RAW_NETWORK_METHODS = ("ADM", "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ FT2", "ADM+ F")
 RAW_REFERENCE = "FLAIR z"
 # One colour per method, shared by both figures (ten methods: the ten tab10 colours).
 _FIGURE_METHODS = tuple(dict.fromkeys(DOMAIN_KEY_METHODS + RAW_NETWORK_METHODS))
