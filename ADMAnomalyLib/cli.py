@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="faithful = the paper's ADM; transfer = the bundled model's configuration for other "
                             "sites and pathologies (robust normalisation, site augmentation, CtoC uncertainty, "
                             "post-processing) (default: faithful)")
+    train.add_argument("--ctoc-from", metavar="MODEL",
+                       help="take the CtoC (step 1) of a trained model ('default' = bundled) and train step 2 only; "
+                            "its preset and profile must be this one's")
     train.add_argument("--epochs-ctoc", type=_non_negative_int, help="epochs of step 1 (CtoC)")
     train.add_argument("--epochs-joint", type=_non_negative_int, help="epochs of step 2 (DR + DE)")
     train.add_argument("--batch-size", type=_POSITIVE["batch size"], help="slices per training batch")
@@ -360,7 +363,8 @@ def _run(args: argparse.Namespace) -> int:
             api.train(args.data_dir, args.output, config, device=device, resume=args.resume,
                       progress=_json_line if args.progress == "json" else None,
                       pattern=_parse_pattern(args.pattern), show_progress_bar=args.progress == "bar",
-                      metadata={"training_command": "admanomaly " + " ".join(args.argv)}, context=context)
+                      metadata={"training_command": "admanomaly " + " ".join(args.argv)}, context=context,
+                      ctoc_from=api.load_model(_model_argument(args.ctoc_from)) if args.ctoc_from else None)
         finally:
             shutdown(context)
         if args.progress != "json" and context.is_main:

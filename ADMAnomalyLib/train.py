@@ -440,19 +440,24 @@ def train(
     show_progress_bar: bool = True,
     metadata: dict[str, Any] | None = None,
     context: DistributedContext = SINGLE_PROCESS,
+    ctoc_from: ADMModel | None = None,
 ) -> ADMModel:
     """Train a model on the cases in ``data_dir`` (a folder of cases, a domains file naming several
     folders — :mod:`ADMAnomalyLib.domains` — or a slice cache) and write it to ``output_path``.
 
     A checkpoint ``<output>.ckpt`` is written every epoch; ``resume=True`` continues from it. The
     checkpoint is removed once the model file is written. ``context`` comes from
-    :func:`ADMAnomalyLib.distributed.init_from_environment` under torchrun."""
+    :func:`ADMAnomalyLib.distributed.init_from_environment` under torchrun. ``ctoc_from``: a trained
+    model whose CtoC is taken as it is, so that step 1 is skipped (its preparation and CtoC sizes must
+    be this configuration's; :func:`check_ctoc_donor`): step 2 alone, e.g. other density features."""
     from .cache import is_slice_cache, load_slice_cache
     from .domains import cohort_groups
 
     output_path = Path(output_path)
     if not output_path.parent.is_dir() or not os.access(output_path.parent, os.W_OK):
         raise OutputError(f"cannot write the model to {output_path}: folder missing or not writable")
+    if ctoc_from is not None:
+        check_ctoc_donor(ctoc_from, config)
     checkpoint = checkpoint_path_for(output_path)
     if not resume and checkpoint.exists():
         raise OutputError(f"{checkpoint} exists from an earlier run; pass resume=True (--resume) or delete it")
@@ -467,9 +472,14 @@ def train(
         data = build_training_data([case for group in case_files.values() for case in group], config)
     barrier(context)  # every rank has checked the checkpoint before rank 0 may write one
     trainer = Trainer(config, device, checkpoint, progress, should_cancel, show_progress_bar, context)
-    if resume:
-        trainer.load_checkpoint()
-    model = trainer.fit(data)
+    resumed = trainer.load_checkpoint() if resume else False
+    ctoc_state = None
+    if ctoc_from is not None and not resumed:  # a checkpoint of this run already holds the donor's CtoC
+        ctoc_state = {name: value.detach().clone() for name, value in ctoc_from.network.ctoc.state_dict().items()}
+    model = trainer.fit(data, ctoc_state=ctoc_state)
+    if ctoc_from is not None:
+        model.metadata["ctoc_from"] = {"model": str(ctoc_from.path) if ctoc_from.path else None,
+                                       "training_command": ctoc_from.metadata.get("training_command")}
     model.metadata.update(metadata or {})
     if context.is_main:
         if config.postprocess.native_active:
@@ -480,6 +490,23 @@ def train(
             progress({"stage": "done", "model": str(output_path)})
     barrier(context)
     return model
+
+
+def check_ctoc_donor(donor: ADMModel, config: ADMConfig) -> None:
+    """Raise InputError unless ``donor``'s CtoC can serve ``config`` as it is: the same preparation
+    (the CtoC's inputs) and the same CtoC architecture (``ctoc_*`` sizes, median bias, contrasts)."""
+    def ctoc_fields(cfg: ADMConfig) -> dict[str, Any]:
+        model = cfg.to_dict()["model"]
+        return {k: v for k, v in model.items() if k.startswith("ctoc_") or k in ("median_bias", "n_contrasts")}
+
+    if donor.network.ctoc is None or not config.model.use_ctoc:
+        raise InputError("--ctoc-from needs a CtoC in both the donor model and the configuration")
+    differences = [f"preprocess.{k}" for k, v in donor.config.to_dict()["preprocess"].items()
+                   if config.to_dict()["preprocess"].get(k) != v]
+    differences += [f"model.{k}" for k, v in ctoc_fields(donor.config).items() if ctoc_fields(config).get(k) != v]
+    if differences:
+        raise InputError(f"the CtoC of {donor.path or 'the donor model'} was made for other settings "
+                         f"({', '.join(differences)}); use the same preset and profile")
 
 
 def _calibrate_post_processed(model: ADMModel, case_files: dict[str, list[CaseFiles]] | None, device: torch.device,

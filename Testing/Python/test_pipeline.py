@@ -387,3 +387,20 @@ def test_profiles_faithful_by_default_and_transfer_is_the_bundled_configuration(
     for section in ("preprocess", "model", "postprocess"):
         assert getattr(bundled, section) == getattr(expected, section), section
     assert bundled.train.augmentation == expected.train.augmentation
+
+
+def test_train_with_the_ctoc_of_another_model_trains_step_2_only(trained_model, cohort, tmp_path):
+    out = tmp_path / "ft2.admm"
+    assert main(["train", str(cohort), "-o", str(out), "--preset", "tiny", "--epochs-joint", "1", "--lesion-margin",
+                 "1", "--device", "cpu", "--progress", "none", "--ctoc-from", str(trained_model),
+                 "--set", 'model.density_residuals=["flair", "t2"]']) == 0
+    donor, model = api.load_model(trained_model), api.load_model(out)
+    for name, value in donor.network.ctoc.state_dict().items():
+        assert torch.equal(value, model.network.ctoc.state_dict()[name])
+    assert model.config.model.feature_dim == 5 and model.gmm.means.shape[1] == 5
+    assert {record["stage"] for record in model.metadata["history"]} == {"joint"}
+    assert model.metadata["ctoc_from"]["model"] == str(trained_model)
+    # A CtoC made for another preparation is refused before any training.
+    assert main(["train", str(cohort), "-o", str(tmp_path / "x.admm"), "--preset", "tiny", "--device", "cpu",
+                 "--progress", "none", "--ctoc-from", str(trained_model), "--set", "preprocess.image_size=64"]) == 2
+    assert not (tmp_path / "x.admm").exists()
