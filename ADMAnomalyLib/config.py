@@ -268,8 +268,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "preprocess": {"normalisation": "robust"},
         "train": {"augmentation": "site"},
         "model": {"ctoc_uncertainty": True},
-        "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
-                        "median_size_mm": 5.0, "standardise": "robust"},
+        "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 2.0,
+                        "median_size_mm": 5.0, "standardise": "zscore"},
     },
 }
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper

@@ -304,10 +304,11 @@ def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) 
 # -- leave-one-domain-out figures --------------------------------------------------------------------
 
 # Drawn in this order where the JSON has them; other methods are left out of the figures.
-DOMAIN_KEY_METHODS = ("FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", "ADM +post", "ADM+", "ADM+ +post")
+DOMAIN_KEY_METHODS = ("FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", "ADM +post", "ADM+", "ADM+ +post",
+                      "ADM+ +post+cc (z)", "ADM+ FT2 +post+cc (z)")
 RAW_NETWORK_METHODS = ("ADM", "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ FT2", "ADM+ F")
 RAW_REFERENCE = "FLAIR z"
-# One colour per method, shared by both figures (ten methods: the ten tab10 colours).
+# One colour per method, shared by both figures (tab20: up to twenty methods).
 _FIGURE_METHODS = tuple(dict.fromkeys(DOMAIN_KEY_METHODS + RAW_NETWORK_METHODS))
 
 DOMAIN_FIGURE_FILES = {"auprc_dice": "domains_auprc_dice.png", "raw_vs_flair": "domains_raw_vs_flair.png"}
@@ -326,7 +327,7 @@ def _present_methods(panels: list[tuple[str, dict[str, Any]]], wanted: Sequence[
 def _method_colour(method: str) -> tuple[float, float, float]:
     from matplotlib import colormaps
 
-    palette = colormaps["tab10"].colors
+    palette = colormaps["tab20"].colors
     index = _FIGURE_METHODS.index(method) if method in _FIGURE_METHODS else len(_FIGURE_METHODS)
     return palette[index % len(palette)]
 

@@ -637,3 +637,16 @@ def test_report_of_two_domain_studies_draws_the_figures_once(domain_runs, tmp_pa
     text = results.read_text(encoding="utf-8")
     assert text.count("## Leave-one-domain-out") == 2
     assert text.count("](figures/domains_auprc_dice.png)") == 1
+
+
+def test_the_transfer_profile_is_the_bundled_rows_configuration():
+    from ADMAnomalyLib.config import PROFILES, TRAINING_SECTIONS
+
+    spec = study.METHODS[study.methods.BUNDLED_METHOD]
+    profile = PROFILES["transfer"]
+    assert {k: v for k, v in profile.items() if k in TRAINING_SECTIONS} == study.NETWORKS[spec.network]
+    # Fixed post-processing as the row fixes it; each searched field one of the row's candidates.
+    for field, value in spec.postprocess.items():
+        assert profile["postprocess"][field] == value, field
+    for field in spec.search:
+        assert profile["postprocess"][field] in study.methods.POST_CANDIDATES[field], field
