@@ -219,6 +219,8 @@ METHODS: dict[str, MethodSpec] = {
                                              search=POST_SEARCH, small_components=True),
     "ADM+ F": MethodSpec("adm", "improvement", "ADM+ with only the FLAIR residual (and Z_dr) in the density "
                          "features", "ADM+ F"),
+    "ADM+ F +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ F with the +post+cc (z) post-processing",
+                                      "ADM+ F", {"standardise": "zscore"}, search=POST_SEARCH, small_components=True),
 }
 
 BUNDLED_METHOD = "ADM+ +post+cc (z)"
@@ -230,7 +232,7 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ +post",
                                     "ADM+ +post+cc", "ADM+ +post+cc (z)", "ADM+ +gate+post+cc", "ADM+ FT2",
                                     "ADM+ FT2 +gate+post+cc", "ADM+ FT2 +post+cc (z)", "ADM+ FT2 +gate+post+cc (z)",
-                                    "ADM+ F")
+                                    "ADM+ F", "ADM+ F +post+cc (z)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
