@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from torch import device as torch_device
 
 from .cases import CaseFiles, case_from_images, discover_cases, find_cases, load_case
-from .config import ADMConfig, CONTRASTS, PRESETS, PROFILES, preset, profile_overrides
+from .config import ADMConfig, CONTRASTS, PRESETS, preset, profile_overrides
 from .device import PRECISIONS, describe_device, resolve_device, training_dtype
 from .errors import ADMError, InputError, ModelFileError, OutputError
 from .infer import InferenceOptions, Prediction, anomaly_mask, percentile_threshold, predict_case
@@ -28,7 +28,7 @@ from .io import write_image_atomic, write_text_atomic
 from . import results
 from .results import output_paths
 from .validation import check_positive_int, check_threshold, parse_shard
-from .model import ADMModel
+from .model import ADMModel, check_model_output
 from .train import train
 
 __all__ = [
@@ -503,9 +503,7 @@ def calibrate(
 
     loaded = with_postprocess(load_model(model), postprocess)
     options = InferenceOptions(device, batch_size=batch_size).checked()
-    output_path = Path(output_path)
-    if not output_path.parent.is_dir() or not os.access(output_path.parent, os.W_OK):
-        raise OutputError(f"cannot write the model to {output_path}: folder missing or not writable")
+    output_path = check_model_output(output_path)
     threshold, summary = calibrate_threshold(loaded, cohort_groups(data_dir, pattern), options)
     if threshold is None:
         raise InputError(f"{data_dir}: no labelled case with a lesion to choose a threshold on")

@@ -280,6 +280,13 @@ TRAINING_SECTIONS = ("preprocess", "model", "train")
 """The config sections that shape the trained networks (post-processing is applied after them)."""
 
 
+def ctoc_model_fields(config: ADMConfig) -> dict[str, Any]:
+    """The model settings that shape the CtoC network (its sizes, the median bias, the contrasts);
+    with the preparation, what decides whether one trained CtoC can serve another configuration."""
+    return {k: v for k, v in config.to_dict()["model"].items()
+            if k.startswith("ctoc_") or k in ("median_bias", "n_contrasts")}
+
+
 def profile_overrides(name: str) -> dict[str, dict[str, Any]]:
     """The section overrides of profile ``name`` (copies; a ValueError names the choices)."""
     if name not in PROFILES:

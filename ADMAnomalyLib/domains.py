@@ -51,11 +51,6 @@ def is_domains_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".json" and not Path(path).is_dir()
 
 
-def domain_cases(path: str | Path) -> list[CaseFiles]:
-    """Every case of the domains file ``path``, domain after domain (for training on all of them)."""
-    return [case for files in load_domains(path).values() for case in files]
-
-
 def cohort_groups(path: str | Path, pattern: dict[str, str] | None = None) -> dict[str, list[CaseFiles]]:
     """The cases of a domains file by domain, or of a folder (found with ``pattern``) as one group
     named after it: what calibration averages its threshold rule over."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,19 @@ from typing import Any
 import torch
 
 from .config import ADMConfig
-from .errors import ModelFileError
+from .errors import ModelFileError, OutputError
 from .gmm import GMMParams
 from .modelfile import ModelFileContents, load_model_file, save_model_file
 from .networks import ADMNetwork
+
+
+def check_model_output(path: str | Path) -> Path:
+    """``path`` as a Path once its folder exists and is writable: checked before any costly work
+    (training, calibration), so that nothing computed is lost at the end."""
+    path = Path(path)
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise OutputError(f"cannot write the model to {path}: folder missing or not writable")
+    return path
 
 
 @dataclass

@@ -261,6 +261,13 @@ class ADMNetwork(nn.Module):
             raise RuntimeError("this configuration has no CtoC network (use_ctoc=False)")
         return translate_all(self.ctoc, x, brain)
 
+    def ctoc_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the CtoC weights, which networks that differ only after step 1 can share
+        (``Trainer.fit(..., ctoc_state=...)``)."""
+        if self.ctoc is None:
+            raise RuntimeError("this configuration has no CtoC network (use_ctoc=False)")
+        return {name: value.detach().clone() for name, value in self.ctoc.state_dict().items()}
+
     @property
     def translation_channels(self) -> int:
         """Channels of this network's translations (see :func:`translate_all`)."""

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .cases import CaseFiles
-from .config import ADMConfig
+from .config import ADMConfig, ctoc_model_fields
 from .data import SliceSet, TrainingData, augmentation_for, build_training_data
 from .device import autocast, inference_dtype, resolve_device, training_dtype
 from .distributed import (SINGLE_PROCESS, DistributedContext, all_reduce_sum_, barrier, shard_exact,
@@ -39,7 +39,7 @@ from .gmm import GMMAccumulator, GMMParams, energy, mixture_statistics
 from .evaluate import calibrate_threshold
 from .infer import InferenceOptions, brain_features, ctoc_runner, energy_slices
 from .metrics import best_f1_threshold, detection_metrics
-from .model import ADMModel
+from .model import ADMModel, check_model_output
 from .networks import ADMNetwork, split_translation, translate_all
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ class Trainer:
             raise ValueError("this configuration has no CtoC network (model.use_ctoc is false)")
         if self.stage == "ctoc":
             self._run_stage("ctoc", self.config.train.epochs_ctoc, data.train)
-        return {name: value.detach().clone() for name, value in self.model.network.ctoc.state_dict().items()}
+        return self.model.network.ctoc_state()
 
     def fit(self, data: TrainingData, ctoc_state: dict[str, torch.Tensor] | None = None,
             calibrate: bool = True) -> ADMModel:
@@ -453,9 +453,7 @@ def train(
     from .cache import is_slice_cache, load_slice_cache
     from .domains import cohort_groups
 
-    output_path = Path(output_path)
-    if not output_path.parent.is_dir() or not os.access(output_path.parent, os.W_OK):
-        raise OutputError(f"cannot write the model to {output_path}: folder missing or not writable")
+    output_path = check_model_output(output_path)
     if ctoc_from is not None:
         check_ctoc_donor(ctoc_from, config)
     checkpoint = checkpoint_path_for(output_path)
@@ -475,7 +473,7 @@ def train(
     resumed = trainer.load_checkpoint() if resume else False
     ctoc_state = None
     if ctoc_from is not None and not resumed:  # a checkpoint of this run already holds the donor's CtoC
-        ctoc_state = {name: value.detach().clone() for name, value in ctoc_from.network.ctoc.state_dict().items()}
+        ctoc_state = ctoc_from.network.ctoc_state()
     model = trainer.fit(data, ctoc_state=ctoc_state)
     if ctoc_from is not None:
         model.metadata["ctoc_from"] = {"model": str(ctoc_from.path) if ctoc_from.path else None,
@@ -495,15 +493,12 @@ def train(
 def check_ctoc_donor(donor: ADMModel, config: ADMConfig) -> None:
     """Raise InputError unless ``donor``'s CtoC can serve ``config`` as it is: the same preparation
     (the CtoC's inputs) and the same CtoC architecture (``ctoc_*`` sizes, median bias, contrasts)."""
-    def ctoc_fields(cfg: ADMConfig) -> dict[str, Any]:
-        model = cfg.to_dict()["model"]
-        return {k: v for k, v in model.items() if k.startswith("ctoc_") or k in ("median_bias", "n_contrasts")}
-
     if donor.network.ctoc is None or not config.model.use_ctoc:
         raise InputError("--ctoc-from needs a CtoC in both the donor model and the configuration")
     differences = [f"preprocess.{k}" for k, v in donor.config.to_dict()["preprocess"].items()
                    if config.to_dict()["preprocess"].get(k) != v]
-    differences += [f"model.{k}" for k, v in ctoc_fields(donor.config).items() if ctoc_fields(config).get(k) != v]
+    differences += [f"model.{k}" for k, v in ctoc_model_fields(donor.config).items()
+                    if ctoc_model_fields(config).get(k) != v]
     if differences:
         raise InputError(f"the CtoC of {donor.path or 'the donor model'} was made for other settings "
                          f"({', '.join(differences)}); use the same preset and profile")

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ADMConfig, PostprocessConfig, PreprocessConfig, preset
+from ..config import ADMConfig, PostprocessConfig, PreprocessConfig, ctoc_model_fields, preset
 
 # ------------------------------------------------------------------------------------------------
 # settings
@@ -120,6 +120,8 @@ class MethodSpec:
     to just below it (as the FLAIR +med+cc baselines do)."""
 
 
+_ADM_PLUS: dict[str, dict[str, Any]] = {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
+                                        "model": {"ctoc_uncertainty": True}}
 NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM": {},
     "ADM_ct": {"model": {"use_dr": False}},
@@ -129,12 +131,9 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM robust-norm": {"preprocess": {"normalisation": "robust"}},
     "ADM site-aug": {"train": {"augmentation": "site"}},
     "ADM unc": {"model": {"ctoc_uncertainty": True}},
-    "ADM+": {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
-             "model": {"ctoc_uncertainty": True}},
-    "ADM+ FT2": {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
-                 "model": {"ctoc_uncertainty": True, "density_residuals": ("flair", "t2")}},
-    "ADM+ F": {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
-               "model": {"ctoc_uncertainty": True, "density_residuals": ("flair",)}},
+    "ADM+": _ADM_PLUS,
+    "ADM+ FT2": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair", "t2")}},
+    "ADM+ F": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair",)}},
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -292,7 +291,7 @@ def ctoc_key(config: ADMConfig) -> str:
     augmentation and its parameters, beta-NLL, precision, seed, lesion margin). Networks with equal
     keys get one shared CtoC."""
     data = config.to_dict()
-    model = {k: v for k, v in data["model"].items() if k.startswith("ctoc_") or k in ("median_bias", "n_contrasts")}
+    model = ctoc_model_fields(config)
     train = {k: v for k, v in data["train"].items() if k not in _STEP2_ONLY_TRAIN_FIELDS}
     return json.dumps({"preprocess": data["preprocess"], "model": model, "train": train}, sort_keys=True)
 

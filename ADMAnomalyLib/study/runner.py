@@ -173,7 +173,7 @@ def train_networks(names: Sequence[str], settings: StudySettings, seed: int, dat
         if first.model.use_ctoc:
             if loaded:  # the members share one CtoC (frozen in step 2): a loaded member's is theirs
                 ctoc_model = models[loaded[0]]
-                ctoc_state = {k: v.detach().clone() for k, v in ctoc_model.network.ctoc.state_dict().items()}
+                ctoc_state = ctoc_model.network.ctoc_state()
             elif pending:
                 trainer = Trainer(first, device, show_progress_bar=False)
                 ctoc_state = trainer.fit_ctoc(data[preprocess_key(first.preprocess)])

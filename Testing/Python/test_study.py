@@ -14,7 +14,7 @@ import torch
 from ADMAnomalyLib import study
 from ADMAnomalyLib.cli import main
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, preset
-from ADMAnomalyLib.domains import domain_cases
+from ADMAnomalyLib.domains import cohort_cases
 from ADMAnomalyLib.errors import InputError
 from ADMAnomalyLib.gmm import GMMAccumulator
 from ADMAnomalyLib.infer import InferenceOptions, energy_slices
@@ -364,7 +364,7 @@ def test_domains_file_parsing_and_errors(tmp_path):
     with pytest.raises(InputError, match="a_0 is in two domains"):
         study.load_domains(write({**good, "again": {"folder": "a", "cases": "a_0"}}))
     single = write({"site A": {"folder": "a"}})  # fine to train on, not to leave a domain out
-    assert [f.case_id for f in domain_cases(single)] == ["a_0", "a_1"]
+    assert [f.case_id for f in cohort_cases(single)] == ["a_0", "a_1"]
     with pytest.raises(InputError, match="at least two domains"):
         study_cases(None, single, study.quick_settings(split="domains"))
     with pytest.raises(InputError, match="needs a 'folder'"):
