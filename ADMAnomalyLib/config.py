@@ -173,8 +173,15 @@ class PostprocessConfig:
     """Last step: 'robust' rescales the score of each case to (score - median) / (1.4826 MAD) over
     its brain, so a threshold means "this many robust SDs above the case's typical tissue" and
     carries over between sites; 'zscore' to (score - mean) / SD over the brain (the scale of the
-    FLAIR z-score baselines, whose thresholds transfer); 'none' keeps the energy's own scale (the
-    faithful ADM)."""
+    FLAIR z-score baselines, whose thresholds transfer); 'normal' to (score - mean) / SD over the
+    brain voxels that look normal on FLAIR (FLAIR z-score at most ``normal_max_flair_z``), so that
+    the lesion's own size does not set the scale (a large glioma inflates a whole-brain SD, a few
+    small MS lesions do not); with the FLAIR term the energy is standardised on the same voxels;
+    'none' keeps the energy's own scale (the faithful ADM)."""
+    normal_max_flair_z: float = 1.0
+    """With ``standardise = 'normal'``: the highest FLAIR z-score of a voxel that counts as normal-looking
+    tissue (the gliomas and MS lesions the product targets are FLAIR-hyperintense; the strong FLAIR
+    baseline's transferred thresholds lie at 1.06-1.10)."""
     energy_gate_z: float | None = None
     """With the FLAIR term: the model's standardised evidence may raise a voxel's score only where
     the FLAIR z-score exceeds this value; elsewhere it is capped at its brain median (typical
@@ -192,6 +199,11 @@ class PostprocessConfig:
     def intensity_term(self) -> bool:
         """Whether the score is combined with the FLAIR z-score (a FLAIR weight or an energy gate)."""
         return self.flair_weight != 0 or self.energy_gate_z is not None
+
+    @property
+    def needs_flair(self) -> bool:
+        """Whether the native FLAIR z-score is an input (the FLAIR term, or the normal-tissue scale)."""
+        return self.intensity_term or self.standardise == "normal"
 
     @property
     def active(self) -> bool:

@@ -204,8 +204,8 @@ def energy_volume(
     energy_image = slices_to_image(network_res, prepared, background=None)
     if post.native_active:
         flair = prepared.native_zscored.get("flair")
-        if post.intensity_term and flair is None:
-            raise ValueError("post-processing with flair_weight or energy_gate_z needs "
+        if post.needs_flair and flair is None:
+            raise ValueError("post-processing with flair_weight, energy_gate_z or standardise='normal' needs "
                              "prepare_case(..., keep_native=('flair',))")
         energy_image = postprocess_energy(energy_image, prepared.native_brain, post, flair)
     return energy_image

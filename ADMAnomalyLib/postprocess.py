@@ -10,7 +10,8 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
 3. :func:`add_intensity_term` - the score, standardised over the brain (optionally gated by FLAIR
    hyperintensity), plus a weight times an intensity z-score (FLAIR hyperintensity);
 4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
-5. :func:`standardise_in_brain` - the score as (robust) SDs above the case's typical brain score;
+5. :func:`standardise_in_brain` - the score as (robust) SDs above the case's typical brain score
+   (with ``standardise = 'normal'``: typical of its normal-looking tissue, :func:`normal_tissue`);
 
 and sets the background exactly 1 below the lowest brain score. :func:`suppress_small_components`
 works at a threshold (it needs a binary map) and is applied where a threshold is known.
@@ -86,13 +87,22 @@ def suppress_rim(values: np.ndarray, brain: np.ndarray, spacing: Spacing, rim_mm
     return np.where(brain & (cache["depth"] <= rim_mm), floor, values).astype(np.float32)
 
 
+def normal_tissue(brain: np.ndarray, intensity: np.ndarray, max_z: float, min_fraction: float = 0.5) -> np.ndarray:
+    """The brain voxels whose intensity z-score (FLAIR's) is at most ``max_z``: normal-looking tissue,
+    the reference of a per-case scale that a large lesion does not inflate. The whole brain when
+    fewer than ``min_fraction`` of it qualify (then nothing looks typical and no subset is safer)."""
+    reference = brain & (intensity <= np.float32(max_z))
+    return reference if reference.sum() >= min_fraction * brain.sum() else brain
+
+
 def add_intensity_term(values: np.ndarray, brain: np.ndarray, intensity: np.ndarray, weight: float,
-                       gate_z: float | None = None) -> np.ndarray:
-    """``(score - mean) / sd`` over the brain plus ``weight`` x ``intensity`` (an intensity z-score,
-    e.g. FLAIR's): the model's evidence and the hyperintensity on one scale. With ``gate_z`` the
-    standardised score is kept only where ``intensity > gate_z`` and elsewhere capped at its median
-    over the brain (typical tissue): there it may lower a voxel but not raise it."""
-    inside = values[brain].astype(np.float64)
+                       gate_z: float | None = None, reference: Optional[np.ndarray] = None) -> np.ndarray:
+    """``(score - mean) / sd`` over the brain (or over the ``reference`` voxels of it) plus ``weight``
+    x ``intensity`` (an intensity z-score, e.g. FLAIR's): the model's evidence and the hyperintensity
+    on one scale. With ``gate_z`` the standardised score is kept only where ``intensity > gate_z``
+    and elsewhere capped at its median over the reference (typical tissue): there it may lower a
+    voxel but not raise it."""
+    inside = values[brain if reference is None else reference].astype(np.float64)
     scale = float(inside.std()) or 1.0
     standardised = (values - np.float32(inside.mean())) / np.float32(scale)
     if gate_z is not None:
@@ -133,21 +143,25 @@ def median_filter_in_brain(values: np.ndarray, brain: np.ndarray, size: int | Se
     return result
 
 
-def standardise_in_brain(values: np.ndarray, brain: np.ndarray, method: str = "robust") -> np.ndarray:
+def standardise_in_brain(values: np.ndarray, brain: np.ndarray, method: str = "robust",
+                         reference: Optional[np.ndarray] = None) -> np.ndarray:
     """The score rescaled over the brain: ``method`` 'robust' is ``(score - median) / (1.4826 MAD)``,
     so a threshold reads "robust SDs above the case's typical tissue", which carries over between
     sites and scanners where the raw energy's scale does not (median and MAD ignore the lesion, a
-    minority of voxels); 'zscore' is ``(score - mean) / SD``, the scale of a FLAIR z-score."""
-    inside = values[brain].astype(np.float64)
+    minority of voxels); 'zscore' is ``(score - mean) / SD``, the scale of a FLAIR z-score; 'normal'
+    is ``(score - mean) / SD`` over the ``reference`` voxels (:func:`normal_tissue`)."""
+    if method == "normal" and reference is None:
+        raise ValueError("standardise='normal' needs the reference voxels (normal-looking tissue)")
+    inside = values[reference if method == "normal" else brain].astype(np.float64)
     if method == "robust":
         centre = float(np.median(inside))
         spread = 1.4826 * float(np.median(np.abs(inside - centre)))
         if not spread > 0:  # more than half the brain shares one score (e.g. a suppressed rim): use the SD
             spread = float(inside.std()) or 1.0
-    elif method == "zscore":
+    elif method in ("zscore", "normal"):
         centre, spread = float(inside.mean()), float(inside.std()) or 1.0
     else:
-        raise ValueError(f"postprocess.standardise must be 'none', 'robust' or 'zscore', not {method!r}")
+        raise ValueError(f"postprocess.standardise must be 'none', 'robust', 'zscore' or 'normal', not {method!r}")
     standardised = (values - np.float32(centre)) / np.float32(spread)
     return np.where(brain, standardised, values).astype(np.float32)
 
@@ -192,8 +206,9 @@ def postprocess_scores(
     values = np.asarray(values, dtype=np.float32)
     if not brain.any():
         return values.copy()
-    if cfg.intensity_term and intensity is None:
-        raise ValueError("postprocess.flair_weight and energy_gate_z need the native FLAIR z-score")
+    if cfg.needs_flair and intensity is None:
+        raise ValueError("postprocess.flair_weight, energy_gate_z and standardise='normal' need the native "
+                         "FLAIR z-score")
     # Everything outside the brain's bounding box is background, so the filters run on the box plus
     # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
     # voxels come out as on the whole grid at a fraction of the cost.
@@ -210,12 +225,14 @@ def postprocess_scores(
         inner = smooth_in_brain(inner, inner_brain, spacing, cfg.smoothing_sigma_mm, box_cache)
     if cfg.rim_erosion_mm > 0:
         inner = suppress_rim(inner, inner_brain, spacing, cfg.rim_erosion_mm, box_cache)
+    reference = (normal_tissue(inner_brain, intensity[box], cfg.normal_max_flair_z)
+                 if cfg.standardise == "normal" else None)
     if cfg.intensity_term:
-        inner = add_intensity_term(inner, inner_brain, intensity[box], cfg.flair_weight, cfg.energy_gate_z)
+        inner = add_intensity_term(inner, inner_brain, intensity[box], cfg.flair_weight, cfg.energy_gate_z, reference)
     if max(window) > 1:
         inner = median_filter_in_brain(inner, inner_brain, window)
     if cfg.standardise != "none":
-        inner = standardise_in_brain(inner, inner_brain, cfg.standardise)
+        inner = standardise_in_brain(inner, inner_brain, cfg.standardise, reference)
     result = np.full(values.shape, float(inner[inner_brain].min()) - 1.0, dtype=np.float32)
     result[box] = np.where(inner_brain, inner, result[box])
     return result

@@ -220,6 +220,17 @@ METHODS: dict[str, MethodSpec] = {
                          "features", "ADM+ F"),
     "ADM+ F +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ F with the +post+cc (z) post-processing",
                                       "ADM+ F", {"standardise": "zscore"}, search=POST_SEARCH, small_components=True),
+    "ADM+ F +post+cc (normal)": MethodSpec("adm", "improvement", "ADM+ F +post+cc standardised by mean/SD of the "
+                                           "case's normal-looking tissue (FLAIR z <= 1) instead of its whole brain",
+                                           "ADM+ F", {"standardise": "normal"}, search=POST_SEARCH,
+                                           small_components=True),
+    "ADM+ +post+cc (normal)": MethodSpec("adm", "improvement", "ADM+ +post+cc standardised by mean/SD of the case's "
+                                         "normal-looking tissue (FLAIR z <= 1)", "ADM+", {"standardise": "normal"},
+                                         search=POST_SEARCH, small_components=True),
+    "ADM+ F +post+cc (none)": MethodSpec("adm", "improvement", "ADM+ F +post+cc with no standardisation last: the "
+                                         "threshold on the scale of the standardised energy plus w x FLAIR z",
+                                         "ADM+ F", {"standardise": "none"}, search=POST_SEARCH,
+                                         small_components=True),
 }
 
 BUNDLED_METHOD = "ADM+ +post+cc (z)"
@@ -231,7 +242,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ +post",
                                     "ADM+ +post+cc", "ADM+ +post+cc (z)", "ADM+ +gate+post+cc", "ADM+ FT2",
                                     "ADM+ FT2 +gate+post+cc", "ADM+ FT2 +post+cc (z)", "ADM+ FT2 +gate+post+cc (z)",
-                                    "ADM+ F", "ADM+ F +post+cc (z)")
+                                    "ADM+ F", "ADM+ F +post+cc (z)", "ADM+ F +post+cc (none)",
+                                    "ADM+ F +post+cc (normal)", "ADM+ +post+cc (normal)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

@@ -404,3 +404,21 @@ def test_train_with_the_ctoc_of_another_model_trains_step_2_only(trained_model, 
     assert main(["train", str(cohort), "-o", str(tmp_path / "x.admm"), "--preset", "tiny", "--device", "cpu",
                  "--progress", "none", "--ctoc-from", str(trained_model), "--set", "preprocess.image_size=64"]) == 2
     assert not (tmp_path / "x.admm").exists()
+
+
+def test_cli_output_piped_into_a_reader_that_stops_early_is_not_an_error():
+    """`admanomaly info default | head -1`: the closed pipe ends the command quietly with 0."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the command writes: every write meets a closed pipe
+    try:
+        writer = subprocess.run([sys.executable, "-c", "import sys; from ADMAnomalyLib.cli import main; "
+                                 "sys.exit(main(['info', 'default']))"], stdout=write_end, stderr=subprocess.PIPE,
+                                timeout=120)
+    finally:
+        os.close(write_end)
+    assert writer.returncode == 0, writer.stderr.decode()
+    assert b"Traceback" not in writer.stderr

@@ -9,7 +9,8 @@ import SimpleITK as sitk
 
 from ADMAnomalyLib.cases import case_from_images
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
-from ADMAnomalyLib.postprocess import median_filter, median_filter_in_brain, median_window, postprocess_scores, standardise_in_brain
+from ADMAnomalyLib.postprocess import (median_filter, median_filter_in_brain, median_window, normal_tissue,
+                                      postprocess_scores, standardise_in_brain)
 from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case
 from conftest import synthetic_volumes
 
@@ -155,3 +156,34 @@ def test_zscore_standardisation_gives_mean_0_sd_1_over_the_brain():
     np.testing.assert_array_equal(out[~brain], scores[~brain])
     with pytest.raises(ValueError, match="zscore"):
         postprocess_scores(scores, brain, (1.0, 1.0, 1.0), PostprocessConfig(standardise="minmax"))
+
+
+def test_normal_tissue_standardisation_ignores_the_lesion_size():
+    """Scaled on the FLAIR-normal voxels, a brain's typical tissue reads the same whether it holds a
+    small lesion or a large one; the whole-brain z-score moves with the lesion's size."""
+    rng = np.random.default_rng(5)
+    brain = np.ones((10, 30, 30), bool)
+    tissue = rng.normal(0.0, 1.0, brain.shape).astype(np.float32)
+    flair = rng.normal(0.0, 0.3, brain.shape).astype(np.float32)
+    reads = {}
+    for size in (2, 12):  # lesion edge in voxels: ~0.1 % and ~16 % of the brain
+        scores, lesion_flair = tissue.copy(), flair.copy()
+        scores[2:2 + min(size, 8), 5:5 + size, 5:5 + size] = 8.0
+        lesion_flair[2:2 + min(size, 8), 5:5 + size, 5:5 + size] = 3.0
+        reference = normal_tissue(brain, lesion_flair, 1.0)
+        normal = standardise_in_brain(scores, brain, "normal", reference)
+        whole = standardise_in_brain(scores, brain, "zscore")
+        reads[size] = (normal[9, 25, 25], whole[9, 25, 25])
+    assert reads[2][0] == pytest.approx(reads[12][0], abs=0.02)
+    assert abs(reads[2][1] - reads[12][1]) > 0.1
+    # through the composition the FLAIR z-score is an input; without it a clear error
+    config = PostprocessConfig(standardise="normal")
+    assert config.needs_flair and not config.intensity_term
+    out = postprocess_scores(scores, brain, (1.0, 1.0, 1.0), config, lesion_flair)
+    np.testing.assert_allclose(out, standardise_in_brain(scores, brain, "normal", reference), atol=1e-6)
+    with pytest.raises(ValueError, match="FLAIR"):
+        postprocess_scores(scores, brain, (1.0, 1.0, 1.0), config)
+    with pytest.raises(ValueError, match="reference"):
+        standardise_in_brain(scores, brain, "normal")
+    # when most of the brain is FLAIR-bright nothing looks typical: the whole brain is the reference
+    assert normal_tissue(brain, np.full(brain.shape, 2.0, np.float32), 1.0).all()
