@@ -93,6 +93,11 @@ class ModelConfig:
     in the paper). The T1 and T1c residuals mark tissue boundaries on every site and point away from
     the lesion off the training site (docs/domain_analysis.md); ('flair', 't2') keeps the two that
     show oedema and MS lesions."""
+    residual_direction: str = "both"
+    """Beyond the paper: which CtoC residuals count in the density features. 'both' is the paper's
+    Z_ct = |X - X_hat| (brighter and darker than predicted alike); 'brighter' keeps max(X - X_hat, 0):
+    only where a contrast is brighter than the others predict, as FLAIR is in oedema and MS lesions,
+    while partial-volume CSF at tissue boundaries comes out darker than predicted."""
 
     @property
     def feature_dim(self) -> int:

@@ -168,11 +168,16 @@ def split_translation(translation: torch.Tensor, n_contrasts: int) -> tuple[torc
                      f"channels, not {channels}")
 
 
-def ctoc_residual(x: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
-    """Z_ct (B, K, H, W) float32: |X − X̂_ct|, divided by the predicted sigma exp(s/2) when the
-    translation carries log-variances (computed in float32)."""
+RESIDUAL_DIRECTIONS = ("both", "brighter")
+
+
+def ctoc_residual(x: torch.Tensor, translation: torch.Tensor, direction: str = "both") -> torch.Tensor:
+    """Z_ct (B, K, H, W) float32: |X − X̂_ct| (``direction`` 'both') or max(X − X̂_ct, 0) ('brighter'),
+    divided by the predicted sigma exp(s/2) when the translation carries log-variances (computed in
+    float32)."""
     x_hat, log_variance = split_translation(translation, x.shape[1])
-    residual = (x.float() - x_hat.float()).abs()
+    difference = x.float() - x_hat.float()
+    residual = difference.abs() if direction == "both" else difference.clamp_min(0.0)
     if log_variance is None:
         return residual
     return residual * torch.exp(-0.5 * log_variance.float())
@@ -247,6 +252,8 @@ class ADMNetwork(nn.Module):
         if unknown or len(set(cfg.density_residuals)) != len(cfg.density_residuals):
             raise ValueError(f"model.density_residuals must name distinct contrasts of {CONTRASTS[: cfg.n_contrasts]}, "
                              f"not {tuple(cfg.density_residuals)}")
+        if cfg.residual_direction not in RESIDUAL_DIRECTIONS:
+            raise ValueError(f"model.residual_direction must be one of {RESIDUAL_DIRECTIONS}, not {cfg.residual_direction!r}")
         self.config = cfg
         self._residual_channels = [CONTRASTS.index(name) for name in cfg.density_residuals]
         self.ctoc = CtoCNet(cfg) if cfg.use_ctoc else None
@@ -293,7 +300,7 @@ class ADMNetwork(nn.Module):
                 raise ValueError(f"the cached translation has {x_hat_ct.shape[1]} channels; this network's have "
                                  f"{self.translation_channels} (a translation of a CtoC with"
                                  f"{'out' if self.config.ctoc_uncertainty else ''} an uncertainty head?)")
-            residual = ctoc_residual(x, x_hat_ct)
+            residual = ctoc_residual(x, x_hat_ct, self.config.residual_direction)
             if len(self._residual_channels) != residual.shape[1]:
                 residual = residual[:, self._residual_channels]
             parts.append(residual)

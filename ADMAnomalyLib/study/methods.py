@@ -134,6 +134,8 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+": _ADM_PLUS,
     "ADM+ FT2": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair", "t2")}},
     "ADM+ F": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair",)}},
+    "ADM+ F>": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair",),
+                                       "residual_direction": "brighter"}},
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -227,6 +229,11 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ +post+cc (normal)": MethodSpec("adm", "improvement", "ADM+ +post+cc standardised by mean/SD of the case's "
                                          "normal-looking tissue (FLAIR z <= 1)", "ADM+", {"standardise": "normal"},
                                          search=POST_SEARCH, small_components=True),
+    "ADM+ F>": MethodSpec("adm", "improvement", "ADM+ F with only the brighter-than-predicted part of the FLAIR "
+                          "residual, max(X - X_hat, 0)", "ADM+ F>"),
+    "ADM+ F> +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ F> with the +post+cc (z) post-processing",
+                                       "ADM+ F>", {"standardise": "zscore"}, search=POST_SEARCH,
+                                       small_components=True),
     "ADM+ F +post+cc (none)": MethodSpec("adm", "improvement", "ADM+ F +post+cc with no standardisation last: the "
                                          "threshold on the scale of the standardised energy plus w x FLAIR z",
                                          "ADM+ F", {"standardise": "none"}, search=POST_SEARCH,
@@ -243,7 +250,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ +post+cc", "ADM+ +post+cc (z)", "ADM+ +gate+post+cc", "ADM+ FT2",
                                     "ADM+ FT2 +gate+post+cc", "ADM+ FT2 +post+cc (z)", "ADM+ FT2 +gate+post+cc (z)",
                                     "ADM+ F", "ADM+ F +post+cc (z)", "ADM+ F +post+cc (none)",
-                                    "ADM+ F +post+cc (normal)", "ADM+ +post+cc (normal)")
+                                    "ADM+ F +post+cc (normal)", "ADM+ +post+cc (normal)", "ADM+ F>",
+                                    "ADM+ F> +post+cc (z)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..baselines import MahalanobisBaseline, OCSVMBaseline
 from ..cases import find_cases, load_case
-from ..config import CONTRASTS, ModelConfig, PostprocessConfig, PreprocessConfig, preset
+from ..config import CONTRASTS, ADMConfig, ModelConfig, PostprocessConfig, PreprocessConfig, preset
 from ..data import SliceSet, TrainingData, lesion_free_slices, lesion_slices, random_intensity_scaling
 from ..device import resolve_device
 from ..errors import InputError
@@ -138,8 +138,12 @@ class TrainedNetworks:
 def network_cache_path(cache_dir: Path, name: str, config, train_ids: Sequence[str]) -> Path:
     """Where study network ``name`` trained with ``config`` on the cases ``train_ids`` is kept: the
     file name carries a digest of both, so a changed setting or fold never reuses a stale network.
-    Post-processing settings are left out: the study applies its own to the raw energies."""
-    trained_by = {section: values for section, values in config.to_dict().items() if section != "postprocess"}
+    Post-processing settings are left out: the study applies its own to the raw energies. So are
+    settings at their defaults, so that a new option (off by default) keeps the networks already kept."""
+    defaults = ADMConfig().to_dict()
+    trained_by = {section: ({k: v for k, v in values.items() if defaults[section].get(k, object()) != v}
+                            if isinstance(values, dict) else values)
+                  for section, values in config.to_dict().items() if section != "postprocess"}
     identity = json.dumps({"config": trained_by, "train": sorted(train_ids)}, sort_keys=True)
     digest = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
     return cache_dir / f"{''.join(ch if ch.isalnum() else '_' for ch in name)}-{digest}.admm"

@@ -226,3 +226,24 @@ def test_density_residuals_select_the_ctoc_residual_channels():
     for bad in (("flair", "dwi"), ("t2", "t2")):
         with pytest.raises(ValueError, match="density_residuals"):
             ADMNetwork(dataclasses.replace(full_cfg, density_residuals=bad))
+
+
+def test_brighter_residuals_keep_only_what_is_brighter_than_predicted():
+    cfg = dataclasses.replace(preset("tiny").model, density_residuals=("flair",))
+    torch.manual_seed(0)
+    both = ADMNetwork(cfg).eval()
+    brighter = ADMNetwork(dataclasses.replace(cfg, residual_direction="brighter")).eval()
+    brighter.load_state_dict(both.state_dict())
+    x = torch.randn(2, 4, 32, 32)
+    brain = torch.ones(2, 32, 32, dtype=torch.bool)
+    with torch.no_grad():
+        translation = both.translate(x, brain)
+        z_both, _ = both.features(x, brain, translation)
+        z_brighter, _ = brighter.features(x, brain, translation)
+    signed = x[:, :1] - translation[:, :1]
+    torch.testing.assert_close(z_both[:, :1], signed.abs())
+    torch.testing.assert_close(z_brighter[:, :1], signed.clamp_min(0))
+    assert (signed < 0).any() and (signed > 0).any()
+    torch.testing.assert_close(z_brighter[:, 1:], z_both[:, 1:])  # Z_dr unchanged
+    with pytest.raises(ValueError, match="residual_direction"):
+        ADMNetwork(dataclasses.replace(cfg, residual_direction="darker"))

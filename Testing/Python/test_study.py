@@ -223,7 +223,7 @@ def test_a_rerun_into_the_same_folder_reuses_the_trained_networks(study_run, mon
         assert second["histories"]["ADM"] == first["histories"]["ADM"]
 
 
-def test_cached_networks_are_keyed_by_config_and_training_cases(tmp_path):
+def test_cached_networks_are_keyed_by_config_and_training_cases(tmp_path, monkeypatch):
     settings = study.quick_settings(preset="tiny")
     config = study.network_config("ADM", settings, 0)
     path = study.runner.network_cache_path(tmp_path, "ADM+ +x", config, ["b", "a"])
@@ -234,6 +234,19 @@ def test_cached_networks_are_keyed_by_config_and_training_cases(tmp_path):
     assert path != study.runner.network_cache_path(tmp_path, "ADM+ +x", longer, ["a", "b"])
     post = dataclasses.replace(config, postprocess=PostprocessConfig(median_size_mm=3.0))
     assert path == study.runner.network_cache_path(tmp_path, "ADM+ +x", post, ["a", "b"])  # applied after training
+    # A setting at its default does not enter the key, so adding an option (off by default) keeps the
+    # networks already kept: the key is the one of a config written before the option existed.
+    brighter = dataclasses.replace(config, model=dataclasses.replace(config.model, residual_direction="brighter"))
+    assert path != study.runner.network_cache_path(tmp_path, "ADM+ +x", brighter, ["a", "b"])
+    to_dict = ADMConfig.to_dict
+
+    def before_the_option(self):
+        values = to_dict(self)
+        del values["model"]["residual_direction"]
+        return values
+
+    monkeypatch.setattr(ADMConfig, "to_dict", before_the_option)
+    assert study.runner.network_cache_path(tmp_path, "ADM+ +x", config, ["a", "b"]) == path
 
 
 def _settings_of(result):
