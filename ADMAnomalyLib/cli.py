@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=sorted(PRESETS), default="small", help="size preset (default: small)")
     train.add_argument("--profile", choices=sorted(PROFILES), default="faithful",
                        help="faithful = the paper's ADM; transfer = the bundled model's configuration for other "
-                            "sites and pathologies (robust normalisation, site augmentation, CtoC uncertainty, "
-                            "post-processing) (default: faithful)")
+                            "sites and pathologies (robust normalisation, site augmentation, CtoC uncertainty, only the "
+                            "FLAIR residual in the density features, post-processing) (default: faithful)")
     train.add_argument("--ctoc-from", metavar="MODEL",
                        help="take the CtoC (step 1) of a trained model ('default' = bundled) and train step 2 only; "
                             "its preset and profile must be this one's")

@@ -136,6 +136,8 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+ F": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair",)}},
     "ADM+ F>": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair",),
                                        "residual_direction": "brighter"}},
+    "ADM+ F> ct": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair",),
+                                          "residual_direction": "brighter", "use_dr": False}},
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -234,13 +236,18 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F> +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ F> with the +post+cc (z) post-processing",
                                        "ADM+ F>", {"standardise": "zscore"}, search=POST_SEARCH,
                                        small_components=True),
+    "ADM+ F> ct": MethodSpec("adm", "improvement", "ADM+ F> without Z_dr: the density of the brighter FLAIR "
+                             "residual alone", "ADM+ F> ct"),
+    "ADM+ F> ct +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ F> ct with the +post+cc (z) post-processing",
+                                          "ADM+ F> ct", {"standardise": "zscore"}, search=POST_SEARCH,
+                                          small_components=True),
     "ADM+ F +post+cc (none)": MethodSpec("adm", "improvement", "ADM+ F +post+cc with no standardisation last: the "
                                          "threshold on the scale of the standardised energy plus w x FLAIR z",
                                          "ADM+ F", {"standardise": "none"}, search=POST_SEARCH,
                                          small_components=True),
 }
 
-BUNDLED_METHOD = "ADM+ +post+cc (z)"
+BUNDLED_METHOD = "ADM+ F +post+cc (z)"
 """The row whose configuration the bundled model and the 'transfer' training profile carry: the best
 mean over left-out domains of AUPRC and of Dice at the threshold in the leave-one-domain-out study
 (README, "Bundled model"); the size of the removed small components does not apply to it."""
@@ -251,7 +258,7 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ FT2 +gate+post+cc", "ADM+ FT2 +post+cc (z)", "ADM+ FT2 +gate+post+cc (z)",
                                     "ADM+ F", "ADM+ F +post+cc (z)", "ADM+ F +post+cc (none)",
                                     "ADM+ F +post+cc (normal)", "ADM+ +post+cc (normal)", "ADM+ F>",
-                                    "ADM+ F> +post+cc (z)")
+                                    "ADM+ F> +post+cc (z)", "ADM+ F> ct", "ADM+ F> ct +post+cc (z)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

@@ -305,8 +305,9 @@ def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) 
 
 # Drawn in this order where the JSON has them; other methods are left out of the figures.
 DOMAIN_KEY_METHODS = ("FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", "ADM +post", "ADM+", "ADM+ +post",
-                      "ADM+ +post+cc (z)", "ADM+ FT2 +post+cc (z)")
-RAW_NETWORK_METHODS = ("ADM", "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ FT2", "ADM+ F")
+                      "ADM+ +post+cc (z)", "ADM+ FT2 +post+cc (z)", "ADM+ F +post+cc (normal)", "ADM+ F +post+cc (z)")
+RAW_NETWORK_METHODS = ("ADM", "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ FT2", "ADM+ F", "ADM+ F>",
+                       "ADM+ F> ct")
 RAW_REFERENCE = "FLAIR z"
 # One colour per method, shared by both figures (tab20: up to twenty methods).
 _FIGURE_METHODS = tuple(dict.fromkeys(DOMAIN_KEY_METHODS + RAW_NETWORK_METHODS))
@@ -465,8 +466,9 @@ def _post_text(post: dict[str, Any]) -> str:
 
 def make_report(study_jsons: str | Path | Sequence[str | Path], docs_dir: str | Path) -> Path:
     """Figures (``docs/figures/*.png``) and ``docs/results.md`` from one or more study JSONs (a
-    patient-fold study and a leave-one-domain-out study); each section's figures come from the first
-    study of its split."""
+    patient-fold study and leave-one-domain-out studies); the patient-fold figures come from the first
+    patient-fold study, the domain figures from every domain study of the first one's domains (each
+    method's figures from the first study that has it: later runs add rows, the networks are shared)."""
     from .. import figures as fig
 
     paths = [Path(study_jsons)] if isinstance(study_jsons, (str, Path)) else [Path(p) for p in study_jsons]
@@ -480,8 +482,26 @@ def make_report(study_jsons: str | Path | Sequence[str | Path], docs_dir: str | 
             figure_dir.mkdir(parents=True, exist_ok=True)
             written = fig.all_figures(study, figure_dir, path.parent)
             relative = {k: os.path.relpath(v, docs_dir) for k, v in written.items()}
-        elif study.get("split", "patients") == "domains" and not domain_relative:
-            figure_dir.mkdir(parents=True, exist_ok=True)
-            written = domain_figures(study, figure_dir)
-            domain_relative = {k: os.path.relpath(v, docs_dir) for k, v in written.items()}
+    domain_studies = [study for study in studies if study.get("split") == "domains"]
+    if domain_studies:
+        figure_dir.mkdir(parents=True, exist_ok=True)
+        written = domain_figures(merged_domain_summaries(domain_studies), figure_dir)
+        domain_relative = {k: os.path.relpath(v, docs_dir) for k, v in written.items()}
     return write_report(studies, docs_dir, relative, domain_relative)
+
+
+def merged_domain_summaries(studies: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The first leave-one-domain-out study with the pooled and per-domain summaries of the methods
+    that only later studies of the same domains have (a method keeps its first study's figures)."""
+    merged = dict(studies[0])
+    merged["summary"] = dict(studies[0]["summary"])
+    merged["domain_summary"] = {name: dict(values) for name, values in studies[0]["domain_summary"].items()}
+    for study in studies[1:]:
+        if list(study["domains"]) != list(merged["domains"]):
+            continue
+        for method, values in study["summary"].items():
+            merged["summary"].setdefault(method, values)
+        for name, summary in study["domain_summary"].items():
+            for method, values in summary.items():
+                merged["domain_summary"][name].setdefault(method, values)
+    return merged

@@ -4,6 +4,7 @@ options (density intensities, post-processing) on synthetic cases with the tiny 
 from __future__ import annotations
 
 import dataclasses
+import copy
 import json
 import shutil
 
@@ -650,6 +651,23 @@ def test_report_of_two_domain_studies_draws_the_figures_once(domain_runs, tmp_pa
     text = results.read_text(encoding="utf-8")
     assert text.count("## Leave-one-domain-out") == 2
     assert text.count("](figures/domains_auprc_dice.png)") == 1
+
+
+def test_domain_figures_take_the_methods_of_every_domain_study(domain_runs):
+    _, first, second = domain_runs
+    only_first = copy.deepcopy(first)
+    later = copy.deepcopy(second)
+    added = next(iter(later["summary"]))
+    later["summary"] = {"new row": later["summary"][added], added: {"auprc": {"mean": -1.0}}}
+    for name in later["domain_summary"]:
+        later["domain_summary"][name] = {"new row": later["domain_summary"][name][added]}
+    merged = study.report.merged_domain_summaries([only_first, later])
+    assert merged["summary"]["new row"] == second["summary"][added]  # a method only the later study has
+    assert merged["summary"][added] == first["summary"][added]  # the first study's figures win
+    assert all("new row" in merged["domain_summary"][name] for name in first["domains"])
+    assert "new row" not in first["summary"]  # the inputs are left as they were
+    other_domains = dict(later, domains=list(reversed(later["domains"])))
+    assert "new row" not in study.report.merged_domain_summaries([only_first, other_domains])["summary"]
 
 
 def test_the_transfer_profile_is_the_bundled_rows_configuration():
