@@ -449,7 +449,7 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
     settings = study.quick_settings(preset="tiny")
     groups = study.ctoc_groups(list(study.NETWORKS), settings, 0)
     assert groups == [["ADM", "ADM+X", "ADM_ct", "ADM_woj"], ["ADM robust-norm"], ["ADM site-aug"], ["ADM unc"],
-                      ["ADM+", "ADM+ F", "ADM+ FT2"]]  # the density features are chosen after step 1
+                      ["ADM+", "ADM+ F", "ADM+ F>", "ADM+ F> ct", "ADM+ FT2"]]  # density features: chosen after step 1
     assert not any("ADM_dr" in g for g in groups)  # no CtoC at all
     base = study.network_config("ADM", settings, 0)
     assert study.ctoc_key(base) == study.ctoc_key(preset("tiny", **{
