@@ -241,6 +241,9 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F> ct +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ F> ct with the +post+cc (z) post-processing",
                                           "ADM+ F> ct", {"standardise": "zscore"}, search=POST_SEARCH,
                                           small_components=True),
+    "ADM+ F> ct +post+cc (normal)": MethodSpec("adm", "improvement", "ADM+ F> ct, post-processing chosen on validation, "
+                                               "standardised on the case's FLAIR-normal tissue", "ADM+ F> ct",
+                                               {"standardise": "normal"}, search=POST_SEARCH, small_components=True),
     "ADM+ F +post+cc (none)": MethodSpec("adm", "improvement", "ADM+ F +post+cc with no standardisation last: the "
                                          "threshold on the scale of the standardised energy plus w x FLAIR z",
                                          "ADM+ F", {"standardise": "none"}, search=POST_SEARCH,
@@ -258,7 +261,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ FT2 +gate+post+cc", "ADM+ FT2 +post+cc (z)", "ADM+ FT2 +gate+post+cc (z)",
                                     "ADM+ F", "ADM+ F +post+cc (z)", "ADM+ F +post+cc (none)",
                                     "ADM+ F +post+cc (normal)", "ADM+ +post+cc (normal)", "ADM+ F>",
-                                    "ADM+ F> +post+cc (z)", "ADM+ F> ct", "ADM+ F> ct +post+cc (z)")
+                                    "ADM+ F> +post+cc (z)", "ADM+ F> ct", "ADM+ F> ct +post+cc (z)",
+                                    "ADM+ F> ct +post+cc (normal)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
