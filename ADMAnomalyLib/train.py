@@ -497,8 +497,8 @@ def check_ctoc_donor(donor: ADMModel, config: ADMConfig) -> None:
         raise InputError("--ctoc-from needs a CtoC in both the donor model and the configuration")
     differences = [f"preprocess.{k}" for k, v in donor.config.to_dict()["preprocess"].items()
                    if config.to_dict()["preprocess"].get(k) != v]
-    differences += [f"model.{k}" for k, v in ctoc_model_fields(donor.config).items()
-                    if ctoc_model_fields(config).get(k) != v]
+    wanted = ctoc_model_fields(config)
+    differences += [f"model.{k}" for k, v in ctoc_model_fields(donor.config).items() if wanted.get(k) != v]
     if differences:
         raise InputError(f"the CtoC of {donor.path or 'the donor model'} was made for other settings "
                          f"({', '.join(differences)}); use the same preset and profile")

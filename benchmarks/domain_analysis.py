@@ -394,7 +394,7 @@ def analyse(model_paths: list[str | Path], domains: dict[str, list], device: str
     results (JSON-ready after :func:`to_json`) plus ``_examples`` (slice maps for the figures)."""
     from ADMAnomalyLib import api
     from ADMAnomalyLib.cases import load_case
-    from ADMAnomalyLib.config import CONTRASTS, PreprocessConfig
+    from ADMAnomalyLib.config import CONTRASTS
     from ADMAnomalyLib.infer import InferenceOptions
     from ADMAnomalyLib.preprocess import prepare_case
 

@@ -120,8 +120,15 @@ class MethodSpec:
     to just below it (as the FLAIR +med+cc baselines do)."""
 
 
+def _with_model(network: dict[str, dict[str, Any]], **model: Any) -> dict[str, dict[str, Any]]:
+    """The overrides of ``network`` with other model settings: a variant that differs after step 1."""
+    return {**network, "model": {**network.get("model", {}), **model}}
+
+
 _ADM_PLUS: dict[str, dict[str, Any]] = {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
                                         "model": {"ctoc_uncertainty": True}}
+_ADM_PLUS_F = _with_model(_ADM_PLUS, density_residuals=("flair",))
+_ADM_PLUS_F_BRIGHTER = _with_model(_ADM_PLUS_F, residual_direction="brighter")
 NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM": {},
     "ADM_ct": {"model": {"use_dr": False}},
@@ -132,14 +139,19 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM site-aug": {"train": {"augmentation": "site"}},
     "ADM unc": {"model": {"ctoc_uncertainty": True}},
     "ADM+": _ADM_PLUS,
-    "ADM+ FT2": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair", "t2")}},
-    "ADM+ F": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair",)}},
-    "ADM+ F>": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair",),
-                                       "residual_direction": "brighter"}},
-    "ADM+ F> ct": {**_ADM_PLUS, "model": {**_ADM_PLUS["model"], "density_residuals": ("flair",),
-                                          "residual_direction": "brighter", "use_dr": False}},
+    "ADM+ FT2": _with_model(_ADM_PLUS, density_residuals=("flair", "t2")),
+    "ADM+ F": _ADM_PLUS_F,
+    "ADM+ F>": _ADM_PLUS_F_BRIGHTER,
+    "ADM+ F> ct": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False),
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
+
+
+def _post_cc_row(network: str, standardise: str, description: str) -> MethodSpec:
+    """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
+    components removed at the threshold."""
+    return MethodSpec("adm", "improvement", description, network, {"standardise": standardise}, search=POST_SEARCH,
+                      small_components=True)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -222,32 +234,22 @@ METHODS: dict[str, MethodSpec] = {
                                              search=POST_SEARCH, small_components=True),
     "ADM+ F": MethodSpec("adm", "improvement", "ADM+ with only the FLAIR residual (and Z_dr) in the density "
                          "features", "ADM+ F"),
-    "ADM+ F +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ F with the +post+cc (z) post-processing",
-                                      "ADM+ F", {"standardise": "zscore"}, search=POST_SEARCH, small_components=True),
-    "ADM+ F +post+cc (normal)": MethodSpec("adm", "improvement", "ADM+ F +post+cc standardised by mean/SD of the "
-                                           "case's normal-looking tissue (FLAIR z <= 1) instead of its whole brain",
-                                           "ADM+ F", {"standardise": "normal"}, search=POST_SEARCH,
-                                           small_components=True),
-    "ADM+ +post+cc (normal)": MethodSpec("adm", "improvement", "ADM+ +post+cc standardised by mean/SD of the case's "
-                                         "normal-looking tissue (FLAIR z <= 1)", "ADM+", {"standardise": "normal"},
-                                         search=POST_SEARCH, small_components=True),
+    "ADM+ F +post+cc (z)": _post_cc_row("ADM+ F", "zscore", "ADM+ F with the +post+cc (z) post-processing"),
+    "ADM+ F +post+cc (normal)": _post_cc_row("ADM+ F", "normal", "ADM+ F +post+cc standardised by mean/SD of the "
+                                             "case's normal-looking tissue (FLAIR z <= 1) instead of its whole brain"),
+    "ADM+ +post+cc (normal)": _post_cc_row("ADM+", "normal", "ADM+ +post+cc standardised by mean/SD of the case's "
+                                           "normal-looking tissue (FLAIR z <= 1)"),
     "ADM+ F>": MethodSpec("adm", "improvement", "ADM+ F with only the brighter-than-predicted part of the FLAIR "
                           "residual, max(X - X_hat, 0)", "ADM+ F>"),
-    "ADM+ F> +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ F> with the +post+cc (z) post-processing",
-                                       "ADM+ F>", {"standardise": "zscore"}, search=POST_SEARCH,
-                                       small_components=True),
+    "ADM+ F> +post+cc (z)": _post_cc_row("ADM+ F>", "zscore", "ADM+ F> with the +post+cc (z) post-processing"),
     "ADM+ F> ct": MethodSpec("adm", "improvement", "ADM+ F> without Z_dr: the density of the brighter FLAIR "
                              "residual alone", "ADM+ F> ct"),
-    "ADM+ F> ct +post+cc (z)": MethodSpec("adm", "improvement", "ADM+ F> ct with the +post+cc (z) post-processing",
-                                          "ADM+ F> ct", {"standardise": "zscore"}, search=POST_SEARCH,
-                                          small_components=True),
-    "ADM+ F> ct +post+cc (normal)": MethodSpec("adm", "improvement", "ADM+ F> ct, post-processing chosen on validation, "
-                                               "standardised on the case's FLAIR-normal tissue", "ADM+ F> ct",
-                                               {"standardise": "normal"}, search=POST_SEARCH, small_components=True),
-    "ADM+ F +post+cc (none)": MethodSpec("adm", "improvement", "ADM+ F +post+cc with no standardisation last: the "
-                                         "threshold on the scale of the standardised energy plus w x FLAIR z",
-                                         "ADM+ F", {"standardise": "none"}, search=POST_SEARCH,
-                                         small_components=True),
+    "ADM+ F> ct +post+cc (z)": _post_cc_row("ADM+ F> ct", "zscore", "ADM+ F> ct with the +post+cc (z) "
+                                            "post-processing"),
+    "ADM+ F> ct +post+cc (normal)": _post_cc_row("ADM+ F> ct", "normal", "ADM+ F> ct, post-processing chosen on "
+                                                 "validation, standardised on the case's FLAIR-normal tissue"),
+    "ADM+ F +post+cc (none)": _post_cc_row("ADM+ F", "none", "ADM+ F +post+cc with no standardisation last: the "
+                                           "threshold on the scale of the standardised energy plus w x FLAIR z"),
 }
 
 BUNDLED_METHOD = "ADM+ F +post+cc (z)"
