@@ -16,6 +16,8 @@ The FLAIR grid is the reference: every output (and hence every energy map) lies 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import time
 from dataclasses import dataclass, field
