@@ -17,7 +17,6 @@ The FLAIR grid is the reference: every output (and hence every energy map) lies 
 from __future__ import annotations
 
 import contextlib
-import io
 import re
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,8 @@ MIN_HEAD_OVERLAP = 0.80
 """Dice of the head outlines of FLAIR and a registered series below which registration failed."""
 MIN_COVERAGE = 0.50
 """Share of the FLAIR head a registered series must cover."""
+REGISTRATION_THREADS = 1
+"""Threads of every Mattes MI registration; more makes the transform vary from run to run."""
 STRIPPED_BACKGROUND = 0.30
 STRIPPED_MAX_ML = 2100.0
 """A volume is taken as skull-stripped when >= 30 % of it is exactly 0 and the rest is at most the
@@ -301,7 +302,8 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, name: str = "moving",
         method = _registration_method(seed, fixed_mask)
         method.SetInitialTransform(initial, inPlace=True)
         try:
-            method.Execute(fixed_f, moving_f)
+            with _reproducible_threads():
+                method.Execute(fixed_f, moving_f)
         except RuntimeError as exc:
             failures.append(f"{start} start: {str(exc).strip().splitlines()[-1][:120]}")
             continue
@@ -313,6 +315,20 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, name: str = "moving",
                         f"FLAIR head covered {coverage:.0%}, Mattes MI {metric:.3f}")
     raise RegistrationError(f"{name}: registration to FLAIR failed ({'; '.join(failures)}); "
                             "is it the same patient's head?")
+
+
+@contextlib.contextmanager
+def _reproducible_threads():
+    """ITK's v4 metrics add per-thread partial sums in whatever order the threads finish, and the
+    threader they use is the global default one (a method's own ``SetNumberOfThreads`` does not reach
+    it), so the optimiser's path, and the transform, changed from run to run. Registration therefore
+    runs with ``REGISTRATION_THREADS`` global threads and the previous count is restored after."""
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(REGISTRATION_THREADS)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
 
 
 def _mattes_method(seed: int, fixed_mask: Optional[sitk.Image]) -> sitk.ImageRegistrationMethod:
@@ -343,7 +359,8 @@ def _full_metric(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transfor
     method = _mattes_method(seed, fixed_mask)
     method.SetInitialTransform(transform)
     try:
-        return float(method.MetricEvaluate(fixed, moving))
+        with _reproducible_threads():
+            return float(method.MetricEvaluate(fixed, moving))
     except RuntimeError:
         return float("inf")
 
@@ -568,7 +585,8 @@ def map_skull_stripped(head: sitk.Image, stripped: sitk.Image, stripped_brain: s
         method = _registration_method(7, None)
         method.SetMetricMovingMask(sitk.Cast(stripped_brain > 0, sitk.sitkUInt8))
         method.SetInitialTransform(transform, inPlace=True)
-        method.Execute(fixed, moving)
+        with _reproducible_threads():
+            method.Execute(fixed, moving)
         metric = float(method.GetMetricValue())
         details[f"{kind}_mattes_mi"] = round(metric, 4)
         if kind == "rigid":
