@@ -449,7 +449,7 @@ def with_postprocess(model: ADMModel, overrides: dict[str, Any] | None) -> ADMMo
         return model
     try:
         post = dataclasses.replace(model.config.postprocess, **overrides)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InputError(f"invalid post-processing setting: {exc}") from None
     config = dataclasses.replace(model.config, postprocess=post)
     metadata = {**model.metadata, "postprocess_overrides": dict(overrides)}
@@ -493,23 +493,42 @@ def calibrate(
     device: str = "auto",
     batch_size: int = 16,
     pattern: dict[str, str] | None = None,
+    choose_load_weight: bool = False,
 ) -> ADMModel:
     """``model`` with other post-processing (``PostprocessConfig`` fields, :func:`with_postprocess`)
     and a threshold chosen anew on the lesion slices of the labelled cases of ``data_dir`` (a folder,
     or a domains file: highest mean Dice over its domains, the study's rule), written to
-    ``output_path``: new post-processing, or a threshold fitted to a local cohort, without retraining."""
+    ``output_path``: new post-processing, or a threshold fitted to a local cohort, without retraining.
+
+    ``choose_load_weight`` first chooses ``postprocess.load_weight`` among
+    :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS` by how well the threshold transfers between the
+    domains of a domains file (leave one out in turn), the rule of the study's '(z+load)' rows."""
     from .domains import cohort_groups
     from .evaluate import calibrate_threshold
+    from .postprocess import LOAD_WEIGHTS
 
     loaded = with_postprocess(load_model(model), postprocess)
     options = InferenceOptions(device, batch_size=batch_size).checked()
     output_path = check_model_output(output_path)
-    threshold, summary = calibrate_threshold(loaded, cohort_groups(data_dir, pattern), options)
+    groups = cohort_groups(data_dir, pattern)
+    if choose_load_weight:
+        if loaded.config.postprocess.standardise == "none":
+            raise InputError("choosing a load weight needs a standardised score: set postprocess.standardise "
+                             "(e.g. zscore)")
+        if len(groups) < 2:
+            raise InputError(f"{data_dir}: choosing a load weight needs labelled cases of at least two domains "
+                             "(a domains file), to measure how its threshold transfers between them")
+    threshold, summary = calibrate_threshold(loaded, groups, options, LOAD_WEIGHTS if choose_load_weight else ())
     if threshold is None:
         raise InputError(f"{data_dir}: no labelled case with a lesion to choose a threshold on")
-    calibrated = ADMModel(loaded.config, loaded.network, loaded.gmm, threshold,
+    config = loaded.config
+    if summary["load_weight"] != config.postprocess.load_weight:
+        config = dataclasses.replace(config, postprocess=dataclasses.replace(
+            config.postprocess, load_weight=summary["load_weight"]))
+    calibrated = ADMModel(config, loaded.network, loaded.gmm, threshold,
                           {**loaded.metadata, "validation": summary,
-                           "calibration": {"data": str(data_dir), "postprocess_overrides": dict(postprocess or {})}})
+                           "calibration": {"data": str(data_dir), "postprocess_overrides": dict(postprocess or {}),
+                                           "chose_load_weight": choose_load_weight}})
     calibrated.save(output_path)
     return calibrated
 

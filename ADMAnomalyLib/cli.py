@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.admm)")
     calibrate.add_argument("--batch-size", type=_POSITIVE["batch size"], default=16,
                            help="slices per network batch (default 16)")
+    calibrate.add_argument("--choose-load-weight", action="store_true",
+                           help="first choose postprocess.load_weight (the lesion-load term) by how well the "
+                                "threshold transfers between the domains of a domains file")
     _add_postprocess_settings(calibrate, needs_threshold=False)
     _add_device(calibrate)
     _add_pattern(calibrate)
@@ -410,9 +413,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "calibrate":
         model = api.calibrate(_model_argument(args.model), args.data_dir, args.output,
                               postprocess=_postprocess_overrides(args), device=args.device,
-                              batch_size=args.batch_size, pattern=_parse_pattern(args.pattern))
+                              batch_size=args.batch_size, pattern=_parse_pattern(args.pattern),
+                              choose_load_weight=args.choose_load_weight)
         summary = model.metadata["validation"]
-        print(f"threshold {model.threshold:.4g} ({summary['rule']}, {summary['cases']} cases); "
+        load = f", load weight {summary['load_weight']:g}" if model.config.postprocess.load_weight else ""
+        print(f"threshold {model.threshold:.4g} ({summary['rule']}, {summary['cases']} cases{load}); "
               f"model written to {args.output}")
         return 0
 

@@ -187,6 +187,18 @@ class PostprocessConfig:
     """With ``standardise = 'normal'``: the highest FLAIR z-score of a voxel that counts as normal-looking
     tissue (the gliomas and MS lesions the product targets are FLAIR-hyperintense; the strong FLAIR
     baseline's transferred thresholds lie at 1.06-1.10)."""
+    load_weight: float = 0.0
+    """After standardisation: add ``load_weight`` x ln(share of the case's brain scoring at least
+    ``load_reference`` / 1 %) to every brain voxel, i.e. lower the case's effective threshold by that
+    much where its apparent lesion load is large and raise it where it is small. A threshold in
+    per-case SDs means more voxels where a large glioma fills the brain than where a few MS lesions
+    barely move it (the Dice-best threshold of a case fell with its lesion volume, correlation -0.72
+    over the study's 19 cases); the share above a fixed level is the load estimate available without
+    labels. A per-case constant, so it keeps each case's ranking; 0 = off. Needs a standardised
+    score (``standardise`` not 'none'), whose units ``load_reference`` is in."""
+    load_reference: float = 1.0
+    """With ``load_weight``: the score (in the standardised units) above which a voxel counts towards
+    the apparent lesion load."""
     energy_gate_z: float | None = None
     """With the FLAIR term: the model's standardised evidence may raise a voxel's score only where
     the FLAIR z-score exceeds this value; elsewhere it is capped at its brain median (typical
@@ -194,11 +206,18 @@ class PostprocessConfig:
     product targets (gliomas, MS) are FLAIR-hyperintense, while the energy's false positives on
     unseen sites lie in CSF, grey matter and tissue boundaries, which are not."""
 
+    def __post_init__(self) -> None:
+        if not self.load_weight >= 0:
+            raise ValueError(f"postprocess.load_weight must be >= 0, got {self.load_weight!r}")
+        if self.load_weight and self.standardise == "none":
+            raise ValueError("postprocess.load_weight needs a standardised score (postprocess.standardise "
+                             "'robust', 'zscore' or 'normal'): its reference level is in those units")
+
     @property
     def native_active(self) -> bool:
         """Whether any native-grid step (smoothing, rim, FLAIR term, median filter) is enabled."""
         return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.intensity_term
-                or self.median_size_mm > 0 or self.standardise != "none")
+                or self.median_size_mm > 0 or self.standardise != "none" or self.load_weight != 0)
 
     @property
     def intensity_term(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -68,6 +69,7 @@ def calibrate_threshold(
     model: ADMModel,
     cases: Sequence[CaseFiles] | Mapping[str, Sequence[CaseFiles]],
     options: InferenceOptions = InferenceOptions(),
+    load_weights: Sequence[float] = (),
 ) -> tuple[float | None, dict[str, Any]]:
     """The threshold of the model's (post-processed) native energies over the brain voxels of the
     lesion slices of the labelled ``cases``; ``(None, {})`` without labelled cases.
@@ -76,14 +78,21 @@ def calibrate_threshold(
     of a domains file) gives the threshold of highest mean Dice over the domains, the rule of the
     evaluation study (:func:`~ADMAnomalyLib.metrics.balanced_best_threshold`); a plain sequence is one
     group (its best-F1 threshold). Used for models with native-grid post-processing, whose energies
-    differ from the network-resolution ones the trainer calibrates on."""
-    from .metrics import balanced_best_threshold, detection_metrics
+    differ from the network-resolution ones the trainer calibrates on.
 
+    With ``load_weights`` the post-processing's ``load_weight`` is chosen among them first, as the
+    study does (:func:`~ADMAnomalyLib.metrics.choose_load_weight`: the weight whose threshold transfers
+    best between the groups); ``summary['load_weight']`` is the weight the threshold belongs to."""
+    from .metrics import balanced_best_threshold, choose_load_weight, detection_metrics
+    from .postprocess import load_offset
+
+    post = model.config.postprocess
+    # The load term is a per-case constant added last: energies without it, then each weight's offset.
+    unloaded = ADMModel(dataclasses.replace(model.config, postprocess=dataclasses.replace(post, load_weight=0.0)),
+                        model.network, model.gmm, model.threshold, model.metadata, model.path)
     groups = dict(cases) if isinstance(cases, Mapping) else {"cases": list(cases)}
-    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    used: dict[str, int] = {}
+    measured: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
     for name, members in groups.items():
-        scores, labels = [], []
         for files in members:
             if files.label is None:
                 continue
@@ -91,15 +100,17 @@ def calibrate_threshold(
             prepared = prepare_case(case, model.config.preprocess)
             if not prepared.has_lesion.any():
                 continue
-            energy = energy_volume(model, prepared, options)
+            energy = sitk.GetArrayFromImage(energy_volume(unloaded, prepared, options))
             region = prepared.native_brain & native_slice_region(prepared, prepared.has_lesion)
-            scores.append(sitk.GetArrayFromImage(energy)[region])
-            labels.append(prepared.native_lesion[region])
-        if scores:
-            parts[name] = (np.concatenate(scores), np.concatenate(labels))
-            used[name] = len(scores)
-    if not parts:
+            log_load = load_offset(energy[prepared.native_brain], 1.0, post.load_reference)
+            measured.setdefault(name, []).append((energy[region], prepared.native_lesion[region], log_load))
+    if not measured:
         return None, {}
+    weight, transfer = choose_load_weight(list(measured.values()), load_weights) if load_weights \
+        else (post.load_weight, {})
+    parts = {name: (np.concatenate([s + np.float32(weight * log_load) for s, _, log_load in members]),
+                    np.concatenate([y for _, y, _ in members])) for name, members in measured.items()}
+    used = {name: len(members) for name, members in measured.items()}
     threshold = balanced_best_threshold(list(parts.values()))
     s = np.concatenate([v[0] for v in parts.values()])
     y = np.concatenate([v[1] for v in parts.values()])
@@ -109,5 +120,7 @@ def calibrate_threshold(
                "groups": used, "cases": sum(used.values()),
                "auroc": metrics.auroc, "auprc": metrics.auprc, "best_f1": metrics.best_f1,
                "best_threshold": metrics.best_threshold, "n_voxels": metrics.n_voxels,
-               "n_positive": metrics.n_positive}
+               "n_positive": metrics.n_positive, "load_weight": weight}
+    if transfer:
+        summary["load_weight_transfer_dice"] = {str(w): f for w, f in transfer.items()}
     return float(threshold), summary

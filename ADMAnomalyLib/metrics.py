@@ -246,6 +246,39 @@ def balanced_best_threshold(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> f
     return float(candidates[best])
 
 
+def held_out_group_dice(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """How well a threshold transfers between ``parts`` (``(scores, labels)`` of each group, e.g. each
+    domain): the mean over the groups of each one's Dice at the :func:`balanced_best_threshold` of the
+    others. Groups without positives are left out; NaN with fewer than two left."""
+    parts = [(np.asarray(s), np.asarray(y, dtype=bool)) for s, y in parts]
+    parts = [(s, y) for s, y in parts if y.any()]
+    if len(parts) < 2:
+        return math.nan
+    dices = []
+    for held, (s, y) in enumerate(parts):
+        threshold = balanced_best_threshold([part for other, part in enumerate(parts) if other != held])
+        dices.append(_threshold_of(s, y, threshold).dice)
+    return float(np.mean(dices))
+
+
+def choose_load_weight(groups: Sequence[Sequence[tuple[np.ndarray, np.ndarray, float]]],
+                       weights: Sequence[float]) -> tuple[float, dict[float, float]]:
+    """The ``PostprocessConfig.load_weight`` among ``weights`` whose threshold transfers best between
+    the ``groups`` (:func:`held_out_group_dice`), and that figure for each weight. A group is a list of
+    cases ``(scores, labels, log_load)``: the scores and labels of the voxels a threshold is chosen on
+    and the case's :func:`~ADMAnomalyLib.postprocess.load_offset` at weight 1 (from its whole brain).
+    Ties go to the smaller weight; with fewer than two groups nothing can be measured and 0 is kept."""
+    figures: dict[float, float] = {}
+    for weight in sorted(weights):
+        parts = [(np.concatenate([s + np.float32(weight * log_load) for s, _, log_load in cases]),
+                  np.concatenate([y for _, y, _ in cases])) for cases in groups if cases]
+        figures[float(weight)] = held_out_group_dice(parts)
+    measured = {w: f for w, f in figures.items() if math.isfinite(f)}
+    if not measured:
+        return 0.0, figures
+    return max(measured, key=lambda w: (measured[w], -w)), figures
+
+
 def json_safe(value: Any) -> Any:
     """Return ``value`` with dataclasses turned into dicts, numpy scalars into Python numbers and
     non-finite floats into None, so that ``json.dumps(..., allow_nan=False)`` accepts it."""

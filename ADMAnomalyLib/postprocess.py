@@ -12,6 +12,8 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
 4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
 5. :func:`standardise_in_brain` - the score as (robust) SDs above the case's typical brain score
    (with ``standardise = 'normal'``: typical of its normal-looking tissue, :func:`normal_tissue`);
+6. :func:`load_offset` - a per-case constant from the case's apparent lesion load, so that one
+   threshold suits a large glioma and a few small MS lesions alike;
 
 and sets the background exactly 1 below the lowest brain score. :func:`suppress_small_components`
 works at a threshold (it needs a binary map) and is applied where a threshold is known.
@@ -166,6 +168,24 @@ def standardise_in_brain(values: np.ndarray, brain: np.ndarray, method: str = "r
     return np.where(brain, standardised, values).astype(np.float32)
 
 
+LOAD_BASE_SHARE = 0.01
+"""The apparent lesion load (share of the brain) at which :func:`load_offset` is 0."""
+LOAD_MIN_SHARE = 1e-4
+"""Apparent loads below this count as this (a case with nothing above the reference level)."""
+LOAD_WEIGHTS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+"""The load weights a calibration chooses among (``admanomaly calibrate --choose-load-weight`` and the
+study's '(z+load)' rows)."""
+
+
+def load_offset(brain_values: np.ndarray, weight: float, reference: float) -> float:
+    """The per-case constant of ``PostprocessConfig.load_weight``: ``weight`` x ln(share of
+    ``brain_values`` at or above ``reference`` / :data:`LOAD_BASE_SHARE`)."""
+    if weight == 0:
+        return 0.0
+    share = float(np.count_nonzero(brain_values >= np.float32(reference))) / max(1, brain_values.size)
+    return float(weight) * float(np.log(max(share, LOAD_MIN_SHARE) / LOAD_BASE_SHARE))
+
+
 def remove_small_components(binary: np.ndarray, min_voxels: int, fully_connected: bool = False) -> np.ndarray:
     """Drop connected components of ``binary`` with fewer than ``min_voxels`` voxels.
 
@@ -233,6 +253,9 @@ def postprocess_scores(
         inner = median_filter_in_brain(inner, inner_brain, window)
     if cfg.standardise != "none":
         inner = standardise_in_brain(inner, inner_brain, cfg.standardise, reference)
+    if cfg.load_weight != 0:
+        offset = load_offset(inner[inner_brain], cfg.load_weight, cfg.load_reference)
+        inner = np.where(inner_brain, inner + np.float32(offset), inner).astype(np.float32)
     result = np.full(values.shape, float(inner[inner_brain].min()) - 1.0, dtype=np.float32)
     result[box] = np.where(inner_brain, inner, result[box])
     return result

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ADMConfig, PostprocessConfig, PreprocessConfig, ctoc_model_fields, preset
+from ..postprocess import LOAD_WEIGHTS
 
 # ------------------------------------------------------------------------------------------------
 # settings
@@ -118,6 +119,10 @@ class MethodSpec:
     small_components: bool = False
     """At the threshold, lower voxels in components smaller than the settings' ``min_component_mm3``
     to just below it (as the FLAIR +med+cc baselines do)."""
+    load_weights: tuple[float, ...] = ()
+    """For 'adm': candidate ``PostprocessConfig.load_weight`` values, one chosen after the search by how
+    well its threshold transfers between the selection groups (leave one training domain out in turn,
+    :func:`~ADMAnomalyLib.metrics.choose_load_weight`); empty: the spec's own (default 0)."""
 
 
 def _with_model(network: dict[str, dict[str, Any]], **model: Any) -> dict[str, dict[str, Any]]:
@@ -147,11 +152,11 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
 
-def _post_cc_row(network: str, standardise: str, description: str) -> MethodSpec:
+def _post_cc_row(network: str, standardise: str, description: str, load: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
-    components removed at the threshold."""
+    components removed at the threshold; with ``load`` the load weight chosen among :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`."""
     return MethodSpec("adm", "improvement", description, network, {"standardise": standardise}, search=POST_SEARCH,
-                      small_components=True)
+                      small_components=True, load_weights=LOAD_WEIGHTS if load else ())
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -248,6 +253,11 @@ METHODS: dict[str, MethodSpec] = {
                                             "post-processing"),
     "ADM+ F> ct +post+cc (normal)": _post_cc_row("ADM+ F> ct", "normal", "ADM+ F> ct, post-processing chosen on "
                                                  "validation, standardised on the case's FLAIR-normal tissue"),
+    "ADM+ F +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z), the threshold lowered by "
+                                              "w x ln(apparent lesion load), w chosen by leave-one-training-domain-"
+                                              "out Dice", load=True),
+    "ADM+ F> ct +post+cc (z+load)": _post_cc_row("ADM+ F> ct", "zscore", "ADM+ F> ct +post+cc (z) with the "
+                                                  "lesion-load term", load=True),
     "ADM+ F +post+cc (none)": _post_cc_row("ADM+ F", "none", "ADM+ F +post+cc with no standardisation last: the "
                                            "threshold on the scale of the standardised energy plus w x FLAIR z"),
 }
@@ -264,7 +274,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F", "ADM+ F +post+cc (z)", "ADM+ F +post+cc (none)",
                                     "ADM+ F +post+cc (normal)", "ADM+ +post+cc (normal)", "ADM+ F>",
                                     "ADM+ F> +post+cc (z)", "ADM+ F> ct", "ADM+ F> ct +post+cc (z)",
-                                    "ADM+ F> ct +post+cc (normal)")
+                                    "ADM+ F> ct +post+cc (normal)", "ADM+ F +post+cc (z+load)",
+                                    "ADM+ F> ct +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

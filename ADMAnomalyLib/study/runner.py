@@ -29,10 +29,10 @@ from ..errors import InputError
 from ..gmm import GMMAccumulator, GMMParams, SingularCovarianceError, diagonal_penalty, energy, mixture_statistics
 from ..infer import InferenceOptions, ctoc_translations, energy_volume
 from ..io import write_text_atomic
-from ..metrics import _curve, balanced_best_threshold, json_safe, pooled_and_per_case
+from ..metrics import _curve, balanced_best_threshold, choose_load_weight, json_safe, pooled_and_per_case
 from ..model import ADMModel
 from ..networks import DRDecoder, DREncoder
-from ..postprocess import postprocess_scores, suppress_small_components
+from ..postprocess import load_offset, postprocess_scores, suppress_small_components
 from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices_to_image
 from ..train import Trainer, masked_mse
 from ..domains import load_domains
@@ -673,7 +673,26 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
 
         post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)
         extra["postprocess"] = dataclasses.asdict(post)
-    return _postprocessed(run.raw[key], post, run.all_cases, flair_of, run.caches, key), extra
+    scores = _postprocessed(run.raw[key], post, run.all_cases, flair_of, run.caches, key)
+    if spec.load_weights:
+        scores, extra["load"] = _with_chosen_load(scores, post, spec.load_weights, run)
+        extra.setdefault("postprocess", dataclasses.asdict(post))["load_weight"] = extra["load"]["weight"]
+    return scores, extra
+
+
+def _with_chosen_load(scores: dict[str, np.ndarray], post: PostprocessConfig, weights: Sequence[float],
+                      run: RunData) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The scores with the load term (``PostprocessConfig.load_weight``, the last post-processing step,
+    :func:`~ADMAnomalyLib.postprocess.load_offset`) of the weight among ``weights`` whose threshold
+    transfers best between the selection groups' validation voxels (:func:`~ADMAnomalyLib.metrics.choose_load_weight`)."""
+    log_load = {case.case_id: load_offset(scores[case.case_id], 1.0, post.load_reference) for case in run.all_cases}
+    groups = [[(scores[c.case_id][c.validation], c.labels[c.validation], log_load[c.case_id]) for c in group]
+              for group in run.groups]
+    weight, figures = choose_load_weight(groups, weights)
+    # The same float32 constant postprocess_scores adds with this weight.
+    shifted = {case_id: values + np.float32(load_offset(values, weight, post.load_reference))
+               for case_id, values in scores.items()}
+    return shifted, {"weight": weight, "transfer_dice": {str(w): f for w, f in figures.items()}}
 
 
 def baseline_method_scores(method: str, spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndarray], dict]:

@@ -20,6 +20,8 @@ from ADMAnomalyLib.metrics import (
     DetectionMetrics,
     balanced_best_threshold,
     best_f1_threshold,
+    choose_load_weight,
+    held_out_group_dice,
     detection_metrics,
     json_safe,
     pooled_and_per_case,
@@ -228,3 +230,40 @@ def test_balanced_threshold_is_best_f1_for_one_group_and_averages_dice_over_grou
     balanced = balanced_best_threshold([(big_s, big_y), (small_s, small_y)])
     assert balanced > pooled
     assert np.isnan(balanced_best_threshold([(small_s, np.zeros(100, bool))]))
+
+
+def test_held_out_group_dice_measures_how_a_threshold_transfers():
+    # Two groups separable at 1.0 and one separable only at 3.0: a threshold chosen on the others
+    # fits each of the first two and misses the third.
+    def group(cut):
+        return np.r_[np.linspace(cut, cut + 1, 50), np.linspace(cut - 2, cut - 0.01, 200)], np.r_[np.ones(50, bool), np.zeros(200, bool)]
+
+    alike = held_out_group_dice([group(1.0), group(1.0)])
+    assert alike == pytest.approx(1.0)
+    mixed = held_out_group_dice([group(1.0), group(1.0), group(3.0)])
+    assert mixed < 0.9
+    assert math.isnan(held_out_group_dice([group(1.0)]))
+
+
+def test_load_weight_choice_finds_the_weight_under_which_one_threshold_fits_every_case():
+    """Cases whose lesion starts lower the larger their apparent load (as in per-case SD units): with
+    the right weight one threshold separates all of them, and the choice finds that weight."""
+    from ADMAnomalyLib.postprocess import load_offset
+
+    rng = np.random.default_rng(3)
+    groups = []
+    for domain_shares in ((0.002, 0.01), (0.05, 0.2), (0.004, 0.1)):
+        cases = []
+        for share in domain_shares:
+            values = rng.normal(0.0, 0.1, 20000).astype(np.float32)
+            lesion = np.zeros(values.size, bool)
+            lesion[: int(share * values.size)] = True
+            log_load = float(np.log(share / 0.01))
+            values[lesion] = 2.0 - 0.5 * log_load + rng.random(lesion.sum()).astype(np.float32)
+            cases.append((values, lesion, load_offset(values, 1.0, 0.45)))
+        groups.append(cases)
+    weight, figures = choose_load_weight(groups, (0.0, 0.25, 0.5, 0.75))
+    assert weight == 0.5 and figures[0.5] > 0.99 and figures[0.0] < 0.97
+    assert figures[0.5] == max(figures.values())
+    # one group: nothing to transfer to, the term stays off
+    assert choose_load_weight(groups[:1], (0.0, 0.5))[0] == 0.0

@@ -16,6 +16,7 @@ from ADMAnomalyLib.demo import demo_case_dir
 from ADMAnomalyLib.errors import CancelledError, DeviceError, InputError, OutputError, TrainingDataError
 from ADMAnomalyLib.evaluate import evaluate
 from ADMAnomalyLib.train import checkpoint_path_for
+from ADMAnomalyLib.postprocess import LOAD_WEIGHTS
 from conftest import make_synthetic_case
 
 
@@ -365,6 +366,21 @@ def test_calibrate_on_a_domains_file_averages_dice_over_the_domains(trained_mode
     model = api.calibrate(trained_model, domains, tmp_path / "c.admm", device="cpu")
     assert model.metadata["validation"]["rule"] == "highest mean Dice over the groups"
     assert model.metadata["validation"]["groups"] == {"one": 1, "two": 1}
+    # The load weight is chosen first, by how the threshold transfers between the domains, then the
+    # threshold for it; the written model applies it.
+    loaded = api.calibrate(trained_model, domains, tmp_path / "l.admm", device="cpu",
+                           postprocess={"standardise": "zscore"}, choose_load_weight=True)
+    summary = loaded.metadata["validation"]
+    assert set(summary["load_weight_transfer_dice"]) == {str(w) for w in LOAD_WEIGHTS}
+    best = max(summary["load_weight_transfer_dice"].values())
+    assert summary["load_weight_transfer_dice"][str(summary["load_weight"])] == best
+    assert api.load_model(tmp_path / "l.admm").config.postprocess.load_weight == summary["load_weight"]
+    with pytest.raises(InputError, match="standardised"):
+        api.calibrate(trained_model, domains, tmp_path / "x.admm", device="cpu", choose_load_weight=True)
+    with pytest.raises(InputError, match="two domains"):
+        api.calibrate(trained_model, cohort, tmp_path / "x.admm", device="cpu", postprocess={"standardise": "zscore"},
+                      choose_load_weight=True)
+    assert not (tmp_path / "x.admm").exists()
     unlabelled = tmp_path / "unlabelled"
     make_synthetic_case(unlabelled, "u_1", seed=5, lesion=False)
     assert main(["calibrate", str(trained_model), str(unlabelled), "-o", str(tmp_path / "u.admm"),

@@ -282,7 +282,7 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     from ADMAnomalyLib import api
     from ADMAnomalyLib.cases import find_cases
     from ADMAnomalyLib.infer import ctoc_translations
-    from ADMAnomalyLib.study.runner import RunCaches, _postprocessed, raw_energy
+    from ADMAnomalyLib.study.runner import RunCaches, RunData, _postprocessed, _with_chosen_load, raw_energy
 
     model = api.load_model(trained_model)
     settings = study.quick_settings(preset="tiny", image_size=model.config.preprocess.image_size, device="cpu")
@@ -302,6 +302,14 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     product_post = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(study_post[case.case_id], product_post[case.brain])
     assert not np.allclose(study_post[case.case_id], study_energy)
+    # The '(z+load)' rows add the load term to these scores as predict does with the chosen weight.
+    run = RunData(settings, 0, [case], [], [[case], [case]], {}, RunCaches(), {})  # two groups: a choice to make
+    shifted, chosen = _with_chosen_load(study_post, post, (0.7,), run)
+    assert chosen["weight"] == 0.7
+    model.config.postprocess = dataclasses.replace(post, load_weight=0.7)
+    product_load = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
+    np.testing.assert_array_equal(shifted[case.case_id], product_load[case.brain])
+    assert not np.allclose(shifted[case.case_id], study_post[case.case_id])
 
 
 # -- leave one domain out ---------------------------------------------------------------------------

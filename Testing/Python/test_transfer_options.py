@@ -9,8 +9,8 @@ import SimpleITK as sitk
 
 from ADMAnomalyLib.cases import case_from_images
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
-from ADMAnomalyLib.postprocess import (median_filter, median_filter_in_brain, median_window, normal_tissue,
-                                      postprocess_scores, standardise_in_brain)
+from ADMAnomalyLib.postprocess import (load_offset, median_filter, median_filter_in_brain, median_window,
+                                      normal_tissue, postprocess_scores, standardise_in_brain)
 from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case
 from conftest import synthetic_volumes
 
@@ -187,3 +187,30 @@ def test_normal_tissue_standardisation_ignores_the_lesion_size():
         standardise_in_brain(scores, brain, "normal")
     # when most of the brain is FLAIR-bright nothing looks typical: the whole brain is the reference
     assert normal_tissue(brain, np.full(brain.shape, 2.0, np.float32), 1.0).all()
+
+
+def test_load_term_lowers_the_threshold_of_a_large_lesion_and_raises_that_of_a_small_one():
+    rng = np.random.default_rng(6)
+    brain = np.ones((10, 30, 30), bool)
+    tissue = rng.normal(0.0, 0.3, brain.shape).astype(np.float32)
+    config = PostprocessConfig(standardise="zscore", load_weight=0.4, load_reference=2.0)
+    plain = PostprocessConfig(standardise="zscore")
+    offsets = {}
+    for size in (3, 10):  # 0.3 % and 10 % of the brain above the reference level
+        scores = tissue.copy()
+        scores[1:1 + min(size, 9), 5:5 + size, 5:5 + size] = 10.0
+        without = postprocess_scores(scores, brain, (1.0, 1.0, 1.0), plain)
+        with_load = postprocess_scores(scores, brain, (1.0, 1.0, 1.0), config)
+        offset = with_load[brain] - without[brain]
+        assert np.ptp(offset) < 1e-5  # one constant per case: its ranking is kept
+        share = float((without[brain] >= 2.0).mean())
+        assert offset[0] == pytest.approx(0.4 * np.log(share / 0.01), abs=1e-5)
+        assert offset[0] == pytest.approx(load_offset(without[brain], 0.4, 2.0), abs=1e-6)
+        offsets[size] = offset[0]
+    assert offsets[3] < 0 < offsets[10]
+    # no voxel above the reference: the share is floored, the offset finite
+    assert load_offset(np.zeros(100, np.float32), 0.4, 2.0) == pytest.approx(0.4 * np.log(1e-4 / 0.01))
+    with pytest.raises(ValueError, match="standardised"):
+        PostprocessConfig(load_weight=0.3)
+    with pytest.raises(ValueError, match=">= 0"):
+        PostprocessConfig(standardise="zscore", load_weight=-0.1)
