@@ -197,6 +197,8 @@ def _chosen_lines(study: dict[str, Any], run_name) -> list[str]:
             result = run["methods"].get(method) or {}
             chosen = result.get("chosen") or ({"flair_weight": result["flair_weight"]}
                                               if result.get("flair_weight") is not None else {})
+            if result.get("load"):
+                chosen = {**chosen, "load_weight": result["load"]["weight"]}
             if chosen:
                 text = ", ".join(f"{_SHORT.get(k, k)} {v:g}" for k, v in chosen.items())
                 values.append(f"{run_name(run)} (seed {run['seed']}): {text}")
@@ -206,7 +208,7 @@ def _chosen_lines(study: dict[str, Any], run_name) -> list[str]:
 
 
 _SHORT = {"smoothing_sigma_mm": "smoothing sigma (mm)", "rim_erosion_mm": "rim (mm)", "flair_weight": "w",
-          "median_size_mm": "median (mm)"}
+          "median_size_mm": "median (mm)", "load_weight": "load weight"}
 
 
 def _is_adm(study: dict[str, Any], method: str) -> bool:
