@@ -305,13 +305,14 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"augmentation": "site"},
         "model": {"ctoc_uncertainty": True, "density_residuals": ("flair",)},
         "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
-                        "median_size_mm": 5.0, "standardise": "zscore"},
+                        "median_size_mm": 5.0, "standardise": "zscore", "load_weight": 0.6},
     },
 }
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper
 (every default); 'transfer' is the bundled model's configuration for scans from other sites and
 pathologies (robust normalisation, site-shift augmentation, CtoC uncertainty, only the FLAIR residual
-among the density features, and the post-processing the leave-one-domain-out study chose; see README,
+among the density features, and the post-processing the leave-one-domain-out study chose, with the
+load weight ``admanomaly calibrate --choose-load-weight`` chose over the four domains; see README,
 "The method as implemented")."""
 TRAINING_SECTIONS = ("preprocess", "model", "train")
 """The config sections that shape the trained networks (post-processing is applied after them)."""

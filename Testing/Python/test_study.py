@@ -689,3 +689,4 @@ def test_the_transfer_profile_is_the_bundled_rows_configuration():
         assert profile["postprocess"][field] == value, field
     for field in spec.search:
         assert profile["postprocess"][field] in study.methods.POST_CANDIDATES[field], field
+    assert profile["postprocess"].get("load_weight", 0.0) in (spec.load_weights or (0.0,))
