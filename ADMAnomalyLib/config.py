@@ -215,7 +215,8 @@ class PostprocessConfig:
 
     @property
     def native_active(self) -> bool:
-        """Whether any native-grid step (smoothing, rim, FLAIR term, median filter) is enabled."""
+        """Whether any native-grid step (smoothing, rim, FLAIR term, median filter, standardisation, load
+        term) is enabled."""
         return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.intensity_term
                 or self.median_size_mm > 0 or self.standardise != "none" or self.load_weight != 0)
 
