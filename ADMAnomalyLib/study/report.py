@@ -495,12 +495,13 @@ def make_report(study_jsons: str | Path | Sequence[str | Path], docs_dir: str | 
 
 def merged_domain_summaries(studies: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The first leave-one-domain-out study with the pooled and per-domain summaries of the methods
-    that only later studies of the same domains have (a method keeps its first study's figures)."""
+    that only later studies of the same domains and the same training setting have (a method keeps its
+    first study's figures; a study at another slice size, epochs, preset or seeds stays apart)."""
     merged = dict(studies[0])
     merged["summary"] = dict(studies[0]["summary"])
     merged["domain_summary"] = {name: dict(values) for name, values in studies[0]["domain_summary"].items()}
     for study in studies[1:]:
-        if list(study["domains"]) != list(merged["domains"]):
+        if list(study["domains"]) != list(merged["domains"]) or _setting(study) != _setting(merged):
             continue
         for method, values in study["summary"].items():
             merged["summary"].setdefault(method, values)
@@ -508,3 +509,12 @@ def merged_domain_summaries(studies: Sequence[dict[str, Any]]) -> dict[str, Any]
             for method, values in summary.items():
                 merged["domain_summary"][name].setdefault(method, values)
     return merged
+
+
+_SETTING_FIELDS = ("image_size", "epochs_ctoc", "epochs_joint", "preset", "seeds")
+
+
+def _setting(study: dict[str, Any]) -> tuple:
+    """What makes two studies' networks comparable: slice size, epochs, preset and seeds."""
+    settings = study.get("settings", {})
+    return tuple(json.dumps(settings.get(field)) for field in _SETTING_FIELDS)

@@ -676,6 +676,8 @@ def test_domain_figures_take_the_methods_of_every_domain_study(domain_runs):
     assert "new row" not in first["summary"]  # the inputs are left as they were
     other_domains = dict(later, domains=list(reversed(later["domains"])))
     assert "new row" not in study.report.merged_domain_summaries([only_first, other_domains])["summary"]
+    larger = dict(later, settings={**later["settings"], "image_size": 2 * later["settings"]["image_size"]})
+    assert "new row" not in study.report.merged_domain_summaries([only_first, larger])["summary"]
 
 
 def test_the_transfer_profile_is_the_bundled_rows_configuration():
