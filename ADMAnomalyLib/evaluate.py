@@ -83,7 +83,7 @@ def calibrate_threshold(
     With ``load_weights`` the post-processing's ``load_weight`` is chosen among them first, as the
     study does (:func:`~ADMAnomalyLib.metrics.choose_load_weight`: the weight whose threshold transfers
     best between the groups); ``summary['load_weight']`` is the weight the threshold belongs to."""
-    from .metrics import balanced_best_threshold, choose_load_weight, detection_metrics
+    from .metrics import balanced_best_threshold, choose_load_weight, detection_metrics, loaded_parts
     from .postprocess import load_offset
 
     post = model.config.postprocess
@@ -108,12 +108,11 @@ def calibrate_threshold(
         return None, {}
     weight, transfer = choose_load_weight(list(measured.values()), load_weights) if load_weights \
         else (post.load_weight, {})
-    parts = {name: (np.concatenate([s + np.float32(weight * log_load) for s, _, log_load in members]),
-                    np.concatenate([y for _, y, _ in members])) for name, members in measured.items()}
+    parts = loaded_parts(list(measured.values()), weight)
     used = {name: len(members) for name, members in measured.items()}
-    threshold = balanced_best_threshold(list(parts.values()))
-    s = np.concatenate([v[0] for v in parts.values()])
-    y = np.concatenate([v[1] for v in parts.values()])
+    threshold = balanced_best_threshold(parts)
+    s = np.concatenate([v[0] for v in parts])
+    y = np.concatenate([v[1] for v in parts])
     metrics = detection_metrics(s, y)
     summary = {"source": "lesion slices, native grid, post-processed energies",
                "rule": "highest mean Dice over the groups" if len(parts) > 1 else "best F1",

@@ -261,6 +261,14 @@ def held_out_group_dice(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> float
     return float(np.mean(dices))
 
 
+def loaded_parts(groups: Sequence[Sequence[tuple[np.ndarray, np.ndarray, float]]],
+                 weight: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(scores, labels)`` of each group of cases ``(scores, labels, log_load)`` with the load term of
+    ``weight`` added to each case's scores (the float32 constant ``postprocess_scores`` adds)."""
+    return [(np.concatenate([s + np.float32(weight * log_load) for s, _, log_load in cases]),
+             np.concatenate([y for _, y, _ in cases])) for cases in groups if cases]
+
+
 def choose_load_weight(groups: Sequence[Sequence[tuple[np.ndarray, np.ndarray, float]]],
                        weights: Sequence[float]) -> tuple[float, dict[float, float]]:
     """The ``PostprocessConfig.load_weight`` among ``weights`` whose threshold transfers best between
@@ -268,11 +276,7 @@ def choose_load_weight(groups: Sequence[Sequence[tuple[np.ndarray, np.ndarray, f
     cases ``(scores, labels, log_load)``: the scores and labels of the voxels a threshold is chosen on
     and the case's :func:`~ADMAnomalyLib.postprocess.load_offset` at weight 1 (from its whole brain).
     Ties go to the smaller weight; with fewer than two groups nothing can be measured and 0 is kept."""
-    figures: dict[float, float] = {}
-    for weight in sorted(weights):
-        parts = [(np.concatenate([s + np.float32(weight * log_load) for s, _, log_load in cases]),
-                  np.concatenate([y for _, y, _ in cases])) for cases in groups if cases]
-        figures[float(weight)] = held_out_group_dice(parts)
+    figures = {float(weight): held_out_group_dice(loaded_parts(groups, weight)) for weight in sorted(weights)}
     measured = {w: f for w, f in figures.items() if math.isfinite(f)}
     if not measured:
         return 0.0, figures

@@ -514,7 +514,6 @@ def merged_domain_summaries(studies: Sequence[dict[str, Any]]) -> dict[str, Any]
 _SETTING_FIELDS = ("image_size", "epochs_ctoc", "epochs_joint", "preset", "seeds")
 
 
-def _setting(study: dict[str, Any]) -> tuple:
+def _setting(study: dict[str, Any]) -> list:
     """What makes two studies' networks comparable: slice size, epochs, preset and seeds."""
-    settings = study.get("settings", {})
-    return tuple(json.dumps(settings.get(field)) for field in _SETTING_FIELDS)
+    return [study.get("settings", {}).get(field) for field in _SETTING_FIELDS]
