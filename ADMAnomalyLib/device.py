@@ -11,6 +11,33 @@ import torch
 from .config import PRECISIONS
 from .errors import DeviceError
 
+VECTOR_MATH_FUNCTIONS = ("abs", "acos", "asin", "atan", "cos", "cosh", "erf", "erfc", "erfinv", "exp", "expm1",
+                         "log", "log10", "log1p", "log2", "rsqrt", "sigmoid", "sin", "sinh", "sqrt", "tan", "tanh")
+"""Element-wise functions that PyTorch's CPU kernels may route to oneMKL's vector math (VML), each
+settled once by :func:`settle_cpu_vector_math` (a superset: settling one needlessly costs nothing)."""
+
+
+@functools.lru_cache(maxsize=None)
+def settle_cpu_vector_math() -> None:
+    """Call each of :data:`VECTOR_MATH_FUNCTIONS` once on one element, in float32 and float64, on this
+    thread alone.
+
+    oneMKL (2024.2, the build in the torch 2.13 CPU wheels) picks each VML function's kernel on its
+    first call; when that first call runs on several intra-op threads at once, one thread can run a
+    low-accuracy kernel on its whole chunk (pytorch/pytorch#188792). Measured here: the DR encoder's
+    first tanh in a fresh process was off by up to 5e-5 on half of its elements in 5 of 40 processes,
+    so the same case gave energies differing by up to 3e-4 between two runs of ``predict`` (2 of 12
+    processes). A one-element call runs on the calling thread only and settles the choice before any
+    concurrent use (after it: 0 of 80 and 0 of 24). Runs once, when this module is imported, which
+    every engine path that computes does (inference, training, the study, the Slicer logic)."""
+    for dtype in (torch.float32, torch.float64):
+        value = torch.full((1,), 0.5, dtype=dtype)
+        for name in VECTOR_MATH_FUNCTIONS:
+            getattr(torch, name)(value)
+
+
+settle_cpu_vector_math()
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Map 'auto' | 'cpu' | 'cuda' | 'cuda:N' to a usable device; a missing GPU is a DeviceError."""
