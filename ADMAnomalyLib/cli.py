@@ -53,7 +53,8 @@ def _argument_type(check: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 _POSITIVE = {name: _argument_type(lambda text, name=name: check_positive_int(text, name))
-             for name in ("batch size", "workers", "epochs", "components", "seed", "lesion margin")}
+             for name in ("batch size", "workers", "epochs", "components", "seed", "lesion margin", "folds",
+                          "image size", "cases")}
 _THRESHOLD = _argument_type(check_threshold)
 _SHARD = _argument_type(lambda text: "{}/{}".format(*parse_shard(text)))
 
@@ -220,13 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "a patient-fold and a leave-one-domain-out folder make one report")
     study.add_argument("--no-report", action="store_true", help="write the JSON only")
     study.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
-    study.add_argument("--folds", type=_POSITIVE["workers"], help="patient-level folds (default: the setting's)")
+    study.add_argument("--folds", type=_POSITIVE["folds"], help="patient-level folds (default: the setting's)")
     study.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
-    study.add_argument("--image-size", type=_POSITIVE["batch size"], help="network slice size (default: the setting's)")
+    study.add_argument("--image-size", type=_POSITIVE["image size"], help="network slice size (default: the setting's)")
     study.add_argument("--epochs-ctoc", type=_non_negative_int, help="epochs of step 1 (CtoC)")
     study.add_argument("--epochs-joint", type=_non_negative_int, help="epochs of step 2 (DR + DE)")
     study.add_argument("--preset", choices=sorted(PRESETS), help="size preset (default: the setting's)")
-    study.add_argument("--max-cases", type=_POSITIVE["workers"], help="use only the first N cases (smoke tests)")
+    study.add_argument("--max-cases", type=_POSITIVE["cases"], help="use only the first N cases (smoke tests)")
+    study.add_argument("--search-cases", type=_POSITIVE["cases"],
+                       help="training cases per domain or fold the post-processing search scores (default: the "
+                            "setting's, 4 quick, all full)")
     _add_device(study)
 
     threshold = commands.add_parser(
@@ -454,7 +458,8 @@ def _run_study(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {"device": args.device}
     for flag, name in (("folds", "n_folds"), ("image_size", "image_size"), ("epochs_ctoc", "epochs_ctoc"),
-                       ("epochs_joint", "epochs_joint"), ("preset", "preset"), ("max_cases", "max_cases")):
+                       ("epochs_joint", "epochs_joint"), ("preset", "preset"), ("max_cases", "max_cases"),
+                       ("search_cases", "search_cases_per_group")):
         if getattr(args, flag) is not None:
             overrides[name] = getattr(args, flag)
     if args.seeds:

@@ -40,11 +40,11 @@ class StudySettings:
     median_size_mm: float = 5.0
     """Window of the 3-D median filter of the 'median' placeholder of the ADM variants."""
     min_component_mm3: float = 20.0
+    """``+cc``: components smaller than this volume are dropped at the threshold (20 voxels at 1 mm)."""
     search_cases_per_group: int | None = 4
     """The '+post' search scores at most this many training cases of each selection group (spread
     over the group's cases in id order; None: all). The search post-processes every candidate
     on whole brains, which dominates a 2-core run; the threshold is still chosen on all cases."""
-    """``+cc``: components smaller than this volume are dropped at the threshold (20 voxels at 1 mm)."""
     dagmm_lambda_energy: float = 5e-4
     dagmm_lambda_cov: float = 5e-3
     dagmm_jitter: float = 1e-6

@@ -692,3 +692,19 @@ def test_the_transfer_profile_is_the_bundled_rows_configuration():
     for field in spec.search:
         assert profile["postprocess"][field] in study.methods.POST_CANDIDATES[field], field
     assert profile["postprocess"].get("load_weight", 0.0) in (spec.load_weights or (0.0,))
+
+
+def test_study_command_line_settings_reach_the_study(monkeypatch, tmp_path, capsys):
+    from ADMAnomalyLib import api
+
+    seen = {}
+    monkeypatch.setattr(api, "study", lambda *args, **kwargs: seen.update(kwargs) or {"result": None, "report": None})
+    domains = tmp_path / "domains.json"
+    assert main(["study", "--domains", str(domains), "-o", str(tmp_path / "out"), "--no-report", "--image-size", "128",
+                 "--search-cases", "12", "--epochs-ctoc", "16", "--folds", "3"]) == 0
+    assert seen["search_cases_per_group"] == 12 and seen["image_size"] == 128 and seen["epochs_ctoc"] == 16
+    assert seen["n_folds"] == 3 and "epochs_joint" not in seen
+    for flag, name in (("--search-cases", "cases"), ("--image-size", "image size"), ("--folds", "folds")):
+        with pytest.raises(SystemExit):
+            main(["study", "--domains", str(domains), flag, "0"])
+        assert f"{name} must be a whole number >= 1" in capsys.readouterr().err
