@@ -512,9 +512,10 @@ def calibrate(
     output_path = check_model_output(output_path)
     groups = cohort_groups(data_dir, pattern)
     if choose_load_weight:
-        if loaded.config.postprocess.standardise == "none":
-            raise InputError("choosing a load weight needs a standardised score: set postprocess.standardise "
-                             "(e.g. zscore)")
+        try:  # the config's own rule for a load term, checked before any case is scored
+            dataclasses.replace(loaded.config.postprocess, load_weight=max(LOAD_WEIGHTS))
+        except ValueError as exc:
+            raise InputError(f"choosing a load weight: {exc}") from None
         if len(groups) < 2:
             raise InputError(f"{data_dir}: choosing a load weight needs labelled cases of at least two domains "
                              "(a domains file), to measure how its threshold transfers between them")

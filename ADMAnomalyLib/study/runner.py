@@ -689,9 +689,8 @@ def _with_chosen_load(scores: dict[str, np.ndarray], post: PostprocessConfig, we
     groups = [[(scores[c.case_id][c.validation], c.labels[c.validation], log_load[c.case_id]) for c in group]
               for group in run.groups]
     weight, figures = choose_load_weight(groups, weights)
-    # The same float32 constant postprocess_scores adds with this weight.
-    shifted = {case_id: values + np.float32(load_offset(values, weight, post.load_reference))
-               for case_id, values in scores.items()}
+    # weight x the weight-1 offset is the very float32 constant postprocess_scores adds with this weight.
+    shifted = {case_id: values + np.float32(weight * log_load[case_id]) for case_id, values in scores.items()}
     return shifted, {"weight": weight, "transfer_dice": {str(w): f for w, f in figures.items()}}
 
 
