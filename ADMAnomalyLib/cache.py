@@ -37,6 +37,8 @@ _ARRAYS = {
     "validation_brain": (np.bool_, lambda n: (n, n)),
     "validation_labels": (np.bool_, lambda n: (n, n)),
 }
+_NEIGHBOUR_ARRAYS = ("train_neighbours", "validation_neighbours")
+"""Arrays a cache holds only for a CtoC with ``model.ctoc_context_slices`` (per slice (2c·4, n, n))."""
 
 
 def is_slice_cache(path: str | Path) -> bool:
@@ -45,8 +47,12 @@ def is_slice_cache(path: str | Path) -> bool:
 
 
 def _cache_key(config: ADMConfig) -> dict[str, Any]:
-    # Only what changes the cached slices; model and optimiser settings may differ freely.
-    return {"preprocess": asdict(config.preprocess), "lesion_margin": config.train.lesion_margin}
+    # Only what changes the cached slices; model and optimiser settings may differ freely. The
+    # context enters only when used, so caches written before it existed still match.
+    key = {"preprocess": asdict(config.preprocess), "lesion_margin": config.train.lesion_margin}
+    if config.model.ctoc_context_slices:
+        key["context_slices"] = config.model.ctoc_context_slices
+    return key
 
 
 def build_slice_cache(
@@ -71,14 +77,19 @@ def build_slice_cache(
     except OSError as exc:
         raise OutputError(f"cannot create the cache beside {cache_dir}: {exc.strerror or exc}") from None
     try:
-        size = config.preprocess.image_size
-        streams = {name: open(building / f"{name}.raw", "wb") for name in _ARRAYS}
-        digests = {name: hashlib.sha256() for name in _ARRAYS}
+        size, context = config.preprocess.image_size, config.model.ctoc_context_slices
+        shapes = {name: factory(size) for name, (_, factory) in _ARRAYS.items()}
+        dtypes = {name: dtype for name, (dtype, _) in _ARRAYS.items()}
+        if context:
+            shapes.update({name: (2 * context * len(CONTRASTS), size, size) for name in _NEIGHBOUR_ARRAYS})
+            dtypes.update({name: np.float32 for name in _NEIGHBOUR_ARRAYS})
+        streams = {name: open(building / f"{name}.raw", "wb") for name in shapes}
+        digests = {name: hashlib.sha256() for name in shapes}
         counts = {"train": 0, "validation": 0}
         per_case: dict[str, Any] = {}
 
         def append(name: str, array: np.ndarray) -> None:
-            raw = np.ascontiguousarray(array, dtype=_ARRAYS[name][0]).tobytes()
+            raw = np.ascontiguousarray(array, dtype=dtypes[name]).tobytes()
             streams[name].write(raw)
             digests[name].update(raw)
 
@@ -92,6 +103,9 @@ def build_slice_cache(
             append("validation_brain", prepared.brain[lesion])
             if len(lesion):
                 append("validation_labels", prepared.label[lesion])
+            if context:
+                append("train_neighbours", prepared.neighbours(normal, context))
+                append("validation_neighbours", prepared.neighbours(lesion, context))
             per_case[files.case_id] = {"normal_slices": int(len(normal)), "lesion_slices": int(len(lesion)),
                                        "train_start": counts["train"], "validation_start": counts["validation"]}
             counts["train"] += len(normal)
@@ -110,9 +124,9 @@ def build_slice_cache(
             "counts": counts,
             "per_case": per_case,
             "arrays": {
-                name: {"dtype": np.dtype(dtype).name, "shape": [counts[name.split("_")[0]], *factory(size)],
+                name: {"dtype": np.dtype(dtypes[name]).name, "shape": [counts[name.split("_")[0]], *shape],
                        "sha256": digests[name].hexdigest()}
-                for name, (dtype, factory) in _ARRAYS.items()
+                for name, shape in shapes.items()
             },
         }
         (building / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
@@ -150,9 +164,10 @@ def load_slice_cache(cache_dir: str | Path, config: ADMConfig, verify: bool = Tr
         train_ids += [case_id] * info["normal_slices"]
         validation_ids += [case_id] * info["lesion_slices"]
     has_labels = manifest["counts"]["validation"] > 0
-    train = SliceSet(arrays["train_images"], arrays["train_brain"], None, train_ids)
+    train = SliceSet(arrays["train_images"], arrays["train_brain"], None, train_ids, arrays.get("train_neighbours"))
     validation = SliceSet(arrays["validation_images"], arrays["validation_brain"],
-                          arrays["validation_labels"] if has_labels else None, validation_ids)
+                          arrays["validation_labels"] if has_labels else None, validation_ids,
+                          arrays.get("validation_neighbours"))
     summary = {"cases": sorted(manifest["per_case"]), "per_case": manifest["per_case"],
                "train_slices": len(train), "validation_slices": len(validation), "slice_cache": str(cache_dir)}
     return TrainingData(train, validation, summary)

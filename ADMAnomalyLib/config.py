@@ -65,6 +65,11 @@ class ModelConfig:
     """Width of the CtoC stem; doubled by each of the two stride-2 convs (64 -> 128 -> 256)."""
     ctoc_res_blocks: int = 4
     ctoc_stem_kernel: int = 7
+    ctoc_context_slices: int = 0
+    """Beyond the paper: CtoC also sees this many neighbouring axial slices on each side (every
+    contrast but the one it makes, which is replaced by its median in the neighbours too, so it cannot
+    be copied from the slice above), giving the 2-D translation the through-plane anatomy that decides
+    partial volume at tissue boundaries. 0 is the faithful ADM (one slice)."""
     median_bias: bool = True
     """Feed the median map to CtoC's last layer as an intensity bias (method.md)."""
     dr_encoder_widths: tuple[int, ...] = (16, 8)

@@ -29,6 +29,9 @@ class SliceSet:
     """(M, N, N) bool lesion labels, or None when no case had labels."""
     case_ids: list[str]
     """Case of each slice (length M)."""
+    neighbours: np.ndarray | None = None
+    """(M, 2c·4, N, N) float32 neighbouring slices of each (:meth:`PreparedCase.neighbours`) for a
+    CtoC with ``model.ctoc_context_slices`` c > 0; None otherwise."""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -66,12 +69,15 @@ def _dilate_1d(flags: np.ndarray, margin: int) -> np.ndarray:
     return dilated
 
 
-def stack_slices(cases: Sequence[tuple[PreparedCase, np.ndarray]]) -> SliceSet:
-    """Stack the chosen slice indices of each prepared case into one :class:`SliceSet`."""
+def stack_slices(cases: Sequence[tuple[PreparedCase, np.ndarray]], context: int = 0) -> SliceSet:
+    """Stack the chosen slice indices of each prepared case into one :class:`SliceSet`, with
+    ``context`` neighbouring slices on each side of each (``model.ctoc_context_slices``)."""
     chosen = [(case, np.asarray(index, dtype=int)) for case, index in cases if len(index)]
     if not chosen:
         size = 0
-        return SliceSet(np.zeros((0, 4, size, size), np.float32), np.zeros((0, size, size), bool), None, [])
+        neighbours = np.zeros((0, 2 * context * 4, size, size), np.float32) if context else None
+        return SliceSet(np.zeros((0, 4, size, size), np.float32), np.zeros((0, size, size), bool), None, [],
+                        neighbours)
     images = np.concatenate([case.slices[index] for case, index in chosen]).astype(np.float32, copy=False)
     brain = np.concatenate([case.brain[index] for case, index in chosen])
     has_labels = any(case.label is not None for case, _ in chosen)
@@ -81,7 +87,8 @@ def stack_slices(cases: Sequence[tuple[PreparedCase, np.ndarray]]) -> SliceSet:
             [case.label[index] if case.label is not None else np.zeros_like(case.brain[index]) for case, index in chosen]
         )
     case_ids = [case.case_id for case, index in chosen for _ in index]
-    return SliceSet(images, brain, labels, case_ids)
+    neighbours = np.concatenate([case.neighbours(index, context) for case, index in chosen]) if context else None
+    return SliceSet(images, brain, labels, case_ids, neighbours)
 
 
 def random_intensity_scaling(
@@ -113,6 +120,29 @@ def augmentation_for(train: TrainConfig) -> Augmentation:
     if train.augmentation == "site":
         return partial(site_shift_augmentation, train=train)
     raise ValueError(f"train.augmentation must be one of {', '.join(AUGMENTATIONS)}, not {train.augmentation!r}")
+
+
+def augment_with_neighbours(augment: Augmentation, images: torch.Tensor, brain: torch.Tensor,
+                            neighbours: torch.Tensor | None,
+                            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``augment`` applied to slices (B, K, H, W) and their neighbours (B, 2c·K, H, W) or None.
+
+    A site shift is the same in a slice and the slices around it, so each neighbour is augmented
+    with the very draws its slice got (scaling, bias field, gamma, blur, noise): the generator is
+    rewound to the same state for each, and left where one augmentation leaves it. The neighbours
+    are already cut to their slice's brain, whose mask they share."""
+    start = generator.get_state()
+    augmented = augment(images, brain, generator)
+    if neighbours is None:
+        return augmented, None
+    end = generator.get_state()
+    batch, channels, height, width = images.shape
+    around = []
+    for neighbour in neighbours.reshape(batch, -1, channels, height, width).unbind(1):
+        generator.set_state(start)
+        around.append(augment(neighbour, brain, generator))
+    generator.set_state(end)
+    return augmented, torch.cat(around, dim=1)
 
 
 def _scaling(images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
@@ -235,10 +265,11 @@ class TrainingData:
     summary: dict[str, Any]
 
     @classmethod
-    def from_prepared(cls, cases: Sequence[PreparedCase], margin: int) -> "TrainingData":
+    def from_prepared(cls, cases: Sequence[PreparedCase], margin: int, context: int = 0) -> "TrainingData":
         """The training data of prepared cases: lesion-free slices (``margin`` slices away from any
         lesion) to train on, lesion slices to validate on (the trainer, the study and the slice cache
-        all select them with :func:`training_slices`)."""
+        all select them with :func:`training_slices`), each with ``context`` neighbouring slices on
+        each side (``model.ctoc_context_slices``)."""
         if not cases:
             raise TrainingDataError("no case to train on")
         train_parts, validation_parts, per_case = [], [], {}
@@ -247,7 +278,7 @@ class TrainingData:
             train_parts.append((prepared, normal))
             validation_parts.append((prepared, lesion))
             per_case[prepared.case_id] = {"normal_slices": int(len(normal)), "lesion_slices": int(len(lesion))}
-        train = stack_slices(train_parts)
+        train = stack_slices(train_parts, context)
         if len(train) == 0:
             raise TrainingDataError(
                 f"none of the {len(cases)} case(s) has a lesion-free brain slice "
@@ -255,7 +286,7 @@ class TrainingData:
             )
         summary = {"cases": sorted(per_case), "per_case": per_case, "train_slices": len(train),
                    "validation_slices": sum(v["lesion_slices"] for v in per_case.values())}
-        return cls(train, stack_slices(validation_parts), summary)
+        return cls(train, stack_slices(validation_parts, context), summary)
 
 
 def build_training_data(case_files: Sequence[CaseFiles], config: ADMConfig) -> TrainingData:
@@ -265,4 +296,4 @@ def build_training_data(case_files: Sequence[CaseFiles], config: ADMConfig) -> T
     # keep_native=(): training needs no native-grid volumes, and they would stay in memory per case.
     prepared = [prepare_case(load_case(files, config.preprocess.grid_tolerance), config.preprocess, keep_native=())
                 for files in case_files]
-    return TrainingData.from_prepared(prepared, config.train.lesion_margin)
+    return TrainingData.from_prepared(prepared, config.train.lesion_margin, config.model.ctoc_context_slices)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -15,7 +15,7 @@ from .device import autocast, inference_dtype, resolve_device
 from .errors import CancelledError
 from .gmm import energy
 from .model import ADMModel
-from .networks import translate_all
+from .networks import check_neighbours, translate_all
 from .postprocess import postprocess_energy
 from .preprocess import PreparedCase, native_brain_mask, prepare_case, slices_to_image
 from .validation import check_positive_int, check_threshold
@@ -87,25 +87,35 @@ def ctoc_translations(model: ADMModel, prepared: PreparedCase, options: Inferenc
     mirrors with ``mirrored``), exactly as :func:`energy_volume` computes them (C: see
     :data:`Translations`)."""
     options = options.checked()
-    images, brain = _brain_slices(prepared, mirrored)
+    images, brain, neighbours = _brain_slices(prepared, model.config.model.ctoc_context_slices, mirrored)
     ctoc = ctoc_runner(model, options.compile).to(options.device).eval()
     dtype = inference_dtype(options.device, options.precision)
     out = np.zeros((len(images), model.network.translation_channels, *images.shape[2:]), dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, len(images), options.batch_size):
-            x = torch.from_numpy(np.array(images[start : start + options.batch_size], dtype=np.float32))
-            b = torch.from_numpy(np.array(brain[start : start + options.batch_size], dtype=bool))
+            x = _batch(images, start, options.batch_size, np.float32, options.device)
+            b = _batch(brain, start, options.batch_size, bool, options.device)
+            around = _batch(neighbours, start, options.batch_size, np.float32, options.device)
             with autocast(options.device, dtype):
-                translated = translate_all(ctoc, x.to(options.device), b.to(options.device))
+                translated = translate_all(ctoc, x, b, around)
             out[start : start + len(x)] = translated.float().cpu().numpy()
     return out
 
 
-def _brain_slices(prepared: PreparedCase, mirrored: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _batch(array: np.ndarray | None, start: int, size: int, dtype: Any, device: torch.device) -> torch.Tensor | None:
+    # np.array copies: memory-mapped cache slices are read-only, which torch warns about.
+    if array is None:
+        return None
+    return torch.from_numpy(np.array(array[start : start + size], dtype=dtype)).to(device)
+
+
+def _brain_slices(prepared: PreparedCase, context: int,
+                  mirrored: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A prepared case's brain slices, their brain masks and (with ``context`` > 0) their neighbours."""
     index = np.flatnonzero(prepared.has_brain)
-    images, brain = prepared.slices[index], prepared.brain[index]
+    arrays = [prepared.slices[index], prepared.brain[index], prepared.neighbours(index, context) if context else None]
     # Columns run right -> left in the canonical LPS slices, so the last axis is the mirror axis.
-    return (images[..., ::-1], brain[..., ::-1]) if mirrored else (images, brain)
+    return tuple(a[..., ::-1] if mirrored and a is not None else a for a in arrays)  # type: ignore[return-value]
 
 
 def energy_slices(
@@ -116,11 +126,13 @@ def energy_slices(
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
     x_hat_ct: np.ndarray | None = None,
+    neighbours: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-pixel energy of slices (M, 4, N, N) with brain masks (M, N, N), one pass (no test-time
     augmentation); returns (M, N, N) float32, computed at brain pixels only (the rest is 0).
 
-    ``x_hat_ct`` (M, C, N, N) may hold these slices' CtoC translations (:func:`ctoc_translations`)."""
+    ``x_hat_ct`` (M, C, N, N) may hold these slices' CtoC translations (:func:`ctoc_translations`);
+    otherwise a CtoC with ``model.ctoc_context_slices`` needs their ``neighbours`` (M, 2c·4, N, N)."""
     if model.gmm is None:
         raise ValueError("the model's mixture has not been fitted")
     options = options.checked()
@@ -135,15 +147,17 @@ def energy_slices(
         for start in range(0, total, batch_size):
             if should_cancel is not None and should_cancel():
                 raise CancelledError("cancelled by the user; no output was written")
-            # np.array copies: memory-mapped cache slices are read-only, which torch warns about.
-            x = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32)).to(device)
-            b = torch.from_numpy(np.array(brain[start : start + batch_size], dtype=bool)).to(device)
-            x_hat = None
+            x = _batch(images, start, batch_size, np.float32, device)
+            b = _batch(brain, start, batch_size, bool, device)
+            x_hat, around = None, None
             if x_hat_ct is not None and model.config.model.use_ctoc:
-                x_hat = torch.from_numpy(np.ascontiguousarray(x_hat_ct[start : start + batch_size])).to(device).float()
+                x_hat = _batch(x_hat_ct, start, batch_size, np.float32, device)
+            elif ctoc is not None:
+                around = _batch(neighbours, start, batch_size, np.float32, device)
+                check_neighbours(model.config.model, x, around)
             # The mixture is evaluated at brain pixels only (the rest is 0 and masked by the caller).
             chunk = torch.zeros(b.shape, dtype=torch.float32, device=device)
-            chunk[b] = energy(brain_features(network, ctoc, x, b, dtype, x_hat), gmm).float()
+            chunk[b] = energy(brain_features(network, ctoc, x, b, dtype, x_hat, around), gmm).float()
             result[start : start + len(x)] = chunk.cpu().numpy()
             if progress is not None:
                 progress(min(start + batch_size, total), total)
@@ -166,11 +180,14 @@ def network_energy(
     translations = translations or {}
     result = None
     for number, mirrored in enumerate(passes):
-        images, brain = _brain_slices(prepared, mirrored)
+        x_hat_ct = translations.get(mirrored)
+        # Neighbours only where CtoC will run: cached translations already hold what they gave.
+        context = model.config.model.ctoc_context_slices if x_hat_ct is None else 0
+        images, brain, neighbours = _brain_slices(prepared, context, mirrored)
         report = None
         if progress is not None:
             report = lambda done, total, n=number: progress(n * total + done, len(passes) * total)  # noqa: E731
-        values = energy_slices(model, images, brain, options, report, should_cancel, translations.get(mirrored))
+        values = energy_slices(model, images, brain, options, report, should_cancel, x_hat_ct, neighbours)
         values = values[..., ::-1] if mirrored else values
         result = values if result is None else 0.5 * (result + values)
     return result
@@ -213,14 +230,14 @@ def energy_volume(
 
 def brain_features(
     network: torch.nn.Module, ctoc: torch.nn.Module | None, x: torch.Tensor, brain: torch.Tensor,
-    dtype: torch.dtype | None, x_hat_ct: torch.Tensor | None = None,
+    dtype: torch.dtype | None, x_hat_ct: torch.Tensor | None = None, neighbours: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Density features (n_brain_pixels, d) of slices ``x`` (B, K, H, W): CtoC (``ctoc``, autocast to
-    ``dtype``; skipped when the translation ``x_hat_ct`` is given or ``ctoc`` is None), DR, brain
-    pixels only."""
+    ``dtype``, with the slices' ``neighbours`` for a CtoC with context; skipped when the translation
+    ``x_hat_ct`` is given or ``ctoc`` is None), DR, brain pixels only."""
     if x_hat_ct is None and ctoc is not None:
         with autocast(x.device, dtype):
-            x_hat_ct = translate_all(ctoc, x, brain).float()
+            x_hat_ct = translate_all(ctoc, x, brain, neighbours).float()
     features, _ = network.features(x, brain, x_hat_ct)
     return features.permute(0, 2, 3, 1)[brain]
 

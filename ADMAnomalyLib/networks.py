@@ -65,8 +65,8 @@ class ResidualBlock(nn.Module):
 class CtoCNet(nn.Module):
     """Contrast-to-contrast translator G_ct (style-transfer ResNet, one network for all contrasts).
 
-    ``forward(x_masked (B, n_contrasts, H, W), median_map (B, 1, H, W)) -> (B, C, H, W)``; H and W
-    must be divisible by 4. C is 1 (the translated contrast), or 2 with ``cfg.ctoc_uncertainty``
+    ``forward(x_masked (B, n_contrasts × (1 + 2 ctoc_context_slices), H, W), median_map (B, 1, H, W))
+    -> (B, C, H, W)``; H and W must be divisible by 4. C is 1 (the translated contrast), or 2 with ``cfg.ctoc_uncertainty``
     (translated contrast, unclamped log-variance). With ``cfg.median_bias`` the median map is also
     concatenated to the input of the output conv, giving the last layer the target contrast's
     intensity level.
@@ -78,7 +78,7 @@ class CtoCNet(nn.Module):
         self.median_bias = cfg.median_bias
         self.encoder = nn.Sequential(
             nn.ReflectionPad2d(kernel // 2),
-            nn.Conv2d(cfg.n_contrasts, width, kernel, bias=False),
+            nn.Conv2d(cfg.n_contrasts * (1 + 2 * cfg.ctoc_context_slices), width, kernel, bias=False),
             *_norm_relu(width),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
             *_norm_relu(2 * width),
@@ -130,12 +130,16 @@ def brain_medians(x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(medians, nan=0.0).to(x.dtype)
 
 
-def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
+                  neighbours: torch.Tensor | None = None) -> torch.Tensor:
     """The translation of ``x`` (B, K, H, W): contrast k synthesised from the others, for every k at once.
 
     Input k is ``x`` with channel k replaced by its brain median (the channel position tells the
     shared network which contrast to make). The K translations run as one batch of K·B samples;
     output channel k comes from translation k, and pixels outside ``brain`` (B, H, W) are 0.
+    ``neighbours`` (B, 2c·K, H, W), for a CtoC with ``ctoc_context_slices`` c, are the slices around
+    each one (:meth:`~ADMAnomalyLib.preprocess.PreparedCase.neighbours`); their channel k is replaced
+    by the same median in input k, so the contrast being made is seen in no slice.
 
     A CtoC with an uncertainty head gives (B, 2K, H, W): X̂_ct, then its log-variances clamped to
     :data:`LOG_VARIANCE_RANGE` (0 outside the brain), all float32 whatever the caller's autocast
@@ -146,8 +150,12 @@ def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor) -> torc
     target = torch.eye(n_contrasts, dtype=torch.bool, device=x.device)  # (translation k, channel)
     fill = medians.view(1, batch, n_contrasts, 1, 1)
     inputs = torch.where(target.view(n_contrasts, 1, n_contrasts, 1, 1), fill, x.unsqueeze(0))
+    if neighbours is not None:
+        around = neighbours.to(x.dtype).reshape(batch, -1, n_contrasts, height, width)  # (B, 2c, K, H, W)
+        around = torch.where(target.view(n_contrasts, 1, 1, n_contrasts, 1, 1), fill.unsqueeze(2), around.unsqueeze(0))
+        inputs = torch.cat([inputs.unsqueeze(2), around], dim=2)  # (K, B, 1 + 2c, K, H, W)
     median_maps = medians.mT.reshape(n_contrasts * batch, 1, 1, 1).expand(-1, 1, height, width)
-    out = ctoc(inputs.reshape(n_contrasts * batch, n_contrasts, height, width), median_maps)
+    out = ctoc(inputs.reshape(n_contrasts * batch, -1, height, width), median_maps)
     outputs = out.reshape(n_contrasts, batch, out.shape[1], height, width).transpose(0, 1)  # (B, K, C, H, W)
     inside = brain.unsqueeze(1)
     x_hat = outputs[:, :, 0] * inside.to(outputs.dtype)
@@ -166,6 +174,20 @@ def split_translation(translation: torch.Tensor, n_contrasts: int) -> tuple[torc
         return translation[:, :n_contrasts], translation[:, n_contrasts:]
     raise ValueError(f"a translation of {n_contrasts} contrasts has {n_contrasts} or {2 * n_contrasts} "
                      f"channels, not {channels}")
+
+
+def check_neighbours(cfg: ModelConfig, x: torch.Tensor, neighbours: torch.Tensor | None) -> None:
+    """Raise ValueError unless ``neighbours`` are what a CtoC of ``cfg`` needs beside slices ``x``
+    (B, K, H, W): None without ``ctoc_context_slices``, else (B, 2c·K, H, W)."""
+    wanted = 2 * cfg.ctoc_context_slices * cfg.n_contrasts
+    if neighbours is None and not wanted:
+        return
+    if neighbours is None:
+        raise ValueError(f"this CtoC translates each slice with {cfg.ctoc_context_slices} neighbouring slice(s) "
+                         "on each side; none were given")
+    expected = (x.shape[0], wanted, *x.shape[2:])
+    if tuple(neighbours.shape) != expected:
+        raise ValueError(f"neighbouring slices of shape {tuple(neighbours.shape)}; this CtoC needs {expected}")
 
 
 RESIDUAL_DIRECTIONS = ("both", "brighter")
@@ -252,6 +274,8 @@ class ADMNetwork(nn.Module):
         if unknown or len(set(cfg.density_residuals)) != len(cfg.density_residuals):
             raise ValueError(f"model.density_residuals must name distinct contrasts of {CONTRASTS[: cfg.n_contrasts]}, "
                              f"not {tuple(cfg.density_residuals)}")
+        if not isinstance(cfg.ctoc_context_slices, int) or cfg.ctoc_context_slices < 0:
+            raise ValueError(f"model.ctoc_context_slices must be a whole number >= 0, not {cfg.ctoc_context_slices!r}")
         if cfg.residual_direction not in RESIDUAL_DIRECTIONS:
             raise ValueError(f"model.residual_direction must be one of {RESIDUAL_DIRECTIONS}, not {cfg.residual_direction!r}")
         self.config = cfg
@@ -261,12 +285,14 @@ class ADMNetwork(nn.Module):
         self.dr_decoder = DRDecoder(cfg) if cfg.use_dr else None
         self.estimator = DensityEstimator(cfg)
 
-    def translate(self, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
-        """The translation of ``x`` by :func:`translate_all` (requires ``use_ctoc``): X̂_ct (B, K, H, W),
-        followed by its log-variances (B, 2K, H, W in all) with ``ctoc_uncertainty``."""
+    def translate(self, x: torch.Tensor, brain: torch.Tensor, neighbours: torch.Tensor | None = None) -> torch.Tensor:
+        """The translation of ``x`` by :func:`translate_all` (requires ``use_ctoc``; ``neighbours``
+        when it has ``ctoc_context_slices``): X̂_ct (B, K, H, W), followed by its log-variances
+        (B, 2K, H, W in all) with ``ctoc_uncertainty``."""
         if self.ctoc is None:
             raise RuntimeError("this configuration has no CtoC network (use_ctoc=False)")
-        return translate_all(self.ctoc, x, brain)
+        check_neighbours(self.config, x, neighbours)
+        return translate_all(self.ctoc, x, brain, neighbours)
 
     def ctoc_state(self) -> dict[str, torch.Tensor]:
         """A detached copy of the CtoC weights, which networks that differ only after step 1 can share
@@ -281,21 +307,23 @@ class ADMNetwork(nn.Module):
         return self.config.n_contrasts * (2 if self.config.ctoc_uncertainty else 1)
 
     def features(
-        self, x: torch.Tensor, brain: torch.Tensor, x_hat_ct: torch.Tensor | None = None
+        self, x: torch.Tensor, brain: torch.Tensor, x_hat_ct: torch.Tensor | None = None,
+        neighbours: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-pixel features ``z`` (B, d, H, W) = concat(Z_ct of ``density_residuals``, Z_dr[, X]), float32, and ``X̂_dr``
         (B, K, H, W) or ``None`` without DR. Z_ct is :func:`ctoc_residual`: |X − X̂_ct|, or that over
         the predicted sigma with ``ctoc_uncertainty``.
 
         ``x_hat_ct`` may be a cached translation of the frozen CtoC (:meth:`translate`); otherwise it
-        is computed (under the caller's autocast/grad mode). Background pixels of ``z`` are not
+        is computed (under the caller's autocast/grad mode) from ``x`` and, with
+        ``ctoc_context_slices``, its ``neighbours``. Background pixels of ``z`` are not
         meaningful (Z_dr is not masked): select brain pixels before estimating or scoring the mixture.
         """
         parts: list[torch.Tensor] = []
         x_hat_dr = None
         if self.ctoc is not None:
             if x_hat_ct is None:
-                x_hat_ct = self.translate(x, brain)
+                x_hat_ct = self.translate(x, brain, neighbours)
             elif x_hat_ct.shape[1] != self.translation_channels:
                 raise ValueError(f"the cached translation has {x_hat_ct.shape[1]} channels; this network's have "
                                  f"{self.translation_channels} (a translation of a CtoC with"

@@ -104,6 +104,20 @@ class PreparedCase:
     def n_slices(self) -> int:
         return int(self.slices.shape[0])
 
+    def neighbours(self, index: np.ndarray, context: int) -> np.ndarray:
+        """float32 (len(index), 2·context·4, N, N): the ``context`` slices before and then after each
+        slice of ``index`` along the axial axis, nearest first on each side, every contrast of a slice together; the
+        CtoC input of ``model.ctoc_context_slices``. A neighbour beyond the volume repeats its edge
+        slice. Each is cut to its centre slice's brain, so the context never reaches where nothing
+        is scored and training's per-slice augmentation and inference see the same extent."""
+        index = np.asarray(index, dtype=int)
+        offsets = [-step for step in range(1, context + 1)] + list(range(1, context + 1))
+        inside = self.brain[index][:, None]
+        parts = [self.slices[np.clip(index + offset, 0, self.n_slices - 1)] * inside for offset in offsets]
+        if not parts:
+            return np.zeros((len(index), 0, *self.slices.shape[2:]), dtype=np.float32)
+        return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+
 
 def orientation_axes(direction: tuple[float, ...], orientation: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Numpy transpose axes and flips that bring a volume with ``direction`` to ``orientation``

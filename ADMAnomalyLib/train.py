@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .cases import CaseFiles
 from .config import ADMConfig, ctoc_model_fields
-from .data import SliceSet, TrainingData, augmentation_for, build_training_data
+from .data import SliceSet, TrainingData, augment_with_neighbours, augmentation_for, build_training_data
 from .device import autocast, inference_dtype, resolve_device, training_dtype
 from .distributed import (SINGLE_PROCESS, DistributedContext, all_reduce_sum_, barrier, shard_exact,
                           shard_for_training)
@@ -68,10 +68,10 @@ class _BatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: np.ndarray) -> tuple[torch.Tensor, ...]:
         index = np.sort(index)  # sorted reads are sequential on a memory map
-        return torch.from_numpy(np.ascontiguousarray(self.data.images[index])), \
-            torch.from_numpy(np.ascontiguousarray(self.data.brain[index]))
+        arrays = [self.data.images, self.data.brain] + ([self.data.neighbours] if self.data.neighbours is not None else [])
+        return tuple(torch.from_numpy(np.ascontiguousarray(array[index])) for array in arrays)
 
 
 class _JointForward(nn.Module):
@@ -204,9 +204,10 @@ class Trainer:
         if self.should_cancel is not None and self.should_cancel():
             raise CancelledError("training cancelled; resume later from the last epoch's checkpoint")
 
-    def _ctoc_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+    def _ctoc_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
+                   neighbours: torch.Tensor | None = None) -> dict[str, float]:
         with autocast(self.device, self.ctoc_dtype):
-            translation = translate_all(self._ctoc, images, brain)
+            translation = translate_all(self._ctoc, images, brain, neighbours)
         x_hat, log_variance = split_translation(translation, images.shape[1])
         mse = masked_mse(x_hat.float(), images, brain)
         if log_variance is None:
@@ -220,12 +221,13 @@ class Trainer:
         self.ctoc_optimizer.step()
         return losses
 
-    def _joint_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+    def _joint_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
+                    neighbours: torch.Tensor | None = None) -> dict[str, float]:
         train_cfg = self.config.train
         x_hat_ct = None
         if self.config.model.use_ctoc:
             with torch.no_grad(), autocast(self.device, self.ctoc_dtype):
-                x_hat_ct = translate_all(self.model.network.ctoc, images, brain).float()
+                x_hat_ct = translate_all(self.model.network.ctoc, images, brain, neighbours).float()
         n_brain = int(brain.sum())
         keep = None
         if n_brain > train_cfg.max_gmm_pixels_per_batch:
@@ -263,12 +265,13 @@ class Trainer:
             started = time.perf_counter()
             bar = tqdm(loader, total=len(batches), desc=f"{stage} {self.epoch + 1}/{epochs}",
                        disable=not self.show_progress_bar, leave=False, dynamic_ncols=True)
-            for number, (images, brain) in enumerate(bar, start=1):
+            for number, (images, brain, *around) in enumerate(bar, start=1):
                 self._check_cancel()
                 images = images.to(self.device, non_blocking=True)
                 brain = brain.to(self.device, non_blocking=True)
-                images = self.augment(images, brain, generator)
-                losses = step(images, brain, generator)
+                neighbours = around[0].to(self.device, non_blocking=True) if around else None
+                images, neighbours = augment_with_neighbours(self.augment, images, brain, neighbours, generator)
+                losses = step(images, brain, generator, neighbours)
                 if not all(np.isfinite(v) for v in losses.values()):
                     raise FloatingPointError(f"non-finite loss in {stage} epoch {self.epoch + 1}: {losses}")
                 for name, value in losses.items():
@@ -304,15 +307,15 @@ class Trainer:
         self._joint = self._wrap(_JointForward(self.model.network, self.config.train.joint))
 
     def training_step(self, stage: str, images: torch.Tensor, brain: torch.Tensor,
-                      generator: torch.Generator) -> dict[str, float]:
+                      generator: torch.Generator, neighbours: torch.Tensor | None = None) -> dict[str, float]:
         """One optimisation step of ``stage`` ('ctoc' or 'joint') on a batch, as an epoch runs it
         (the training benchmark times these); a 'joint' step freezes CtoC first."""
         if stage == "joint":
             self.freeze_ctoc()
-            return self._joint_step(images, brain, generator)
+            return self._joint_step(images, brain, generator, neighbours)
         if stage != "ctoc":
             raise ValueError(f"stage must be 'ctoc' or 'joint', not {stage!r}")
-        return self._ctoc_step(images, brain, generator)
+        return self._ctoc_step(images, brain, generator, neighbours)
 
     def fit_ctoc(self, data: TrainingData) -> dict[str, torch.Tensor]:
         """Step 1 alone (resuming where a checkpoint left off); returns the CtoC weights, which models
@@ -401,7 +404,10 @@ def fit_frozen_gmm(
             index = mine[start : start + batch_size]
             images = torch.from_numpy(np.array(data.images[index], dtype=np.float32)).to(device)
             brain = torch.from_numpy(np.array(data.brain[index], dtype=bool)).to(device)
-            features = brain_features(network, ctoc, images, brain, dtype)
+            neighbours = None
+            if data.neighbours is not None:
+                neighbours = torch.from_numpy(np.array(data.neighbours[index], dtype=np.float32)).to(device)
+            features = brain_features(network, ctoc, images, brain, dtype, neighbours=neighbours)
             accumulator.update(features, network.estimator(features))
     all_reduce_sum_(list(accumulator.state().values()), context)
     return accumulator.finalize(model.config.model.eps)
@@ -415,14 +421,16 @@ def choose_threshold(
     by default (precision 'auto'), so the threshold matches what users get."""
     validation = data.validation
     if len(validation) and validation.labels is not None and np.asarray(validation.labels).any():
-        energies = energy_slices(model, validation.images, validation.brain, InferenceOptions(device, batch_size=batch_size))
+        energies = energy_slices(model, validation.images, validation.brain, InferenceOptions(device, batch_size=batch_size),
+                                 neighbours=validation.neighbours)
         labels, brain = np.asarray(validation.labels), np.asarray(validation.brain)
         threshold, _ = best_f1_threshold(energies, labels, brain)
         metrics = detection_metrics(energies, labels, brain)
         summary = {"source": "lesion slices", "slices": len(validation),
                    **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(metrics).items()}}
         return float(threshold), summary
-    energies = energy_slices(model, data.train.images, data.train.brain, InferenceOptions(device, batch_size=batch_size))
+    energies = energy_slices(model, data.train.images, data.train.brain, InferenceOptions(device, batch_size=batch_size),
+                             neighbours=data.train.neighbours)
     percentile = model.config.train.fallback_threshold_percentile
     threshold = float(np.percentile(energies[np.asarray(data.train.brain)], percentile))
     return threshold, {"source": f"{percentile} percentile of normal training energies", "slices": len(data.train)}

@@ -148,6 +148,7 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+ F": _ADM_PLUS_F,
     "ADM+ F>": _ADM_PLUS_F_BRIGHTER,
     "ADM+ F> ct": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False),
+    "ADM+ F ctx": _with_model(_ADM_PLUS_F, ctoc_context_slices=1),
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -258,6 +259,10 @@ METHODS: dict[str, MethodSpec] = {
                                               "out Dice", load=True),
     "ADM+ F> ct +post+cc (z+load)": _post_cc_row("ADM+ F> ct", "zscore", "ADM+ F> ct +post+cc (z) with the "
                                                   "lesion-load term", load=True),
+    "ADM+ F ctx": MethodSpec("adm", "improvement", "ADM+ F whose CtoC also sees the slice before and after "
+                             "(all contrasts but the one it makes)", "ADM+ F ctx"),
+    "ADM+ F ctx +post+cc (z+load)": _post_cc_row("ADM+ F ctx", "zscore", "ADM+ F ctx with the +post+cc (z+load) "
+                                                  "post-processing", load=True),
     "ADM+ F +post+cc (none)": _post_cc_row("ADM+ F", "none", "ADM+ F +post+cc with no standardisation last: the "
                                            "threshold on the scale of the standardised energy plus w x FLAIR z"),
 }
@@ -275,7 +280,7 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +post+cc (normal)", "ADM+ +post+cc (normal)", "ADM+ F>",
                                     "ADM+ F> +post+cc (z)", "ADM+ F> ct", "ADM+ F> ct +post+cc (z)",
                                     "ADM+ F> ct +post+cc (normal)", "ADM+ F +post+cc (z+load)",
-                                    "ADM+ F> ct +post+cc (z+load)")
+                                    "ADM+ F> ct +post+cc (z+load)", "ADM+ F ctx", "ADM+ F ctx +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
@@ -321,6 +326,14 @@ def baseline_preprocess(settings: StudySettings) -> PreprocessConfig:
 def preprocess_key(cfg: PreprocessConfig) -> str:
     """Identity of a preparation: cases are prepared once per distinct key."""
     return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def training_key(config: ADMConfig) -> str:
+    """Identity of a network's training slices: its preparation and, for a CtoC with context, how
+    many neighbouring slices each carries (without context, the preparation's key alone)."""
+    key = preprocess_key(config.preprocess)
+    context = config.model.ctoc_context_slices if config.model.use_ctoc else 0
+    return f"{key}|context={context}" if context else key
 
 
 _STEP2_ONLY_TRAIN_FIELDS = frozenset({"epochs_joint", "lr_joint", "lambda_energy", "joint",

@@ -37,7 +37,7 @@ from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices
 from ..train import Trainer, masked_mse
 from ..domains import load_domains
 from .methods import (METHODS, POST_CANDIDATES, MethodSpec, StudySettings, baseline_preprocess, ctoc_groups,
-                      network_config, postprocess_for, preprocess_key)
+                      network_config, postprocess_for, preprocess_key, training_key)
 
 STUDY_VERSION = 2
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -152,7 +152,7 @@ def network_cache_path(cache_dir: Path, name: str, config, train_ids: Sequence[s
 def train_networks(names: Sequence[str], settings: StudySettings, seed: int, data: dict[str, TrainingData],
                    device: torch.device, cache_dir: Path | None = None,
                    train_ids: Sequence[str] = ()) -> TrainedNetworks:
-    """Train the ADM networks ``names`` of one run on ``data`` (training slices per preparation key):
+    """Train the ADM networks ``names`` of one run on ``data`` (training slices per :func:`~.methods.training_key`):
     step 1 (CtoC) once per :func:`~.methods.ctoc_groups` group (identical for its members), then each
     network's step 2 and frozen mixture.
 
@@ -180,12 +180,12 @@ def train_networks(names: Sequence[str], settings: StudySettings, seed: int, dat
                 ctoc_state = ctoc_model.network.ctoc_state()
             elif pending:
                 trainer = Trainer(first, device, show_progress_bar=False)
-                ctoc_state = trainer.fit_ctoc(data[preprocess_key(first.preprocess)])
+                ctoc_state = trainer.fit_ctoc(data[training_key(first)])
                 ctoc_model = trainer.model
         for name in pending:
             trainer = Trainer(configs[name], device, show_progress_bar=False)
             # The study chooses thresholds on native validation voxels itself, so the trainer's is skipped.
-            models[name] = trainer.fit(data[preprocess_key(configs[name].preprocess)], ctoc_state=ctoc_state,
+            models[name] = trainer.fit(data[training_key(configs[name])], ctoc_state=ctoc_state,
                                        calibrate=False)
             histories[name] = trainer.history
             if paths[name] is not None:
@@ -891,9 +891,14 @@ def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[s
     train_cases = [c for c in cases.values() if c.case_id not in test_ids]
     test_cases = [cases[c] for c in test_ids]
     baseline_key = train_cases[0].baseline_key
-    keys = {preprocess_key(network_config(n, settings, 0).preprocess) for n in networks} | {baseline_key}
-    training = {key: TrainingData.from_prepared([c.preparations[key] for c in train_cases], settings.lesion_margin)
-                for key in keys}
+    configs = [network_config(n, settings, 0) for n in networks]
+    # training key -> (preparation key, neighbouring slices each side)
+    keys = {training_key(cfg): (preprocess_key(cfg.preprocess), cfg.model.ctoc_context_slices if cfg.model.use_ctoc else 0)
+            for cfg in configs}
+    keys.setdefault(baseline_key, (baseline_key, 0))
+    training = {key: TrainingData.from_prepared([c.preparations[prep] for c in train_cases], settings.lesion_margin,
+                                                context)
+                for key, (prep, context) in keys.items()}
     record: dict[str, Any] = {"seed": seed, "fold": fold_index, "test": list(test_ids),
                               "train": [c.case_id for c in train_cases],
                               "train_slices": len(training[baseline_key].train),
