@@ -140,6 +140,11 @@ class TrainConfig:
     """'site' augmentation: Gaussian noise with a standard deviation up to this (z-score units)."""
     blur_sigma_max: float = 1.0
     """'site' augmentation: Gaussian blur with a sigma up to this (network pixels)."""
+    through_plane_mix: float = 0.0
+    """Beyond the paper, with ``model.ctoc_context_slices``: before the augmentation, each contrast's
+    neighbouring slices move towards their centre slice by a random share up to this (per slice and
+    contrast), as if that contrast had been acquired in thicker slices and interpolated. Sites differ
+    in which contrasts are smooth through the plane (docs/domain_analysis.md); 0 leaves them as they are."""
     nll_beta: float = 0.5
     """With ``model.ctoc_uncertainty``: beta of the beta-NLL loss (Seitzer et al. 2022; 0 is plain
     Gaussian NLL, 1 weights like MSE), which keeps the mean prediction as good as MSE training."""

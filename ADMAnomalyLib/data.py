@@ -114,7 +114,10 @@ field that varies over about a third of the head, as scanner coil profiles do.""
 
 
 def augmentation_for(train: TrainConfig) -> Augmentation:
-    """The training augmentation ``train.augmentation`` names, with its settings bound."""
+    """The training augmentation ``train.augmentation`` names, with its settings bound (its
+    ``through_plane_mix`` checked, which :func:`augment_with_neighbours` applies)."""
+    if not 0.0 <= train.through_plane_mix <= 1.0:
+        raise ValueError(f"train.through_plane_mix must lie in [0, 1], not {train.through_plane_mix!r}")
     if train.augmentation == "scaling":
         return partial(_scaling, scale_range=train.intensity_scale)
     if train.augmentation == "site":
@@ -123,22 +126,28 @@ def augmentation_for(train: TrainConfig) -> Augmentation:
 
 
 def augment_with_neighbours(augment: Augmentation, images: torch.Tensor, brain: torch.Tensor,
-                            neighbours: torch.Tensor | None,
-                            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            neighbours: torch.Tensor | None, generator: torch.Generator,
+                            through_plane_mix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``augment`` applied to slices (B, K, H, W) and their neighbours (B, 2c·K, H, W) or None.
 
-    A site shift is the same in a slice and the slices around it, so each neighbour is augmented
-    with the very draws its slice got (scaling, bias field, gamma, blur, noise): the generator is
-    rewound to the same state for each, and left where one augmentation leaves it. The neighbours
-    are already cut to their slice's brain, whose mask they share."""
+    With ``through_plane_mix`` m (``train.through_plane_mix``) each contrast's neighbours first move
+    towards the centre slice by a share drawn from U(0, m) per slice and contrast: a thicker
+    acquisition, interpolated. A site shift is the same in a slice and the slices around it, so each
+    neighbour is then augmented with the very draws its slice got (scaling, bias field, gamma, blur,
+    noise): the generator is rewound to the same state for each, and left where one augmentation
+    leaves it. The neighbours are already cut to their slice's brain, whose mask they share."""
+    if neighbours is None:
+        return augment(images, brain, generator), None
+    batch, channels, height, width = images.shape
+    stack = neighbours.reshape(batch, -1, channels, height, width)
+    if through_plane_mix > 0:
+        share = torch.rand((batch, 1, channels, 1, 1), generator=generator, device="cpu") * through_plane_mix
+        stack = stack + share.to(stack.device, stack.dtype) * (images.unsqueeze(1) - stack)
     start = generator.get_state()
     augmented = augment(images, brain, generator)
-    if neighbours is None:
-        return augmented, None
     end = generator.get_state()
-    batch, channels, height, width = images.shape
     around = []
-    for neighbour in neighbours.reshape(batch, -1, channels, height, width).unbind(1):
+    for neighbour in stack.unbind(1):
         generator.set_state(start)
         around.append(augment(neighbour, brain, generator))
     generator.set_state(end)

@@ -270,7 +270,8 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True)
                 brain = brain.to(self.device, non_blocking=True)
                 neighbours = around[0].to(self.device, non_blocking=True) if around else None
-                images, neighbours = augment_with_neighbours(self.augment, images, brain, neighbours, generator)
+                images, neighbours = augment_with_neighbours(self.augment, images, brain, neighbours, generator,
+                                                             self.config.train.through_plane_mix)
                 losses = step(images, brain, generator, neighbours)
                 if not all(np.isfinite(v) for v in losses.values()):
                     raise FloatingPointError(f"non-finite loss in {stage} epoch {self.epoch + 1}: {losses}")

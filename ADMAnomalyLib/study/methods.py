@@ -149,6 +149,8 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+ F>": _ADM_PLUS_F_BRIGHTER,
     "ADM+ F> ct": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False),
     "ADM+ F ctx": _with_model(_ADM_PLUS_F, ctoc_context_slices=1),
+    "ADM+ F ctx tp": {**_with_model(_ADM_PLUS_F, ctoc_context_slices=1),
+                      "train": {**_ADM_PLUS_F["train"], "through_plane_mix": 1.0}},
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -263,6 +265,11 @@ METHODS: dict[str, MethodSpec] = {
                              "(all contrasts but the one it makes)", "ADM+ F ctx"),
     "ADM+ F ctx +post+cc (z+load)": _post_cc_row("ADM+ F ctx", "zscore", "ADM+ F ctx with the +post+cc (z+load) "
                                                   "post-processing", load=True),
+    "ADM+ F ctx tp": MethodSpec("adm", "improvement", "ADM+ F ctx trained with through-plane mixing: each "
+                                "contrast's neighbours moved towards their slice by a random share up to 1",
+                                "ADM+ F ctx tp"),
+    "ADM+ F ctx tp +post+cc (z+load)": _post_cc_row("ADM+ F ctx tp", "zscore", "ADM+ F ctx tp with the +post+cc "
+                                                     "(z+load) post-processing", load=True),
     "ADM+ F +post+cc (none)": _post_cc_row("ADM+ F", "none", "ADM+ F +post+cc with no standardisation last: the "
                                            "threshold on the scale of the standardised energy plus w x FLAIR z"),
 }
@@ -280,7 +287,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +post+cc (normal)", "ADM+ +post+cc (normal)", "ADM+ F>",
                                     "ADM+ F> +post+cc (z)", "ADM+ F> ct", "ADM+ F> ct +post+cc (z)",
                                     "ADM+ F> ct +post+cc (normal)", "ADM+ F +post+cc (z+load)",
-                                    "ADM+ F> ct +post+cc (z+load)", "ADM+ F ctx", "ADM+ F ctx +post+cc (z+load)")
+                                    "ADM+ F> ct +post+cc (z+load)", "ADM+ F ctx", "ADM+ F ctx +post+cc (z+load)",
+                                    "ADM+ F ctx tp", "ADM+ F ctx tp +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

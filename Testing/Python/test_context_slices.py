@@ -103,6 +103,24 @@ def test_a_site_shift_is_the_same_in_a_slice_and_its_neighbours():
     assert torch.equal(alone, plain(images, brain, torch.Generator().manual_seed(1)))
 
 
+def test_through_plane_mixing_moves_each_contrasts_neighbours_towards_their_slice():
+    images, neighbours = torch.rand(3, 4, 16, 16), torch.rand(3, 8, 16, 16)
+    brain = torch.ones(3, 16, 16, dtype=torch.bool)
+    identity = augmentation_for(dataclasses.replace(CONTEXT_CONFIG.train, intensity_scale=(1.0, 1.0)))
+    _, unmixed = augment_with_neighbours(identity, images, brain, neighbours, torch.Generator().manual_seed(0))
+    assert torch.equal(unmixed, neighbours)
+    _, mixed = augment_with_neighbours(identity, images, brain, neighbours, torch.Generator().manual_seed(0), 0.8)
+    towards = images.repeat(1, 2, 1, 1) - neighbours
+    # one share per slice and contrast, both sides alike
+    share = ((mixed - neighbours) * towards).sum(dim=(2, 3)) / (towards ** 2).sum(dim=(2, 3))
+    assert torch.allclose(neighbours + share[..., None, None] * towards, mixed, atol=1e-5)
+    shares = share.reshape(3, 2, 4)
+    assert torch.allclose(shares[:, 0], shares[:, 1], atol=1e-5)
+    assert (shares >= 0).all() and (shares <= 0.8 + 1e-4).all() and shares.std() > 0.05
+    with pytest.raises(ValueError, match="through_plane_mix"):
+        augmentation_for(dataclasses.replace(CONTEXT_CONFIG.train, through_plane_mix=1.5))
+
+
 def test_predict_equals_the_studys_cached_translations_and_the_model_file_keeps_the_context(context_model, cohort):
     from ADMAnomalyLib import study
     from ADMAnomalyLib.study.runner import raw_energy
