@@ -69,11 +69,11 @@ def feature_names(model) -> list[str]:
     cfg = model.config.model
     names = []
     if cfg.use_ctoc:
-        prefix = "Zct_sc" if getattr(cfg, "ctoc_uncertainty", False) else "Zct"
-        names += [f"{prefix}_{c}" for c in CONTRASTS]
+        prefix = "Zct_sc" if cfg.ctoc_uncertainty else "Zct"
+        names += [f"{prefix}_{c}" for c in cfg.density_residuals]
     if cfg.use_dr:
         names += [f"Zdr_{k + 1}" for k in range(cfg.dr_latent)]
-    if getattr(cfg, "density_intensities", False):
+    if cfg.density_intensities:
         names += [f"X_{c}" for c in CONTRASTS]
     return names
 
