@@ -66,8 +66,8 @@ class CtoCNet(nn.Module):
     """Contrast-to-contrast translator G_ct (style-transfer ResNet, one network for all contrasts).
 
     ``forward(x_masked (B, n_contrasts × (1 + 2 ctoc_context_slices), H, W), median_map (B, 1, H, W))
-    -> (B, C, H, W)``; H and W must be divisible by 4. C is 1 (the translated contrast), or 2 with ``cfg.ctoc_uncertainty``
-    (translated contrast, unclamped log-variance). With ``cfg.median_bias`` the median map is also
+    -> (B, C, H, W)``; H and W must be divisible by 4. C is 1 (the translated contrast), or 2 with
+    ``cfg.ctoc_uncertainty`` (translated contrast, unclamped log-variance). With ``cfg.median_bias`` the median map is also
     concatenated to the input of the output conv, giving the last layer the target contrast's
     intensity level.
     """

@@ -70,7 +70,9 @@ class _BatchDataset(Dataset):
 
     def __getitem__(self, index: np.ndarray) -> tuple[torch.Tensor, ...]:
         index = np.sort(index)  # sorted reads are sequential on a memory map
-        arrays = [self.data.images, self.data.brain] + ([self.data.neighbours] if self.data.neighbours is not None else [])
+        arrays = [self.data.images, self.data.brain]
+        if self.data.neighbours is not None:
+            arrays.append(self.data.neighbours)
         return tuple(torch.from_numpy(np.ascontiguousarray(array[index])) for array in arrays)
 
 
@@ -422,16 +424,16 @@ def choose_threshold(
     by default (precision 'auto'), so the threshold matches what users get."""
     validation = data.validation
     if len(validation) and validation.labels is not None and np.asarray(validation.labels).any():
-        energies = energy_slices(model, validation.images, validation.brain, InferenceOptions(device, batch_size=batch_size),
-                                 neighbours=validation.neighbours)
+        energies = energy_slices(model, validation.images, validation.brain,
+                                 InferenceOptions(device, batch_size=batch_size), neighbours=validation.neighbours)
         labels, brain = np.asarray(validation.labels), np.asarray(validation.brain)
         threshold, _ = best_f1_threshold(energies, labels, brain)
         metrics = detection_metrics(energies, labels, brain)
         summary = {"source": "lesion slices", "slices": len(validation),
                    **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(metrics).items()}}
         return float(threshold), summary
-    energies = energy_slices(model, data.train.images, data.train.brain, InferenceOptions(device, batch_size=batch_size),
-                             neighbours=data.train.neighbours)
+    energies = energy_slices(model, data.train.images, data.train.brain,
+                             InferenceOptions(device, batch_size=batch_size), neighbours=data.train.neighbours)
     percentile = model.config.train.fallback_threshold_percentile
     threshold = float(np.percentile(energies[np.asarray(data.train.brain)], percentile))
     return threshold, {"source": f"{percentile} percentile of normal training energies", "slices": len(data.train)}

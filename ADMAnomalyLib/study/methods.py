@@ -336,11 +336,15 @@ def preprocess_key(cfg: PreprocessConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
 
 
+def training_context(config: ADMConfig) -> int:
+    """Neighbouring slices on each side that a network's training slices carry (its CtoC's context)."""
+    return config.model.ctoc_context_slices if config.model.use_ctoc else 0
+
+
 def training_key(config: ADMConfig) -> str:
     """Identity of a network's training slices: its preparation and, for a CtoC with context, how
     many neighbouring slices each carries (without context, the preparation's key alone)."""
-    key = preprocess_key(config.preprocess)
-    context = config.model.ctoc_context_slices if config.model.use_ctoc else 0
+    key, context = preprocess_key(config.preprocess), training_context(config)
     return f"{key}|context={context}" if context else key
 
 

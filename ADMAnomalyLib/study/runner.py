@@ -37,7 +37,7 @@ from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices
 from ..train import Trainer, masked_mse
 from ..domains import load_domains
 from .methods import (METHODS, POST_CANDIDATES, MethodSpec, StudySettings, baseline_preprocess, ctoc_groups,
-                      network_config, postprocess_for, preprocess_key, training_key)
+                      network_config, postprocess_for, preprocess_key, training_context, training_key)
 
 STUDY_VERSION = 2
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -893,8 +893,7 @@ def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[s
     baseline_key = train_cases[0].baseline_key
     configs = [network_config(n, settings, 0) for n in networks]
     # training key -> (preparation key, neighbouring slices each side)
-    keys = {training_key(cfg): (preprocess_key(cfg.preprocess), cfg.model.ctoc_context_slices if cfg.model.use_ctoc else 0)
-            for cfg in configs}
+    keys = {training_key(cfg): (preprocess_key(cfg.preprocess), training_context(cfg)) for cfg in configs}
     keys.setdefault(baseline_key, (baseline_key, 0))
     training = {key: TrainingData.from_prepared([c.preparations[prep] for c in train_cases], settings.lesion_margin,
                                                 context)

@@ -465,7 +465,8 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
         **{k: v for k, v in base.to_dict().items() if k in ("preprocess", "model")},
         "train": {**base.to_dict()["train"], "epochs_joint": 99, "lr_joint": 0.1}}))
     for section, change in (("train", {"epochs_ctoc": 99}), ("train", {"nll_beta": 0.1}), ("train", {"seed": 5}),
-                            ("model", {"median_bias": False}), ("model", {"ctoc_context_slices": 1}), ("train", {"through_plane_mix": 0.5}),
+                            ("model", {"median_bias": False}), ("model", {"ctoc_context_slices": 1}),
+                            ("train", {"through_plane_mix": 0.5}),
                             ("preprocess", {"normalisation": "robust"})):
         data = base.to_dict()
         data[section] = {**data[section], **change}
