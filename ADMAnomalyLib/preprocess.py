@@ -106,8 +106,8 @@ class PreparedCase:
 
     def neighbours(self, index: np.ndarray, context: int) -> np.ndarray:
         """float32 (len(index), 2·context·4, N, N): the ``context`` slices before and then after each
-        slice of ``index`` along the axial axis, nearest first on each side, every contrast of a slice together; the
-        CtoC input of ``model.ctoc_context_slices``. A neighbour beyond the volume repeats its edge
+        slice of ``index`` along the axial axis, nearest first on each side, every contrast of a slice
+        together; the CtoC input of ``model.ctoc_context_slices``. A neighbour beyond the volume repeats its edge
         slice. Each is cut to its centre slice's brain, so the context never reaches where nothing
         is scored and training's per-slice augmentation and inference see the same extent."""
         index = np.asarray(index, dtype=int)

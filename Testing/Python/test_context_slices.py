@@ -16,6 +16,7 @@ from ADMAnomalyLib.cache import build_slice_cache, load_slice_cache
 from ADMAnomalyLib.cases import find_cases, load_case
 from ADMAnomalyLib.config import preset
 from ADMAnomalyLib.data import augment_with_neighbours, augmentation_for, build_training_data
+from ADMAnomalyLib.errors import InputError
 from ADMAnomalyLib.infer import InferenceOptions, ctoc_translations, energy_slices
 from ADMAnomalyLib.networks import ADMNetwork, translate_all
 from ADMAnomalyLib.preprocess import prepare_case
@@ -155,7 +156,7 @@ def test_the_slice_cache_holds_the_neighbours_training_reads(cohort, tmp_path):
     # A cache without neighbours cannot serve a context model, nor one with them a faithful model.
     faithful = dataclasses.replace(CONTEXT_CONFIG, model=dataclasses.replace(CONTEXT_CONFIG.model,
                                                                            ctoc_context_slices=0))
-    with pytest.raises(Exception, match="other preprocessing settings"):
+    with pytest.raises(InputError, match="other preprocessing settings"):
         load_slice_cache(cache, faithful)
     model = api.train(cache, tmp_path / "from_cache.admm", CONTEXT_CONFIG, device="cpu", show_progress_bar=False)
     assert model.gmm is not None and np.isfinite(model.threshold)
