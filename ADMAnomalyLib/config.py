@@ -170,6 +170,13 @@ class PostprocessConfig:
 
     flip_tta: bool = False
     """Test-time augmentation: average the energy of each slice and of its left-right mirror."""
+    case_mixture: bool = False
+    """Score each case with the mixture's π, μ, Σ re-estimated over its own normal-looking brain pixels
+    (network-input FLAIR z at most ``normal_max_flair_z``; memberships from G_de) instead of the
+    mixture frozen over the training data (method.md). Off its training sites the frozen mixture finds
+    a new site's normal tissue, above all its tissue boundaries, as improbable as lesions
+    (docs/domain_analysis.md); the case's own mixture does not, while the FLAIR-hyperintense lesions
+    it leaves out stay improbable. False is the faithful ADM."""
     smoothing_sigma_mm: float = 0.0
     """3-D Gaussian smoothing of E on the native grid (sigma in mm; normalised inside the brain,
     so background never leaks in); 0 = off."""
@@ -194,9 +201,10 @@ class PostprocessConfig:
     small MS lesions do not); with the FLAIR term the energy is standardised on the same voxels;
     'none' keeps the energy's own scale (the faithful ADM)."""
     normal_max_flair_z: float = 1.0
-    """With ``standardise = 'normal'``: the highest FLAIR z-score of a voxel that counts as normal-looking
-    tissue (the gliomas and MS lesions the product targets are FLAIR-hyperintense; the strong FLAIR
-    baseline's transferred thresholds lie at 1.06-1.10)."""
+    """With ``standardise = 'normal'`` or ``case_mixture``: the highest FLAIR z-score (in the model's
+    normalisation) of a voxel that counts as normal-looking tissue (the gliomas and MS lesions the
+    product targets are FLAIR-hyperintense; the strong FLAIR baseline's transferred thresholds lie at
+    1.06-1.10)."""
     load_weight: float = 0.0
     """After standardisation: add ``load_weight`` x ln(share of the case's brain scoring at least
     ``load_reference`` / 1 %) to every brain voxel, i.e. lower the case's effective threshold by that
@@ -243,7 +251,7 @@ class PostprocessConfig:
     @property
     def active(self) -> bool:
         """Whether any post-processing is enabled."""
-        return self.flip_tta or self.native_active
+        return self.flip_tta or self.case_mixture or self.native_active
 
 
 @dataclass

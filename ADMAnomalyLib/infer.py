@@ -10,10 +10,10 @@ import SimpleITK as sitk
 import torch
 
 from .cases import CaseImages
-from .config import PostprocessConfig
+from .config import CONTRASTS, PostprocessConfig
 from .device import autocast, inference_dtype, resolve_device
-from .errors import CancelledError
-from .gmm import energy
+from .errors import CancelledError, InputError
+from .gmm import GMMAccumulator, GMMParams, energy
 from .model import ADMModel
 from .networks import check_neighbours, translate_all
 from .postprocess import postprocess_energy
@@ -64,6 +64,9 @@ class InferenceOptions:
     flip_tta: bool | None = None
     """Average each slice's energy with its left-right mirror's; None: the model's
     ``postprocess.flip_tta``."""
+    case_mixture: bool | None = None
+    """Score each case with the mixture re-estimated over its own normal-looking pixels; None: the
+    model's ``postprocess.case_mixture``."""
 
     def checked(self) -> "InferenceOptions":
         """These options with the batch size validated and the device and precision resolved: a
@@ -127,22 +130,26 @@ def energy_slices(
     should_cancel: CancelCheck | None = None,
     x_hat_ct: np.ndarray | None = None,
     neighbours: np.ndarray | None = None,
+    case_mixture: bool = False,
 ) -> np.ndarray:
     """Per-pixel energy of slices (M, 4, N, N) with brain masks (M, N, N), one pass (no test-time
     augmentation); returns (M, N, N) float32, computed at brain pixels only (the rest is 0).
 
     ``x_hat_ct`` (M, C, N, N) may hold these slices' CtoC translations (:func:`ctoc_translations`);
-    otherwise a CtoC with ``model.ctoc_context_slices`` needs their ``neighbours`` (M, 2c·4, N, N)."""
+    otherwise a CtoC with ``model.ctoc_context_slices`` needs their ``neighbours`` (M, 2c·4, N, N).
+    With ``case_mixture`` the slices are one case's, scored with the mixture :func:`case_mixture_of`
+    fits to their normal-looking pixels instead of the frozen training mixture."""
     if model.gmm is None:
         raise ValueError("the model's mixture has not been fitted")
     options = options.checked()
     device = options.device
     network = model.network.to(device).eval()
-    gmm = model.gmm.to(device)
     dtype = inference_dtype(device, options.precision)
     ctoc = ctoc_runner(model, options.compile)
-    result = np.zeros(brain.shape, dtype=np.float32)
     total, batch_size = len(images), options.batch_size
+    # Every batch's features are kept (a case's are a few tens of MB) because a case mixture needs
+    # all of them before the first energy.
+    features, masks, flair = [], [], []
     with torch.inference_mode():
         for start in range(0, total, batch_size):
             if should_cancel is not None and should_cancel():
@@ -155,13 +162,54 @@ def energy_slices(
             elif ctoc is not None:
                 around = _batch(neighbours, start, batch_size, np.float32, device)
                 check_neighbours(model.config.model, x, around)
-            # The mixture is evaluated at brain pixels only (the rest is 0 and masked by the caller).
-            chunk = torch.zeros(b.shape, dtype=torch.float32, device=device)
-            chunk[b] = energy(brain_features(network, ctoc, x, b, dtype, x_hat, around), gmm).float()
-            result[start : start + len(x)] = chunk.cpu().numpy()
+            features.append(brain_features(network, ctoc, x, b, dtype, x_hat, around).float())
+            masks.append(b)
+            if case_mixture:
+                flair.append(x[:, CONTRASTS.index("flair")][b])
             if progress is not None:
                 progress(min(start + batch_size, total), total)
+        mixture = model.gmm.to(device)
+        if case_mixture and features:
+            mixture = case_mixture_of(model, torch.cat(features), torch.cat(flair))
+        result = np.zeros(brain.shape, dtype=np.float32)
+        for start, z, b in zip(range(0, total, batch_size), features, masks):
+            # The mixture is evaluated at brain pixels only (the rest is 0 and masked by the caller).
+            chunk = torch.zeros(b.shape, dtype=torch.float32, device=device)
+            chunk[b] = energy(z, mixture).float()
+            result[start : start + len(b)] = chunk.cpu().numpy()
     return result
+
+
+MIN_CASE_MIXTURE_PIXELS = 500
+"""A case mixture needs at least this many normal-looking brain pixels at network resolution (one
+128 × 128 slice holds about 5000): fewer cannot estimate the components' covariances."""
+
+
+def case_mixture_of(model: ADMModel, features: torch.Tensor, flair: torch.Tensor) -> GMMParams:
+    """Beyond the paper (``postprocess.case_mixture``): the mixture's π, μ, Σ estimated over one case's
+    normal-looking brain pixels (network-input FLAIR at most ``postprocess.normal_max_flair_z``), with
+    the memberships G_de gives them, in place of the mixture frozen over the training data.
+
+    ``features`` (n, d) are the case's brain pixels' density features and ``flair`` (n,) their FLAIR.
+    G_de's learnt split of feature space into components is kept; only where each component lies and
+    how wide it is come from the case, so a site's own normal tissue is probable under it while the
+    FLAIR-hyperintense lesions left out of the estimate stay improbable."""
+    normal = flair <= model.config.postprocess.normal_max_flair_z
+    count = int(normal.sum())
+    if count < MIN_CASE_MIXTURE_PIXELS:
+        raise InputError(f"the case has {count} normal-looking brain pixels (FLAIR z <= "
+                         f"{model.config.postprocess.normal_max_flair_z:g}) at network resolution; a case mixture "
+                         f"needs at least {MIN_CASE_MIXTURE_PIXELS}: score it with the frozen mixture "
+                         "(postprocess.case_mixture=false)")
+    accumulator = GMMAccumulator(model.config.model.n_components, model.config.model.feature_dim,
+                                 device=features.device)
+    estimator = model.network.estimator.eval()  # memberships without dropout, as the frozen mixture's
+    chunk = 65536  # memberships in chunks: G_de's hidden layer for every pixel at once is not needed
+    for start in range(0, len(features), chunk):
+        z = features[start : start + chunk][normal[start : start + chunk]]
+        if len(z):
+            accumulator.update(z, estimator(z))
+    return accumulator.finalize(model.config.model.eps)
 
 
 def network_energy(
@@ -173,9 +221,11 @@ def network_energy(
     translations: Translations | None = None,
 ) -> np.ndarray:
     """Energy (S_brain, N, N) of a prepared case's brain slices at network resolution, averaged with
-    the mirrored slices' under flip TTA (``options.flip_tta``, default the model's). ``translations``
+    the mirrored slices' under flip TTA (``options.flip_tta``, default the model's), each pass scored
+    with its own case mixture under ``options.case_mixture`` (default the model's). ``translations``
     (:data:`Translations`) supplies precomputed CtoC translations."""
     flip = model.config.postprocess.flip_tta if options.flip_tta is None else options.flip_tta
+    per_case = model.config.postprocess.case_mixture if options.case_mixture is None else options.case_mixture
     passes = (False, True) if flip else (False,)
     translations = translations or {}
     result = None
@@ -187,7 +237,7 @@ def network_energy(
         report = None
         if progress is not None:
             report = lambda done, total, n=number: progress(n * total + done, len(passes) * total)  # noqa: E731
-        values = energy_slices(model, images, brain, options, report, should_cancel, x_hat_ct, neighbours)
+        values = energy_slices(model, images, brain, options, report, should_cancel, x_hat_ct, neighbours, per_case)
         values = values[..., ::-1] if mirrored else values
         result = values if result is None else 0.5 * (result + values)
     return result

@@ -491,7 +491,7 @@ def train(
                                        "training_command": ctoc_from.metadata.get("training_command")}
     model.metadata.update(metadata or {})
     if context.is_main:
-        if config.postprocess.native_active:
+        if config.postprocess.active:
             _calibrate_post_processed(model, case_files, trainer.device, config.train.batch_size)
         model.save(output_path)
         checkpoint.unlink(missing_ok=True)
@@ -517,8 +517,9 @@ def check_ctoc_donor(donor: ADMModel, config: ADMConfig) -> None:
 
 def _calibrate_post_processed(model: ADMModel, case_files: dict[str, list[CaseFiles]] | None, device: torch.device,
                               batch_size: int) -> None:
-    """Post-processing changes the energy scale, so the threshold the trainer chose on network-
-    resolution energies is chosen again on post-processed native energies of the lesion slices."""
+    """Post-processing changes the energy scale (and a case mixture needs whole cases), so the threshold
+    the trainer chose on one-pass network-resolution energies of pooled slices is chosen again on
+    post-processed native energies of the lesion slices."""
     if case_files is None:
         log.warning("trained from a slice cache, which holds no native-grid images: the threshold stays the one "
                     "chosen before post-processing; set one with `admanomaly evaluate MODEL CASES` as a guide")

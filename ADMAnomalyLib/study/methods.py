@@ -155,10 +155,13 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
 
-def _post_cc_row(network: str, standardise: str, description: str, load: bool = False) -> MethodSpec:
+def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
+                 case_mixture: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
-    components removed at the threshold; with ``load`` the load weight chosen among :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`."""
-    return MethodSpec("adm", "improvement", description, network, {"standardise": standardise}, search=POST_SEARCH,
+    components removed at the threshold; with ``load`` the load weight chosen among
+    :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own mixture."""
+    post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {})}
+    return MethodSpec("adm", "improvement", description, network, post, search=POST_SEARCH,
                       small_components=True, load_weights=LOAD_WEIGHTS if load else ())
 
 
@@ -270,6 +273,12 @@ METHODS: dict[str, MethodSpec] = {
                                 "ADM+ F ctx tp"),
     "ADM+ F ctx tp +post+cc (z+load)": _post_cc_row("ADM+ F ctx tp", "zscore", "ADM+ F ctx tp with the +post+cc "
                                                      "(z+load) post-processing", load=True),
+    "ADM cm": MethodSpec("adm", "improvement", "ADM scored with each case's own mixture: pi, mu, Sigma over its "
+                         "FLAIR-normal pixels (FLAIR z <= 1), memberships from G_de", "ADM", {"case_mixture": True}),
+    "ADM+ F cm": MethodSpec("adm", "improvement", "ADM+ F scored with each case's own mixture (pi, mu, Sigma over "
+                            "its FLAIR-normal pixels)", "ADM+ F", {"case_mixture": True}),
+    "ADM+ F cm +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F cm with the +post+cc (z+load) "
+                                                 "post-processing", load=True, case_mixture=True),
     "ADM+ F +post+cc (none)": _post_cc_row("ADM+ F", "none", "ADM+ F +post+cc with no standardisation last: the "
                                            "threshold on the scale of the standardised energy plus w x FLAIR z"),
 }
@@ -288,7 +297,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F> +post+cc (z)", "ADM+ F> ct", "ADM+ F> ct +post+cc (z)",
                                     "ADM+ F> ct +post+cc (normal)", "ADM+ F +post+cc (z+load)",
                                     "ADM+ F> ct +post+cc (z+load)", "ADM+ F ctx", "ADM+ F ctx +post+cc (z+load)",
-                                    "ADM+ F ctx tp", "ADM+ F ctx tp +post+cc (z+load)")
+                                    "ADM+ F ctx tp", "ADM+ F ctx tp +post+cc (z+load)", "ADM cm", "ADM+ F cm",
+                                    "ADM+ F cm +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

@@ -454,6 +454,8 @@ def _post_text(post: dict[str, Any]) -> str:
     parts = []
     if post.get("flip_tta"):
         parts.append("flip TTA")
+    if post.get("case_mixture"):
+        parts.append("each case's own mixture")
     if post.get("smoothing_sigma_mm"):
         parts.append(f"Gaussian sigma {post['smoothing_sigma_mm']:g} mm")
     if post.get("rim_erosion_mm"):

@@ -204,24 +204,31 @@ def raw_energy(model, case: CaseData, options: InferenceOptions, translations: d
     return sitk.GetArrayFromImage(image)[case.brain]
 
 
-def score_networks(trained: TrainedNetworks, cases: Sequence[CaseData], flips: set[str],
+def raw_key(network: str, flip_tta: bool = False, case_mixture: bool = False) -> str:
+    """Key of a network's raw energies in :attr:`RunData.raw`: flip TTA and the case mixture are the
+    inference settings that change them (every other post-processing step works on them)."""
+    return network + ("|flip" if flip_tta else "") + ("|case" if case_mixture else "")
+
+
+def score_networks(trained: TrainedNetworks, cases: Sequence[CaseData], variants: dict[str, set[tuple[bool, bool]]],
                    options: InferenceOptions) -> dict[str, dict[str, np.ndarray]]:
-    """Raw energies ``{network (|flip): {case: (N,)}}``. The translations of a CtoC group are computed
-    once per case (and mirror) and dropped after its networks have scored the case, so only one
-    case's translations are held at a time."""
+    """Raw energies ``{raw_key: {case: (N,)}}`` of every network, plainly and in each of its
+    ``variants`` ``{network: {(flip_tta, case_mixture)}}``. The translations of a CtoC group are
+    computed once per case (and mirror) and dropped after its networks have scored the case, so only
+    one case's translations are held at a time."""
     scores: dict[str, dict[str, np.ndarray]] = {}
     for ctoc_model, members in trained.ctoc_groups:
-        mirrors = (False, True) if flips & set(members) else (False,)
+        mirrors = (False, True) if any(flip for name in members for flip, _ in variants.get(name, ())) else (False,)
         for case in cases:
             translations = None
             if ctoc_model is not None:
                 prepared = case.preparation(ctoc_model.config.preprocess)
                 translations = {m: ctoc_translations(ctoc_model, prepared, options, m) for m in mirrors}
             for name in members:
-                for flip in (False, True) if name in flips else (False,):
-                    key = f"{name}|flip" if flip else name
-                    scores.setdefault(key, {})[case.case_id] = raw_energy(
-                        trained.models[name], case, dataclasses.replace(options, flip_tta=flip), translations)
+                for flip, mixture in sorted({(False, False)} | variants.get(name, set())):
+                    scores.setdefault(raw_key(name, flip, mixture), {})[case.case_id] = raw_energy(
+                        trained.models[name], case,
+                        dataclasses.replace(options, flip_tta=flip, case_mixture=mixture), translations)
     return scores
 
 
@@ -637,7 +644,7 @@ class RunData:
     groups: list[list[CaseData]]
     """The selection groups (:func:`selection_groups`)."""
     raw: dict[str, dict[str, np.ndarray]]
-    """Raw scores per network (|flip) and DAGMM-conv."""
+    """Raw scores per :func:`raw_key` (network, flip TTA, case mixture) and DAGMM-conv."""
     caches: RunCaches
     training: dict[str, TrainingData]
 
@@ -652,7 +659,7 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
     :func:`validation_auprc` over the selection groups)."""
     settings = run.settings
     post = postprocess_for(spec, settings)
-    key = f"{spec.network}|flip" if post.flip_tta else spec.network
+    key = raw_key(spec.network, post.flip_tta, post.case_mixture)
     prep = network_config(spec.network, settings, 0).preprocess
 
     def flair_of(case: CaseData) -> np.ndarray:
@@ -770,8 +777,12 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         raise InputError(f"study split must be 'patients' or 'domains', not {settings.split!r}")
     files_by_domain = study_cases(data_dir, domains_file, settings)
     networks_needed = sorted({METHODS[m].network for m in methods if METHODS[m].kind == "adm"})
-    flips_needed = {METHODS[m].network for m in methods
-                    if METHODS[m].kind == "adm" and METHODS[m].postprocess.get("flip_tta")}
+    variants_needed: dict[str, set[tuple[bool, bool]]] = {}
+    for m in methods:
+        if METHODS[m].kind == "adm":
+            post = METHODS[m].postprocess
+            variants_needed.setdefault(METHODS[m].network, set()).add(
+                (bool(post.get("flip_tta")), bool(post.get("case_mixture"))))
     network_preprocess = [network_config(n, settings, 0).preprocess for n in networks_needed]
     cases: dict[str, CaseData] = {}
     total = sum(len(files) for files in files_by_domain.values())
@@ -807,7 +818,7 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
             tick("train ADM networks", t)
             say(f"  ADM networks trained ({timings['train ADM networks']:.0f} s so far)")
             t = time.perf_counter()
-            run_data.raw.update(score_networks(trained, run_data.all_cases, flips_needed, InferenceOptions(device)))
+            run_data.raw.update(score_networks(trained, run_data.all_cases, variants_needed, InferenceOptions(device)))
             del trained
             tick("score ADM networks", t)
             if "DAGMM-conv" in methods:
