@@ -310,9 +310,9 @@ DOMAIN_KEY_METHODS = ("FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", 
                       "ADM+ +post+cc (z)", "ADM+ FT2 +post+cc (z)", "ADM+ F +post+cc (normal)", "ADM+ F +post+cc (z)",
                       "ADM+ F +post+cc (z+load)")
 RAW_NETWORK_METHODS = ("ADM", "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ FT2", "ADM+ F", "ADM+ F>",
-                       "ADM+ F> ct")
+                       "ADM+ F> ct", "ADM cm", "ADM+ F cm")
 RAW_REFERENCE = "FLAIR z"
-# One colour per method, shared by both figures (tab20: up to twenty methods).
+# One colour per method, shared by both figures (tab20 then tab20b: up to forty methods).
 _FIGURE_METHODS = tuple(dict.fromkeys(DOMAIN_KEY_METHODS + RAW_NETWORK_METHODS))
 
 DOMAIN_FIGURE_FILES = {"auprc_dice": "domains_auprc_dice.png", "raw_vs_flair": "domains_raw_vs_flair.png"}
@@ -331,7 +331,7 @@ def _present_methods(panels: list[tuple[str, dict[str, Any]]], wanted: Sequence[
 def _method_colour(method: str) -> tuple[float, float, float]:
     from matplotlib import colormaps
 
-    palette = colormaps["tab20"].colors
+    palette = colormaps["tab20"].colors + colormaps["tab20b"].colors
     index = _FIGURE_METHODS.index(method) if method in _FIGURE_METHODS else len(_FIGURE_METHODS)
     return palette[index % len(palette)]
 
