@@ -201,13 +201,19 @@ def case_mixture_of(model: ADMModel, features: torch.Tensor, flair: torch.Tensor
                          f"{model.config.postprocess.normal_max_flair_z:g}) at network resolution; a case mixture "
                          f"needs at least {MIN_CASE_MIXTURE_PIXELS}: score it with the frozen mixture "
                          "(postprocess.case_mixture=false)")
+    return mixture_of(model, features[normal])
+
+
+def mixture_of(model: ADMModel, features: torch.Tensor) -> GMMParams:
+    """The mixture (π, μ, Σ; eigenvalues bounded at the model's ε) of density features (n, d), with
+    the memberships the model's G_de gives them (dropout off, as for the frozen mixture)."""
     accumulator = GMMAccumulator(model.config.model.n_components, model.config.model.feature_dim,
                                  device=features.device)
-    estimator = model.network.estimator.eval()  # memberships without dropout, as the frozen mixture's
+    estimator = model.network.estimator.eval()
     chunk = 65536  # memberships in chunks: G_de's hidden layer for every pixel at once is not needed
-    for start in range(0, len(features), chunk):
-        z = features[start : start + chunk][normal[start : start + chunk]]
-        if len(z):
+    with torch.inference_mode():
+        for start in range(0, len(features), chunk):
+            z = features[start : start + chunk]
             accumulator.update(z, estimator(z))
     return accumulator.finalize(model.config.model.eps)
 

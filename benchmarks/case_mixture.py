@@ -39,8 +39,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
 from ADMAnomalyLib.cases import load_case  # noqa: E402
 from ADMAnomalyLib.config import CONTRASTS  # noqa: E402
 from ADMAnomalyLib.domains import load_domains  # noqa: E402
-from ADMAnomalyLib.gmm import GMMAccumulator, energy  # noqa: E402
-from ADMAnomalyLib.infer import InferenceOptions, brain_features, ctoc_runner, energy_slices  # noqa: E402
+from ADMAnomalyLib.data import lesion_free_slices  # noqa: E402
+from ADMAnomalyLib.gmm import energy  # noqa: E402
+from ADMAnomalyLib.infer import (InferenceOptions, brain_features, ctoc_runner, energy_slices,  # noqa: E402
+                                 mixture_of)
 from ADMAnomalyLib.model import ADMModel  # noqa: E402
 from ADMAnomalyLib.preprocess import prepare_case  # noqa: E402
 from ADMAnomalyLib.study.methods import network_config, quick_settings  # noqa: E402
@@ -49,37 +51,30 @@ from ADMAnomalyLib.study.runner import network_cache_path  # noqa: E402
 OPTIONS = InferenceOptions("cpu", precision="fp32")
 
 
-def brain_slices(model, files):
+def prepared_brain_slices(model, files):
+    """The case prepared as the model was trained, and its brain slices, masks and labels."""
     prepared = prepare_case(load_case(files), model.config.preprocess, keep_native=())
     index = np.flatnonzero(prepared.has_brain)
     label = prepared.label[index] if prepared.label is not None else np.zeros_like(prepared.brain[index])
-    return prepared.slices[index], prepared.brain[index], label, prepared.has_lesion[index]
+    return prepared, prepared.slices[index], prepared.brain[index], label
 
 
 def features_of(model, slices, brain):
     with torch.inference_mode():
-        x, b = torch.from_numpy(slices), torch.from_numpy(brain)
-        return brain_features(model.network.eval(), ctoc_runner(model), x, b, None).double()
+        x, b = torch.from_numpy(np.ascontiguousarray(slices)), torch.from_numpy(np.ascontiguousarray(brain))
+        return brain_features(model.network.eval(), ctoc_runner(model), x, b, None).float()
 
 
 def robust_stats(features):
-    q25, median, q75 = torch.quantile(features.float(), torch.tensor([0.25, 0.5, 0.75]), dim=0).double()
+    # numpy, not torch.quantile, which refuses more than 2^24 values (a 128 px training pool has more)
+    q25, median, q75 = torch.from_numpy(np.percentile(features.numpy(), [25, 50, 75], axis=0).astype(np.float32))
     return median, (q75 - q25).clamp_min(1e-6)
 
 
-def mixture_over(model, feature_sets):
-    accumulator = GMMAccumulator(model.config.model.n_components, model.config.model.feature_dim)
-    with torch.inference_mode():
-        for z in feature_sets:
-            accumulator.update(z.float(), model.network.estimator.eval()(z.float()))
-    return accumulator.finalize(model.config.model.eps)
-
-
-def far_from_lesion(has_lesion, margin):
-    near = np.zeros(len(has_lesion), bool)
-    for s in np.flatnonzero(has_lesion):
-        near[max(0, s - margin): s + margin + 1] = True
-    return ~near
+def aligned(features, case_stats, reference):
+    """``features`` moved and scaled per dimension from the case's median / IQR to the reference's."""
+    (median, iqr), (ref_median, ref_iqr) = case_stats, reference
+    return (features - median) / iqr * ref_iqr + ref_median
 
 
 def main() -> None:
@@ -100,26 +95,26 @@ def main() -> None:
         start = time.perf_counter()
         reference = None
         if args.aligned:
-            training = []
+            whole, normal = [], []  # per training case: all brain pixels, and those of its training slices
             for case_id in run["train"]:
-                slices, brain, _, has_lesion = brain_slices(model, files[case_id])
-                keep = far_from_lesion(has_lesion, settings.lesion_margin)
-                training.append((features_of(model, slices, brain), features_of(model, slices[keep], brain[keep])))
-            reference = robust_stats(torch.cat([normal for _, normal in training]))
-            aligned_mixture = mixture_over(model, [(normal - robust_stats(whole)[0]) / robust_stats(whole)[1]
-                                                   * reference[1] + reference[0] for whole, normal in training])
+                prepared, *_ = prepared_brain_slices(model, files[case_id])
+                keep = lesion_free_slices(prepared, settings.lesion_margin)
+                brain_index = np.flatnonzero(prepared.has_brain)
+                whole.append(features_of(model, prepared.slices[brain_index], prepared.brain[brain_index]))
+                normal.append(features_of(model, prepared.slices[keep], prepared.brain[keep]))
+            reference = robust_stats(torch.cat(normal))
+            aligned_mixture = mixture_of(model, torch.cat([aligned(n, robust_stats(w), reference)
+                                                           for w, n in zip(whole, normal)]))
         scores: dict[str, list[np.ndarray]] = {}
         labels = []
         for case_id in run["test"]:
-            slices, brain, label, _ = brain_slices(model, files[case_id])
+            _, slices, brain, label = prepared_brain_slices(model, files[case_id])
             labels.append(label[brain])
             variants = {"frozen": energy_slices(model, slices, brain, OPTIONS)[brain]}
             if reference is not None:
                 z = features_of(model, slices, brain)
-                median, iqr = robust_stats(z)
                 with torch.inference_mode():
-                    variants["aligned"] = energy(((z - median) / iqr * reference[1] + reference[0]).float(),
-                                                 aligned_mixture).numpy()
+                    variants["aligned"] = energy(aligned(z, robust_stats(z), reference), aligned_mixture).numpy()
             for cutoff in cutoffs:
                 model.config.postprocess = dataclasses.replace(model.config.postprocess, normal_max_flair_z=cutoff)
                 variants[f"case <= {cutoff:g}"] = energy_slices(model, slices, brain, OPTIONS, case_mixture=True)[brain]
