@@ -88,7 +88,11 @@ def full_settings(**overrides: Any) -> StudySettings:
 
 FLAIR_WEIGHTS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 """Candidate weights of the FLAIR z-score added to E (picked by validation AUPRC)."""
+NORMAL_CUTOFFS: tuple[float, ...] = (1.0, 0.5, 0.25)
+"""Candidate ``normal_max_flair_z`` of a case mixture: the highest FLAIR z of the pixels its mixture is
+estimated over (the default, 1, first: it stays on ties)."""
 POST_CANDIDATES: dict[str, tuple[float, ...]] = {
+    "normal_max_flair_z": NORMAL_CUTOFFS,
     "smoothing_sigma_mm": (0.0, 2.0),
     "rim_erosion_mm": (0.0, 3.0),
     "flair_weight": FLAIR_WEIGHTS,
@@ -97,6 +101,9 @@ POST_CANDIDATES: dict[str, tuple[float, ...]] = {
 """Candidate values of the post-processing fields a method chooses on validation (``search``)."""
 POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
 """The '+post' search order: one field at a time (greedy, 11 configurations instead of 84)."""
+RAW_SEARCH_FIELDS = frozenset({"normal_max_flair_z"})
+"""Searched fields that change a case mixture's raw energies, not only their post-processing: each
+candidate is scored by the networks (:func:`raw_variants`)."""
 
 
 @dataclass(frozen=True)
@@ -156,12 +163,14 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
-                 case_mixture: bool = False) -> MethodSpec:
+                 case_mixture: bool = False, choose_cutoff: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
-    :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own mixture."""
+    :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
+    mixture, whose normal-tissue cut-off the search chooses first with ``choose_cutoff``."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {})}
-    return MethodSpec("adm", "improvement", description, network, post, search=POST_SEARCH,
+    search = (("normal_max_flair_z",) if choose_cutoff else ()) + POST_SEARCH
+    return MethodSpec("adm", "improvement", description, network, post, search=search,
                       small_components=True, load_weights=LOAD_WEIGHTS if load else ())
 
 
@@ -279,6 +288,19 @@ METHODS: dict[str, MethodSpec] = {
                             "its FLAIR-normal pixels)", "ADM+ F", {"case_mixture": True}),
     "ADM+ F cm +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F cm with the +post+cc (z+load) "
                                                  "post-processing", load=True, case_mixture=True),
+    "ADM cm*": MethodSpec("adm", "improvement", "ADM cm, the FLAIR z cut-off of normal-looking pixels chosen "
+                          "on the training domains' validation AUPRC", "ADM", {"case_mixture": True},
+                          search=("normal_max_flair_z",)),
+    "ADM+ F cm*": MethodSpec("adm", "improvement", "ADM+ F cm, the FLAIR z cut-off of normal-looking pixels "
+                             "chosen on the training domains' validation AUPRC", "ADM+ F", {"case_mixture": True},
+                             search=("normal_max_flair_z",)),
+    "ADM+ F cm* +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F cm* with the +post+cc (z+load) "
+                                                  "post-processing", load=True, case_mixture=True,
+                                                  choose_cutoff=True),
+    "ADM+ F cm* +post+cc (normal+load)": _post_cc_row("ADM+ F", "normal", "ADM+ F cm* with the +post+cc "
+                                                       "post-processing, standardised on the case's FLAIR-normal "
+                                                       "tissue, and the load term", load=True, case_mixture=True,
+                                                       choose_cutoff=True),
     "ADM+ F +post+cc (none)": _post_cc_row("ADM+ F", "none", "ADM+ F +post+cc with no standardisation last: the "
                                            "threshold on the scale of the standardised energy plus w x FLAIR z"),
 }
@@ -298,7 +320,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F> ct +post+cc (normal)", "ADM+ F +post+cc (z+load)",
                                     "ADM+ F> ct +post+cc (z+load)", "ADM+ F ctx", "ADM+ F ctx +post+cc (z+load)",
                                     "ADM+ F ctx tp", "ADM+ F ctx tp +post+cc (z+load)", "ADM cm", "ADM+ F cm",
-                                    "ADM+ F cm +post+cc (z+load)")
+                                    "ADM+ F cm +post+cc (z+load)", "ADM cm*", "ADM+ F cm*",
+                                    "ADM+ F cm* +post+cc (z+load)", "ADM+ F cm* +post+cc (normal+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
@@ -320,6 +343,21 @@ def postprocess_for(spec: MethodSpec, settings: StudySettings) -> PostprocessCon
             value = settings.median_size_mm
         values[key] = value
     return PostprocessConfig(**values)
+
+
+def mixture_cutoff(post: PostprocessConfig) -> float | None:
+    """The FLAIR z cut-off of the pixels a case mixture is estimated over; None: the frozen mixture."""
+    return post.normal_max_flair_z if post.case_mixture else None
+
+
+def raw_variants(spec: MethodSpec, settings: StudySettings) -> set[tuple[bool, float | None]]:
+    """The (flip TTA, :func:`mixture_cutoff`) raw energies an ADM row reads: one, or one per candidate
+    when it searches a :data:`RAW_SEARCH_FIELDS` field."""
+    post = postprocess_for(spec, settings)
+    candidates = [post]
+    for name in RAW_SEARCH_FIELDS.intersection(spec.search):
+        candidates = [dataclasses.replace(c, **{name: v}) for c in candidates for v in POST_CANDIDATES[name]]
+    return {(c.flip_tta, mixture_cutoff(c)) for c in candidates}
 
 
 def network_config(name: str, settings: StudySettings, seed: int) -> ADMConfig:

@@ -310,7 +310,7 @@ DOMAIN_KEY_METHODS = ("FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", 
                       "ADM+ +post+cc (z)", "ADM+ FT2 +post+cc (z)", "ADM+ F +post+cc (normal)", "ADM+ F +post+cc (z)",
                       "ADM+ F +post+cc (z+load)")
 RAW_NETWORK_METHODS = ("ADM", "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ FT2", "ADM+ F", "ADM+ F>",
-                       "ADM+ F> ct", "ADM cm", "ADM+ F cm")
+                       "ADM+ F> ct", "ADM cm", "ADM+ F cm", "ADM cm*", "ADM+ F cm*")
 RAW_REFERENCE = "FLAIR z"
 # One colour per method, shared by both figures (tab20 then tab20b: up to forty methods).
 _FIGURE_METHODS = tuple(dict.fromkeys(DOMAIN_KEY_METHODS + RAW_NETWORK_METHODS))

@@ -36,8 +36,10 @@ from ..postprocess import load_offset, postprocess_scores, suppress_small_compon
 from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices_to_image
 from ..train import Trainer, masked_mse
 from ..domains import load_domains
+from ..api import with_postprocess
 from .methods import (METHODS, POST_CANDIDATES, MethodSpec, StudySettings, baseline_preprocess, ctoc_groups,
-                      network_config, postprocess_for, preprocess_key, training_context, training_key)
+                      mixture_cutoff, network_config, postprocess_for, preprocess_key, raw_variants,
+                      training_context, training_key)
 
 STUDY_VERSION = 2
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -204,16 +206,18 @@ def raw_energy(model, case: CaseData, options: InferenceOptions, translations: d
     return sitk.GetArrayFromImage(image)[case.brain]
 
 
-def raw_key(network: str, flip_tta: bool = False, case_mixture: bool = False) -> str:
-    """Key of a network's raw energies in :attr:`RunData.raw`: flip TTA and the case mixture are the
+def raw_key(network: str, flip_tta: bool = False, mixture_cutoff: float | None = None) -> str:
+    """Key of a network's raw energies in :attr:`RunData.raw`: flip TTA and the case mixture (its
+    normal-tissue cut-off, :func:`~.methods.mixture_cutoff`; None: the frozen mixture) are the
     inference settings that change them (every other post-processing step works on them)."""
-    return network + ("|flip" if flip_tta else "") + ("|case" if case_mixture else "")
+    return network + ("|flip" if flip_tta else "") + ("" if mixture_cutoff is None else f"|case<={mixture_cutoff:g}")
 
 
-def score_networks(trained: TrainedNetworks, cases: Sequence[CaseData], variants: dict[str, set[tuple[bool, bool]]],
+def score_networks(trained: TrainedNetworks, cases: Sequence[CaseData],
+                   variants: dict[str, set[tuple[bool, float | None]]],
                    options: InferenceOptions) -> dict[str, dict[str, np.ndarray]]:
     """Raw energies ``{raw_key: {case: (N,)}}`` of every network, plainly and in each of its
-    ``variants`` ``{network: {(flip_tta, case_mixture)}}``. The translations of a CtoC group are
+    ``variants`` ``{network: {(flip_tta, mixture_cutoff)}}``. The translations of a CtoC group are
     computed once per case (and mirror) and dropped after its networks have scored the case, so only
     one case's translations are held at a time."""
     scores: dict[str, dict[str, np.ndarray]] = {}
@@ -225,10 +229,14 @@ def score_networks(trained: TrainedNetworks, cases: Sequence[CaseData], variants
                 prepared = case.preparation(ctoc_model.config.preprocess)
                 translations = {m: ctoc_translations(ctoc_model, prepared, options, m) for m in mirrors}
             for name in members:
-                for flip, mixture in sorted({(False, False)} | variants.get(name, set())):
-                    scores.setdefault(raw_key(name, flip, mixture), {})[case.case_id] = raw_energy(
-                        trained.models[name], case,
-                        dataclasses.replace(options, flip_tta=flip, case_mixture=mixture), translations)
+                for flip, cutoff in sorted({(False, None)} | variants.get(name, set()), key=repr):
+                    # The cut-off reaches the case mixture the way a console user tries one: the
+                    # model with other post-processing.
+                    model = trained.models[name] if cutoff is None else with_postprocess(
+                        trained.models[name], {"normal_max_flair_z": cutoff})
+                    scores.setdefault(raw_key(name, flip, cutoff), {})[case.case_id] = raw_energy(
+                        model, case, dataclasses.replace(options, flip_tta=flip, case_mixture=cutoff is not None),
+                        translations)
     return scores
 
 
@@ -659,7 +667,10 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
     :func:`validation_auprc` over the selection groups)."""
     settings = run.settings
     post = postprocess_for(spec, settings)
-    key = raw_key(spec.network, post.flip_tta, post.case_mixture)
+
+    def key_of(candidate: PostprocessConfig) -> str:
+        return raw_key(spec.network, candidate.flip_tta, mixture_cutoff(candidate))
+
     prep = network_config(spec.network, settings, 0).preprocess
 
     def flair_of(case: CaseData) -> np.ndarray:
@@ -672,6 +683,7 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
         search_cases = [case for group in groups for case in group]
 
         def criterion(candidate: PostprocessConfig) -> float:
+            key = key_of(candidate)
             memo = (key, repr(candidate), tuple(case.case_id for case in search_cases))
             if memo not in run.caches.criteria:
                 run.caches.criteria[memo] = validation_auprc(_postprocessed(
@@ -680,6 +692,7 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
 
         post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)
         extra["postprocess"] = dataclasses.asdict(post)
+    key = key_of(post)
     scores = _postprocessed(run.raw[key], post, run.all_cases, flair_of, run.caches, key)
     if spec.load_weights:
         scores, extra["load"] = _with_chosen_load(scores, post, spec.load_weights, run)
@@ -777,12 +790,10 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         raise InputError(f"study split must be 'patients' or 'domains', not {settings.split!r}")
     files_by_domain = study_cases(data_dir, domains_file, settings)
     networks_needed = sorted({METHODS[m].network for m in methods if METHODS[m].kind == "adm"})
-    variants_needed: dict[str, set[tuple[bool, bool]]] = {}
+    variants_needed: dict[str, set[tuple[bool, float | None]]] = {}
     for m in methods:
         if METHODS[m].kind == "adm":
-            post = METHODS[m].postprocess
-            variants_needed.setdefault(METHODS[m].network, set()).add(
-                (bool(post.get("flip_tta")), bool(post.get("case_mixture"))))
+            variants_needed.setdefault(METHODS[m].network, set()).update(raw_variants(METHODS[m], settings))
     network_preprocess = [network_config(n, settings, 0).preprocess for n in networks_needed]
     cases: dict[str, CaseData] = {}
     total = sum(len(files) for files in files_by_domain.values())

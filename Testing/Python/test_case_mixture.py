@@ -87,7 +87,29 @@ def test_predict_with_a_case_mixture_equals_the_studys_raw_energies(trained_mode
     study_energy = raw_energy(model, case, dataclasses.replace(options, case_mixture=True), translations)
     np.testing.assert_array_equal(study_energy, product[case.brain])
     assert not np.allclose(product[case.brain], frozen[case.brain])
-    assert raw_key("ADM+ F", False, True) == "ADM+ F|case" and raw_key("ADM", True, False) == "ADM|flip"
+    assert raw_key("ADM+ F", False, 1.0) == "ADM+ F|case<=1" and raw_key("ADM", True) == "ADM|flip"
+
+
+def test_the_studys_cut_off_candidates_score_as_predict_does_with_that_cut_off(trained_model, cohort):
+    model = api.load_model(trained_model)
+    files = find_cases(cohort / "synth_1")[0]
+    images = {c: sitk.ReadImage(str(p)) for c, p in files.contrasts.items()}
+    settings = study.quick_settings(preset="tiny", image_size=model.config.preprocess.image_size, device="cpu")
+    spec = study.METHODS["ADM+ F cm*"]
+    assert study.methods.raw_variants(spec, settings) == {(False, c) for c in study.methods.NORMAL_CUTOFFS}
+    assert study.methods.raw_variants(study.METHODS["ADM+ F cm"], settings) == {(False, 1.0)}
+    assert study.methods.raw_variants(study.METHODS["ADM+ F"], settings) == {(False, None)}
+    case = study.load_case_data(files, settings)
+    trained = study.runner.TrainedNetworks({"net": model}, [(model, ["net"])], {})
+    scores = study.runner.score_networks(trained, [case], {"net": {(False, 0.25), (False, 1.0)}},
+                                         InferenceOptions("cpu"))
+    assert set(scores) == {"net", "net|case<=0.25", "net|case<=1"}
+    for cutoff in (0.25, 1.0):
+        product = api.predict(api.with_postprocess(model, {"case_mixture": True, "normal_max_flair_z": cutoff}),
+                              images, device="cpu").energy
+        np.testing.assert_array_equal(scores[f"net|case<={cutoff:g}"][case.case_id],
+                                      sitk.GetArrayFromImage(product)[case.brain])
+    assert not np.allclose(scores["net|case<=0.25"][case.case_id], scores["net|case<=1"][case.case_id])
 
 
 def _site_shifted(prepared, offset: float):

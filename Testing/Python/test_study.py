@@ -314,7 +314,7 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
 
 # -- leave one domain out ---------------------------------------------------------------------------
 
-DOMAIN_STUDY_METHODS = ("FLAIR z", "FLAIR z +med3+cc", "ADM", "ADM +post", "ADM robust-norm")
+DOMAIN_STUDY_METHODS = ("FLAIR z", "FLAIR z +med3+cc", "ADM", "ADM +post", "ADM robust-norm", "ADM cm*")
 
 
 def _rescale_case(case_dir, factor: float) -> None:
@@ -495,6 +495,9 @@ def test_leave_one_domain_out_never_uses_the_test_domain(domain_runs):
         for method in DOMAIN_STUDY_METHODS:
             assert [row["case_id"] for row in run["methods"][method]["per_case"]] == run["test"]
         assert set(run["methods"]["ADM +post"]["chosen"]) == set(study.methods.POST_SEARCH)
+        cutoff = run["methods"]["ADM cm*"]["chosen"]["normal_max_flair_z"]
+        assert cutoff in study.methods.NORMAL_CUTOFFS
+        assert run["methods"]["ADM cm*"]["postprocess"]["normal_max_flair_z"] == cutoff
     # Changing the test domain's labels changes its test metrics but no choice of its run.
     run_c1, run_c2 = first["runs"][2], second["runs"][2]
     for method in DOMAIN_STUDY_METHODS:
