@@ -575,8 +575,8 @@ def study(data_dir: str | Path | None, output_dir: str | Path = "runs/study", se
     on ``data_dir`` (patient folds) or on the domains file ``domains`` (leave one domain out; give
     exactly one of the two) into ``output_dir/study.json`` (``setting`` 'quick' or 'full',
     ``overrides`` of its :class:`~ADMAnomalyLib.study.StudySettings`); with ``docs_dir``, the
-    figures and results.md from the study JSON of ``report_dirs`` (default: ``output_dir``; a
-    patient-fold study and a domain study make one report). Returns ``{"result": ..., "report":
+    figures and results.md from the study JSON of ``report_dirs`` (study folders or the JSON files
+    themselves; default: ``output_dir``; a patient-fold study and a domain study make one report). Returns ``{"result": ..., "report":
     path}`` (either may be None)."""
     from . import study as study_module
 
@@ -597,7 +597,9 @@ def study(data_dir: str | Path | None, output_dir: str | Path = "runs/study", se
         outcome["result"] = study_module.run_study(data_dir, output_dir, settings, progress=progress, command=command,
                                                    domains_file=domains)
     if docs_dir is not None:
-        json_paths = [Path(folder) / "study.json" for folder in (report_dirs or [output_dir])]
+        # A study's folder or its JSON itself (docs/ keeps copies of the JSONs, not the run folders).
+        json_paths = [path if path.suffix == ".json" else path / "study.json"
+                      for path in map(Path, report_dirs or [output_dir])]
         for json_path in json_paths:
             if not json_path.exists():
                 raise InputError(f"{json_path}: no study JSON to report on")

@@ -216,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("-o", "--output", type=Path, default=Path("runs/study"),
                        help="folder for study.json and examples.npz (default: runs/study)")
     study.add_argument("--docs", type=Path, default=Path("docs"), help="where results.md and figures/ go (default: docs)")
-    study.add_argument("--report-only", nargs="*", type=Path, metavar="FOLDER",
-                       help="only regenerate the figures and results.md from FOLDER/study.json (default: OUTPUT); "
-                            "a patient-fold and a leave-one-domain-out folder make one report")
+    study.add_argument("--report-only", nargs="*", type=Path, metavar="FOLDER_OR_JSON",
+                       help="only regenerate the figures and results.md from FOLDER/study.json or a study JSON "
+                            "file (default: OUTPUT); a patient-fold and leave-one-domain-out studies make one report")
     study.add_argument("--no-report", action="store_true", help="write the JSON only")
     study.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     study.add_argument("--folds", type=_POSITIVE["folds"], help="patient-level folds (default: the setting's)")

@@ -539,6 +539,11 @@ def test_report_with_in_domain_and_domain_sections(domain_runs, study_run, tmp_p
     assert text.count("Verdict:") == 4 and "the raw ADM energy" in text
     assert f"{first['summary']['ADM']['auprc']['mean']:.3f}" in text
     assert "pytest domains" in text
+    # The study JSONs themselves (as docs/ keeps them) give the same report.
+    from_files = tmp_path / "docs_files"
+    assert main(["study", "--report-only", str(patient_out / "study.json"), str(root / "out" / "study.json"),
+                 "--docs", str(from_files)]) == 0
+    assert (from_files / "results.md").read_text(encoding="utf-8") == text
     # A domain study alone reports too.
     only = study.make_report(root / "out" / "study.json", tmp_path / "docs_only")
     assert "## Leave-one-domain-out" in only.read_text(encoding="utf-8")
