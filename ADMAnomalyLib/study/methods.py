@@ -295,6 +295,10 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F cm*": MethodSpec("adm", "improvement", "ADM+ F cm, the FLAIR z cut-off of normal-looking pixels "
                              "chosen on the training domains' validation AUPRC", "ADM+ F", {"case_mixture": True},
                              search=("normal_max_flair_z",)),
+    "ADM cm* +post+cc (normal+load)": _post_cc_row("ADM", "normal", "ADM cm* (the faithful networks) with the "
+                                                    "+post+cc post-processing, standardised on the case's "
+                                                    "FLAIR-normal tissue, and the load term", load=True,
+                                                    case_mixture=True, choose_cutoff=True),
     "ADM+ F cm* +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F cm* with the +post+cc (z+load) "
                                                   "post-processing", load=True, case_mixture=True,
                                                   choose_cutoff=True),
@@ -322,7 +326,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F> ct +post+cc (z+load)", "ADM+ F ctx", "ADM+ F ctx +post+cc (z+load)",
                                     "ADM+ F ctx tp", "ADM+ F ctx tp +post+cc (z+load)", "ADM cm", "ADM+ F cm",
                                     "ADM+ F cm +post+cc (z+load)", "ADM cm*", "ADM+ F cm*",
-                                    "ADM+ F cm* +post+cc (z+load)", "ADM+ F cm* +post+cc (normal+load)")
+                                    "ADM cm* +post+cc (normal+load)", "ADM+ F cm* +post+cc (z+load)",
+                                    "ADM+ F cm* +post+cc (normal+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
