@@ -1,0 +1,186 @@
+"""How the study's rows would transfer their threshold under other rules (leave-one-domain-out).
+
+For every fold of a finished leave-one-domain-out study run (``study.json`` + its cached networks in
+``RUN/networks``), each ``--rows`` row is scored exactly as the study scores it
+(``study.runner.adm_method_scores`` / ``baseline_method_scores``), with the post-processing, cut-off
+and load weight that fold chose (read from ``study.json``: no search is repeated). Its threshold is
+then chosen on the training domains by each rule below and the left-out domain's Dice (after ``+cc``
+at that threshold, as the study does) is printed beside the test domain's own best threshold:
+
+- ``lesion slices``: the study's rule, highest mean Dice over the training domains on the brain voxels
+  of their lesion slices (``metrics.balanced_best_threshold``);
+- ``whole brain``: the same over the training cases' whole brains (the test region);
+- ``maximin``: highest worst-domain Dice on the lesion slices;
+- ``median of domain bests`` / ``max of domain bests``: each training domain's best threshold, then
+  their median or maximum.
+
+Also printed: each training domain's own best threshold on its lesion slices, in-sample (its normal
+slices trained the fold's network), to set beside the same domain's best threshold when it is the test
+domain of its own fold (out of sample).
+
+``--save-scores`` also keeps every fold's per-case scores (``RUN/threshold_scores/``) so that further
+rules can be tried offline.
+
+    .venv/bin/python benchmarks/threshold_rules.py runs/domains_cmc --image-size 64 \
+        --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ADMAnomalyLib.device import resolve_device  # noqa: E402
+from ADMAnomalyLib.infer import InferenceOptions  # noqa: E402
+from ADMAnomalyLib.metrics import balanced_best_threshold, held_out_group_dice, loaded_parts  # noqa: E402
+from ADMAnomalyLib.postprocess import load_offset  # noqa: E402
+from ADMAnomalyLib.study import runner  # noqa: E402
+from ADMAnomalyLib.study.methods import METHODS, MethodSpec, network_config, quick_settings, raw_variants  # noqa: E402
+
+SIGNED_LOAD_WEIGHTS = tuple(round(w, 1) for w in np.arange(-1.0, 0.61, 0.1))
+LOAD_REFERENCES = (1.0, 2.0, 3.0)
+
+
+def as_chosen(method: str, fold_record: dict, load_grid: bool) -> MethodSpec:
+    """The row's spec with the fold's chosen post-processing fixed (no search, no load choice); with
+    ``load_grid`` the load term of a '+load' row is left off (the grid adds it)."""
+    spec = METHODS[method]
+    if spec.kind != "adm":
+        return spec
+    result = fold_record["methods"][method]
+    post = {**spec.postprocess, **result.get("chosen", {})}
+    if "load" in result:
+        post["load_weight"] = 0.0 if load_grid else result["load"]["weight"]
+    return dataclasses.replace(spec, postprocess=post, search=(), load_weights=())
+
+
+def dice_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float, float]:
+    predicted = scores >= np.float32(threshold)
+    tp = int((predicted & labels).sum())
+    return (2 * tp / max(int(predicted.sum()) + int(labels.sum()), 1), tp / max(int(predicted.sum()), 1),
+            tp / max(int(labels.sum()), 1))
+
+
+def dice_curve(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Dice of ``scores >= t`` for every ``t`` of ``thresholds`` (sorted counts, as ``balanced_best_threshold``)."""
+    positives, negatives = np.sort(scores[labels]), np.sort(scores[~labels])
+    tp = positives.size - np.searchsorted(positives, thresholds, side="left")
+    fp = negatives.size - np.searchsorted(negatives, thresholds, side="left")
+    return 2.0 * tp / np.maximum(tp + fp + positives.size, 1)
+
+
+def rule_thresholds(scores: dict[str, np.ndarray], groups) -> tuple[dict[str, float], list[float]]:
+    lesion_slices = [(np.concatenate([scores[c.case_id][c.validation] for c in group]),
+                      np.concatenate([c.labels[c.validation] for c in group]).astype(bool)) for group in groups]
+    whole_brains = [(np.concatenate([scores[c.case_id] for c in group]),
+                     np.concatenate([c.labels for c in group]).astype(bool)) for group in groups]
+    domain_bests = [balanced_best_threshold([part]) for part in lesion_slices]
+    candidates = np.unique(np.concatenate([s for s, _ in lesion_slices]))
+    worst = np.min([dice_curve(s, y, candidates) for s, y in lesion_slices], axis=0)
+    return {"lesion slices": balanced_best_threshold(lesion_slices),
+            "whole brain": balanced_best_threshold(whole_brains),
+            "maximin": float(candidates[int(np.argmax(worst))]),
+            "median of domain bests": float(np.median(domain_bests)),
+            "max of domain bests": float(np.max(domain_bests))}, domain_bests
+
+
+def load_grid_rows(scores: dict[str, np.ndarray], run, override, labels: np.ndarray) -> dict[str, tuple]:
+    """For each load reference: the signed load weight whose threshold transfers best between the
+    training domains (``metrics.held_out_group_dice``; ties to the weight nearest 0), its threshold
+    (the study's rule) and the test domain's Dice with it."""
+    rows = {}
+    for reference in LOAD_REFERENCES:
+        log_load = {c.case_id: load_offset(scores[c.case_id], 1.0, reference) for c in run.all_cases}
+        groups = [[(scores[c.case_id][c.validation], c.labels[c.validation], log_load[c.case_id]) for c in group]
+                  for group in run.groups]
+        transfer = {w: held_out_group_dice(loaded_parts(groups, w)) for w in SIGNED_LOAD_WEIGHTS}
+        weight = max(transfer, key=lambda w: (transfer[w], -abs(w)))
+        threshold = balanced_best_threshold(loaded_parts(groups, weight))
+        loaded = {k: v + np.float32(weight * log_load[k]) for k, v in scores.items()}
+        final = override(threshold, loaded) if override else loaded
+        rows[f"load ref {reference:g}"] = (weight, threshold, *dice_at(
+            np.concatenate([final[c.case_id] for c in run.test_cases]), labels, threshold))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a finished leave-one-domain-out study folder")
+    parser.add_argument("--image-size", type=int, required=True, help="the study's --image-size")
+    parser.add_argument("--rows", required=True, help="';'-separated study rows of that run")
+    parser.add_argument("--domains", default="benchmarks/domains.json")
+    parser.add_argument("--load-grid", action="store_true",
+                        help="also choose the '+load' rows' load weight on a signed grid, per load reference")
+    parser.add_argument("--save-scores", action="store_true",
+                        help="also write each fold's per-case scores of every row (before +cc, float16) and the "
+                             "cases' labels to RUN/threshold_scores/, for trying further rules without rescoring")
+    args = parser.parse_args()
+    study = json.loads((args.run / "study.json").read_text())
+    rows = args.rows.split(";")
+    settings = quick_settings(split="domains", image_size=args.image_size, seeds=(0,), device="cpu",
+                              methods=tuple(rows))
+    device = resolve_device("cpu")
+    files_by_domain = runner.study_cases(None, args.domains, settings)
+    networks = sorted({METHODS[m].network for m in rows if METHODS[m].kind == "adm"})
+    preparations = [network_config(n, settings, 0).preprocess for n in networks]
+    cases = {f.case_id: runner.load_case_data(f, settings, preparations, domain)
+             for domain, files in files_by_domain.items() for f in files}
+    domains = {name: [f.case_id for f in files] for name, files in files_by_domain.items()}
+    results: dict[str, dict] = {}
+    score_folder = args.run / "threshold_scores"
+    if args.save_scores:
+        score_folder.mkdir(exist_ok=True)
+        np.savez(score_folder / "cases.npz", **{f"{key}|{c.case_id}": getattr(c, key) for c in cases.values()
+                                                for key in ("labels", "validation")},
+                 **{f"domain|{c.case_id}": np.array(c.domain) for c in cases.values()})
+    for fold, (domain, test_ids) in enumerate(runner.study_splits(domains, settings)):
+        started = time.perf_counter()
+        fold_record = next(r for r in study["runs"] if r["seed"] == 0 and r["fold"] == fold)
+        record, run = runner._start_run(0, fold, domain, test_ids, cases, settings, networks, False)
+        specs = {m: as_chosen(m, fold_record, args.load_grid) for m in rows}
+        variants: dict[str, set] = {}
+        for spec in specs.values():
+            if spec.kind == "adm":
+                variants.setdefault(spec.network, set()).update(raw_variants(spec, settings))
+        trained = runner.train_networks(networks, settings, 0, run.training, device, args.run / "networks",
+                                        record["train"])
+        run.raw.update(runner.score_networks(trained, run.all_cases, variants, InferenceOptions(device)))
+        run.training.clear()
+        labels = np.concatenate([c.labels for c in run.test_cases]).astype(bool)
+        fold_scores = {}
+        for method, spec in specs.items():
+            scores = (runner.adm_method_scores(spec, run) if spec.kind == "adm"
+                      else runner.baseline_method_scores(method, spec, run))[0]
+            fold_scores.update({f"{method}|{k}": v.astype(np.float16) for k, v in scores.items()})
+            override = runner._component_override(run.test_cases, settings.min_component_mm3, scores) \
+                if spec.small_components else None
+            thresholds, domain_bests = rule_thresholds(scores, run.groups)
+            row = {"training domain bests (in sample)": domain_bests,
+                   "test best (before +cc)": balanced_best_threshold(
+                       [(np.concatenate([scores[c.case_id] for c in run.test_cases]), labels)])}
+            for rule, threshold in thresholds.items():
+                final = override(threshold) if override else scores
+                row[rule] = (threshold, *dice_at(np.concatenate([final[c.case_id] for c in run.test_cases]), labels,
+                                                 threshold))
+            if args.load_grid and METHODS[method].load_weights:
+                row.update(load_grid_rows(scores, run, override and (
+                    lambda t, s: runner._component_override(run.test_cases, settings.min_component_mm3, s)(t)), labels))
+            results.setdefault(domain, {})[method] = row
+            print(f"{domain} | {method} | " + " | ".join(
+                f"{k}: " + ", ".join(f"{v:.3f}" for v in np.atleast_1d(value)) for k, value in row.items()), flush=True)
+        if args.save_scores:
+            np.savez(score_folder / f"fold{fold}.npz", test_domain=np.array(domain), **fold_scores)
+        print(f"{domain}: {time.perf_counter() - started:.0f} s", flush=True)
+    (args.run / "threshold_rules.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
