@@ -1,0 +1,118 @@
+"""Per-case threshold rules and score sums, offline, on ``threshold_rules.py --save-scores`` output.
+
+Reads ``RUN/threshold_scores/`` (each fold's per-case scores of the study's rows, before ``+cc``) and, per
+left-out domain, prints the test domain's pooled Dice (before ``+cc``) under rules chosen on the training
+domains' lesion slices, each beside the test domain's own best Dice (out of reach without its labels):
+
+- ``global``: the study's rule, one threshold (``metrics.balanced_best_threshold``);
+- ``peak``: each case's threshold ``max(t, alpha x its brain's 99.9th percentile)``, ``t`` and ``alpha``
+  chosen jointly (highest mean Dice over the training domains; ties to the smaller ``alpha``), so that a
+  case whose lesion scores far above the rest is cut relative to its own peak;
+- ``--sum A;B``: row A's score plus ``beta`` x row B's for each ``beta`` of ``--betas``, one global threshold.
+
+    .venv/bin/python benchmarks/threshold_rules.py runs/domains_cmc_s --image-size 64 --save-scores \\
+        --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
+    .venv/bin/python benchmarks/threshold_scores_rules.py runs/domains_cmc_s \\
+        --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)" \\
+        --sum "ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ADMAnomalyLib.metrics import balanced_best_threshold  # noqa: E402
+
+ALPHAS = tuple(round(a, 2) for a in np.arange(0.0, 1.001, 0.05))
+PEAK_QUANTILE = 0.999
+
+
+class SortedCase:
+    """One case's lesion and non-lesion scores, sorted, so that Dice counts at any threshold are searches."""
+
+    def __init__(self, scores: np.ndarray, labels: np.ndarray):
+        self.positives, self.negatives = np.sort(scores[labels]), np.sort(scores[~labels])
+
+    def counts(self, threshold: float) -> tuple[int, int, int]:
+        true_positives = self.positives.size - np.searchsorted(self.positives, threshold, side="left")
+        false_positives = self.negatives.size - np.searchsorted(self.negatives, threshold, side="left")
+        return int(true_positives), int(false_positives), self.positives.size
+
+
+def pooled_dice(cases: list[SortedCase], thresholds: list[float]) -> float:
+    tp, fp, positives = np.sum([case.counts(t) for case, t in zip(cases, thresholds)], axis=0)
+    return 2.0 * tp / max(tp + fp + positives, 1)
+
+
+def fold_figures(scores: dict[str, np.ndarray], labels, validation, domain, test_domain: str,
+                 with_peak: bool = True) -> dict[str, str]:
+    train_domains = sorted({domain[i] for i in scores} - {test_domain})
+    groups = [[i for i in scores if domain[i] == d] for d in train_domains]
+    test_ids = [i for i in scores if domain[i] == test_domain]
+    lesion_slices = {i: SortedCase(scores[i][validation[i]], labels[i][validation[i]]) for g in groups for i in g}
+    whole_brains = [SortedCase(scores[i], labels[i]) for i in test_ids]
+    test_scores = np.concatenate([scores[i] for i in test_ids])
+    test_labels = np.concatenate([labels[i] for i in test_ids])
+    best = pooled_dice(whole_brains, [balanced_best_threshold([(test_scores, test_labels)])] * len(test_ids))
+    global_threshold = balanced_best_threshold(
+        [(np.concatenate([scores[i][validation[i]] for i in g]), np.concatenate([labels[i][validation[i]] for i in g]))
+         for g in groups])
+    figures = {"global": f"{pooled_dice(whole_brains, [global_threshold] * len(test_ids)):.3f} (t {global_threshold:.2f})",
+               "test best": f"{best:.3f}"}
+    if not with_peak:
+        return figures
+    peak = {i: float(np.quantile(s, PEAK_QUANTILE)) for i, s in scores.items()}
+    pooled = np.concatenate([scores[i][validation[i]] for g in groups for i in g])
+    candidates = np.unique(np.quantile(pooled, np.linspace(0.5, 0.9999, 120)))
+
+    def training_dice(threshold: float, alpha: float) -> float:
+        return float(np.mean([pooled_dice([lesion_slices[i] for i in g], [max(threshold, alpha * peak[i]) for i in g])
+                              for g in groups]))
+
+    _, threshold, alpha = max(((training_dice(t, a), t, a) for a in ALPHAS for t in candidates),
+                              key=lambda x: (x[0], -x[2]))
+    figures["peak"] = (f"{pooled_dice(whole_brains, [max(threshold, alpha * peak[i]) for i in test_ids]):.3f} "
+                       f"(t {threshold:.2f}, alpha {alpha:g})")
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a run folder with threshold_scores/ from threshold_rules.py --save-scores")
+    parser.add_argument("--rows", default="", help="';'-separated rows to try the per-case rules on")
+    parser.add_argument("--sum", default="", help="'A;B': also score A + beta x B")
+    parser.add_argument("--betas", default="0,0.1,0.2,0.3,0.5,1")
+    args = parser.parse_args()
+    folder = args.run / "threshold_scores"
+    cases = np.load(folder / "cases.npz")
+    ids = sorted({key.split("|", 1)[1] for key in cases.files})
+    domain = {i: str(cases[f"domain|{i}"]) for i in ids}
+    labels = {i: cases[f"labels|{i}"].astype(bool) for i in ids}
+    validation = {i: cases[f"validation|{i}"].astype(bool) for i in ids}
+    for fold in sorted(folder.glob("fold*.npz")):
+        saved = np.load(fold)
+        test_domain = str(saved["test_domain"])
+
+        def row_scores(row: str) -> dict[str, np.ndarray]:
+            return {i: saved[f"{row}|{i}"].astype(np.float32) for i in ids}
+
+        for row in filter(None, args.rows.split(";")):
+            figures = fold_figures(row_scores(row), labels, validation, domain, test_domain)
+            print(f"{test_domain} | {row} | " + " | ".join(f"{k}: {v}" for k, v in figures.items()), flush=True)
+        if args.sum:
+            first, second = (row_scores(row) for row in args.sum.split(";"))
+            for beta in (float(b) for b in args.betas.split(",")):
+                summed = {i: first[i] + np.float32(beta) * second[i] for i in ids}
+                figures = fold_figures(summed, labels, validation, domain, test_domain, with_peak=False)
+                print(f"{test_domain} | sum, beta {beta:g} | global: {figures['global']} | test best: {figures['test best']}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
