@@ -236,14 +236,18 @@ def balanced_best_threshold(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> f
     if not parts:
         return math.nan
     candidates = np.unique(np.concatenate([s for s, _ in parts]))
-    mean_dice = np.zeros(candidates.size)
-    for s, y in parts:
-        positives, negatives = np.sort(s[y]), np.sort(s[~y])
-        tp = positives.size - np.searchsorted(positives, candidates, side="left")
-        fp = negatives.size - np.searchsorted(negatives, candidates, side="left")
-        mean_dice += 2.0 * tp / (tp + fp + positives.size)
+    mean_dice = np.sum([dice_curve(s, y, candidates) for s, y in parts], axis=0)
     best = candidates.size - 1 - int(np.argmax(mean_dice[::-1]))
     return float(candidates[best])
+
+
+def dice_curve(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Dice of ``scores >= t`` against bool ``labels`` for every ``t`` of ``thresholds`` at once (sorted
+    counts: one sort, then a search per threshold); 0 where there is nothing to score."""
+    positives, negatives = np.sort(scores[labels]), np.sort(scores[~labels])
+    tp = positives.size - np.searchsorted(positives, thresholds, side="left")
+    fp = negatives.size - np.searchsorted(negatives, thresholds, side="left")
+    return 2.0 * tp / np.maximum(tp + fp + positives.size, 1)
 
 
 def held_out_group_dice(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ADMAnomalyLib.device import resolve_device  # noqa: E402
 from ADMAnomalyLib.infer import InferenceOptions  # noqa: E402
-from ADMAnomalyLib.metrics import balanced_best_threshold, held_out_group_dice, loaded_parts  # noqa: E402
+from ADMAnomalyLib.metrics import (balanced_best_threshold, choose_load_weight, dice_curve, loaded_parts,  # noqa: E402
+                                   threshold_metrics)
 from ADMAnomalyLib.postprocess import load_offset  # noqa: E402
 from ADMAnomalyLib.study import runner  # noqa: E402
 from ADMAnomalyLib.study.methods import METHODS, MethodSpec, network_config, quick_settings, raw_variants  # noqa: E402
@@ -62,21 +63,6 @@ def as_chosen(method: str, fold_record: dict, load_grid: bool) -> MethodSpec:
     return dataclasses.replace(spec, postprocess=post, search=(), load_weights=())
 
 
-def dice_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[float, float, float]:
-    predicted = scores >= np.float32(threshold)
-    tp = int((predicted & labels).sum())
-    return (2 * tp / max(int(predicted.sum()) + int(labels.sum()), 1), tp / max(int(predicted.sum()), 1),
-            tp / max(int(labels.sum()), 1))
-
-
-def dice_curve(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Dice of ``scores >= t`` for every ``t`` of ``thresholds`` (sorted counts, as ``balanced_best_threshold``)."""
-    positives, negatives = np.sort(scores[labels]), np.sort(scores[~labels])
-    tp = positives.size - np.searchsorted(positives, thresholds, side="left")
-    fp = negatives.size - np.searchsorted(negatives, thresholds, side="left")
-    return 2.0 * tp / np.maximum(tp + fp + positives.size, 1)
-
-
 def rule_thresholds(scores: dict[str, np.ndarray], groups) -> tuple[dict[str, float], list[float]]:
     lesion_slices = [(np.concatenate([scores[c.case_id][c.validation] for c in group]),
                       np.concatenate([c.labels[c.validation] for c in group]).astype(bool)) for group in groups]
@@ -92,22 +78,33 @@ def rule_thresholds(scores: dict[str, np.ndarray], groups) -> tuple[dict[str, fl
             "max of domain bests": float(np.max(domain_bests))}, domain_bests
 
 
-def load_grid_rows(scores: dict[str, np.ndarray], run, override, labels: np.ndarray) -> dict[str, tuple]:
+def test_dice(scores: dict[str, np.ndarray], run, threshold: float, small_components: bool,
+              min_component_mm3: float) -> tuple[float, float, float]:
+    """Dice, precision and recall of the test domain's pooled whole brains at ``threshold``, after ``+cc``
+    when the row has it (as the study scores a row)."""
+    if small_components:
+        scores = runner._component_override(run.test_cases, min_component_mm3, scores)(threshold)
+    at = threshold_metrics(np.concatenate([scores[c.case_id] for c in run.test_cases]),
+                           np.concatenate([c.labels for c in run.test_cases]).astype(bool), threshold)
+    return at.dice, at.precision, at.recall
+
+
+def load_grid_rows(scores: dict[str, np.ndarray], run, small_components: bool,
+                   min_component_mm3: float) -> dict[str, tuple]:
     """For each load reference: the signed load weight whose threshold transfers best between the
-    training domains (``metrics.held_out_group_dice``; ties to the weight nearest 0), its threshold
-    (the study's rule) and the test domain's Dice with it."""
+    training domains (``metrics.choose_load_weight``'s figures, ties to the weight nearest 0 rather than
+    the smallest, since the grid is signed), its threshold (the study's rule) and the test domain's Dice."""
     rows = {}
     for reference in LOAD_REFERENCES:
         log_load = {c.case_id: load_offset(scores[c.case_id], 1.0, reference) for c in run.all_cases}
         groups = [[(scores[c.case_id][c.validation], c.labels[c.validation], log_load[c.case_id]) for c in group]
                   for group in run.groups]
-        transfer = {w: held_out_group_dice(loaded_parts(groups, w)) for w in SIGNED_LOAD_WEIGHTS}
+        _, transfer = choose_load_weight(groups, SIGNED_LOAD_WEIGHTS)
         weight = max(transfer, key=lambda w: (transfer[w], -abs(w)))
         threshold = balanced_best_threshold(loaded_parts(groups, weight))
         loaded = {k: v + np.float32(weight * log_load[k]) for k, v in scores.items()}
-        final = override(threshold, loaded) if override else loaded
-        rows[f"load ref {reference:g}"] = (weight, threshold, *dice_at(
-            np.concatenate([final[c.case_id] for c in run.test_cases]), labels, threshold))
+        rows[f"load ref {reference:g}"] = (weight, threshold,
+                                           *test_dice(loaded, run, threshold, small_components, min_component_mm3))
     return rows
 
 
@@ -160,19 +157,15 @@ def main() -> None:
             scores = (runner.adm_method_scores(spec, run) if spec.kind == "adm"
                       else runner.baseline_method_scores(method, spec, run))[0]
             fold_scores.update({f"{method}|{k}": v.astype(np.float16) for k, v in scores.items()})
-            override = runner._component_override(run.test_cases, settings.min_component_mm3, scores) \
-                if spec.small_components else None
             thresholds, domain_bests = rule_thresholds(scores, run.groups)
             row = {"training domain bests (in sample)": domain_bests,
                    "test best (before +cc)": balanced_best_threshold(
                        [(np.concatenate([scores[c.case_id] for c in run.test_cases]), labels)])}
             for rule, threshold in thresholds.items():
-                final = override(threshold) if override else scores
-                row[rule] = (threshold, *dice_at(np.concatenate([final[c.case_id] for c in run.test_cases]), labels,
-                                                 threshold))
+                row[rule] = (threshold, *test_dice(scores, run, threshold, spec.small_components,
+                                                   settings.min_component_mm3))
             if args.load_grid and METHODS[method].load_weights:
-                row.update(load_grid_rows(scores, run, override and (
-                    lambda t, s: runner._component_override(run.test_cases, settings.min_component_mm3, s)(t)), labels))
+                row.update(load_grid_rows(scores, run, spec.small_components, settings.min_component_mm3))
             results.setdefault(domain, {})[method] = row
             print(f"{domain} | {method} | " + " | ".join(
                 f"{k}: " + ", ".join(f"{v:.3f}" for v in np.atleast_1d(value)) for k, value in row.items()), flush=True)

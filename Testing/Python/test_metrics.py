@@ -23,6 +23,7 @@ from ADMAnomalyLib.metrics import (
     choose_load_weight,
     held_out_group_dice,
     detection_metrics,
+    dice_curve,
     json_safe,
     pooled_and_per_case,
     threshold_metrics,
@@ -230,6 +231,17 @@ def test_balanced_threshold_is_best_f1_for_one_group_and_averages_dice_over_grou
     balanced = balanced_best_threshold([(big_s, big_y), (small_s, small_y)])
     assert balanced > pooled
     assert np.isnan(balanced_best_threshold([(small_s, np.zeros(100, bool))]))
+
+
+def test_dice_curve_equals_dice_at_each_threshold():
+    rng = np.random.default_rng(3)
+    labels = rng.random(3000) < 0.05
+    scores = (rng.normal(0, 1, 3000) + 2.5 * labels).astype(np.float32)
+    thresholds = np.r_[np.sort(scores[::97]), scores.max() + 1]
+    expected = [threshold_metrics(scores, labels, float(t)).dice for t in thresholds]
+    np.testing.assert_allclose(dice_curve(scores, labels, thresholds), expected, rtol=1e-12)
+    assert dice_curve(scores, labels, thresholds)[-1] == 0.0
+    assert dice_curve(scores, np.zeros(3000, bool), thresholds[:1])[0] == 0.0
 
 
 def test_held_out_group_dice_measures_how_a_threshold_transfers():
