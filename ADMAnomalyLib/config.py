@@ -177,6 +177,12 @@ class PostprocessConfig:
     a new site's normal tissue, above all its tissue boundaries, as improbable as lesions
     (docs/domain_analysis.md); the case's own mixture does not, while the FLAIR-hyperintense lesions
     it leaves out stay improbable. False is the faithful ADM."""
+    case_mixture_share: float = 1.0
+    """With ``case_mixture``: the energy is ``share`` x the case mixture's energy plus ``1 - share`` x
+    the frozen mixture's, i.e. minus the log of the two densities' weighted geometric mean. A voxel
+    then scores high only where the training sites' normal tissue and the case's own both find it
+    improbable: the frozen mixture keeps what was learnt of normal anatomy, the case's removes the
+    site's own tissue from the evidence. 1 = the case mixture alone; must lie in (0, 1]."""
     smoothing_sigma_mm: float = 0.0
     """3-D Gaussian smoothing of E on the native grid (sigma in mm; normalised inside the brain,
     so background never leaks in); 0 = off."""
@@ -225,6 +231,9 @@ class PostprocessConfig:
     unseen sites lie in CSF, grey matter and tissue boundaries, which are not."""
 
     def __post_init__(self) -> None:
+        if not 0 < self.case_mixture_share <= 1:
+            raise ValueError(f"postprocess.case_mixture_share must lie in (0, 1], got {self.case_mixture_share!r} "
+                             "(the frozen mixture alone is postprocess.case_mixture=false)")
         if not self.load_weight >= 0:
             raise ValueError(f"postprocess.load_weight must be >= 0, got {self.load_weight!r}")
         if self.load_weight and self.standardise == "none":

@@ -138,7 +138,8 @@ def energy_slices(
     ``x_hat_ct`` (M, C, N, N) may hold these slices' CtoC translations (:func:`ctoc_translations`);
     otherwise a CtoC with ``model.ctoc_context_slices`` needs their ``neighbours`` (M, 2c·4, N, N).
     With ``case_mixture`` the slices are one case's, scored with the mixture :func:`case_mixture_of`
-    fits to their normal-looking pixels instead of the frozen training mixture."""
+    fits to their normal-looking pixels instead of the frozen training mixture, or with both, weighted
+    by ``postprocess.case_mixture_share``."""
     if model.gmm is None:
         raise ValueError("the model's mixture has not been fitted")
     options = options.checked()
@@ -168,14 +169,17 @@ def energy_slices(
                 flair.append(x[:, CONTRASTS.index("flair")][b])
             if progress is not None:
                 progress(min(start + batch_size, total), total)
-        mixture = model.gmm.to(device)
+        weighted = [(1.0, model.gmm.to(device))]
         if case_mixture and features:
-            mixture = case_mixture_of(model, torch.cat(features), torch.cat(flair))
+            share = model.config.postprocess.case_mixture_share
+            weighted = [(share, case_mixture_of(model, torch.cat(features), torch.cat(flair)))]
+            if share < 1:
+                weighted.append((1.0 - share, model.gmm.to(device)))
         result = np.zeros(brain.shape, dtype=np.float32)
         for start, z, b in zip(range(0, total, batch_size), features, masks):
-            # The mixture is evaluated at brain pixels only (the rest is 0 and masked by the caller).
+            # The mixtures are evaluated at brain pixels only (the rest is 0 and masked by the caller).
             chunk = torch.zeros(b.shape, dtype=torch.float32, device=device)
-            chunk[b] = energy(z, mixture).float()
+            chunk[b] = sum(weight * energy(z, mixture).float() for weight, mixture in weighted)
             result[start : start + len(b)] = chunk.cpu().numpy()
     return result
 

@@ -92,8 +92,12 @@ NORMAL_CUTOFFS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.0, -0.5)
 """Candidate ``normal_max_flair_z`` of a case mixture: the highest FLAIR z of the pixels its mixture is
 estimated over (the default, 1, first: it stays on ties). With (1, 0.5, 0.25) every fold of the 64 px
 study chose 0.25, the edge, so the grid reaches below the brain's typical FLAIR."""
+CASE_MIXTURE_SHARES: tuple[float, ...] = (0.5, 1.0, 0.25)
+"""Candidate ``case_mixture_share`` of a blend of the case and the frozen mixture (equal weights first:
+it stays on ties)."""
 POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "normal_max_flair_z": NORMAL_CUTOFFS,
+    "case_mixture_share": CASE_MIXTURE_SHARES,
     "smoothing_sigma_mm": (0.0, 2.0),
     "rim_erosion_mm": (0.0, 3.0),
     "flair_weight": FLAIR_WEIGHTS,
@@ -102,7 +106,7 @@ POST_CANDIDATES: dict[str, tuple[float, ...]] = {
 """Candidate values of the post-processing fields a method chooses on validation (``search``)."""
 POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
 """The '+post' search order: one field at a time (greedy, 11 configurations instead of 84)."""
-RAW_SEARCH_FIELDS = frozenset({"normal_max_flair_z"})
+RAW_SEARCH_FIELDS = frozenset({"normal_max_flair_z", "case_mixture_share"})
 """Searched fields that change a case mixture's raw energies, not only their post-processing: each
 candidate is scored by the networks (:func:`raw_variants`)."""
 
@@ -164,13 +168,16 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
-                 case_mixture: bool = False, choose_cutoff: bool = False) -> MethodSpec:
+                 case_mixture: bool = False, choose_cutoff: bool = False, blend: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
-    mixture, whose normal-tissue cut-off the search chooses first with ``choose_cutoff``."""
-    post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {})}
-    search = (("normal_max_flair_z",) if choose_cutoff else ()) + POST_SEARCH
+    mixture, whose normal-tissue cut-off the search chooses first with ``choose_cutoff``; with ``blend``
+    the case mixture's energy blended with the frozen one's, its share chosen after the cut-off."""
+    post = {"standardise": standardise, **({"case_mixture": True} if case_mixture or blend else {}),
+            **({"case_mixture_share": CASE_MIXTURE_SHARES[0]} if blend else {})}
+    search = ((("normal_max_flair_z",) if choose_cutoff or blend else ())
+              + (("case_mixture_share",) if blend else ()) + POST_SEARCH)
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       small_components=True, load_weights=LOAD_WEIGHTS if load else ())
 
@@ -306,6 +313,18 @@ METHODS: dict[str, MethodSpec] = {
                                                        "post-processing, standardised on the case's FLAIR-normal "
                                                        "tissue, and the load term", load=True, case_mixture=True,
                                                        choose_cutoff=True),
+    "ADM+ F blend*": MethodSpec("adm", "improvement", "ADM+ F scored with the frozen and the case mixture: -log "
+                                "of their weighted geometric mean, the case mixture's cut-off and share chosen on "
+                                "the training domains' validation AUPRC", "ADM+ F",
+                                {"case_mixture": True, "case_mixture_share": CASE_MIXTURE_SHARES[0]},
+                                search=("normal_max_flair_z", "case_mixture_share")),
+    "ADM+ F blend* +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F scored with the frozen and the "
+                                                     "case mixture (-log of their weighted geometric mean; cut-off "
+                                                     "and share chosen on validation), the bundled post-processing",
+                                                     load=True, blend=True),
+    "ADM+ F blend* +post+cc (normal+load)": _post_cc_row("ADM+ F", "normal", "ADM+ F blend* with the +post+cc "
+                                                          "post-processing standardised on the case's FLAIR-normal "
+                                                          "tissue, and the load term", load=True, blend=True),
     "ADM+ F +post+cc (none)": _post_cc_row("ADM+ F", "none", "ADM+ F +post+cc with no standardisation last: the "
                                            "threshold on the scale of the standardised energy plus w x FLAIR z"),
 }
@@ -327,7 +346,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F ctx tp", "ADM+ F ctx tp +post+cc (z+load)", "ADM cm", "ADM+ F cm",
                                     "ADM+ F cm +post+cc (z+load)", "ADM cm*", "ADM+ F cm*",
                                     "ADM cm* +post+cc (normal+load)", "ADM+ F cm* +post+cc (z+load)",
-                                    "ADM+ F cm* +post+cc (normal+load)")
+                                    "ADM+ F cm* +post+cc (normal+load)", "ADM+ F blend*", "ADM+ F blend* +post+cc (z+load)",
+                                    "ADM+ F blend* +post+cc (normal+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
@@ -351,19 +371,24 @@ def postprocess_for(spec: MethodSpec, settings: StudySettings) -> PostprocessCon
     return PostprocessConfig(**values)
 
 
-def mixture_cutoff(post: PostprocessConfig) -> float | None:
-    """The FLAIR z cut-off of the pixels a case mixture is estimated over; None: the frozen mixture."""
-    return post.normal_max_flair_z if post.case_mixture else None
+MixtureVariant = tuple[float, float] | None
+"""How a raw energy's mixture is made: None, the frozen mixture; else a case mixture's (FLAIR z cut-off
+of the pixels it is estimated over, its share beside the frozen mixture)."""
 
 
-def raw_variants(spec: MethodSpec, settings: StudySettings) -> set[tuple[bool, float | None]]:
-    """The (flip TTA, :func:`mixture_cutoff`) raw energies an ADM row reads: one, or one per candidate
-    when it searches a :data:`RAW_SEARCH_FIELDS` field."""
+def mixture_variant(post: PostprocessConfig) -> MixtureVariant:
+    """The :data:`MixtureVariant` of ``post``."""
+    return (post.normal_max_flair_z, post.case_mixture_share) if post.case_mixture else None
+
+
+def raw_variants(spec: MethodSpec, settings: StudySettings) -> set[tuple[bool, MixtureVariant]]:
+    """The (flip TTA, :func:`mixture_variant`) raw energies an ADM row reads: one, or one per candidate
+    (combination) when it searches :data:`RAW_SEARCH_FIELDS` fields."""
     post = postprocess_for(spec, settings)
     candidates = [post]
     for name in RAW_SEARCH_FIELDS.intersection(spec.search):
         candidates = [dataclasses.replace(c, **{name: v}) for c in candidates for v in POST_CANDIDATES[name]]
-    return {(c.flip_tta, mixture_cutoff(c)) for c in candidates}
+    return {(c.flip_tta, mixture_variant(c)) for c in candidates}
 
 
 def network_config(name: str, settings: StudySettings, seed: int) -> ADMConfig:

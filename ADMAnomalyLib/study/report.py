@@ -455,7 +455,9 @@ def _post_text(post: dict[str, Any]) -> str:
     if post.get("flip_tta"):
         parts.append("flip TTA")
     if post.get("case_mixture"):
-        parts.append("each case's own mixture")
+        share = post.get("case_mixture_share", 1.0)
+        parts.append("each case's own mixture" + ("" if share == 1 else f" ({share:g} of the energy, the frozen "
+                                                                        "mixture the rest)"))
     if post.get("smoothing_sigma_mm"):
         parts.append(f"Gaussian sigma {post['smoothing_sigma_mm']:g} mm")
     if post.get("rim_erosion_mm"):

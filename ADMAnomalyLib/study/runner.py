@@ -37,8 +37,8 @@ from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices
 from ..train import Trainer, masked_mse
 from ..domains import load_domains
 from ..api import with_postprocess
-from .methods import (METHODS, POST_CANDIDATES, MethodSpec, StudySettings, baseline_preprocess, ctoc_groups,
-                      mixture_cutoff, network_config, postprocess_for, preprocess_key, raw_variants,
+from .methods import (METHODS, POST_CANDIDATES, MethodSpec, MixtureVariant, StudySettings, baseline_preprocess,
+                      ctoc_groups, mixture_variant, network_config, postprocess_for, preprocess_key, raw_variants,
                       training_context, training_key)
 
 STUDY_VERSION = 2
@@ -206,18 +206,22 @@ def raw_energy(model, case: CaseData, options: InferenceOptions, translations: d
     return sitk.GetArrayFromImage(image)[case.brain]
 
 
-def raw_key(network: str, flip_tta: bool = False, mixture_cutoff: float | None = None) -> str:
+def raw_key(network: str, flip_tta: bool = False, mixture: MixtureVariant = None) -> str:
     """Key of a network's raw energies in :attr:`RunData.raw`: flip TTA and the case mixture (its
-    normal-tissue cut-off, :func:`~.methods.mixture_cutoff`; None: the frozen mixture) are the
-    inference settings that change them (every other post-processing step works on them)."""
-    return network + ("|flip" if flip_tta else "") + ("" if mixture_cutoff is None else f"|case<={mixture_cutoff:g}")
+    normal-tissue cut-off and share, :func:`~.methods.mixture_variant`; None: the frozen mixture) are
+    the inference settings that change them (every other post-processing step works on them)."""
+    key = network + ("|flip" if flip_tta else "")
+    if mixture is not None:
+        cutoff, share = mixture
+        key += f"|case<={cutoff:g}" + ("" if share == 1 else f"|share={share:g}")
+    return key
 
 
 def score_networks(trained: TrainedNetworks, cases: Sequence[CaseData],
-                   variants: dict[str, set[tuple[bool, float | None]]],
+                   variants: dict[str, set[tuple[bool, MixtureVariant]]],
                    options: InferenceOptions) -> dict[str, dict[str, np.ndarray]]:
     """Raw energies ``{raw_key: {case: (N,)}}`` of every network, plainly and in each of its
-    ``variants`` ``{network: {(flip_tta, mixture_cutoff)}}``. The translations of a CtoC group are
+    ``variants`` ``{network: {(flip_tta, mixture_variant)}}``. The translations of a CtoC group are
     computed once per case (and mirror) and dropped after its networks have scored the case, so only
     one case's translations are held at a time."""
     scores: dict[str, dict[str, np.ndarray]] = {}
@@ -229,13 +233,13 @@ def score_networks(trained: TrainedNetworks, cases: Sequence[CaseData],
                 prepared = case.preparation(ctoc_model.config.preprocess)
                 translations = {m: ctoc_translations(ctoc_model, prepared, options, m) for m in mirrors}
             for name in members:
-                for flip, cutoff in sorted({(False, None)} | variants.get(name, set()), key=repr):
-                    # The cut-off reaches the case mixture the way a console user tries one: the
-                    # model with other post-processing.
-                    model = trained.models[name] if cutoff is None else with_postprocess(
-                        trained.models[name], {"normal_max_flair_z": cutoff})
-                    scores.setdefault(raw_key(name, flip, cutoff), {})[case.case_id] = raw_energy(
-                        model, case, dataclasses.replace(options, flip_tta=flip, case_mixture=cutoff is not None),
+                for flip, mixture in sorted({(False, None)} | variants.get(name, set()), key=repr):
+                    # The cut-off and share reach the case mixture the way a console user tries them:
+                    # the model with other post-processing.
+                    model = trained.models[name] if mixture is None else with_postprocess(
+                        trained.models[name], {"normal_max_flair_z": mixture[0], "case_mixture_share": mixture[1]})
+                    scores.setdefault(raw_key(name, flip, mixture), {})[case.case_id] = raw_energy(
+                        model, case, dataclasses.replace(options, flip_tta=flip, case_mixture=mixture is not None),
                         translations)
     return scores
 
@@ -669,7 +673,7 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
     post = postprocess_for(spec, settings)
 
     def key_of(candidate: PostprocessConfig) -> str:
-        return raw_key(spec.network, candidate.flip_tta, mixture_cutoff(candidate))
+        return raw_key(spec.network, candidate.flip_tta, mixture_variant(candidate))
 
     prep = network_config(spec.network, settings, 0).preprocess
 

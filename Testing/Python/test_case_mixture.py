@@ -87,7 +87,8 @@ def test_predict_with_a_case_mixture_equals_the_studys_raw_energies(trained_mode
     study_energy = raw_energy(model, case, dataclasses.replace(options, case_mixture=True), translations)
     np.testing.assert_array_equal(study_energy, product[case.brain])
     assert not np.allclose(product[case.brain], frozen[case.brain])
-    assert raw_key("ADM+ F", False, 1.0) == "ADM+ F|case<=1" and raw_key("ADM", True) == "ADM|flip"
+    assert raw_key("ADM+ F", False, (1.0, 1.0)) == "ADM+ F|case<=1" and raw_key("ADM", True) == "ADM|flip"
+    assert raw_key("ADM+ F", False, (0.25, 0.5)) == "ADM+ F|case<=0.25|share=0.5"
 
 
 def test_the_studys_cut_off_candidates_score_as_predict_does_with_that_cut_off(trained_model, cohort):
@@ -96,12 +97,12 @@ def test_the_studys_cut_off_candidates_score_as_predict_does_with_that_cut_off(t
     images = {c: sitk.ReadImage(str(p)) for c, p in files.contrasts.items()}
     settings = study.quick_settings(preset="tiny", image_size=model.config.preprocess.image_size, device="cpu")
     spec = study.METHODS["ADM+ F cm*"]
-    assert study.methods.raw_variants(spec, settings) == {(False, c) for c in study.methods.NORMAL_CUTOFFS}
-    assert study.methods.raw_variants(study.METHODS["ADM+ F cm"], settings) == {(False, 1.0)}
+    assert study.methods.raw_variants(spec, settings) == {(False, (c, 1.0)) for c in study.methods.NORMAL_CUTOFFS}
+    assert study.methods.raw_variants(study.METHODS["ADM+ F cm"], settings) == {(False, (1.0, 1.0))}
     assert study.methods.raw_variants(study.METHODS["ADM+ F"], settings) == {(False, None)}
     case = study.load_case_data(files, settings)
     trained = study.runner.TrainedNetworks({"net": model}, [(model, ["net"])], {})
-    scores = study.runner.score_networks(trained, [case], {"net": {(False, 0.25), (False, 1.0)}},
+    scores = study.runner.score_networks(trained, [case], {"net": {(False, (0.25, 1.0)), (False, (1.0, 1.0))}},
                                          InferenceOptions("cpu"))
     assert set(scores) == {"net", "net|case<=0.25", "net|case<=1"}
     for cutoff in (0.25, 1.0):
@@ -110,6 +111,39 @@ def test_the_studys_cut_off_candidates_score_as_predict_does_with_that_cut_off(t
         np.testing.assert_array_equal(scores[f"net|case<={cutoff:g}"][case.case_id],
                                       sitk.GetArrayFromImage(product)[case.brain])
     assert not np.allclose(scores["net|case<=0.25"][case.case_id], scores["net|case<=1"][case.case_id])
+
+
+def test_a_blended_mixture_is_the_shares_of_the_case_and_frozen_energies(trained_model, cohort):
+    """``case_mixture_share`` < 1: each pixel's energy is share x the case mixture's plus the rest x the
+    frozen mixture's; the study scores each (cut-off, share) candidate as predict does with it."""
+    model = api.load_model(trained_model)
+    files = find_cases(cohort / "synth_1")[0]
+    prepared = prepare_case(load_case(files), model.config.preprocess)
+    index = np.flatnonzero(prepared.has_brain)
+    slices, brain = prepared.slices[index], prepared.brain[index]
+    options = InferenceOptions("cpu", precision="fp32")
+    frozen = energy_slices(model, slices, brain, options)[brain].astype(np.float64)
+    alone = energy_slices(model, slices, brain, options, case_mixture=True)[brain].astype(np.float64)
+    blended = energy_slices(api.with_postprocess(model, {"case_mixture_share": 0.25}), slices, brain, options,
+                            case_mixture=True)[brain]
+    np.testing.assert_allclose(blended, 0.25 * alone + 0.75 * frozen, rtol=1e-5, atol=1e-4)
+    assert not np.allclose(blended, alone) and not np.allclose(blended, frozen)
+    for share in (0.0, 1.5, float("nan")):
+        with pytest.raises(InputError, match="case_mixture_share"):
+            api.with_postprocess(model, {"case_mixture_share": share})
+
+    settings = study.quick_settings(preset="tiny", image_size=model.config.preprocess.image_size, device="cpu")
+    spec = study.METHODS["ADM+ F blend* +post+cc (z+load)"]
+    assert study.methods.raw_variants(spec, settings) == {
+        (False, (c, s)) for c in study.methods.NORMAL_CUTOFFS for s in study.methods.CASE_MIXTURE_SHARES}
+    case = study.load_case_data(files, settings)
+    trained = study.runner.TrainedNetworks({"net": model}, [(model, ["net"])], {})
+    scores = study.runner.score_networks(trained, [case], {"net": {(False, (0.5, 0.5))}}, InferenceOptions("cpu"))
+    images = {c: sitk.ReadImage(str(p)) for c, p in files.contrasts.items()}
+    product = api.predict(api.with_postprocess(model, {"case_mixture": True, "normal_max_flair_z": 0.5,
+                                                       "case_mixture_share": 0.5}), images, device="cpu").energy
+    np.testing.assert_array_equal(scores["net|case<=0.5|share=0.5"][case.case_id],
+                                  sitk.GetArrayFromImage(product)[case.brain])
 
 
 def _site_shifted(prepared, offset: float):
