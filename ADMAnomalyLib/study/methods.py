@@ -168,16 +168,17 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
-                 case_mixture: bool = False, choose_cutoff: bool = False, blend: bool = False) -> MethodSpec:
+                 case_mixture: bool = False, choose_cutoff: bool = False, share: float = 1.0,
+                 choose_share: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
-    mixture, whose normal-tissue cut-off the search chooses first with ``choose_cutoff``; with ``blend``
-    the case mixture's energy blended with the frozen one's, its share chosen after the cut-off."""
-    post = {"standardise": standardise, **({"case_mixture": True} if case_mixture or blend else {}),
-            **({"case_mixture_share": CASE_MIXTURE_SHARES[0]} if blend else {})}
-    search = ((("normal_max_flair_z",) if choose_cutoff or blend else ())
-              + (("case_mixture_share",) if blend else ()) + POST_SEARCH)
+    mixture (``share`` of the energy, the frozen mixture the rest), whose normal-tissue cut-off the
+    search chooses first with ``choose_cutoff`` and whose share it chooses next with ``choose_share``."""
+    post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
+            **({"case_mixture_share": share} if share != 1 else {})}
+    search = ((("normal_max_flair_z",) if choose_cutoff else ())
+              + (("case_mixture_share",) if choose_share else ()) + POST_SEARCH)
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       small_components=True, load_weights=LOAD_WEIGHTS if load else ())
 
@@ -318,13 +319,27 @@ METHODS: dict[str, MethodSpec] = {
                                 "the training domains' validation AUPRC", "ADM+ F",
                                 {"case_mixture": True, "case_mixture_share": CASE_MIXTURE_SHARES[0]},
                                 search=("normal_max_flair_z", "case_mixture_share")),
-    "ADM+ F blend* +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F scored with the frozen and the "
-                                                     "case mixture (-log of their weighted geometric mean; cut-off "
-                                                     "and share chosen on validation), the bundled post-processing",
-                                                     load=True, blend=True),
+    "ADM+ F blend* +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F blend* with the bundled "
+                                                     "post-processing", load=True, case_mixture=True,
+                                                     choose_cutoff=True, share=CASE_MIXTURE_SHARES[0],
+                                                     choose_share=True),
     "ADM+ F blend* +post+cc (normal+load)": _post_cc_row("ADM+ F", "normal", "ADM+ F blend* with the +post+cc "
                                                           "post-processing standardised on the case's FLAIR-normal "
-                                                          "tissue, and the load term", load=True, blend=True),
+                                                          "tissue, and the load term", load=True, case_mixture=True,
+                                                          choose_cutoff=True, share=CASE_MIXTURE_SHARES[0],
+                                                          choose_share=True),
+    "ADM+ F blend=0.5*": MethodSpec("adm", "improvement", "ADM+ F scored with the frozen and the case mixture in "
+                                    "equal shares (-log of the densities' geometric mean), the case mixture's "
+                                    "cut-off chosen on the training domains' validation AUPRC", "ADM+ F",
+                                    {"case_mixture": True, "case_mixture_share": 0.5},
+                                    search=("normal_max_flair_z",)),
+    "ADM+ F blend=0.5* +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F blend=0.5* with the bundled "
+                                                         "post-processing", load=True, case_mixture=True,
+                                                         choose_cutoff=True, share=0.5),
+    "ADM+ F blend=0.5* +post+cc (normal+load)": _post_cc_row("ADM+ F", "normal", "ADM+ F blend=0.5* with the "
+                                                              "+post+cc post-processing standardised on the case's "
+                                                              "FLAIR-normal tissue, and the load term", load=True,
+                                                              case_mixture=True, choose_cutoff=True, share=0.5),
     "ADM+ F +post+cc (none)": _post_cc_row("ADM+ F", "none", "ADM+ F +post+cc with no standardisation last: the "
                                            "threshold on the scale of the standardised energy plus w x FLAIR z"),
 }
@@ -347,7 +362,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F cm +post+cc (z+load)", "ADM cm*", "ADM+ F cm*",
                                     "ADM cm* +post+cc (normal+load)", "ADM+ F cm* +post+cc (z+load)",
                                     "ADM+ F cm* +post+cc (normal+load)", "ADM+ F blend*", "ADM+ F blend* +post+cc (z+load)",
-                                    "ADM+ F blend* +post+cc (normal+load)")
+                                    "ADM+ F blend* +post+cc (normal+load)", "ADM+ F blend=0.5*",
+                                    "ADM+ F blend=0.5* +post+cc (z+load)", "ADM+ F blend=0.5* +post+cc (normal+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
