@@ -8,7 +8,11 @@ domains' lesion slices, each beside the test domain's own best Dice (out of reac
 - ``peak``: each case's threshold ``max(t, alpha x its brain's 99.9th percentile)``, ``t`` and ``alpha``
   chosen jointly (highest mean Dice over the training domains; ties to the smaller ``alpha``), so that a
   case whose lesion scores far above the rest is cut relative to its own peak;
-- ``--sum A;B``: row A's score plus ``beta`` x row B's for each ``beta`` of ``--betas``, one global threshold.
+- ``--sum A;B``: row A's score plus ``beta`` x row B's for each ``beta`` of ``--betas``, one global threshold;
+- ``--rescale ROW``: a normal-tissue-scale row (``standardise = normal``, load weight 0: its FLAIR-normal
+  voxels have mean 0 and SD 1) divided per case by its whole brain's SD to the power ``gamma`` of
+  ``--gammas`` (1: the centre of the normal tissue, the spread of the whole brain, which a large lesion
+  widens as it does a FLAIR z-score's), one global threshold; also its pooled AUPRC.
 
     .venv/bin/python benchmarks/threshold_rules.py runs/domains_cmc_s --image-size 64 --save-scores \\
         --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
@@ -27,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ADMAnomalyLib.metrics import balanced_best_threshold  # noqa: E402
+from ADMAnomalyLib.metrics import balanced_best_threshold, detection_metrics  # noqa: E402
 
 ALPHAS = tuple(round(a, 2) for a in np.arange(0.0, 1.001, 0.05))
 PEAK_QUANTILE = 0.999
@@ -88,6 +92,8 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="';'-separated rows to try the per-case rules on")
     parser.add_argument("--sum", default="", help="'A;B': also score A + beta x B")
     parser.add_argument("--betas", default="0,0.1,0.2,0.3,0.5,1")
+    parser.add_argument("--rescale", default="", help="a normal-tissue-scale row to divide by its brain SD ** gamma")
+    parser.add_argument("--gammas", default="0,0.5,1")
     args = parser.parse_args()
     folder = args.run / "threshold_scores"
     cases = np.load(folder / "cases.npz")
@@ -112,6 +118,16 @@ def main() -> None:
                 figures = fold_figures(summed, labels, validation, domain, test_domain, with_peak=False)
                 print(f"{test_domain} | sum, beta {beta:g} | global: {figures['global']} | test best: {figures['test best']}",
                       flush=True)
+        if args.rescale:
+            normal_scale = row_scores(args.rescale)
+            test_labels = np.concatenate([labels[i] for i in ids if domain[i] == test_domain])
+            for gamma in (float(g) for g in args.gammas.split(",")):
+                rescaled = {i: s / np.float32(float(s.std()) ** gamma) for i, s in normal_scale.items()}
+                figures = fold_figures(rescaled, labels, validation, domain, test_domain, with_peak=False)
+                auprc = detection_metrics(np.concatenate([rescaled[i] for i in ids if domain[i] == test_domain]),
+                                          test_labels).auprc
+                print(f"{test_domain} | rescaled, gamma {gamma:g} | AUPRC {auprc:.3f} | global: {figures['global']} | "
+                      f"test best: {figures['test best']}", flush=True)
 
 
 if __name__ == "__main__":
