@@ -782,6 +782,9 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
     of ``domains_file`` out at a time (``'domains'``). The trained networks are kept in
     ``output_dir/networks`` and reused by a later run into the same folder (:func:`train_networks`)."""
     started = time.perf_counter()
+    # The code that runs is the checkout's at the start: commits made while a long study runs must
+    # not be credited with its figures.
+    code_version = _git_commit(Path(__file__).resolve().parents[2])
     say = progress or (lambda message: None)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -794,7 +797,7 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         raise InputError(f"study split must be 'patients' or 'domains', not {settings.split!r}")
     files_by_domain = study_cases(data_dir, domains_file, settings)
     networks_needed = sorted({METHODS[m].network for m in methods if METHODS[m].kind == "adm"})
-    variants_needed: dict[str, set[tuple[bool, float | None]]] = {}
+    variants_needed: dict[str, set[tuple[bool, MixtureVariant]]] = {}
     for m in methods:
         if METHODS[m].kind == "adm":
             variants_needed.setdefault(METHODS[m].network, set()).update(raw_variants(METHODS[m], settings))
@@ -903,7 +906,7 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         "timings_s": timings,
         "runtime_s": time.perf_counter() - started,
         "machine": machine_description(device),
-        "git": _git_commit(Path(__file__).resolve().parents[2]),
+        "git": code_version,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })
     write_text_atomic(json.dumps(result, indent=1, allow_nan=False), output_dir / "study.json")

@@ -216,8 +216,19 @@ def test_a_rerun_into_the_same_folder_reuses_the_trained_networks(study_run, mon
 
     monkeypatch.setattr(study.runner.Trainer, "fit", no_training)
     monkeypatch.setattr(study.runner.Trainer, "fit_ctoc", no_training)
+    # A commit made while the study runs is not the code that ran: the study keeps the start's.
+    head = {"commit": "1" * 40, "dirty": False}
+    load_case_data = study.runner.load_case_data
+
+    def commit_while_loading(*args, **kwargs):
+        head.update(commit="2" * 40, dirty=True)
+        return load_case_data(*args, **kwargs)
+
+    monkeypatch.setattr(study.runner, "_git_commit", lambda repo: dict(head))
+    monkeypatch.setattr(study.runner, "load_case_data", commit_while_loading)
     again = study.run_study(data, tmp_path, dataclasses.replace(_settings_of(result), methods=("ADM",)),
                             command="pytest rerun")
+    assert again["git"] == {"commit": "1" * 40, "dirty": False}
     for first, second in zip(result["runs"], again["runs"]):
         assert second["methods"]["ADM"]["threshold"] == first["methods"]["ADM"]["threshold"]
         assert second["methods"]["ADM"]["pooled"]["auprc"] == first["methods"]["ADM"]["pooled"]["auprc"]
