@@ -275,8 +275,11 @@ def _two_worker_run(model: Path, tmp_path: Path, output=subprocess.PIPE) -> tupl
     folder, worker pids)."""
     data = _big_cohort(tmp_path, 14)
     out = tmp_path / "out"
+    # A shell that runs pytest in the background hands it SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: the run starts with the default disposition, as in a terminal.
     process = subprocess.Popen(_predict_command(model, data, out, "--workers", "2"), env=subprocess_env(),
-                               stdout=output, stderr=output, start_new_session=True)
+                               stdout=output, stderr=output, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_done_cases(out, 1, process)
     workers = _children(process.pid)
     assert len(workers) >= 2
