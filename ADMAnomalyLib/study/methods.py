@@ -361,9 +361,10 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F ctx tp", "ADM+ F ctx tp +post+cc (z+load)", "ADM cm", "ADM+ F cm",
                                     "ADM+ F cm +post+cc (z+load)", "ADM cm*", "ADM+ F cm*",
                                     "ADM cm* +post+cc (normal+load)", "ADM+ F cm* +post+cc (z+load)",
-                                    "ADM+ F cm* +post+cc (normal+load)", "ADM+ F blend*", "ADM+ F blend* +post+cc (z+load)",
-                                    "ADM+ F blend* +post+cc (normal+load)", "ADM+ F blend=0.5*",
-                                    "ADM+ F blend=0.5* +post+cc (z+load)", "ADM+ F blend=0.5* +post+cc (normal+load)")
+                                    "ADM+ F cm* +post+cc (normal+load)", "ADM+ F blend*",
+                                    "ADM+ F blend* +post+cc (z+load)", "ADM+ F blend* +post+cc (normal+load)",
+                                    "ADM+ F blend=0.5*", "ADM+ F blend=0.5* +post+cc (z+load)",
+                                    "ADM+ F blend=0.5* +post+cc (normal+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
