@@ -241,12 +241,21 @@ def balanced_best_threshold(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> f
     return float(candidates[best])
 
 
-def dice_curve(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Dice of ``scores >= t`` against bool ``labels`` for every ``t`` of ``thresholds`` at once (sorted
-    counts: one sort, then a search per threshold); 0 where there is nothing to score."""
-    positives, negatives = np.sort(scores[labels]), np.sort(scores[~labels])
+def sorted_counts(positives: np.ndarray, negatives: np.ndarray,
+                  thresholds: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """True and false positives of ``score >= t`` for every ``t`` of ``thresholds``, from the lesion
+    (``positives``) and non-lesion (``negatives``) scores, each sorted ascending: a search per
+    threshold, so one sort serves any number of thresholds."""
     tp = positives.size - np.searchsorted(positives, thresholds, side="left")
     fp = negatives.size - np.searchsorted(negatives, thresholds, side="left")
+    return tp, fp
+
+
+def dice_curve(scores: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Dice of ``scores >= t`` against bool ``labels`` for every ``t`` of ``thresholds`` at once
+    (:func:`sorted_counts`); 0 where there is nothing to score."""
+    positives, negatives = np.sort(scores[labels]), np.sort(scores[~labels])
+    tp, fp = sorted_counts(positives, negatives, thresholds)
     return 2.0 * tp / np.maximum(tp + fp + positives.size, 1)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ADMAnomalyLib.metrics import balanced_best_threshold, detection_metrics  # noqa: E402
+from ADMAnomalyLib.metrics import balanced_best_threshold, detection_metrics, sorted_counts  # noqa: E402
 
 ALPHAS = tuple(round(a, 2) for a in np.arange(0.0, 1.001, 0.05))
 PEAK_QUANTILE = 0.999
@@ -44,8 +44,7 @@ class SortedCase:
         self.positives, self.negatives = np.sort(scores[labels]), np.sort(scores[~labels])
 
     def counts(self, threshold: float) -> tuple[int, int, int]:
-        true_positives = self.positives.size - np.searchsorted(self.positives, threshold, side="left")
-        false_positives = self.negatives.size - np.searchsorted(self.negatives, threshold, side="left")
+        true_positives, false_positives = sorted_counts(self.positives, self.negatives, threshold)
         return int(true_positives), int(false_positives), self.positives.size
 
 

@@ -24,6 +24,7 @@ from ADMAnomalyLib.metrics import (
     held_out_group_dice,
     detection_metrics,
     dice_curve,
+    sorted_counts,
     json_safe,
     pooled_and_per_case,
     threshold_metrics,
@@ -242,6 +243,10 @@ def test_dice_curve_equals_dice_at_each_threshold():
     np.testing.assert_allclose(dice_curve(scores, labels, thresholds), expected, rtol=1e-12)
     assert dice_curve(scores, labels, thresholds)[-1] == 0.0
     assert dice_curve(scores, np.zeros(3000, bool), thresholds[:1])[0] == 0.0
+    # The counts behind the curve, at one threshold as at many.
+    t = float(thresholds[5])
+    tp, fp = sorted_counts(np.sort(scores[labels]), np.sort(scores[~labels]), t)
+    assert (int(tp), int(fp)) == (int((labels & (scores >= t)).sum()), int((~labels & (scores >= t)).sum()))
 
 
 def test_held_out_group_dice_measures_how_a_threshold_transfers():
