@@ -21,6 +21,17 @@ domain of its own fold (out of sample).
 ``--save-scores`` also keeps every fold's per-case scores (``RUN/threshold_scores/``) so that further
 rules can be tried offline.
 
+``--seeds 0,1,2`` scores a seed ensemble instead of the seed-0 networks: every ADM network's raw energy is
+the mean, over the seeds' cached networks (all in ``RUN/networks``, e.g. after ``admanomaly study --seeds
+1,2`` into the same folder), of the members' energies in nats: minus the log of the geometric mean of
+their densities (a product of experts), which keeps the cases on one scale as each member's energy does
+(standardising each member per case instead shifts every case by its own constant: raw CBICA AUPRC 0.821
+from members' 0.857-0.888). ``--head-seeds 1,2`` adds members that share the first seed's
+CtoC and differ only in step 2 (DR and the mixture trained from another seed's start; kept in
+``RUN/networks`` too): the members a product could run for the price of one CtoC. The post-processing
+each fold chose for seed 0 is kept; the test domain's raw AUPRC of each member and of the ensemble is
+printed.
+
     .venv/bin/python benchmarks/threshold_rules.py runs/domains_cmc --image-size 64 \
         --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
 """
@@ -40,11 +51,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ADMAnomalyLib.device import resolve_device  # noqa: E402
 from ADMAnomalyLib.infer import InferenceOptions  # noqa: E402
-from ADMAnomalyLib.metrics import (balanced_best_threshold, choose_load_weight, dice_curve, loaded_parts,  # noqa: E402
-                                   threshold_metrics)
+from ADMAnomalyLib.metrics import (balanced_best_threshold, choose_load_weight, detection_metrics,  # noqa: E402
+                                   dice_curve, loaded_parts, threshold_metrics)
+from ADMAnomalyLib.model import ADMModel  # noqa: E402
 from ADMAnomalyLib.postprocess import load_offset  # noqa: E402
 from ADMAnomalyLib.study import runner  # noqa: E402
-from ADMAnomalyLib.study.methods import METHODS, MethodSpec, network_config, quick_settings, raw_variants  # noqa: E402
+from ADMAnomalyLib.study.methods import (METHODS, MethodSpec, network_config, quick_settings,  # noqa: E402
+                                         raw_variants, training_key)
+from ADMAnomalyLib.train import Trainer  # noqa: E402
 
 SIGNED_LOAD_WEIGHTS = tuple(round(w, 1) for w in np.arange(-1.0, 0.61, 0.1))
 LOAD_REFERENCES = (1.0, 2.0, 3.0)
@@ -108,6 +122,38 @@ def load_grid_rows(scores: dict[str, np.ndarray], run, small_components: bool,
     return rows
 
 
+def ensemble_raw(members: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+    """``{raw_key: {case: energy}}`` of a seed ensemble: per key and case, the mean of the members' energies."""
+    if len(members) == 1:
+        return members[0]
+    return {key: {case: np.mean([m[key][case] for m in members], axis=0, dtype=np.float32)
+                  for case in members[0][key]} for key in members[0]}
+
+
+def step2_heads(trained: runner.TrainedNetworks, seeds: list[int], settings, run, cache_dir: Path,
+                train_ids: list[str], device) -> list[runner.TrainedNetworks]:
+    """For each of ``seeds``: the networks of ``trained`` with step 2 retrained from that seed's start on
+    their own (frozen) CtoC, cached in ``cache_dir`` under the name '<network> head'."""
+    heads = []
+    for seed in seeds:
+        models, groups = {}, []
+        for ctoc_model, members in trained.ctoc_groups:
+            for name in members:
+                config = network_config(name, settings, seed)
+                path = runner.network_cache_path(cache_dir, f"{name} head", config, train_ids)
+                if path.exists():
+                    models[name] = ADMModel.load(path)
+                else:
+                    trainer = Trainer(config, device, show_progress_bar=False)
+                    models[name] = trainer.fit(run.training[training_key(config)],
+                                               ctoc_state=ctoc_model.network.ctoc_state(), calibrate=False)
+                    models[name].save(path)
+            # the heads' CtoC is the donor's, so the donor still makes the translations
+            groups.append((ctoc_model, members))
+        heads.append(runner.TrainedNetworks(models, groups, {}))
+    return heads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished leave-one-domain-out study folder")
@@ -119,6 +165,9 @@ def main() -> None:
     parser.add_argument("--save-scores", action="store_true",
                         help="also write each fold's per-case scores of every row (before +cc, float16) and the "
                              "cases' labels to RUN/threshold_scores/, for trying further rules without rescoring")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds of a seed ensemble (see the docstring)")
+    parser.add_argument("--head-seeds", default="", help="comma-separated seeds of step-2 heads on the first seed's "
+                                                         "CtoC (see the docstring)")
     args = parser.parse_args()
     study = json.loads((args.run / "study.json").read_text())
     rows = args.rows.split(";")
@@ -147,20 +196,30 @@ def main() -> None:
         for spec in specs.values():
             if spec.kind == "adm":
                 variants.setdefault(spec.network, set()).update(raw_variants(spec, settings))
-        trained = runner.train_networks(networks, settings, 0, run.training, device, args.run / "networks",
-                                        record["train"])
-        run.raw.update(runner.score_networks(trained, run.all_cases, variants, InferenceOptions(device)))
+        trained = [runner.train_networks(networks, settings, seed, run.training, device, args.run / "networks",
+                                         record["train"]) for seed in (int(s) for s in args.seeds.split(","))]
+        trained += step2_heads(trained[0], [int(s) for s in filter(None, args.head_seeds.split(","))], settings, run,
+                               args.run / "networks", record["train"], device)
+        members = [runner.score_networks(t, run.all_cases, variants, InferenceOptions(device)) for t in trained]
+        run.raw.update(ensemble_raw(members))
         run.training.clear()
         labels = np.concatenate([c.labels for c in run.test_cases]).astype(bool)
+        for network in networks:
+            auprcs = [detection_metrics(np.concatenate([raw[network][c.case_id] for c in run.test_cases]), labels).auprc
+                      for raw in members + ([run.raw] if len(members) > 1 else [])]
+            print(f"{domain} | raw {network} AUPRC, seeds {args.seeds}, head seeds {args.head_seeds or '-'}"
+                  + (" and ensemble" if len(members) > 1 else "")
+                  + ": " + ", ".join(f"{a:.3f}" for a in auprcs), flush=True)
         fold_scores = {}
         for method, spec in specs.items():
             scores = (runner.adm_method_scores(spec, run) if spec.kind == "adm"
                       else runner.baseline_method_scores(method, spec, run))[0]
             fold_scores.update({f"{method}|{k}": v.astype(np.float16) for k, v in scores.items()})
             thresholds, domain_bests = rule_thresholds(scores, run.groups)
-            row = {"training domain bests (in sample)": domain_bests,
-                   "test best (before +cc)": balanced_best_threshold(
-                       [(np.concatenate([scores[c.case_id] for c in run.test_cases]), labels)])}
+            test_scores = np.concatenate([scores[c.case_id] for c in run.test_cases])
+            row = {"test AUPRC (before +cc)": detection_metrics(test_scores, labels).auprc,
+                   "training domain bests (in sample)": domain_bests,
+                   "test best (before +cc)": balanced_best_threshold([(test_scores, labels)])}
             for rule, threshold in thresholds.items():
                 row[rule] = (threshold, *test_dice(scores, run, threshold, spec.small_components,
                                                    settings.min_component_mm3))

@@ -8,7 +8,9 @@ domains' lesion slices, each beside the test domain's own best Dice (out of reac
 - ``peak``: each case's threshold ``max(t, alpha x its brain's 99.9th percentile)``, ``t`` and ``alpha``
   chosen jointly (highest mean Dice over the training domains; ties to the smaller ``alpha``), so that a
   case whose lesion scores far above the rest is cut relative to its own peak;
-- ``--sum A;B``: row A's score plus ``beta`` x row B's for each ``beta`` of ``--betas``, one global threshold;
+- ``--sum A;B``: row A's score plus ``beta`` x row B's for each ``beta`` of ``--betas``, one global threshold
+  (with ``--sum-zscore``, B's score first z-scored over each case's brain, so that a normal-tissue-scale
+  row B joins A on A's whole-brain scale); also its pooled AUPRC;
 - ``--rescale ROW``: a normal-tissue-scale row (``standardise = normal``, load weight 0: its FLAIR-normal
   voxels have mean 0 and SD 1) divided per case by its whole brain's SD to the power ``gamma`` of
   ``--gammas`` (1: the centre of the normal tissue, the spread of the whole brain, which a large lesion
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="';'-separated rows to try the per-case rules on")
     parser.add_argument("--sum", default="", help="'A;B': also score A + beta x B")
     parser.add_argument("--betas", default="0,0.1,0.2,0.3,0.5,1")
+    parser.add_argument("--sum-zscore", action="store_true", help="z-score --sum's second row per case first")
     parser.add_argument("--rescale", default="", help="a normal-tissue-scale row to divide by its brain SD ** gamma")
     parser.add_argument("--gammas", default="0,0.5,1")
     args = parser.parse_args()
@@ -112,10 +115,16 @@ def main() -> None:
             print(f"{test_domain} | {row} | " + " | ".join(f"{k}: {v}" for k, v in figures.items()), flush=True)
         if args.sum:
             first, second = (row_scores(row) for row in args.sum.split(";"))
+            if args.sum_zscore:
+                second = {i: (s - np.float32(s.mean())) / np.float32(s.std() or 1.0) for i, s in second.items()}
+            test_labels = np.concatenate([labels[i] for i in ids if domain[i] == test_domain])
             for beta in (float(b) for b in args.betas.split(",")):
                 summed = {i: first[i] + np.float32(beta) * second[i] for i in ids}
                 figures = fold_figures(summed, labels, validation, domain, test_domain, with_peak=False)
-                print(f"{test_domain} | sum, beta {beta:g} | global: {figures['global']} | test best: {figures['test best']}",
+                auprc = detection_metrics(np.concatenate([summed[i] for i in ids if domain[i] == test_domain]),
+                                          test_labels).auprc
+                print(f"{test_domain} | sum{' (B z-scored)' if args.sum_zscore else ''}, beta {beta:g} | "
+                      f"AUPRC {auprc:.3f} | global: {figures['global']} | test best: {figures['test best']}",
                       flush=True)
         if args.rescale:
             normal_scale = row_scores(args.rescale)
