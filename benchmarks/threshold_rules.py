@@ -32,6 +32,8 @@ CtoC and differ only in step 2 (DR and the mixture trained from another seed's s
 each fold chose for seed 0 is kept; the test domain's raw AUPRC of each member and of the ensemble is
 printed.
 
+``--only "TCGA glioma"`` scores only the folds that leave out the named domains (';'-separated).
+
     .venv/bin/python benchmarks/threshold_rules.py runs/domains_cmc --image-size 64 \
         --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
 """
@@ -166,6 +168,7 @@ def main() -> None:
                         help="also write each fold's per-case scores of every row (before +cc, float16) and the "
                              "cases' labels to RUN/threshold_scores/, for trying further rules without rescoring")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds of a seed ensemble (see the docstring)")
+    parser.add_argument("--only", default="", help="';'-separated left-out domains to score (default: every fold)")
     parser.add_argument("--head-seeds", default="", help="comma-separated seeds of step-2 heads on the first seed's "
                                                          "CtoC (see the docstring)")
     args = parser.parse_args()
@@ -188,6 +191,8 @@ def main() -> None:
                                                 for key in ("labels", "validation")},
                  **{f"domain|{c.case_id}": np.array(c.domain) for c in cases.values()})
     for fold, (domain, test_ids) in enumerate(runner.study_splits(domains, settings)):
+        if args.only and domain not in args.only.split(";"):
+            continue
         started = time.perf_counter()
         fold_record = next(r for r in study["runs"] if r["seed"] == 0 and r["fold"] == fold)
         record, run = runner._start_run(0, fold, domain, test_ids, cases, settings, networks, False)
