@@ -25,6 +25,7 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ADMAnomalyLib.baselines import features_to_volume  # noqa: E402
 from ADMAnomalyLib.config import CONTRASTS  # noqa: E402
 from ADMAnomalyLib.metrics import detection_metrics  # noqa: E402
 from ADMAnomalyLib.postprocess import median_filter_in_brain  # noqa: E402
@@ -71,8 +72,7 @@ def main() -> None:
             scores.update({name: fitted_residual(case.features, columns, cutoff, rng)
                            for name, (columns, cutoff) in FITS.items()})
             for name, score in scores.items():
-                volume = np.full(case.brain.shape, score.min(), np.float32)
-                volume[case.brain] = score
+                volume = features_to_volume(score, case.brain)
                 for size in sizes:
                     filtered = median_filter_in_brain(volume, case.brain, size)[case.brain]
                     pooled.setdefault((domain, f"{name} +med{size}"), []).append((filtered, case.labels))

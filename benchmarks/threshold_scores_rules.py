@@ -110,6 +110,12 @@ def main() -> None:
         def row_scores(row: str) -> dict[str, np.ndarray]:
             return {i: saved[f"{row}|{i}"].astype(np.float32) for i in ids}
 
+        test_ids = [i for i in ids if domain[i] == test_domain]
+        test_labels = np.concatenate([labels[i] for i in test_ids])
+
+        def test_auprc(scores: dict[str, np.ndarray]) -> float:
+            return detection_metrics(np.concatenate([scores[i] for i in test_ids]), test_labels).auprc
+
         for row in filter(None, args.rows.split(";")):
             figures = fold_figures(row_scores(row), labels, validation, domain, test_domain)
             print(f"{test_domain} | {row} | " + " | ".join(f"{k}: {v}" for k, v in figures.items()), flush=True)
@@ -117,24 +123,19 @@ def main() -> None:
             first, second = (row_scores(row) for row in args.sum.split(";"))
             if args.sum_zscore:
                 second = {i: (s - np.float32(s.mean())) / np.float32(s.std() or 1.0) for i, s in second.items()}
-            test_labels = np.concatenate([labels[i] for i in ids if domain[i] == test_domain])
             for beta in (float(b) for b in args.betas.split(",")):
                 summed = {i: first[i] + np.float32(beta) * second[i] for i in ids}
                 figures = fold_figures(summed, labels, validation, domain, test_domain, with_peak=False)
-                auprc = detection_metrics(np.concatenate([summed[i] for i in ids if domain[i] == test_domain]),
-                                          test_labels).auprc
                 print(f"{test_domain} | sum{' (B z-scored)' if args.sum_zscore else ''}, beta {beta:g} | "
-                      f"AUPRC {auprc:.3f} | global: {figures['global']} | test best: {figures['test best']}",
-                      flush=True)
+                      f"AUPRC {test_auprc(summed):.3f} | global: {figures['global']} | "
+                      f"test best: {figures['test best']}", flush=True)
         if args.rescale:
             normal_scale = row_scores(args.rescale)
-            test_labels = np.concatenate([labels[i] for i in ids if domain[i] == test_domain])
             for gamma in (float(g) for g in args.gammas.split(",")):
                 rescaled = {i: s / np.float32(float(s.std()) ** gamma) for i, s in normal_scale.items()}
                 figures = fold_figures(rescaled, labels, validation, domain, test_domain, with_peak=False)
-                auprc = detection_metrics(np.concatenate([rescaled[i] for i in ids if domain[i] == test_domain]),
-                                          test_labels).auprc
-                print(f"{test_domain} | rescaled, gamma {gamma:g} | AUPRC {auprc:.3f} | global: {figures['global']} | "
+                print(f"{test_domain} | rescaled, gamma {gamma:g} | AUPRC {test_auprc(rescaled):.3f} | "
+                      f"global: {figures['global']} | "
                       f"test best: {figures['test best']}", flush=True)
 
 
