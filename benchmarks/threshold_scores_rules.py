@@ -14,13 +14,20 @@ domains' lesion slices, each beside the test domain's own best Dice (out of reac
 - ``--rescale ROW``: a normal-tissue-scale row (``standardise = normal``, load weight 0: its FLAIR-normal
   voxels have mean 0 and SD 1) divided per case by its whole brain's SD to the power ``gamma`` of
   ``--gammas`` (1: the centre of the normal tissue, the spread of the whole brain, which a large lesion
-  widens as it does a FLAIR z-score's), one global threshold; also its pooled AUPRC.
+  widens as it does a FLAIR z-score's), one global threshold; also its pooled AUPRC;
+- ``--peak-margin``: a segmentation that keeps a connected region (faces) of ``score >= t`` only where
+  its peak reaches ``t + margin`` (hysteresis thresholding: a core at ``t + margin``, grown to ``t``),
+  ``t`` and the margin chosen jointly on the training domains' lesion slices (highest mean Dice over the
+  domains; ties to the smaller margin); ``t`` is searched within ±0.6 of the study's threshold. Needs the
+  cases' brain masks, read again from ``--domains``.
 
     .venv/bin/python benchmarks/threshold_rules.py runs/domains_cmc_s --image-size 64 --save-scores \\
         --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
     .venv/bin/python benchmarks/threshold_scores_rules.py runs/domains_cmc_s \\
         --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)" \\
         --sum "ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
+    .venv/bin/python benchmarks/threshold_scores_rules.py runs/domains_cmc_s --peak-margin \
+        --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load)"
 """
 
 from __future__ import annotations
@@ -30,13 +37,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ADMAnomalyLib.metrics import balanced_best_threshold, detection_metrics, sorted_counts  # noqa: E402
+from ADMAnomalyLib.study import runner  # noqa: E402
+from ADMAnomalyLib.study.methods import quick_settings  # noqa: E402
 
 ALPHAS = tuple(round(a, 2) for a in np.arange(0.0, 1.001, 0.05))
 PEAK_QUANTILE = 0.999
+MARGINS = tuple(round(m, 1) for m in np.arange(0.0, 2.001, 0.1))
+MARGIN_THRESHOLD_STEPS = tuple(round(s, 2) for s in np.arange(-0.6, 0.601, 0.05))
 
 
 class SortedCase:
@@ -87,6 +99,68 @@ def fold_figures(scores: dict[str, np.ndarray], labels, validation, domain, test
     return figures
 
 
+def brain_boxes(domains: str) -> dict[str, np.ndarray]:
+    """Each labelled case's brain mask cropped to its bounding box (the saved scores are its brain voxels
+    in C order)."""
+    settings = quick_settings(split="domains", image_size=64, seeds=(0,), device="cpu")
+    boxes = {}
+    for domain, files in runner.study_cases(None, domains, settings).items():
+        for case_files in files:
+            brain = runner.load_case_data(case_files, settings, domain=domain).brain
+            box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in
+                        (np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)))
+            boxes[case_files.case_id] = brain[box]
+    return boxes
+
+
+def peak_margin_counts(brain: np.ndarray, scores: np.ndarray, labels: np.ndarray, validation: np.ndarray,
+                       thresholds: list[float]) -> np.ndarray:
+    """(threshold, margin, [lesion-slice TP, FP, whole-brain TP, FP]) of the peak-margin segmentation:
+    regions of ``score >= t`` kept where their peak reaches ``t + margin`` (:data:`MARGINS`)."""
+    volume = np.full(brain.shape, -np.inf, dtype=np.float32)
+    volume[brain] = scores
+    lesion, lesion_slices = (np.zeros(brain.shape, dtype=bool) for _ in range(2))
+    lesion[brain], lesion_slices[brain] = labels, validation
+    counts = np.zeros((len(thresholds), len(MARGINS), 4), dtype=np.int64)
+    for row, threshold in enumerate(thresholds):
+        above = volume >= np.float32(threshold)
+        regions = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(above.astype(np.uint8))))
+        region, score, is_lesion, in_slices = regions[above], volume[above], lesion[above], lesion_slices[above]
+        peak = np.full(int(region.max(initial=0)) + 1, -np.inf)
+        np.maximum.at(peak, region, score)
+        tallies = np.stack([np.bincount(region, weights=w, minlength=peak.size) for w in
+                            (in_slices & is_lesion, in_slices & ~is_lesion, is_lesion, ~is_lesion)], axis=1)
+        for column, margin in enumerate(MARGINS):
+            counts[row, column] = tallies[peak >= threshold + margin].sum(axis=0)
+    return counts
+
+
+def peak_margin_figures(scores: dict[str, np.ndarray], labels, validation, domain, test_domain: str,
+                        boxes: dict[str, np.ndarray]) -> str:
+    train_domains = sorted({domain[i] for i in scores} - {test_domain})
+    test_ids = [i for i in scores if domain[i] == test_domain]
+    study_threshold = balanced_best_threshold(
+        [(np.concatenate([scores[i][validation[i]] for i in scores if domain[i] == d]),
+          np.concatenate([labels[i][validation[i]] for i in scores if domain[i] == d])) for d in train_domains])
+    thresholds = [study_threshold + step for step in MARGIN_THRESHOLD_STEPS]
+    counts = {i: peak_margin_counts(boxes[i], s, labels[i], validation[i], thresholds) for i, s in scores.items()}
+
+    def dice(ids: list[str], lesion_slices_only: bool) -> np.ndarray:
+        k = 0 if lesion_slices_only else 2
+        total = np.sum([counts[i] for i in ids], axis=0)
+        positives = sum(int((labels[i] & validation[i]).sum() if lesion_slices_only else labels[i].sum()) for i in ids)
+        return 2.0 * total[..., k] / np.maximum(total[..., k] + total[..., k + 1] + positives, 1)
+
+    training = np.mean([dice([i for i in scores if domain[i] == d], True) for d in train_domains], axis=0)
+    test = dice(test_ids, False)
+    plain = MARGIN_THRESHOLD_STEPS.index(0.0)
+    row, column = np.unravel_index(int(np.argmax(training)), training.shape)
+    by_margin = ", ".join(f"{m:g}: {test[int(np.argmax(training[:, k])), k]:.3f}" for k, m in enumerate(MARGINS))
+    return (f"plain (t {study_threshold:.2f}): {test[plain, 0]:.3f} | peak margin chosen (t {thresholds[row]:.2f}, "
+            f"margin {MARGINS[column]:g}; training {training[plain, 0]:.3f} -> {training[row, column]:.3f}): "
+            f"{test[row, column]:.3f} | test best: {test.max():.3f} | test Dice by margin (t chosen): {by_margin}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a run folder with threshold_scores/ from threshold_rules.py --save-scores")
@@ -96,6 +170,8 @@ def main() -> None:
     parser.add_argument("--sum-zscore", action="store_true", help="z-score --sum's second row per case first")
     parser.add_argument("--rescale", default="", help="a normal-tissue-scale row to divide by its brain SD ** gamma")
     parser.add_argument("--gammas", default="0,0.5,1")
+    parser.add_argument("--peak-margin", action="store_true", help="the --rows under the peak-margin segmentation")
+    parser.add_argument("--domains", default="benchmarks/domains.json", help="with --peak-margin: the study's cases")
     args = parser.parse_args()
     folder = args.run / "threshold_scores"
     cases = np.load(folder / "cases.npz")
@@ -103,6 +179,7 @@ def main() -> None:
     domain = {i: str(cases[f"domain|{i}"]) for i in ids}
     labels = {i: cases[f"labels|{i}"].astype(bool) for i in ids}
     validation = {i: cases[f"validation|{i}"].astype(bool) for i in ids}
+    boxes = brain_boxes(args.domains) if args.peak_margin else {}
     for fold in sorted(folder.glob("fold*.npz")):
         saved = np.load(fold)
         test_domain = str(saved["test_domain"])
@@ -117,6 +194,10 @@ def main() -> None:
             return detection_metrics(np.concatenate([scores[i] for i in test_ids]), test_labels).auprc
 
         for row in filter(None, args.rows.split(";")):
+            if args.peak_margin:
+                print(f"{test_domain} | {row} | " + peak_margin_figures(row_scores(row), labels, validation, domain,
+                                                                       test_domain, boxes), flush=True)
+                continue
             figures = fold_figures(row_scores(row), labels, validation, domain, test_domain)
             print(f"{test_domain} | {row} | " + " | ".join(f"{k}: {v}" for k, v in figures.items()), flush=True)
         if args.sum:
