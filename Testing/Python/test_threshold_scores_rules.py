@@ -1,0 +1,45 @@
+"""benchmarks/threshold_scores_rules.py's peak-margin segmentation on a planted volume: a region is kept
+at threshold t only where its peak reaches t + margin, and the counts split lesion-slice and whole-brain
+voxels as the fold's Dice needs them."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_rules():
+    spec = importlib.util.spec_from_file_location("threshold_scores_rules",
+                                                  REPO / "benchmarks" / "threshold_scores_rules.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_margin_counts_keep_regions_by_their_peak():
+    rules = load_rules()
+    brain = np.zeros((3, 8, 8), dtype=bool)
+    brain[:, 1:7, 1:7] = True
+    volume = np.zeros(brain.shape, dtype=np.float32)
+    volume[1, 2:4, 2:4] = 1.0           # a lesion: 4 voxels at 1.0 ...
+    volume[1, 2, 2] = 2.5               # ... one of them its core
+    volume[1, 5, 5] = 1.2               # a faint spot with no core, not a lesion
+    lesion = np.zeros(brain.shape, dtype=bool)
+    lesion[1, 2:4, 2:4] = True
+    lesion_slices = np.zeros(brain.shape, dtype=bool)
+    lesion_slices[1] = True
+    counts = rules.peak_margin_counts(brain, volume[brain], lesion[brain], lesion_slices[brain], [0.6, 2.0])
+    margin = {m: k for k, m in enumerate(rules.MARGINS)}
+    # t 0.6, no margin: both regions (4 lesion voxels, 1 false positive), all on the lesion slice.
+    assert counts[0, margin[0.0]].tolist() == [4, 1, 4, 1]
+    # A margin of 1: only the lesion's region peaks at >= 1.6; the faint spot (peak 1.2) goes.
+    assert counts[0, margin[1.0]].tolist() == [4, 0, 4, 0]
+    # A margin of 2 asks for 2.6, above the lesion's core too: nothing is left.
+    assert counts[0, margin[2.0]].tolist() == [0, 0, 0, 0]
+    # t 2.0: only the core voxel is above t; with margin 0.5 it still qualifies (2.5 >= 2.5).
+    assert counts[1, margin[0.5]].tolist() == [1, 0, 1, 0]
+    assert counts[1, margin[0.6]].tolist() == [0, 0, 0, 0]
