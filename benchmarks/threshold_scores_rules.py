@@ -67,6 +67,14 @@ def pooled_dice(cases: list[SortedCase], thresholds: list[float]) -> float:
     return 2.0 * tp / max(tp + fp + positives, 1)
 
 
+def study_threshold(scores, labels, validation, groups: list[list[str]]) -> float:
+    """The study's rule: one threshold, the highest mean Dice over the training domains (``groups`` of
+    case ids) on their lesion slices."""
+    return balanced_best_threshold(
+        [(np.concatenate([scores[i][validation[i]] for i in g]), np.concatenate([labels[i][validation[i]] for i in g]))
+         for g in groups])
+
+
 def fold_figures(scores: dict[str, np.ndarray], labels, validation, domain, test_domain: str,
                  with_peak: bool = True) -> dict[str, str]:
     train_domains = sorted({domain[i] for i in scores} - {test_domain})
@@ -77,9 +85,7 @@ def fold_figures(scores: dict[str, np.ndarray], labels, validation, domain, test
     test_scores = np.concatenate([scores[i] for i in test_ids])
     test_labels = np.concatenate([labels[i] for i in test_ids])
     best = pooled_dice(whole_brains, [balanced_best_threshold([(test_scores, test_labels)])] * len(test_ids))
-    global_threshold = balanced_best_threshold(
-        [(np.concatenate([scores[i][validation[i]] for i in g]), np.concatenate([labels[i][validation[i]] for i in g]))
-         for g in groups])
+    global_threshold = study_threshold(scores, labels, validation, groups)
     figures = {"global": f"{pooled_dice(whole_brains, [global_threshold] * len(test_ids)):.3f} (t {global_threshold:.2f})",
                "test best": f"{best:.3f}"}
     if not with_peak:
@@ -138,11 +144,10 @@ def peak_margin_counts(brain: np.ndarray, scores: np.ndarray, labels: np.ndarray
 def peak_margin_figures(scores: dict[str, np.ndarray], labels, validation, domain, test_domain: str,
                         boxes: dict[str, np.ndarray]) -> str:
     train_domains = sorted({domain[i] for i in scores} - {test_domain})
+    groups = [[i for i in scores if domain[i] == d] for d in train_domains]
     test_ids = [i for i in scores if domain[i] == test_domain]
-    study_threshold = balanced_best_threshold(
-        [(np.concatenate([scores[i][validation[i]] for i in scores if domain[i] == d]),
-          np.concatenate([labels[i][validation[i]] for i in scores if domain[i] == d])) for d in train_domains])
-    thresholds = [study_threshold + step for step in MARGIN_THRESHOLD_STEPS]
+    plain_threshold = study_threshold(scores, labels, validation, groups)
+    thresholds = [plain_threshold + step for step in MARGIN_THRESHOLD_STEPS]
     counts = {i: peak_margin_counts(boxes[i], s, labels[i], validation[i], thresholds) for i, s in scores.items()}
 
     def dice(ids: list[str], lesion_slices_only: bool) -> np.ndarray:
@@ -151,12 +156,13 @@ def peak_margin_figures(scores: dict[str, np.ndarray], labels, validation, domai
         positives = sum(int((labels[i] & validation[i]).sum() if lesion_slices_only else labels[i].sum()) for i in ids)
         return 2.0 * total[..., k] / np.maximum(total[..., k] + total[..., k + 1] + positives, 1)
 
-    training = np.mean([dice([i for i in scores if domain[i] == d], True) for d in train_domains], axis=0)
+    training = np.mean([dice(g, True) for g in groups], axis=0)
     test = dice(test_ids, False)
     plain = MARGIN_THRESHOLD_STEPS.index(0.0)
-    row, column = np.unravel_index(int(np.argmax(training)), training.shape)
+    # Margin-major search order, so that a tie goes to the smaller margin.
+    column, row = np.unravel_index(int(np.argmax(training.T)), training.T.shape)
     by_margin = ", ".join(f"{m:g}: {test[int(np.argmax(training[:, k])), k]:.3f}" for k, m in enumerate(MARGINS))
-    return (f"plain (t {study_threshold:.2f}): {test[plain, 0]:.3f} | peak margin chosen (t {thresholds[row]:.2f}, "
+    return (f"plain (t {plain_threshold:.2f}): {test[plain, 0]:.3f} | peak margin chosen (t {thresholds[row]:.2f}, "
             f"margin {MARGINS[column]:g}; training {training[plain, 0]:.3f} -> {training[row, column]:.3f}): "
             f"{test[row, column]:.3f} | test best: {test.max():.3f} | test Dice by margin (t chosen): {by_margin}")
 
