@@ -108,6 +108,8 @@ def fold_figures(scores: dict[str, np.ndarray], labels, validation, domain, test
 def brain_boxes(domains: str) -> dict[str, np.ndarray]:
     """Each labelled case's brain mask cropped to its bounding box (the saved scores are its brain voxels
     in C order)."""
+    # The study's native-grid brain mask does not depend on the networks' image size, so one setting
+    # serves the runs of every size.
     settings = quick_settings(split="domains", image_size=64, seeds=(0,), device="cpu")
     boxes = {}
     for domain, files in runner.study_cases(None, domains, settings).items():
