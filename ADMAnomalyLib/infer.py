@@ -295,10 +295,11 @@ def brain_features(
     """Density features (n_brain_pixels, d) of slices ``x`` (B, K, H, W): CtoC (``ctoc``, autocast to
     ``dtype``, with the slices' ``neighbours`` for a CtoC with context; skipped when the translation
     ``x_hat_ct`` is given or ``ctoc`` is None), DR, brain pixels only."""
+    residual_translation = None
     if x_hat_ct is None and ctoc is not None:
         with autocast(x.device, dtype):
-            x_hat_ct = translate_all(ctoc, x, brain, neighbours).float()
-    features, _ = network.features(x, brain, x_hat_ct)
+            residual_translation = network.residual_translation(x, brain, neighbours, ctoc).float()
+    features, _ = network.features(x, brain, x_hat_ct, residual_translation=residual_translation)
     return features.permute(0, 2, 3, 1)[brain]
 
 

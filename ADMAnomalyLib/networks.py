@@ -14,6 +14,8 @@ outside this module passes translations on unopened; :func:`ctoc_residual` is wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -131,8 +133,10 @@ def brain_medians(x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
 
 
 def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
-                  neighbours: torch.Tensor | None = None) -> torch.Tensor:
-    """The translation of ``x`` (B, K, H, W): contrast k synthesised from the others, for every k at once.
+                  neighbours: torch.Tensor | None = None, contrasts: Sequence[int] | None = None) -> torch.Tensor:
+    """The translation of ``x`` (B, K, H, W): contrast k synthesised from the others, for every k at once
+    (for the contrast indices ``contrasts`` only, in that order, when given: a translation of those
+    contrasts, with len(contrasts) in place of K below).
 
     Input k is ``x`` with channel k replaced by its brain median (the channel position tells the
     shared network which contrast to make). The K translations run as one batch of K·B samples;
@@ -146,17 +150,20 @@ def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
     (a bf16 s would put about 1 % error on sigma). Otherwise (B, K, H, W) X̂_ct in the CtoC's dtype.
     """
     batch, n_contrasts, height, width = x.shape
+    made = list(range(n_contrasts)) if contrasts is None else list(contrasts)
+    n_made = len(made)
     medians = brain_medians(x, brain)  # (B, K)
-    target = torch.eye(n_contrasts, dtype=torch.bool, device=x.device)  # (translation k, channel)
+    # (translation, channel): True where translation i replaces channel made[i] by its median.
+    target = torch.eye(n_contrasts, dtype=torch.bool, device=x.device)[made]
     fill = medians.view(1, batch, n_contrasts, 1, 1)
-    inputs = torch.where(target.view(n_contrasts, 1, n_contrasts, 1, 1), fill, x.unsqueeze(0))
+    inputs = torch.where(target.view(n_made, 1, n_contrasts, 1, 1), fill, x.unsqueeze(0))
     if neighbours is not None:
         around = neighbours.to(x.dtype).reshape(batch, -1, n_contrasts, height, width)  # (B, 2c, K, H, W)
-        around = torch.where(target.view(n_contrasts, 1, 1, n_contrasts, 1, 1), fill.unsqueeze(2), around.unsqueeze(0))
-        inputs = torch.cat([inputs.unsqueeze(2), around], dim=2)  # (K, B, 1 + 2c, K, H, W)
-    median_maps = medians.mT.reshape(n_contrasts * batch, 1, 1, 1).expand(-1, 1, height, width)
-    out = ctoc(inputs.reshape(n_contrasts * batch, -1, height, width), median_maps)
-    outputs = out.reshape(n_contrasts, batch, out.shape[1], height, width).transpose(0, 1)  # (B, K, C, H, W)
+        around = torch.where(target.view(n_made, 1, 1, n_contrasts, 1, 1), fill.unsqueeze(2), around.unsqueeze(0))
+        inputs = torch.cat([inputs.unsqueeze(2), around], dim=2)  # (T, B, 1 + 2c, K, H, W)
+    median_maps = medians[:, made].mT.reshape(n_made * batch, 1, 1, 1).expand(-1, 1, height, width)
+    out = ctoc(inputs.reshape(n_made * batch, -1, height, width), median_maps)
+    outputs = out.reshape(n_made, batch, out.shape[1], height, width).transpose(0, 1)  # (B, T, C, H, W)
     inside = brain.unsqueeze(1)
     x_hat = outputs[:, :, 0] * inside.to(outputs.dtype)
     if outputs.shape[2] == 1:
@@ -303,35 +310,60 @@ class ADMNetwork(nn.Module):
 
     @property
     def translation_channels(self) -> int:
-        """Channels of this network's translations (see :func:`translate_all`)."""
+        """Channels of this network's translations of all K contrasts (see :func:`translate_all`)."""
         return self.config.n_contrasts * (2 if self.config.ctoc_uncertainty else 1)
+
+    @property
+    def residual_contrasts(self) -> list[int]:
+        """Indices of the contrasts whose residuals are density features (``density_residuals``): the
+        only translations the density features need."""
+        return list(self._residual_channels)
+
+    def residual_translation(self, x: torch.Tensor, brain: torch.Tensor,
+                             neighbours: torch.Tensor | None = None, ctoc: nn.Module | None = None) -> torch.Tensor:
+        """The translation of the :attr:`residual_contrasts` of ``x`` only (:func:`translate_all`), by
+        ``ctoc`` (default this network's CtoC; e.g. inference's channels-last runner of it): a network
+        that scores one residual runs its CtoC once per slice instead of K times."""
+        if self.ctoc is None:
+            raise RuntimeError("this configuration has no CtoC network (use_ctoc=False)")
+        check_neighbours(self.config, x, neighbours)
+        return translate_all(self.ctoc if ctoc is None else ctoc, x, brain, neighbours, self._residual_channels)
 
     def features(
         self, x: torch.Tensor, brain: torch.Tensor, x_hat_ct: torch.Tensor | None = None,
-        neighbours: torch.Tensor | None = None,
+        neighbours: torch.Tensor | None = None, residual_translation: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-pixel features ``z`` (B, d, H, W) = concat(Z_ct of ``density_residuals``, Z_dr[, X]), float32, and ``X̂_dr``
         (B, K, H, W) or ``None`` without DR. Z_ct is :func:`ctoc_residual`: |X − X̂_ct|, or that over
         the predicted sigma with ``ctoc_uncertainty``.
 
-        ``x_hat_ct`` may be a cached translation of the frozen CtoC (:meth:`translate`); otherwise it
-        is computed (under the caller's autocast/grad mode) from ``x`` and, with
-        ``ctoc_context_slices``, its ``neighbours``. Background pixels of ``z`` are not
-        meaningful (Z_dr is not masked): select brain pixels before estimating or scoring the mixture.
+        The translation comes from one of: ``residual_translation``, that of the residual contrasts
+        alone (:meth:`residual_translation`); ``x_hat_ct``, a cached translation of all K contrasts by
+        the frozen CtoC (:meth:`translate`), which models sharing a CtoC can share; otherwise it is
+        computed (under the caller's autocast/grad mode) from ``x`` and, with ``ctoc_context_slices``,
+        its ``neighbours``. Background pixels of ``z`` are not meaningful (Z_dr is not masked): select
+        brain pixels before estimating or scoring the mixture.
         """
         parts: list[torch.Tensor] = []
         x_hat_dr = None
         if self.ctoc is not None:
-            if x_hat_ct is None:
-                x_hat_ct = self.translate(x, brain, neighbours)
-            elif x_hat_ct.shape[1] != self.translation_channels:
-                raise ValueError(f"the cached translation has {x_hat_ct.shape[1]} channels; this network's have "
-                                 f"{self.translation_channels} (a translation of a CtoC with"
-                                 f"{'out' if self.config.ctoc_uncertainty else ''} an uncertainty head?)")
-            residual = ctoc_residual(x, x_hat_ct, self.config.residual_direction)
-            if len(self._residual_channels) != residual.shape[1]:
-                residual = residual[:, self._residual_channels]
-            parts.append(residual)
+            per_contrast = 2 if self.config.ctoc_uncertainty else 1
+            if residual_translation is None and x_hat_ct is None:
+                residual_translation = self.residual_translation(x, brain, neighbours)
+            elif residual_translation is None:
+                if x_hat_ct.shape[1] != self.translation_channels:
+                    raise ValueError(f"the cached translation has {x_hat_ct.shape[1]} channels; this network's have "
+                                     f"{self.translation_channels} (a translation of a CtoC with"
+                                     f"{'out' if self.config.ctoc_uncertainty else ''} an uncertainty head?)")
+                channels = [k + part * self.config.n_contrasts for part in range(per_contrast)
+                            for k in self._residual_channels]
+                residual_translation = x_hat_ct[:, channels]
+            elif residual_translation.shape[1] != per_contrast * len(self._residual_channels):
+                raise ValueError(f"a translation of the residual contrasts {self.config.density_residuals} has "
+                                 f"{per_contrast * len(self._residual_channels)} channels, not "
+                                 f"{residual_translation.shape[1]}")
+            parts.append(ctoc_residual(x[:, self._residual_channels], residual_translation,
+                                       self.config.residual_direction))
         if self.dr_encoder is not None and self.dr_decoder is not None:
             z_dr = self.dr_encoder(x)
             x_hat_dr = self.dr_decoder(z_dr)

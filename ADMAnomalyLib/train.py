@@ -84,9 +84,9 @@ class _JointForward(nn.Module):
         self.network = network
         self.joint = joint
 
-    def forward(self, images: torch.Tensor, brain: torch.Tensor, x_hat_ct: torch.Tensor | None,
+    def forward(self, images: torch.Tensor, brain: torch.Tensor, residual_translation: torch.Tensor | None,
                 keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        features, x_hat_dr = self.network.features(images, brain, x_hat_ct)
+        features, x_hat_dr = self.network.features(images, brain, residual_translation=residual_translation)
         brain_features = features.permute(0, 2, 3, 1)[brain]
         if keep is not None:
             brain_features = brain_features[keep]
@@ -226,15 +226,15 @@ class Trainer:
     def _joint_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
                     neighbours: torch.Tensor | None = None) -> dict[str, float]:
         train_cfg = self.config.train
-        x_hat_ct = None
+        residual_translation = None
         if self.config.model.use_ctoc:
             with torch.no_grad(), autocast(self.device, self.ctoc_dtype):
-                x_hat_ct = translate_all(self.model.network.ctoc, images, brain, neighbours).float()
+                residual_translation = self.model.network.residual_translation(images, brain, neighbours).float()
         n_brain = int(brain.sum())
         keep = None
         if n_brain > train_cfg.max_gmm_pixels_per_batch:
             keep = torch.randperm(n_brain, generator=generator)[: train_cfg.max_gmm_pixels_per_batch].to(self.device)
-        loss_dr, density_input, memberships = self._joint(images, brain, x_hat_ct, keep)
+        loss_dr, density_input, memberships = self._joint(images, brain, residual_translation, keep)
         statistics = mixture_statistics(density_input, memberships, self.config.model.eps)
         mean_energy = energy(density_input, statistics).mean()
         loss = loss_dr + train_cfg.lambda_energy * mean_energy.to(loss_dr.dtype)

@@ -228,6 +228,33 @@ def test_density_residuals_select_the_ctoc_residual_channels():
             ADMNetwork(dataclasses.replace(full_cfg, density_residuals=bad))
 
 
+@pytest.mark.parametrize("uncertainty,context", [(False, 0), (True, 1)])
+def test_translating_only_the_residual_contrasts_gives_the_same_features(uncertainty, context):
+    # Inference translates only the density_residuals contrasts (one CtoC pass per slice for a FLAIR-only
+    # model instead of four); the features must equal those from a cached translation of all four.
+    cfg = dataclasses.replace(preset("tiny").model, density_residuals=("t2", "flair"),
+                              ctoc_uncertainty=uncertainty, ctoc_context_slices=context)
+    torch.manual_seed(0)
+    network = ADMNetwork(cfg).eval()
+    x, brain = _slices(3, 32)
+    neighbours = torch.randn(3, 2 * context * 4, 32, 32) if context else None
+    with torch.no_grad():
+        full = network.translate(x, brain, neighbours)
+        only = network.residual_translation(x, brain, neighbours)
+        per_contrast = 2 if uncertainty else 1
+        assert network.residual_contrasts == [3, 0]
+        assert only.shape == (3, 2 * per_contrast, 32, 32)
+        wanted = [k + part * 4 for part in range(per_contrast) for k in (3, 0)]
+        torch.testing.assert_close(only, full[:, wanted], atol=1e-5, rtol=1e-5)
+        from_full, _ = network.features(x, brain, full)
+        from_only, _ = network.features(x, brain, residual_translation=only)
+        computed, _ = network.features(x, brain, neighbours=neighbours)
+    torch.testing.assert_close(from_only, from_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(computed, from_only)
+    with pytest.raises(ValueError, match="residual contrasts"):
+        network.features(x, brain, residual_translation=full)
+
+
 def test_brighter_residuals_keep_only_what_is_brighter_than_predicted():
     cfg = dataclasses.replace(preset("tiny").model, density_residuals=("flair",))
     torch.manual_seed(0)
