@@ -8,8 +8,10 @@ Only CtoC benefits from (and tolerates) a caller's bf16 autocast.
 Beyond the paper, ``ModelConfig.ctoc_uncertainty`` gives CtoC a second output channel, the
 log-variance s of each translated pixel, and Z_ct becomes |X − X̂| / exp(s/2). A *translation* (what
 :func:`translate_all` returns and callers may cache) is then (B, 2K, H, W): the K translated contrasts
-followed by their K log-variances; without the option it is (B, K, H, W), the faithful X̂_ct. Code
-outside this module passes translations on unopened; :func:`ctoc_residual` is what reads them.
+followed by their K log-variances; without the option it is (B, K, H, W), the faithful X̂_ct. A
+translation of some contrasts only (:meth:`ADMNetwork.residual_translation`: those whose residuals are
+density features) has the same layout with their number in place of K. Code outside this module
+passes translations on unopened; :func:`ctoc_residual` is what reads them.
 """
 
 from __future__ import annotations
@@ -292,14 +294,16 @@ class ADMNetwork(nn.Module):
         self.dr_decoder = DRDecoder(cfg) if cfg.use_dr else None
         self.estimator = DensityEstimator(cfg)
 
-    def translate(self, x: torch.Tensor, brain: torch.Tensor, neighbours: torch.Tensor | None = None) -> torch.Tensor:
+    def translate(self, x: torch.Tensor, brain: torch.Tensor, neighbours: torch.Tensor | None = None,
+                  contrasts: Sequence[int] | None = None, ctoc: nn.Module | None = None) -> torch.Tensor:
         """The translation of ``x`` by :func:`translate_all` (requires ``use_ctoc``; ``neighbours``
         when it has ``ctoc_context_slices``): X̂_ct (B, K, H, W), followed by its log-variances
-        (B, 2K, H, W in all) with ``ctoc_uncertainty``."""
+        (B, 2K, H, W in all) with ``ctoc_uncertainty``; of the ``contrasts`` only when given. ``ctoc``
+        runs it in place of this network's CtoC (e.g. inference's channels-last runner of it)."""
         if self.ctoc is None:
             raise RuntimeError("this configuration has no CtoC network (use_ctoc=False)")
         check_neighbours(self.config, x, neighbours)
-        return translate_all(self.ctoc, x, brain, neighbours)
+        return translate_all(self.ctoc if ctoc is None else ctoc, x, brain, neighbours, contrasts)
 
     def ctoc_state(self) -> dict[str, torch.Tensor]:
         """A detached copy of the CtoC weights, which networks that differ only after step 1 can share
@@ -321,13 +325,9 @@ class ADMNetwork(nn.Module):
 
     def residual_translation(self, x: torch.Tensor, brain: torch.Tensor,
                              neighbours: torch.Tensor | None = None, ctoc: nn.Module | None = None) -> torch.Tensor:
-        """The translation of the :attr:`residual_contrasts` of ``x`` only (:func:`translate_all`), by
-        ``ctoc`` (default this network's CtoC; e.g. inference's channels-last runner of it): a network
-        that scores one residual runs its CtoC once per slice instead of K times."""
-        if self.ctoc is None:
-            raise RuntimeError("this configuration has no CtoC network (use_ctoc=False)")
-        check_neighbours(self.config, x, neighbours)
-        return translate_all(self.ctoc if ctoc is None else ctoc, x, brain, neighbours, self._residual_channels)
+        """:meth:`translate` of the :attr:`residual_contrasts` only: a network that scores one residual
+        runs its CtoC once per slice instead of K times."""
+        return self.translate(x, brain, neighbours, self._residual_channels, ctoc)
 
     def features(
         self, x: torch.Tensor, brain: torch.Tensor, x_hat_ct: torch.Tensor | None = None,

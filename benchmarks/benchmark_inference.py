@@ -101,7 +101,7 @@ def main() -> int:
                                 cwd=REPO, check=True).stdout
         row = json.loads(output.strip().splitlines()[-1])
         flops = flops_per_slice_set(name)
-        per_slice = (flops["ctoc"] + flops["dr_de"]) / 1e9
+        per_slice = (flops["ctoc_residual"] + flops["dr_de"]) / 1e9
         gpu = "-" if row["peak_gpu_mib"] is None else row["peak_gpu_mib"]
         print(f"{row['model']:<10}{row['device']:<8}{row['precision']:<15}{row['seconds_end_to_end']:>14}"
               f"{row['seconds_predict']:>11}{row['slices_per_second']:>10}{row['peak_rss_mib']:>14}{gpu:>14}"

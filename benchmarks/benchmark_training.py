@@ -39,8 +39,9 @@ def _model_and_batch(preset_name: str, batch: int, device: torch.device):
 
 
 def flops_per_slice_set(preset_name: str) -> dict[str, float]:
-    """Forward FLOPs of one slice set: CtoC (4 translations), DR + DE, counted by PyTorch.
-    ``bundled`` counts the bundled model's architecture."""
+    """Forward FLOPs of one slice set, counted by PyTorch: ``ctoc``, CtoC's 4 translations (step 1);
+    ``ctoc_residual``, its translations of the density-residual contrasts only (inference and step 2);
+    ``dr_de``, DR + DE. ``bundled`` counts the bundled model's architecture."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ADMAnomalyLib.networks import ADMNetwork, translate_all
@@ -50,10 +51,13 @@ def flops_per_slice_set(preset_name: str) -> dict[str, float]:
     with torch.no_grad():
         with FlopCounterMode(display=False) as ctoc_counter:
             x_hat = translate_all(network.ctoc, images, brain)
+        with FlopCounterMode(display=False) as residual_counter:
+            network.residual_translation(images, brain)
         with FlopCounterMode(display=False) as rest_counter:
             z, _ = network.features(images, brain, x_hat)
             network.estimator(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
-    return {"ctoc": ctoc_counter.get_total_flops(), "dr_de": rest_counter.get_total_flops()}
+    return {"ctoc": ctoc_counter.get_total_flops(), "ctoc_residual": residual_counter.get_total_flops(),
+            "dr_de": rest_counter.get_total_flops()}
 
 
 def matmul_reference(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:

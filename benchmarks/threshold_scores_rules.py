@@ -19,7 +19,14 @@ domains' lesion slices, each beside the test domain's own best Dice (out of reac
   its peak reaches ``t + margin`` (hysteresis thresholding: a core at ``t + margin``, grown to ``t``),
   ``t`` and the margin chosen jointly on the training domains' lesion slices (highest mean Dice over the
   domains; ties to the smaller margin); ``t`` is searched within ±0.6 of the study's threshold. Needs the
-  cases' brain masks, read again from ``--domains``.
+  cases' brain masks, read again from ``--domains``;
+- ``--expected-dice``: each case's threshold the one that maximises its *expected* Dice (Nowozin 2014,
+  the IoU case; Dice here): the score is mapped to a lesion probability p fitted on the training
+  domains (each domain weighted equally; logistic or isotonic; on their lesion slices or their whole
+  brains), and the case keeps its k most probable voxels for the k of highest 2 S_k / (k + S), S_k the
+  sum of the k largest p and S the sum over its brain. A case whose lesion is small or faint has a low
+  expected Dice, and the rule then keeps voxels down to a lower p (p > about half the expected Dice),
+  which is what the transferred threshold lacks on MS.
 
     .venv/bin/python benchmarks/threshold_rules.py runs/domains_cmc_s --image-size 64 --save-scores \\
         --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
@@ -27,6 +34,8 @@ domains' lesion slices, each beside the test domain's own best Dice (out of reac
         --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)" \\
         --sum "ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
     .venv/bin/python benchmarks/threshold_scores_rules.py runs/domains_cmc_s --peak-margin \
+        --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load)"
+    .venv/bin/python benchmarks/threshold_scores_rules.py runs/domains_cmc_s --expected-dice \
         --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load)"
 """
 
@@ -169,6 +178,63 @@ def peak_margin_figures(scores: dict[str, np.ndarray], labels, validation, domai
             f"{test[row, column]:.3f} | test best: {test.max():.3f} | test Dice by margin (t chosen): {by_margin}")
 
 
+CALIBRATION_VOXELS = 300_000
+"""Voxels drawn (seed 0) from each training domain to fit the score-to-probability map."""
+
+
+def expected_dice_threshold(scores: np.ndarray, probability: np.ndarray) -> float:
+    """The score of the last voxel kept when a case keeps its k most probable voxels for the k of highest
+    expected Dice 2 S_k / (k + S) (see the module docstring). ``probability`` must not fall as the score
+    rises, so the voxels are ranked by score: an isotonic fit's ties in p then still keep a top set of
+    scores, the set ``score >= threshold`` selects."""
+    order = np.argsort(-scores, kind="stable")
+    kept_mass = np.cumsum(probability[order], dtype=np.float64)
+    expected = 2.0 * kept_mass / (np.arange(1, order.size + 1) + kept_mass[-1])
+    return float(scores[order[int(np.argmax(expected))]])
+
+
+def lesion_probability(scores, labels, validation, groups: list[list[str]], voxels: str, mapping: str):
+    """A monotone map from score to lesion probability, fitted on the training domains' ``voxels``
+    ('slices': lesion slices; 'brain': whole brains), each domain weighted equally, ``mapping``
+    'logistic' or 'isotonic'."""
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x, y, weight = [], [], []
+    for group in groups:
+        picked = [validation[i] if voxels == "slices" else np.ones_like(labels[i]) for i in group]
+        domain_scores = np.concatenate([scores[i][p] for i, p in zip(group, picked)])
+        domain_labels = np.concatenate([labels[i][p] for i, p in zip(group, picked)])
+        take = rng.choice(domain_scores.size, min(domain_scores.size, CALIBRATION_VOXELS), replace=False)
+        x.append(domain_scores[take]), y.append(domain_labels[take]), weight.append(np.full(take.size, 1.0 / take.size))
+    x, y, weight = np.concatenate(x), np.concatenate(y), np.concatenate(weight) * len(groups) * CALIBRATION_VOXELS
+    if mapping == "logistic":
+        fitted = LogisticRegression(C=1e4).fit(x[:, None], y, sample_weight=weight)
+        return lambda s: fitted.predict_proba(s[:, None].astype(np.float64))[:, 1]
+    fitted = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(x, y, sample_weight=weight)
+    return lambda s: fitted.predict(s.astype(np.float64))
+
+
+def expected_dice_figures(scores: dict[str, np.ndarray], labels, validation, domain, test_domain: str) -> str:
+    train_domains = sorted({domain[i] for i in scores} - {test_domain})
+    groups = [[i for i in scores if domain[i] == d] for d in train_domains]
+    test_ids = [i for i in scores if domain[i] == test_domain]
+    whole_brains = [SortedCase(scores[i], labels[i]) for i in test_ids]
+    plain = study_threshold(scores, labels, validation, groups)
+    figures = [f"plain (t {plain:.2f}): {pooled_dice(whole_brains, [plain] * len(test_ids)):.3f}"]
+    for voxels in ("slices", "brain"):
+        for mapping in ("logistic", "isotonic"):
+            probability = lesion_probability(scores, labels, validation, groups, voxels, mapping)
+            thresholds = [expected_dice_threshold(scores[i], probability(scores[i])) for i in test_ids]
+            training = np.mean([pooled_dice([SortedCase(scores[i], labels[i]) for i in g],
+                                            [expected_dice_threshold(scores[i], probability(scores[i])) for i in g])
+                                for g in groups])
+            figures.append(f"{mapping} on {voxels}: {pooled_dice(whole_brains, thresholds):.3f} "
+                           f"(t {min(thresholds):.2f}-{max(thresholds):.2f}; training brains {training:.3f})")
+    return " | ".join(figures)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a run folder with threshold_scores/ from threshold_rules.py --save-scores")
@@ -180,6 +246,8 @@ def main() -> None:
     parser.add_argument("--gammas", default="0,0.5,1")
     parser.add_argument("--peak-margin", action="store_true", help="the --rows under the peak-margin segmentation")
     parser.add_argument("--domains", default="benchmarks/domains.json", help="with --peak-margin: the study's cases")
+    parser.add_argument("--expected-dice", action="store_true",
+                        help="the --rows under each case's expected-Dice threshold")
     args = parser.parse_args()
     folder = args.run / "threshold_scores"
     cases = np.load(folder / "cases.npz")
@@ -202,6 +270,10 @@ def main() -> None:
             return detection_metrics(np.concatenate([scores[i] for i in test_ids]), test_labels).auprc
 
         for row in filter(None, args.rows.split(";")):
+            if args.expected_dice:
+                print(f"{test_domain} | {row} | " + expected_dice_figures(row_scores(row), labels, validation, domain,
+                                                                         test_domain), flush=True)
+                continue
             if args.peak_margin:
                 print(f"{test_domain} | {row} | " + peak_margin_figures(row_scores(row), labels, validation, domain,
                                                                        test_domain, boxes), flush=True)

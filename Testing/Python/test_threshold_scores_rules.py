@@ -1,6 +1,7 @@
-"""benchmarks/threshold_scores_rules.py's peak-margin segmentation on a planted volume: a region is kept
-at threshold t only where its peak reaches t + margin, and the counts split lesion-slice and whole-brain
-voxels as the fold's Dice needs them."""
+"""benchmarks/threshold_scores_rules.py's per-case rules on planted data: the peak-margin segmentation
+keeps a region at threshold t only where its peak reaches t + margin, and its counts split lesion-slice and
+whole-brain voxels as the fold's Dice needs them; the expected-Dice threshold keeps the voxels whose
+probability beats about half the case's expected Dice."""
 
 from __future__ import annotations
 
@@ -43,3 +44,17 @@ def test_peak_margin_counts_keep_regions_by_their_peak():
     # t 2.0: only the core voxel is above t; with margin 0.5 it still qualifies (2.5 >= 2.5).
     assert counts[1, margin[0.5]].tolist() == [1, 0, 1, 0]
     assert counts[1, margin[0.6]].tolist() == [0, 0, 0, 0]
+
+
+def test_expected_dice_threshold_keeps_what_maximises_the_expected_dice():
+    rules = load_rules()
+    scores = np.arange(10, dtype=np.float32)  # voxel i scores i; probability rises with the score
+    confident = np.array([0, 0, 0, 0, 0, 0, 0, 0.9, 0.95, 1.0])
+    # Keeping the top 3 gives 2 x 2.85 / (3 + 2.85) = 0.974, above any other k.
+    assert rules.expected_dice_threshold(scores, confident) == 7.0
+    # A faint case: its expected Dice is low, so voxels of lower probability are kept as well.
+    faint = np.array([0.05, 0.05, 0.05, 0.05, 0.05, 0.2, 0.2, 0.3, 0.3, 0.3])
+    k = np.arange(1, 11)
+    mass = np.cumsum(np.sort(faint)[::-1])
+    best_k = int(np.argmax(2 * mass / (k + faint.sum()))) + 1
+    assert best_k == 5 and rules.expected_dice_threshold(scores, faint) == 5.0
