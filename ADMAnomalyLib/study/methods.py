@@ -169,14 +169,15 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
                  case_mixture: bool = False, choose_cutoff: bool = False, share: float = 1.0,
-                 choose_share: bool = False) -> MethodSpec:
+                 choose_share: bool = False, flip: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
     mixture (``share`` of the energy, the frozen mixture the rest), whose normal-tissue cut-off the
-    search chooses first with ``choose_cutoff`` and whose share it chooses next with ``choose_share``."""
+    search chooses first with ``choose_cutoff`` and whose share it chooses next with ``choose_share``;
+    with ``flip`` the energy averaged with that of the left-right mirrored slices (flip TTA)."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
-            **({"case_mixture_share": share} if share != 1 else {})}
+            **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ()) + POST_SEARCH)
     return MethodSpec("adm", "improvement", description, network, post, search=search,
@@ -280,6 +281,10 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z), the threshold lowered by "
                                               "w x ln(apparent lesion load), w chosen by leave-one-training-domain-"
                                               "out Dice", load=True),
+    "ADM+ F +flip": MethodSpec("adm", "improvement", "ADM+ F, its energy averaged with that of the left-right "
+                               "mirrored slices (flip TTA)", "ADM+ F", {"flip_tta": True}),
+    "ADM+ F +flip +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) on the flip-TTA "
+                                                    "energy", load=True, flip=True),
     "ADM+ F> ct +post+cc (z+load)": _post_cc_row("ADM+ F> ct", "zscore", "ADM+ F> ct +post+cc (z) with the "
                                                   "lesion-load term", load=True),
     "ADM+ F ctx": MethodSpec("adm", "improvement", "ADM+ F whose CtoC also sees the slice before and after "
