@@ -207,7 +207,9 @@ def lesion_probability(scores, labels, validation, groups: list[list[str]], voxe
         domain_scores = np.concatenate([scores[i][p] for i, p in zip(group, picked)])
         domain_labels = np.concatenate([labels[i][p] for i, p in zip(group, picked)])
         take = rng.choice(domain_scores.size, min(domain_scores.size, CALIBRATION_VOXELS), replace=False)
-        x.append(domain_scores[take]), y.append(domain_labels[take]), weight.append(np.full(take.size, 1.0 / take.size))
+        x.append(domain_scores[take])
+        y.append(domain_labels[take])
+        weight.append(np.full(take.size, 1.0 / take.size))
     x, y, weight = np.concatenate(x), np.concatenate(y), np.concatenate(weight) * len(groups) * CALIBRATION_VOXELS
     if mapping == "logistic":
         fitted = LogisticRegression(C=1e4).fit(x[:, None], y, sample_weight=weight)
