@@ -76,6 +76,12 @@ def pooled_dice(cases: list[SortedCase], thresholds: list[float]) -> float:
     return 2.0 * tp / max(tp + fp + positives, 1)
 
 
+def fold_cases(domain: dict[str, str], test_domain: str) -> tuple[list[list[str]], list[str]]:
+    """A fold's training cases grouped by domain (sorted by name) and its test cases."""
+    train_domains = sorted(set(domain.values()) - {test_domain})
+    return [[i for i in domain if domain[i] == d] for d in train_domains], [i for i in domain if domain[i] == test_domain]
+
+
 def study_threshold(scores, labels, validation, groups: list[list[str]]) -> float:
     """The study's rule: one threshold, the highest mean Dice over the training domains (``groups`` of
     case ids) on their lesion slices."""
@@ -86,9 +92,7 @@ def study_threshold(scores, labels, validation, groups: list[list[str]]) -> floa
 
 def fold_figures(scores: dict[str, np.ndarray], labels, validation, domain, test_domain: str,
                  with_peak: bool = True) -> dict[str, str]:
-    train_domains = sorted({domain[i] for i in scores} - {test_domain})
-    groups = [[i for i in scores if domain[i] == d] for d in train_domains]
-    test_ids = [i for i in scores if domain[i] == test_domain]
+    groups, test_ids = fold_cases(domain, test_domain)
     lesion_slices = {i: SortedCase(scores[i][validation[i]], labels[i][validation[i]]) for g in groups for i in g}
     whole_brains = [SortedCase(scores[i], labels[i]) for i in test_ids]
     test_scores = np.concatenate([scores[i] for i in test_ids])
@@ -154,9 +158,7 @@ def peak_margin_counts(brain: np.ndarray, scores: np.ndarray, labels: np.ndarray
 
 def peak_margin_figures(scores: dict[str, np.ndarray], labels, validation, domain, test_domain: str,
                         boxes: dict[str, np.ndarray]) -> str:
-    train_domains = sorted({domain[i] for i in scores} - {test_domain})
-    groups = [[i for i in scores if domain[i] == d] for d in train_domains]
-    test_ids = [i for i in scores if domain[i] == test_domain]
+    groups, test_ids = fold_cases(domain, test_domain)
     plain_threshold = study_threshold(scores, labels, validation, groups)
     thresholds = [plain_threshold + step for step in MARGIN_THRESHOLD_STEPS]
     counts = {i: peak_margin_counts(boxes[i], s, labels[i], validation[i], thresholds) for i, s in scores.items()}
@@ -219,9 +221,7 @@ def lesion_probability(scores, labels, validation, groups: list[list[str]], voxe
 
 
 def expected_dice_figures(scores: dict[str, np.ndarray], labels, validation, domain, test_domain: str) -> str:
-    train_domains = sorted({domain[i] for i in scores} - {test_domain})
-    groups = [[i for i in scores if domain[i] == d] for d in train_domains]
-    test_ids = [i for i in scores if domain[i] == test_domain]
+    groups, test_ids = fold_cases(domain, test_domain)
     whole_brains = [SortedCase(scores[i], labels[i]) for i in test_ids]
     plain = study_threshold(scores, labels, validation, groups)
     figures = [f"plain (t {plain:.2f}): {pooled_dice(whole_brains, [plain] * len(test_ids)):.3f}"]
@@ -265,7 +265,7 @@ def main() -> None:
         def row_scores(row: str) -> dict[str, np.ndarray]:
             return {i: saved[f"{row}|{i}"].astype(np.float32) for i in ids}
 
-        test_ids = [i for i in ids if domain[i] == test_domain]
+        _, test_ids = fold_cases(domain, test_domain)
         test_labels = np.concatenate([labels[i] for i in test_ids])
 
         def test_auprc(scores: dict[str, np.ndarray]) -> float:
