@@ -160,6 +160,7 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+ F": _ADM_PLUS_F,
     "ADM+ F>": _ADM_PLUS_F_BRIGHTER,
     "ADM+ F> ct": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False),
+    "ADM+ F w32": _with_model(_ADM_PLUS_F, ctoc_width=32),
     "ADM+ F ctx": _with_model(_ADM_PLUS_F, ctoc_context_slices=1),
     "ADM+ F ctx tp": {**_with_model(_ADM_PLUS_F, ctoc_context_slices=1),
                       "train": {**_ADM_PLUS_F["train"], "through_plane_mix": 1.0}},
@@ -285,6 +286,10 @@ METHODS: dict[str, MethodSpec] = {
                                "mirrored slices (flip TTA)", "ADM+ F", {"flip_tta": True}),
     "ADM+ F +flip +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) on the flip-TTA "
                                                     "energy", load=True, flip=True),
+    "ADM+ F w32": MethodSpec("adm", "improvement", "ADM+ F with a CtoC twice as wide (32 channels, the paper's "
+                             "64 halved; the small preset has 16)", "ADM+ F w32"),
+    "ADM+ F w32 +post+cc (z+load)": _post_cc_row("ADM+ F w32", "zscore", "ADM+ F w32 with the +post+cc (z+load) "
+                                                  "post-processing", load=True),
     "ADM+ F> ct +post+cc (z+load)": _post_cc_row("ADM+ F> ct", "zscore", "ADM+ F> ct +post+cc (z) with the "
                                                   "lesion-load term", load=True),
     "ADM+ F ctx": MethodSpec("adm", "improvement", "ADM+ F whose CtoC also sees the slice before and after "
@@ -369,7 +374,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F cm* +post+cc (normal+load)", "ADM+ F blend*",
                                     "ADM+ F blend* +post+cc (z+load)", "ADM+ F blend* +post+cc (normal+load)",
                                     "ADM+ F blend=0.5*", "ADM+ F blend=0.5* +post+cc (z+load)",
-                                    "ADM+ F blend=0.5* +post+cc (normal+load)")
+                                    "ADM+ F blend=0.5* +post+cc (normal+load)", "ADM+ F +flip",
+                                    "ADM+ F +flip +post+cc (z+load)", "ADM+ F w32", "ADM+ F w32 +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

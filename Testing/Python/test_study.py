@@ -469,7 +469,8 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
     groups = study.ctoc_groups(list(study.NETWORKS), settings, 0)
     assert groups == [["ADM", "ADM+X", "ADM_ct", "ADM_woj"], ["ADM robust-norm"], ["ADM site-aug"], ["ADM unc"],
                       ["ADM+", "ADM+ F", "ADM+ F>", "ADM+ F> ct", "ADM+ FT2"],  # density features: chosen after step 1
-                      ["ADM+ F ctx"], ["ADM+ F ctx tp"]]  # CtoCs that see the neighbouring slices
+                      ["ADM+ F ctx"], ["ADM+ F ctx tp"],  # CtoCs that see the neighbouring slices
+                      ["ADM+ F w32"]]  # a wider CtoC
     assert not any("ADM_dr" in g for g in groups)  # no CtoC at all
     base = study.network_config("ADM", settings, 0)
     assert study.ctoc_key(base) == study.ctoc_key(preset("tiny", **{
@@ -477,6 +478,7 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
         "train": {**base.to_dict()["train"], "epochs_joint": 99, "lr_joint": 0.1}}))
     for section, change in (("train", {"epochs_ctoc": 99}), ("train", {"nll_beta": 0.1}), ("train", {"seed": 5}),
                             ("model", {"median_bias": False}), ("model", {"ctoc_context_slices": 1}),
+                            ("model", {"ctoc_width": 32}),
                             ("train", {"through_plane_mix": 0.5}),
                             ("preprocess", {"normalisation": "robust"})):
         data = base.to_dict()
