@@ -654,6 +654,10 @@ def test_quick_domain_setting_runs_the_domain_methods():
     assert study.quick_settings(split="domains").method_names() == list(study.DOMAIN_METHODS)
     assert study.quick_settings().method_names() == list(study.QUICK_METHODS)
     assert study.quick_settings(split="domains", methods=("ADM",)).method_names() == ["ADM"]
+    # The patient folds train only the paper's networks and ADM+X: the transfer variants (networks
+    # trained for other sites, flip and wider-CtoC rows included) belong to the domain split.
+    in_domain_networks = {study.METHODS[name].network for name in study.DEFAULT_METHODS}
+    assert in_domain_networks == {None, "ADM", "ADM_ct", "ADM_dr", "ADM_woj", "ADM+X"}
 
 
 def test_a_new_network_takes_the_ctoc_of_a_cached_network_of_its_group(tmp_path, monkeypatch):
