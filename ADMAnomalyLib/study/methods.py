@@ -286,8 +286,8 @@ METHODS: dict[str, MethodSpec] = {
                                "mirrored slices (flip TTA)", "ADM+ F", {"flip_tta": True}),
     "ADM+ F +flip +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) on the flip-TTA "
                                                     "energy", load=True, flip=True),
-    "ADM+ F w32": MethodSpec("adm", "improvement", "ADM+ F with a CtoC twice as wide (32 channels, the paper's "
-                             "64 halved; the small preset has 16)", "ADM+ F w32"),
+    "ADM+ F w32": MethodSpec("adm", "improvement", "ADM+ F with a CtoC of 32 channels (twice the small "
+                             "preset's 16, half the paper's 64)", "ADM+ F w32"),
     "ADM+ F w32 +post+cc (z+load)": _post_cc_row("ADM+ F w32", "zscore", "ADM+ F w32 with the +post+cc (z+load) "
                                                   "post-processing", load=True),
     "ADM+ F> ct +post+cc (z+load)": _post_cc_row("ADM+ F> ct", "zscore", "ADM+ F> ct +post+cc (z) with the "
@@ -378,8 +378,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +flip +post+cc (z+load)", "ADM+ F w32", "ADM+ F w32 +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
-_IN_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
-DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in _IN_DOMAIN_ONLY)
+_DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in _DOMAIN_ONLY)
 QUICK_METHODS: tuple[str, ...] = tuple(m for m in DEFAULT_METHODS
                                        if m not in ("ADM +flip", "ADM +smooth", "ADM+X +flip+smooth+rim"))
 """The quick setting leaves out the flip-TTA variants and smoothing without rim suppression (in the
