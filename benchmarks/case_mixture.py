@@ -43,10 +43,9 @@ from ADMAnomalyLib.data import lesion_free_slices  # noqa: E402
 from ADMAnomalyLib.gmm import energy  # noqa: E402
 from ADMAnomalyLib.infer import (InferenceOptions, brain_features, ctoc_runner, energy_slices,  # noqa: E402
                                  mixture_of)
-from ADMAnomalyLib.model import ADMModel  # noqa: E402
 from ADMAnomalyLib.preprocess import prepare_case  # noqa: E402
-from ADMAnomalyLib.study.methods import network_config, quick_settings  # noqa: E402
-from ADMAnomalyLib.study.runner import network_cache_path  # noqa: E402
+from ADMAnomalyLib.study.methods import quick_settings  # noqa: E402
+from ADMAnomalyLib.study.runner import load_cached_network  # noqa: E402
 
 OPTIONS = InferenceOptions("cpu", precision="fp32")
 
@@ -90,8 +89,7 @@ def main() -> None:
     settings = quick_settings(image_size=study["settings"]["image_size"])
     cutoffs = [float(c) for c in args.cutoffs.split(",")]
     for run in (r for r in study["runs"] if r["seed"] == args.seed):
-        config = network_config(args.network, settings, args.seed)
-        model = ADMModel.load(network_cache_path(args.run / "networks", args.network, config, run["train"]))
+        model = load_cached_network(args.run / "networks", args.network, settings, args.seed, run["train"])
         start = time.perf_counter()
         reference = None
         if args.aligned:

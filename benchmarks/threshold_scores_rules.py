@@ -224,14 +224,15 @@ def expected_dice_figures(scores: dict[str, np.ndarray], labels, validation, dom
     groups, test_ids = fold_cases(domain, test_domain)
     whole_brains = [SortedCase(scores[i], labels[i]) for i in test_ids]
     plain = study_threshold(scores, labels, validation, groups)
+    training_brains = [[SortedCase(scores[i], labels[i]) for i in g] for g in groups]
     figures = [f"plain (t {plain:.2f}): {pooled_dice(whole_brains, [plain] * len(test_ids)):.3f}"]
     for voxels in ("slices", "brain"):
         for mapping in ("logistic", "isotonic"):
             probability = lesion_probability(scores, labels, validation, groups, voxels, mapping)
             thresholds = [expected_dice_threshold(scores[i], probability(scores[i])) for i in test_ids]
-            training = np.mean([pooled_dice([SortedCase(scores[i], labels[i]) for i in g],
-                                            [expected_dice_threshold(scores[i], probability(scores[i])) for i in g])
-                                for g in groups])
+            training = np.mean([pooled_dice(brains, [expected_dice_threshold(scores[i], probability(scores[i]))
+                                                     for i in g])
+                                for g, brains in zip(groups, training_brains)])
             figures.append(f"{mapping} on {voxels}: {pooled_dice(whole_brains, thresholds):.3f} "
                            f"(t {min(thresholds):.2f}-{max(thresholds):.2f}; training brains {training:.3f})")
     return " | ".join(figures)

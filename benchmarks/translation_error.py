@@ -32,8 +32,8 @@ from ADMAnomalyLib.infer import InferenceOptions, ctoc_translations  # noqa: E40
 from ADMAnomalyLib.model import ADMModel  # noqa: E402
 from ADMAnomalyLib.networks import split_translation  # noqa: E402
 from ADMAnomalyLib.preprocess import prepare_case  # noqa: E402
-from ADMAnomalyLib.study.methods import network_config, quick_settings  # noqa: E402
-from ADMAnomalyLib.study.runner import network_cache_path  # noqa: E402
+from ADMAnomalyLib.study.methods import quick_settings  # noqa: E402
+from ADMAnomalyLib.study.runner import load_cached_network  # noqa: E402
 
 OPTIONS = InferenceOptions("cpu", precision="fp32")
 
@@ -65,8 +65,7 @@ def main() -> None:
     print(f"|X - X_hat| of {args.contrast} on normal brain pixels, median / p90 (network resolution)")
     for run in (r for r in study["runs"] if r["seed"] == args.seed):
         for name in args.networks.split(","):
-            config = network_config(name, settings, args.seed)
-            model = ADMModel.load(network_cache_path(args.run / "networks", name, config, run["train"]))
+            model = load_cached_network(args.run / "networks", name, settings, args.seed, run["train"])
             start = time.perf_counter()
             cells = []
             for domain, cases in domains.items():

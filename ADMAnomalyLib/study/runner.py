@@ -151,6 +151,15 @@ def network_cache_path(cache_dir: Path, name: str, config, train_ids: Sequence[s
     return cache_dir / f"{''.join(ch if ch.isalnum() else '_' for ch in name)}-{digest}.admm"
 
 
+def load_cached_network(cache_dir: Path, name: str, settings: StudySettings, seed: int,
+                        train_ids: Sequence[str]) -> ADMModel:
+    """Study network ``name`` as a run with ``settings`` and ``seed`` trained and kept it in ``cache_dir``
+    for the training cases ``train_ids`` (:func:`network_cache_path`), e.g. a finished fold's network for
+    an analysis beside the study. Raises :class:`~ADMAnomalyLib.errors.ModelFileError` when the run kept no
+    such network."""
+    return ADMModel.load(network_cache_path(cache_dir, name, network_config(name, settings, seed), train_ids))
+
+
 def train_networks(names: Sequence[str], settings: StudySettings, seed: int, data: dict[str, TrainingData],
                    device: torch.device, cache_dir: Path | None = None,
                    train_ids: Sequence[str] = ()) -> TrainedNetworks:

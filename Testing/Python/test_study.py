@@ -16,7 +16,7 @@ from ADMAnomalyLib import study
 from ADMAnomalyLib.cli import main
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, preset
 from ADMAnomalyLib.domains import cohort_cases
-from ADMAnomalyLib.errors import InputError
+from ADMAnomalyLib.errors import InputError, ModelFileError
 from ADMAnomalyLib.gmm import GMMAccumulator
 from ADMAnomalyLib.infer import InferenceOptions, energy_slices
 from ADMAnomalyLib.postprocess import postprocess_scores as postprocess_array
@@ -667,6 +667,12 @@ def test_a_new_network_takes_the_ctoc_of_a_cached_network_of_its_group(tmp_path,
     study.run_study(None, out, settings, domains_file=path)
     cached = {p.name for p in (out / "networks").glob("*.admm")}
     assert len(cached) == 3  # one per left-out domain
+    # An analysis beside the study finds each fold's network by the fold's training cases.
+    record = json.loads((out / "study.json").read_text())["runs"][0]
+    fold_network = study.runner.load_cached_network(out / "networks", "ADM", settings, record["seed"], record["train"])
+    assert fold_network.config == study.network_config("ADM", settings, record["seed"])
+    with pytest.raises(ModelFileError, match="not found"):
+        study.runner.load_cached_network(out / "networks", "ADM", settings, record["seed"], record["train"][1:])
 
     def no_ctoc_training(*args, **kwargs):
         raise AssertionError("the shared CtoC was trained again")
