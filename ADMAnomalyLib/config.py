@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 CONTRASTS: tuple[str, ...] = ("flair", "t1", "t1c", "t2")
 """Canonical contrast order of the four input channels."""
@@ -23,6 +23,9 @@ CONTRAST_NAMES: dict[str, tuple[str, ...]] = {
 """The usual spellings of each contrast (lower case), shared by file discovery
 (:mod:`ADMAnomalyLib.cases`) and the Slicer module's guessing from node names."""
 
+
+NORMALISATIONS = ("zscore", "robust", "histogram")
+"""Per-contrast intensity normalisations (``PreprocessConfig.normalisation``)."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Precision of the CtoC network, for training (``train.precision``, see
@@ -52,8 +55,31 @@ class PreprocessConfig:
     """Relative tolerance when comparing spacing, origin and direction of the four contrasts."""
     normalisation: str = "zscore"
     """Per-contrast intensity normalisation over the brain: 'zscore' (method.md: mean and standard
-    deviation) or 'robust' (beyond the paper: median and IQR / 1.349, so a large lesion or a site's
-    histogram tail does not move where normal tissue lands)."""
+    deviation), 'robust' (beyond the paper: median and IQR / 1.349, so a large lesion or a site's
+    histogram tail does not move where normal tissue lands) or 'histogram' (beyond the paper:
+    piecewise-linear histogram standardisation at :attr:`histogram_landmarks`, which also matches the
+    histogram's shape between sites; see :func:`~ADMAnomalyLib.preprocess.standardise_histogram`)."""
+    histogram_landmarks: tuple[float, ...] = (10.0, 25.0, 50.0, 75.0, 90.0)
+    """Brain-voxel percentiles that 'histogram' normalisation maps onto the standard normal's quantiles
+    at the same percentiles. Kept inside 10-90 so that a glioma of up to a tenth of the brain, bright
+    on FLAIR and T2 or dark on T1, does not sit on a landmark and have its contrast squeezed."""
+    native_normalisation: Optional[str] = None
+    """Normalisation of the native-grid contrasts the post-processing reads (its FLAIR intensity term,
+    the energy gate, normal-looking tissue), one of those of :attr:`normalisation`; None: the network
+    input's. The network input and the intensity term need not agree: robust statistics steady the
+    network's input across sites, while for thresholding FLAIR intensity whole-brain mean and SD,
+    which widen with a bright lesion, put the best threshold of every case at nearly the same z."""
+
+    def __post_init__(self) -> None:
+        for name in ("normalisation", "native_normalisation"):
+            value = getattr(self, name)
+            if value not in NORMALISATIONS and not (name == "native_normalisation" and value is None):
+                raise ValueError(f"preprocess.{name} must be one of {', '.join(NORMALISATIONS)}, not {value!r}")
+        landmarks = tuple(float(p) for p in self.histogram_landmarks)
+        if len(landmarks) < 2 or any(not 0 < p < 100 for p in landmarks) or list(landmarks) != sorted(set(landmarks)):
+            raise ValueError("preprocess.histogram_landmarks must be two or more increasing percentiles strictly "
+                             f"between 0 and 100, got {self.histogram_landmarks!r}")
+        self.histogram_landmarks = landmarks
 
 
 @dataclass

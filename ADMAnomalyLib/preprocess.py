@@ -3,7 +3,8 @@
 Forward (:func:`prepare_case`):
 
 1. brain mask: the supplied mask > 0, else ``|value| > brain_threshold`` in any contrast;
-2. per-contrast z-score over the brain voxels of the whole volume, 0 outside the brain;
+2. per-contrast normalisation over the brain voxels of the whole volume (``cfg.normalisation``:
+   z-score by default), 0 outside the brain;
 3. reorientation to ``cfg.orientation`` as decided by ``sitk.DICOMOrient`` from the direction
    cosines (never from the array order). The *axial* axis is the one whose orientation letter is
    S or I; it becomes the slice axis. With the default ``LPS`` a slice has rows running
@@ -89,7 +90,8 @@ class PreparedCase:
     """bool (S,): any labelled voxel in the native slice (all False without a label)."""
     zscore: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Per contrast (centre, scale) of the brain voxels used for normalisation: (mean, std) for the
-    'zscore' normalisation, (median, IQR / 1.349) for 'robust'."""
+    'zscore' normalisation, (median, IQR / 1.349) for 'robust' and for 'histogram' (the scale its map
+    keeps beyond the landmarks)."""
     geometry: Optional[SliceGeometry] = field(default=None, repr=False)
     native_brain: Optional[np.ndarray] = field(default=None, repr=False)
     """bool native numpy volume (z, y, x) of the brain mask."""
@@ -97,8 +99,9 @@ class PreparedCase:
     """bool native numpy volume (z, y, x) of label != 0, None without a label."""
     native_zscored: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     """float32 native numpy volumes (z, y, x) of the contrasts :func:`prepare_case` was asked to keep,
-    z-scored with the statistics of :attr:`zscore` (the network input's), 0 outside the brain: the
-    intensity term of the post-processing, the FLAIR baselines and the study read them from here."""
+    normalised as the network input is (or by ``PreprocessConfig.native_normalisation`` where it is
+    set), 0 outside the brain: the intensity term of the post-processing, the FLAIR baselines and the
+    study read them from here."""
 
     @property
     def n_slices(self) -> int:
@@ -150,9 +153,6 @@ def orientation_axes(direction: tuple[float, ...], orientation: str) -> tuple[tu
     return axes, new_flips
 
 
-NORMALISATIONS = ("zscore", "robust")
-
-
 def normalisation_statistics(inside: np.ndarray, method: str) -> tuple[float, float]:
     """``(centre, scale)`` that map one contrast's brain voxels ``inside`` to the network's scale.
 
@@ -164,17 +164,56 @@ def normalisation_statistics(inside: np.ndarray, method: str) -> tuple[float, fl
     if method == "zscore":
         return float(inside.mean(dtype=np.float64)), float(inside.std(dtype=np.float64))
     if method != "robust":
-        raise ValueError(f"preprocess.normalisation must be one of {', '.join(NORMALISATIONS)}, not {method!r}")
+        raise ValueError(f"normalisation_statistics: 'zscore' or 'robust', not {method!r}")
     low, median, high = (float(v) for v in np.percentile(inside, (25, 50, 75)))
     scale = (high - low) / 1.349
     return median, scale if scale > 0 else float(inside.std(dtype=np.float64))
 
 
+def standardise_histogram(values: np.ndarray, inside: np.ndarray, landmarks: Sequence[float]) -> np.ndarray:
+    """``values`` mapped piecewise-linearly so that the percentiles ``landmarks`` of the brain voxels
+    ``inside`` land on the standard normal's quantiles at the same percentiles (Nyul & Udupa's
+    histogram standardisation, with a fixed standard scale instead of one learned from training
+    cases, so a model file carries no extra state and a normal histogram comes out as 'robust' leaves
+    it).
+
+    Robust z-scoring aligns the middle and spread of each site's histogram; this also aligns its
+    shape between the landmarks (the skew and the grey/white-matter peaks that differ between
+    scanners and sequences). Beyond the outermost landmarks the map goes on at the robust scale
+    (IQR / 1.349), so a lesion's tail keeps the contrast robust z-scoring gives it instead of the
+    slope of whatever tissue lies between two landmarks. Tied landmarks (a spike of voxels sharing one
+    value) are merged, keeping the map monotone. float32 output."""
+    from statistics import NormalDist
+
+    percentiles = np.asarray(sorted(landmarks), dtype=np.float64)
+    case_points = np.percentile(inside, percentiles)
+    standard = np.array([NormalDist().inv_cdf(p / 100.0) for p in percentiles])
+    case_points, first = np.unique(case_points, return_index=True)
+    standard = np.array([standard[i:j].mean() for i, j in zip(first, list(first[1:]) + [len(standard)])])
+    _, scale = normalisation_statistics(inside, "robust")
+    mapped = np.interp(values, case_points, standard)
+    below, above = values < case_points[0], values > case_points[-1]
+    mapped[below] = standard[0] + (values[below] - case_points[0]) / scale
+    mapped[above] = standard[-1] + (values[above] - case_points[-1]) / scale
+    return mapped.astype(np.float32)
+
+
+def _normalised(values: np.ndarray, inside: np.ndarray, method: str, landmarks: Sequence[float],
+                statistics: Optional[tuple[float, float]] = None) -> np.ndarray:
+    """float32 ``values`` under normalisation ``method`` over the brain voxels ``inside`` (for the
+    affine ones with ``statistics`` when the caller has them already)."""
+    if method == "histogram":
+        return standardise_histogram(values, inside, landmarks)
+    centre, scale = statistics or normalisation_statistics(inside, method)
+    return (values - np.float32(centre)) * np.float32(1.0 / scale)
+
+
 def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[str] = ("flair",)) -> PreparedCase:
     """Turn a loaded case into normalised, oriented, resized axial slices (see module doc).
 
-    ``keep_native`` names the contrasts whose native-grid z-scored volumes are kept in
-    :attr:`PreparedCase.native_zscored` (4 bytes a voxel each; training keeps none)."""
+    ``keep_native`` names the contrasts whose native-grid normalised volumes are kept in
+    :attr:`PreparedCase.native_zscored` (``cfg.native_normalisation``, by default the network input's;
+    4 bytes a voxel each; training keeps none)."""
     reference = case.images[CONTRASTS[0]]
     arrays = [sitk.GetArrayViewFromImage(case.images[c]) for c in CONTRASTS]
 
@@ -229,17 +268,25 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[
     zscore: dict[str, tuple[float, float]] = {}
     kept: dict[str, np.ndarray] = {}
     for channel, (name, values) in enumerate(zip(CONTRASTS, arrays)):
-        mean, std = normalisation_statistics(values[brain], cfg.normalisation)
+        inside = values[brain]
+        # 'histogram' reports the robust centre and scale: its map beyond the landmarks.
+        mean, std = normalisation_statistics(inside, "robust" if cfg.normalisation == "histogram"
+                                             else cfg.normalisation)
         if not std > 1e-6 * max(1.0, abs(mean)):
             raise InputError(
                 f"case {case.case_id}: contrast {name} is constant inside the brain (std 0)"
             )
         zscore[name] = (mean, std)
-        normalised = (values - np.float32(mean)) * np.float32(1.0 / std)
+        normalised = _normalised(values, inside, cfg.normalisation, cfg.histogram_landmarks, (mean, std))
         normalised[outside] = 0.0
         put(channel, normalised)
         if name in keep_native:
-            kept[name] = normalised
+            native = cfg.native_normalisation
+            if native is None or native == cfg.normalisation:
+                kept[name] = normalised
+            else:
+                kept[name] = _normalised(values, inside, native, cfg.histogram_landmarks)
+                kept[name][outside] = 0.0
     put(len(CONTRASTS), brain)
     if lesion is not None:
         put(len(CONTRASTS) + 1, lesion)

@@ -131,6 +131,9 @@ class MethodSpec:
     small_components: bool = False
     """At the threshold, lower voxels in components smaller than the settings' ``min_component_mm3``
     to just below it (as the FLAIR +med+cc baselines do)."""
+    native_normalisation: str | None = None
+    """For 'adm': ``PreprocessConfig.native_normalisation`` of the FLAIR term's preparation (None: the
+    network's own normalisation), a post-processing choice that needs no network of its own."""
     load_weights: tuple[float, ...] = ()
     """For 'adm': candidate ``PostprocessConfig.load_weight`` values, one chosen after the search by how
     well its threshold transfers between the selection groups (leave one training domain out in turn,
@@ -161,6 +164,7 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+ F>": _ADM_PLUS_F_BRIGHTER,
     "ADM+ F> ct": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False),
     "ADM+ F w32": _with_model(_ADM_PLUS_F, ctoc_width=32),
+    "ADM+ F hist": {**_ADM_PLUS_F, "preprocess": {"normalisation": "histogram"}},
     "ADM+ F ctx": _with_model(_ADM_PLUS_F, ctoc_context_slices=1),
     "ADM+ F ctx tp": {**_with_model(_ADM_PLUS_F, ctoc_context_slices=1),
                       "train": {**_ADM_PLUS_F["train"], "through_plane_mix": 1.0}},
@@ -170,19 +174,22 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
                  case_mixture: bool = False, choose_cutoff: bool = False, share: float = 1.0,
-                 choose_share: bool = False, flip: bool = False) -> MethodSpec:
+                 choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None
+                 ) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
     mixture (``share`` of the energy, the frozen mixture the rest), whose normal-tissue cut-off the
     search chooses first with ``choose_cutoff`` and whose share it chooses next with ``choose_share``;
-    with ``flip`` the energy averaged with that of the left-right mirrored slices (flip TTA)."""
+    with ``flip`` the energy averaged with that of the left-right mirrored slices (flip TTA); with
+    ``native_normalisation`` the FLAIR term normalised that way."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ()) + POST_SEARCH)
     return MethodSpec("adm", "improvement", description, network, post, search=search,
-                      small_components=True, load_weights=LOAD_WEIGHTS if load else ())
+                      small_components=True, load_weights=LOAD_WEIGHTS if load else (),
+                      native_normalisation=native_normalisation)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -282,6 +289,14 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z), the threshold lowered by "
                                               "w x ln(apparent lesion load), w chosen by leave-one-training-domain-"
                                               "out Dice", load=True),
+    "ADM+ F +post+cc (z+load) FLAIR z-score": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) whose FLAIR "
+                                                       "term reads the mean/SD z-score (the strong baseline's), "
+                                                       "not the network input's robust normalisation", load=True,
+                                                       native_normalisation="zscore"),
+    "ADM+ F hist": MethodSpec("adm", "improvement", "ADM+ F on histogram-standardised contrasts (landmarks at "
+                              "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
+    "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "
+                                                   "(z+load) post-processing", load=True),
     "ADM+ F +flip": MethodSpec("adm", "improvement", "ADM+ F, its energy averaged with that of the left-right "
                                "mirrored slices (flip TTA)", "ADM+ F", {"flip_tta": True}),
     "ADM+ F +flip +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) on the flip-TTA "
@@ -375,7 +390,9 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F blend* +post+cc (z+load)", "ADM+ F blend* +post+cc (normal+load)",
                                     "ADM+ F blend=0.5*", "ADM+ F blend=0.5* +post+cc (z+load)",
                                     "ADM+ F blend=0.5* +post+cc (normal+load)", "ADM+ F +flip",
-                                    "ADM+ F +flip +post+cc (z+load)", "ADM+ F w32", "ADM+ F w32 +post+cc (z+load)")
+                                    "ADM+ F +flip +post+cc (z+load)", "ADM+ F w32", "ADM+ F w32 +post+cc (z+load)",
+                                    "ADM+ F +post+cc (z+load) FLAIR z-score", "ADM+ F hist",
+                                    "ADM+ F hist +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
@@ -431,6 +448,15 @@ def network_config(name: str, settings: StudySettings, seed: int) -> ADMConfig:
     return preset(settings.preset, **overrides)
 
 
+
+
+def intensity_preprocess(spec: MethodSpec, settings: StudySettings) -> PreprocessConfig:
+    """The preparation whose native FLAIR an ADM row's FLAIR term reads: its network's, with the row's
+    ``native_normalisation`` (what ``predict`` reads for a model whose config carries it)."""
+    prep = network_config(spec.network, settings, 0).preprocess
+    if spec.native_normalisation is None:
+        return prep
+    return dataclasses.replace(prep, native_normalisation=spec.native_normalisation)
 
 
 def baseline_preprocess(settings: StudySettings) -> PreprocessConfig:

@@ -38,8 +38,8 @@ from ..train import Trainer, masked_mse
 from ..domains import load_domains
 from ..api import with_postprocess
 from .methods import (METHODS, POST_CANDIDATES, MethodSpec, MixtureVariant, StudySettings, baseline_preprocess,
-                      ctoc_groups, mixture_variant, network_config, postprocess_for, preprocess_key, raw_variants,
-                      training_context, training_key)
+                      ctoc_groups, intensity_preprocess, mixture_variant, network_config, postprocess_for,
+                      preprocess_key, raw_variants, training_context, training_key)
 
 STUDY_VERSION = 2
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -684,10 +684,12 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
     def key_of(candidate: PostprocessConfig) -> str:
         return raw_key(spec.network, candidate.flip_tta, mixture_variant(candidate))
 
-    prep = network_config(spec.network, settings, 0).preprocess
+    prep = intensity_preprocess(spec, settings)
+    # Rows that read the FLAIR term from another normalisation must not share post-processed scores.
+    flair_source = "" if spec.native_normalisation is None else f"|FLAIR {spec.native_normalisation}"
 
     def flair_of(case: CaseData) -> np.ndarray:
-        # The FLAIR term reads the native FLAIR of the network's own preparation, as predict does.
+        # The FLAIR term reads the native FLAIR of the row's preparation, as predict does.
         return case.preparation(prep).native_zscored["flair"]
 
     extra: dict[str, Any] = {}
@@ -697,16 +699,17 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
 
         def criterion(candidate: PostprocessConfig) -> float:
             key = key_of(candidate)
-            memo = (key, repr(candidate), tuple(case.case_id for case in search_cases))
+            memo = (key + flair_source, repr(candidate), tuple(case.case_id for case in search_cases))
             if memo not in run.caches.criteria:
                 run.caches.criteria[memo] = validation_auprc(_postprocessed(
-                    run.raw[key], candidate, search_cases, flair_of, run.caches, key, keep=False), groups)
+                    run.raw[key], candidate, search_cases, flair_of, run.caches, key + flair_source, keep=False),
+                    groups)
             return run.caches.criteria[memo]
 
         post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)
         extra["postprocess"] = dataclasses.asdict(post)
     key = key_of(post)
-    scores = _postprocessed(run.raw[key], post, run.all_cases, flair_of, run.caches, key)
+    scores = _postprocessed(run.raw[key], post, run.all_cases, flair_of, run.caches, key + flair_source)
     if spec.load_weights:
         scores, extra["load"] = _with_chosen_load(scores, post, spec.load_weights, run)
         extra.setdefault("postprocess", dataclasses.asdict(post))["load_weight"] = extra["load"]["weight"]
@@ -811,6 +814,7 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         if METHODS[m].kind == "adm":
             variants_needed.setdefault(METHODS[m].network, set()).update(raw_variants(METHODS[m], settings))
     network_preprocess = [network_config(n, settings, 0).preprocess for n in networks_needed]
+    network_preprocess += [intensity_preprocess(METHODS[m], settings) for m in methods if METHODS[m].kind == "adm"]
     cases: dict[str, CaseData] = {}
     total = sum(len(files) for files in files_by_domain.values())
     for domain, files in files_by_domain.items():
