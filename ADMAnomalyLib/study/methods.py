@@ -132,8 +132,9 @@ class MethodSpec:
     """At the threshold, lower voxels in components smaller than the settings' ``min_component_mm3``
     to just below it (as the FLAIR +med+cc baselines do)."""
     native_normalisation: str | None = None
-    """For 'adm': ``PreprocessConfig.native_normalisation`` of the FLAIR term's preparation (None: the
-    network's own normalisation), a post-processing choice that needs no network of its own."""
+    """``PreprocessConfig.native_normalisation`` of the native FLAIR the row reads: for 'adm' its FLAIR
+    term's (None: the network's own normalisation; a post-processing choice that needs no network of
+    its own), for 'flair' and 'flair_filtered' the score's (None: the baselines' z-score)."""
     load_weights: tuple[float, ...] = ()
     """For 'adm': candidate ``PostprocessConfig.load_weight`` values, one chosen after the search by how
     well its threshold transfers between the selection groups (leave one training domain out in turn,
@@ -207,6 +208,13 @@ METHODS: dict[str, MethodSpec] = {
     "FLAIR z +med5+cc": MethodSpec("flair_filtered", "baseline",
                                    "FLAIR z-score, 5 mm 3-D median filter, small components removed at the threshold",
                                    postprocess={"median_size_mm": 5.0}, small_components=True),
+    "FLAIR robust +med5+cc": MethodSpec("flair_filtered", "baseline", "FLAIR z +med5+cc on FLAIR normalised by "
+                                        "median and IQR / 1.349 (the ADM+ networks' input) instead of mean and SD",
+                                        postprocess={"median_size_mm": 5.0}, small_components=True,
+                                        native_normalisation="robust"),
+    "FLAIR hist +med5+cc": MethodSpec("flair_filtered", "baseline", "FLAIR z +med5+cc on histogram-standardised "
+                                      "FLAIR instead of the z-score", postprocess={"median_size_mm": 5.0},
+                                      small_components=True, native_normalisation="histogram"),
     "ADM +flip": MethodSpec("adm", "improvement", "ADM, left-right flip test-time augmentation", "ADM",
                             {"flip_tta": True}),
     "ADM +smooth": MethodSpec("adm", "improvement", "ADM, 3-D Gaussian smoothing of E", "ADM",
@@ -391,6 +399,7 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F blend=0.5*", "ADM+ F blend=0.5* +post+cc (z+load)",
                                     "ADM+ F blend=0.5* +post+cc (normal+load)", "ADM+ F +flip",
                                     "ADM+ F +flip +post+cc (z+load)", "ADM+ F w32", "ADM+ F w32 +post+cc (z+load)",
+                                    "FLAIR robust +med5+cc", "FLAIR hist +med5+cc",
                                     "ADM+ F +post+cc (z+load) FLAIR z-score", "ADM+ F hist",
                                     "ADM+ F hist +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
@@ -451,9 +460,11 @@ def network_config(name: str, settings: StudySettings, seed: int) -> ADMConfig:
 
 
 def intensity_preprocess(spec: MethodSpec, settings: StudySettings) -> PreprocessConfig:
-    """The preparation whose native FLAIR an ADM row's FLAIR term reads: its network's, with the row's
-    ``native_normalisation`` (what ``predict`` reads for a model whose config carries it)."""
-    prep = network_config(spec.network, settings, 0).preprocess
+    """The preparation whose native FLAIR a row reads, with the row's ``native_normalisation``: an ADM
+    row's FLAIR term reads its network's (what ``predict`` reads for a model whose config carries it),
+    a FLAIR baseline the baselines'."""
+    prep = (network_config(spec.network, settings, 0).preprocess if spec.kind == "adm"
+            else baseline_preprocess(settings))
     if spec.native_normalisation is None:
         return prep
     return dataclasses.replace(prep, native_normalisation=spec.native_normalisation)

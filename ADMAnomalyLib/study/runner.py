@@ -736,7 +736,11 @@ def baseline_method_scores(method: str, spec: MethodSpec, run: RunData) -> tuple
     if spec.kind == "dagmm":
         return run.raw["DAGMM-conv"], {}
     if spec.kind in ("flair", "flair_filtered"):
-        raw = {c.case_id: c.features[:, flair] for c in run.all_cases}
+        if spec.native_normalisation is None:
+            raw = {c.case_id: c.features[:, flair] for c in run.all_cases}
+        else:
+            prep = intensity_preprocess(spec, run.settings)
+            raw = {c.case_id: c.preparation(prep).native_zscored["flair"][c.brain] for c in run.all_cases}
         post = postprocess_for(spec, run.settings)
         return _postprocessed(raw, post, run.all_cases, lambda c: c.prepared.native_zscored["flair"], run.caches,
                               method), {}
@@ -814,7 +818,8 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         if METHODS[m].kind == "adm":
             variants_needed.setdefault(METHODS[m].network, set()).update(raw_variants(METHODS[m], settings))
     network_preprocess = [network_config(n, settings, 0).preprocess for n in networks_needed]
-    network_preprocess += [intensity_preprocess(METHODS[m], settings) for m in methods if METHODS[m].kind == "adm"]
+    network_preprocess += [intensity_preprocess(METHODS[m], settings) for m in methods
+                           if METHODS[m].kind == "adm" or METHODS[m].native_normalisation is not None]
     cases: dict[str, CaseData] = {}
     total = sum(len(files) for files in files_by_domain.values())
     for domain, files in files_by_domain.items():

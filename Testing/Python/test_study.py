@@ -321,11 +321,25 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     product_load = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(shifted[case.case_id], product_load[case.brain])
     assert not np.allclose(shifted[case.case_id], study_post[case.case_id])
+    # A FLAIR term normalised apart from the network input: the row's preparation is predict's.
+    spec = dataclasses.replace(study.METHODS["ADM +post"], native_normalisation="robust")
+    intensity = dataclasses.replace(model.config.preprocess, native_normalisation="robust")
+    assert study.methods.intensity_preprocess(spec, settings) == dataclasses.replace(
+        study.network_config("ADM", settings, 0).preprocess, native_normalisation="robust")
+    case = study.load_case_data(files, settings, [intensity])
+    robust_post = _postprocessed({case.case_id: study_energy}, post, [case],
+                                 lambda c: c.preparation(intensity).native_zscored["flair"], RunCaches(), "ADM")
+    model.config.postprocess = post
+    model.config.preprocess = intensity
+    product_robust = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
+    np.testing.assert_array_equal(robust_post[case.case_id], product_robust[case.brain])
+    assert not np.allclose(robust_post[case.case_id], study_post[case.case_id])
 
 
 # -- leave one domain out ---------------------------------------------------------------------------
 
-DOMAIN_STUDY_METHODS = ("FLAIR z", "FLAIR z +med3+cc", "ADM", "ADM +post", "ADM robust-norm", "ADM cm*")
+DOMAIN_STUDY_METHODS = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR robust +med5+cc", "ADM",
+                        "ADM +post", "ADM robust-norm", "ADM cm*")
 
 
 def _rescale_case(case_dir, factor: float) -> None:
@@ -470,6 +484,7 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
     assert groups == [["ADM", "ADM+X", "ADM_ct", "ADM_woj"], ["ADM robust-norm"], ["ADM site-aug"], ["ADM unc"],
                       ["ADM+", "ADM+ F", "ADM+ F>", "ADM+ F> ct", "ADM+ FT2"],  # density features: chosen after step 1
                       ["ADM+ F ctx"], ["ADM+ F ctx tp"],  # CtoCs that see the neighbouring slices
+                      ["ADM+ F hist"],  # another normalisation of the input
                       ["ADM+ F w32"]]  # a wider CtoC
     assert not any("ADM_dr" in g for g in groups)  # no CtoC at all
     base = study.network_config("ADM", settings, 0)
@@ -480,7 +495,8 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
                             ("model", {"median_bias": False}), ("model", {"ctoc_context_slices": 1}),
                             ("model", {"ctoc_width": 32}),
                             ("train", {"through_plane_mix": 0.5}),
-                            ("preprocess", {"normalisation": "robust"})):
+                            ("preprocess", {"normalisation": "robust"}),
+                            ("preprocess", {"normalisation": "histogram"})):
         data = base.to_dict()
         data[section] = {**data[section], **change}
         assert study.ctoc_key(ADMConfig.from_dict(data)) != study.ctoc_key(base), change
@@ -511,6 +527,9 @@ def test_leave_one_domain_out_never_uses_the_test_domain(domain_runs):
         cutoff = run["methods"]["ADM cm*"]["chosen"]["normal_max_flair_z"]
         assert cutoff in study.methods.NORMAL_CUTOFFS
         assert run["methods"]["ADM cm*"]["postprocess"]["normal_max_flair_z"] == cutoff
+        # The robust-normalised FLAIR baseline reads its own preparation: another scale, another threshold.
+        z_row, robust_row = (run["methods"][m] for m in ("FLAIR z +med5+cc", "FLAIR robust +med5+cc"))
+        assert robust_row["threshold"] != pytest.approx(z_row["threshold"], abs=1e-3)
     # Changing the test domain's labels changes its test metrics but no choice of its run.
     run_c1, run_c2 = first["runs"][2], second["runs"][2]
     for method in DOMAIN_STUDY_METHODS:

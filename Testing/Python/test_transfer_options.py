@@ -1,5 +1,6 @@
 """Options that make scores and thresholds carry over between sites: robust intensity normalisation,
-mm-sized median filtering and the per-case robust standardisation of the score."""
+histogram standardisation, the FLAIR term's own normalisation, mm-sized median filtering and the
+per-case robust standardisation of the score."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ADMAnomalyLib.cases import case_from_images
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
 from ADMAnomalyLib.postprocess import (load_offset, median_filter, median_filter_in_brain, median_window,
                                       normal_tissue, postprocess_scores, standardise_in_brain)
-from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case
+from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case, standardise_histogram
 from conftest import synthetic_volumes
 
 
@@ -61,6 +62,80 @@ def test_normalisation_makes_the_network_input_independent_of_a_site_gain():
     a = prepare_case(_case_with_lesion(1.0, 4), cfg)
     b = prepare_case(_case_with_lesion(3.7, 4), cfg)
     np.testing.assert_allclose(a.slices, b.slices, atol=1e-4)
+
+
+LANDMARKS = (10.0, 25.0, 50.0, 75.0, 90.0)
+NORMAL_QUANTILES = (-1.2816, -0.6745, 0.0, 0.6745, 1.2816)
+
+
+def test_histogram_standardisation_matches_the_landmarks_of_differently_shaped_histograms():
+    rng = np.random.default_rng(0)
+    skewed = rng.gamma(2.0, 1.0, 200_000)  # one site's long right tail
+    squeezed = np.sqrt(skewed) * 40 + 7  # another site's monotone distortion of the same tissue
+    for values in (skewed, squeezed):
+        mapped = standardise_histogram(values, values, LANDMARKS)
+        assert mapped.dtype == np.float32
+        np.testing.assert_allclose(np.percentile(mapped, LANDMARKS), NORMAL_QUANTILES, atol=2e-3)
+    # Robust z-scoring aligns only the median and the IQR: the outer landmarks stay apart.
+    robust = [(v - c) / s for v in (skewed, squeezed) for c, s in [normalisation_statistics(v, "robust")]]
+    assert abs(np.percentile(robust[0], 90) - np.percentile(robust[1], 90)) > 0.1
+
+
+def test_histogram_standardisation_keeps_the_robust_scale_in_the_tails_and_stays_monotone():
+    rng = np.random.default_rng(1)
+    normal_tissue = rng.normal(100.0, 10.0, 100_000)
+    spike = np.full(40_000, 90.0)  # one value shared by a quarter of the voxels, across two landmarks
+    values = np.r_[normal_tissue, spike]
+    _, scale = normalisation_statistics(values, "robust")
+    mapped = standardise_histogram(values, values, LANDMARKS)
+    order = np.argsort(values, kind="stable")
+    assert np.all(np.diff(mapped[order]) >= 0)
+    top = np.percentile(values, 90)
+    lesion = np.array([top + 30.0, top + 60.0])
+    tail = standardise_histogram(lesion, values, LANDMARKS)
+    assert tail[1] - tail[0] == pytest.approx(30.0 / scale, rel=1e-5)
+    # A normal histogram comes out as robust z-scoring leaves it.
+    centre, spread = normalisation_statistics(normal_tissue, "robust")
+    np.testing.assert_allclose(standardise_histogram(normal_tissue, normal_tissue, LANDMARKS),
+                               (normal_tissue - centre) / spread, atol=0.03)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"histogram_landmarks": (50.0, 10.0)}, "histogram_landmarks"),
+    ({"histogram_landmarks": (0.0, 50.0)}, "histogram_landmarks"),
+    ({"histogram_landmarks": (50.0,)}, "histogram_landmarks"),
+    ({"normalisation": "percentile"}, "preprocess.normalisation"),
+    ({"native_normalisation": "minmax"}, "preprocess.native_normalisation"),
+])
+def test_preprocess_config_refuses_unknown_normalisations_and_bad_landmarks(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessConfig(**overrides)
+    with pytest.raises(ValueError, match=message):
+        ADMConfig.from_dict({"preprocess": overrides})
+
+
+def test_histogram_normalisation_prepares_a_case_and_survives_the_config_round_trip():
+    cfg = PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation="histogram")
+    assert ADMConfig.from_dict(ADMConfig(preprocess=cfg).to_dict()).preprocess == cfg
+    prepared = prepare_case(_case_with_lesion(1.0, 4), cfg)
+    flair = prepared.native_zscored["flair"][prepared.native_brain]
+    np.testing.assert_allclose(np.percentile(flair, LANDMARKS), NORMAL_QUANTILES, atol=0.02)
+    # The same case from a site with another gain lands on the same network input.
+    np.testing.assert_allclose(prepare_case(_case_with_lesion(3.7, 4), cfg).slices, prepared.slices, atol=1e-4)
+
+
+def test_the_flair_term_can_be_normalised_apart_from_the_network_input():
+    case = _case_with_lesion(1.0, 12)
+    base = PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation="robust")
+    robust = prepare_case(case, base)
+    split = prepare_case(case, PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation="robust",
+                                                native_normalisation="zscore"))
+    zscored = prepare_case(case, PreprocessConfig(image_size=32, min_brain_pixels=8))
+    np.testing.assert_array_equal(split.slices, robust.slices)
+    assert split.zscore == robust.zscore
+    np.testing.assert_array_equal(split.native_zscored["flair"], zscored.native_zscored["flair"])
+    assert not np.allclose(split.native_zscored["flair"], robust.native_zscored["flair"])
+    assert not split.native_zscored["flair"][~split.native_brain].any()
 
 
 def test_median_window_is_sized_in_mm_per_axis():
