@@ -47,9 +47,15 @@ def is_slice_cache(path: str | Path) -> bool:
 
 
 def _cache_key(config: ADMConfig) -> dict[str, Any]:
-    # Only what changes the cached slices; model and optimiser settings may differ freely. The
-    # context enters only when used, so caches written before it existed still match.
-    key = {"preprocess": asdict(config.preprocess), "lesion_margin": config.train.lesion_margin}
+    # Only what changes the cached slices; model and optimiser settings, and the normalisation of the
+    # native volumes the post-processing reads, may differ freely. The context and the histogram
+    # landmarks enter only when used, so caches written before they existed still match.
+    preprocess = asdict(config.preprocess)
+    del preprocess["native_normalisation"]
+    landmarks = preprocess.pop("histogram_landmarks")
+    if config.preprocess.normalisation == "histogram":
+        preprocess["histogram_landmarks"] = list(landmarks)
+    key = {"preprocess": preprocess, "lesion_margin": config.train.lesion_margin}
     if config.model.ctoc_context_slices:
         key["context_slices"] = config.model.ctoc_context_slices
     return key

@@ -129,6 +129,16 @@ def test_cache_refuses_corruption_other_settings_and_reuse(cohort, tmp_path):
         build_slice_cache(cohort, cache, config)
     with pytest.raises(InputError, match="other preprocessing"):
         load_slice_cache(cache, preset("tiny", train={"lesion_margin": 5}))
+    # The native volumes' normalisation never reaches the cached slices; the input's does.
+    load_slice_cache(cache, preset("tiny", preprocess={"native_normalisation": "robust"}), verify=False)
+    with pytest.raises(InputError, match="other preprocessing"):
+        load_slice_cache(cache, preset("tiny", preprocess={"normalisation": "histogram"}))
+    histogram = preset("tiny", preprocess={"normalisation": "histogram"})
+    histogram_cache = build_slice_cache(cohort, tmp_path / "histogram", histogram)
+    load_slice_cache(histogram_cache, histogram)
+    with pytest.raises(InputError, match="other preprocessing"):
+        load_slice_cache(histogram_cache, preset("tiny", preprocess={"normalisation": "histogram",
+                                                                    "histogram_landmarks": (25.0, 50.0, 75.0)}))
     raw = cache / "train_images.raw"
     data = bytearray(raw.read_bytes())
     data[100] ^= 0xFF
