@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -130,15 +131,18 @@ def test_cache_refuses_corruption_other_settings_and_reuse(cohort, tmp_path):
     with pytest.raises(InputError, match="other preprocessing"):
         load_slice_cache(cache, preset("tiny", train={"lesion_margin": 5}))
     # The native volumes' normalisation never reaches the cached slices; the input's does.
-    load_slice_cache(cache, preset("tiny", preprocess={"native_normalisation": "robust"}), verify=False)
+    def with_preprocess(**changes):
+        return dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, **changes))
+
+    load_slice_cache(cache, with_preprocess(native_normalisation="robust"), verify=False)
     with pytest.raises(InputError, match="other preprocessing"):
-        load_slice_cache(cache, preset("tiny", preprocess={"normalisation": "histogram"}))
-    histogram = preset("tiny", preprocess={"normalisation": "histogram"})
+        load_slice_cache(cache, with_preprocess(normalisation="histogram"))
+    histogram = with_preprocess(normalisation="histogram")
     histogram_cache = build_slice_cache(cohort, tmp_path / "histogram", histogram)
     load_slice_cache(histogram_cache, histogram)
     with pytest.raises(InputError, match="other preprocessing"):
-        load_slice_cache(histogram_cache, preset("tiny", preprocess={"normalisation": "histogram",
-                                                                    "histogram_landmarks": (25.0, 50.0, 75.0)}))
+        load_slice_cache(histogram_cache, with_preprocess(normalisation="histogram",
+                                                          histogram_landmarks=(25.0, 50.0, 75.0)))
     raw = cache / "train_images.raw"
     data = bytearray(raw.read_bytes())
     data[100] ^= 0xFF
