@@ -297,10 +297,9 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z), the threshold lowered by "
                                               "w x ln(apparent lesion load), w chosen by leave-one-training-domain-"
                                               "out Dice", load=True),
-    "ADM+ F +post+cc (z+load) FLAIR z-score": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) whose FLAIR "
-                                                       "term reads the mean/SD z-score (the strong baseline's), "
-                                                       "not the network input's robust normalisation", load=True,
-                                                       native_normalisation="zscore"),
+    "ADM+ F +post+cc (z+load) FLAIR z-score": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +post+cc (z+load) whose FLAIR term reads the mean/SD z-score (the strong "
+        "baseline's), not the network input's robust normalisation", load=True, native_normalisation="zscore"),
     "ADM+ F hist": MethodSpec("adm", "improvement", "ADM+ F on histogram-standardised contrasts (landmarks at "
                               "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
     "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "
