@@ -304,6 +304,10 @@ METHODS: dict[str, MethodSpec] = {
                               "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
     "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "
                                                    "(z+load) post-processing", load=True),
+    "ADM+ F hist +post+cc (z+load) FLAIR robust": _post_cc_row(
+        "ADM+ F hist", "zscore", "ADM+ F hist +post+cc (z+load) whose FLAIR term reads the median/IQR "
+        "normalisation (the bundled row's) instead of the histogram-standardised input", load=True,
+        native_normalisation="robust"),
     "ADM+ F +flip": MethodSpec("adm", "improvement", "ADM+ F, its energy averaged with that of the left-right "
                                "mirrored slices (flip TTA)", "ADM+ F", {"flip_tta": True}),
     "ADM+ F +flip +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) on the flip-TTA "
@@ -400,7 +404,7 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +flip +post+cc (z+load)", "ADM+ F w32", "ADM+ F w32 +post+cc (z+load)",
                                     "FLAIR robust +med5+cc", "FLAIR hist +med5+cc",
                                     "ADM+ F +post+cc (z+load) FLAIR z-score", "ADM+ F hist",
-                                    "ADM+ F hist +post+cc (z+load)")
+                                    "ADM+ F hist +post+cc (z+load)", "ADM+ F hist +post+cc (z+load) FLAIR robust")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
