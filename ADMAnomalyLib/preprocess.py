@@ -170,7 +170,8 @@ def normalisation_statistics(inside: np.ndarray, method: str) -> tuple[float, fl
     return median, scale if scale > 0 else float(inside.std(dtype=np.float64))
 
 
-def standardise_histogram(values: np.ndarray, inside: np.ndarray, landmarks: Sequence[float]) -> np.ndarray:
+def standardise_histogram(values: np.ndarray, inside: np.ndarray, landmarks: Sequence[float],
+                          scale: Optional[float] = None) -> np.ndarray:
     """``values`` mapped piecewise-linearly so that the percentiles ``landmarks`` of the brain voxels
     ``inside`` land on the standard normal's quantiles at the same percentiles (Nyul & Udupa's
     histogram standardisation, with a fixed standard scale instead of one learned from training
@@ -182,7 +183,8 @@ def standardise_histogram(values: np.ndarray, inside: np.ndarray, landmarks: Seq
     scanners and sequences). Beyond the outermost landmarks the map goes on at the robust scale
     (IQR / 1.349), so a lesion's tail keeps the contrast robust z-scoring gives it instead of the
     slope of whatever tissue lies between two landmarks. Tied landmarks (a spike of voxels sharing one
-    value) are merged, keeping the map monotone. float32 output."""
+    value) are merged, keeping the map monotone. ``scale``: the robust scale of ``inside`` when the
+    caller has it already. float32 output."""
     from statistics import NormalDist
 
     percentiles = np.asarray(sorted(landmarks), dtype=np.float64)
@@ -190,7 +192,8 @@ def standardise_histogram(values: np.ndarray, inside: np.ndarray, landmarks: Seq
     standard = np.array([NormalDist().inv_cdf(p / 100.0) for p in percentiles])
     case_points, first = np.unique(case_points, return_index=True)
     standard = np.array([standard[i:j].mean() for i, j in zip(first, list(first[1:]) + [len(standard)])])
-    _, scale = normalisation_statistics(inside, "robust")
+    if scale is None:
+        _, scale = normalisation_statistics(inside, "robust")
     mapped = np.interp(values, case_points, standard)
     below, above = values < case_points[0], values > case_points[-1]
     mapped[below] = standard[0] + (values[below] - case_points[0]) / scale
@@ -200,10 +203,10 @@ def standardise_histogram(values: np.ndarray, inside: np.ndarray, landmarks: Seq
 
 def _normalised(values: np.ndarray, inside: np.ndarray, method: str, landmarks: Sequence[float],
                 statistics: Optional[tuple[float, float]] = None) -> np.ndarray:
-    """float32 ``values`` under normalisation ``method`` over the brain voxels ``inside`` (for the
-    affine ones with ``statistics`` when the caller has them already)."""
+    """float32 ``values`` under normalisation ``method`` over the brain voxels ``inside``, with the
+    method's ``statistics`` when the caller has them already (for 'histogram', the robust ones)."""
     if method == "histogram":
-        return standardise_histogram(values, inside, landmarks)
+        return standardise_histogram(values, inside, landmarks, statistics[1] if statistics else None)
     centre, scale = statistics or normalisation_statistics(inside, method)
     return (values - np.float32(centre)) * np.float32(1.0 / scale)
 
