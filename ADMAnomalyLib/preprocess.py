@@ -201,6 +201,12 @@ def standardise_histogram(values: np.ndarray, inside: np.ndarray, landmarks: Seq
     return mapped.astype(np.float32)
 
 
+def _statistics_method(method: str) -> str:
+    """The affine statistics normalisation ``method`` rests on: 'histogram' continues beyond its
+    landmarks at the robust scale."""
+    return "robust" if method == "histogram" else method
+
+
 def _normalised(values: np.ndarray, inside: np.ndarray, method: str, landmarks: Sequence[float],
                 statistics: Optional[tuple[float, float]] = None) -> np.ndarray:
     """float32 ``values`` under normalisation ``method`` over the brain voxels ``inside``, with the
@@ -273,8 +279,7 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[
     for channel, (name, values) in enumerate(zip(CONTRASTS, arrays)):
         inside = values[brain]
         # 'histogram' reports the robust centre and scale: its map beyond the landmarks.
-        mean, std = normalisation_statistics(inside, "robust" if cfg.normalisation == "histogram"
-                                             else cfg.normalisation)
+        mean, std = normalisation_statistics(inside, _statistics_method(cfg.normalisation))
         if not std > 1e-6 * max(1.0, abs(mean)):
             raise InputError(
                 f"case {case.case_id}: contrast {name} is constant inside the brain (std 0)"
@@ -288,7 +293,10 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[
             if native is None or native == cfg.normalisation:
                 kept[name] = normalised
             else:
-                kept[name] = _normalised(values, inside, native, cfg.histogram_landmarks)
+                # Robust and histogram rest on the same statistics: one pass over the brain serves both.
+                shared = _statistics_method(native) == _statistics_method(cfg.normalisation)
+                kept[name] = _normalised(values, inside, native, cfg.histogram_landmarks,
+                                         (mean, std) if shared else None)
                 kept[name][outside] = 0.0
     put(len(CONTRASTS), brain)
     if lesion is not None:

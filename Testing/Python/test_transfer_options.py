@@ -136,6 +136,14 @@ def test_the_flair_term_can_be_normalised_apart_from_the_network_input():
     np.testing.assert_array_equal(split.native_zscored["flair"], zscored.native_zscored["flair"])
     assert not np.allclose(split.native_zscored["flair"], robust.native_zscored["flair"])
     assert not split.native_zscored["flair"][~split.native_brain].any()
+    # Robust and histogram share their statistics, so either can read the other's: each native FLAIR
+    # is what a case prepared wholly that way gives.
+    histogram = prepare_case(case, PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation="histogram"))
+    for network, native, expected in (("histogram", "robust", robust), ("robust", "histogram", histogram)):
+        crossed = prepare_case(case, PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation=network,
+                                                      native_normalisation=native))
+        np.testing.assert_array_equal(crossed.native_zscored["flair"], expected.native_zscored["flair"])
+    assert not np.allclose(histogram.native_zscored["flair"], robust.native_zscored["flair"])
 
 
 def test_median_window_is_sized_in_mm_per_axis():
