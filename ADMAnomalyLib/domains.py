@@ -7,7 +7,9 @@ A domains file maps each domain's name to where its labelled cases are::
      "MS":     {"folder": "../data/ms", "pattern": "open_ms"}}
 
 ``folder`` is relative to the JSON file's folder; ``cases`` (optional) is an fnmatch glob on the
-case ids found there; ``pattern`` (optional) names a known file layout (:data:`KNOWN_PATTERNS`).
+case ids found there; ``pattern`` (optional) names a known file layout (:data:`KNOWN_PATTERNS`);
+``pool`` (optional) names a group of domains that the leave-one-domain-out study also reports with
+their left-out cases pooled (e.g. one pathology from several sites, as a target is stated for it).
 Nothing about particular data sets lives here: the file says which cases form which domain.
 """
 
@@ -23,7 +25,7 @@ from .errors import InputError
 
 KNOWN_PATTERNS: dict[str, dict[str, str]] = {"open_ms": OPEN_MS_PATTERN}
 """File layouts a domain may name (``"pattern": NAME``); without one, files are found by name."""
-_DOMAIN_KEYS = {"folder", "cases", "pattern"}
+_DOMAIN_KEYS = {"folder", "cases", "pattern", "pool"}
 
 
 def load_domains(path: str | Path) -> dict[str, list[CaseFiles]]:
@@ -44,6 +46,16 @@ def load_domains(path: str | Path) -> dict[str, list[CaseFiles]]:
     if not domains:
         raise InputError(f"{path}: the domains file names no domain")
     return domains
+
+
+def domain_pools(path: str | Path) -> dict[str, list[str]]:
+    """``{pool name: its domains}`` of the domains file ``path``, in the file's order (empty when no
+    domain names a pool)."""
+    pools: dict[str, list[str]] = {}
+    for name, entry in _read_entries(Path(path)).items():
+        if entry.get("pool") is not None:
+            pools.setdefault(str(entry["pool"]), []).append(name)
+    return pools
 
 
 def is_domains_file(path: str | Path) -> bool:
@@ -79,7 +91,7 @@ def _read_entries(path: Path) -> dict[str, dict[str, Any]]:
     for name, entry in entries.items():
         unknown = set(entry) - _DOMAIN_KEYS
         if unknown or "folder" not in entry:
-            raise InputError(f"{path}: domain {name!r} needs a 'folder' and may have 'cases' and 'pattern'"
+            raise InputError(f"{path}: domain {name!r} needs a 'folder' and may have 'cases', 'pattern' and 'pool'"
                              + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
     return entries
 

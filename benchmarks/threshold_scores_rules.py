@@ -27,6 +27,12 @@ domains' lesion slices, each beside the test domain's own best Dice (out of reac
   sum of the k largest p and S the sum over its brain. A case whose lesion is small or faint has a low
   expected Dice, and the rule then keeps voxels down to a lower p (p > about half the expected Dice),
   which is what the transferred threshold lacks on MS.
+- ``--tail-mixture``: each case's own threshold from its score histogram alone, no labels: a 1-D Gaussian
+  mixture of 2 (or 3) components fitted to the case's brain scores, the cut where the highest-mean
+  component's posterior first reaches one half above the bulk's mean; then each case is cut at
+  ``(1 - gamma) t + gamma t_case``, ``t`` and ``gamma`` (:data:`TAIL_GAMMAS`) chosen jointly on the training
+  domains' lesion slices (ties to the smaller ``gamma``; gamma 0 is the study's rule). A case whose
+  lesion forms its own mode is cut at that mode's edge wherever the other domains put the cut.
 
     .venv/bin/python benchmarks/threshold_rules.py runs/domains_cmc_s --image-size 64 --save-scores \\
         --rows "FLAIR z +med5+cc;ADM+ F +post+cc (z+load);ADM+ F cm* +post+cc (normal+load)"
@@ -180,6 +186,60 @@ def peak_margin_figures(scores: dict[str, np.ndarray], labels, validation, domai
             f"{test[row, column]:.3f} | test best: {test.max():.3f} | test Dice by margin (t chosen): {by_margin}")
 
 
+TAIL_GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+TAIL_FIT_VOXELS = 200_000
+"""Brain voxels drawn (seed 0) from a case to fit its tail mixture."""
+
+
+def tail_mixture_threshold(scores: np.ndarray, n_components: int) -> float:
+    """The case's cut between its bulk and its highest-mean mixture component: the lowest score above the
+    bulk's (heaviest component's) mean whose posterior for the top component is at least one half. A
+    mixture whose top component never wins (or is the bulk) gives +inf: the case has no lesion mode."""
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    sample = scores if scores.size <= TAIL_FIT_VOXELS else rng.choice(scores, TAIL_FIT_VOXELS, replace=False)
+    mixture = GaussianMixture(n_components, random_state=0).fit(sample[:, None].astype(np.float64))
+    means = mixture.means_.ravel()
+    top, bulk = int(np.argmax(means)), int(np.argmax(mixture.weights_))
+    if top == bulk:
+        return float("inf")
+    grid = np.linspace(means[bulk], max(float(sample.max()), means[top]), 2000)
+    winning = mixture.predict_proba(grid[:, None])[:, top] >= 0.5
+    return float(grid[int(np.argmax(winning))]) if winning.any() else float("inf")
+
+
+def tail_mixture_figures(scores: dict[str, np.ndarray], labels, validation, domain, test_domain: str,
+                         n_components: int) -> str:
+    groups, test_ids = fold_cases(domain, test_domain)
+    plain = study_threshold(scores, labels, validation, groups)
+    own = {i: tail_mixture_threshold(s, n_components) for i, s in scores.items()}
+    lesion_slices = {i: SortedCase(scores[i][validation[i]], labels[i][validation[i]]) for g in groups for i in g}
+    whole_brains = [SortedCase(scores[i], labels[i]) for i in test_ids]
+    pooled = np.concatenate([scores[i][validation[i]] for g in groups for i in g])
+    candidates = np.unique(np.quantile(pooled, np.linspace(0.5, 0.9999, 120)))
+
+    def cut(i: str, threshold: float, gamma: float) -> float:
+        # a case without a lesion mode keeps the shared threshold
+        return threshold if not np.isfinite(own[i]) else (1 - gamma) * threshold + gamma * own[i]
+
+    def training_dice(threshold: float, gamma: float) -> float:
+        return float(np.mean([pooled_dice([lesion_slices[i] for i in g], [cut(i, threshold, gamma) for i in g])
+                              for g in groups]))
+
+    best, threshold, gamma = max(((training_dice(t, g), t, g) for g in TAIL_GAMMAS for t in candidates),
+                                 key=lambda x: (x[0], -x[2]))
+    by_gamma = ", ".join(f"{g:g}: {pooled_dice(whole_brains, [cut(i, t, g) for i in test_ids]):.3f}"
+                         for g in TAIL_GAMMAS
+                         for _, t in [max((training_dice(t, g), t) for t in candidates)])
+    return (f"{n_components} components | plain (t {plain:.2f}): "
+            f"{pooled_dice(whole_brains, [plain] * len(test_ids)):.3f} (training {training_dice(plain, 0.0):.3f}) | "
+            f"chosen (t {threshold:.2f}, gamma {gamma:g}; training {best:.3f}): "
+            f"{pooled_dice(whole_brains, [cut(i, threshold, gamma) for i in test_ids]):.3f} | "
+            f"test cases' own cuts {', '.join(f'{own[i]:.2f}' for i in test_ids)} | "
+            f"test Dice by gamma (t chosen): {by_gamma}")
+
+
 CALIBRATION_VOXELS = 300_000
 """Voxels drawn (seed 0) from each training domain to fit the score-to-probability map."""
 
@@ -251,6 +311,8 @@ def main() -> None:
     parser.add_argument("--domains", default="benchmarks/domains.json", help="with --peak-margin: the study's cases")
     parser.add_argument("--expected-dice", action="store_true",
                         help="the --rows under each case's expected-Dice threshold")
+    parser.add_argument("--tail-mixture", action="store_true",
+                        help="the --rows under each case's tail-mixture threshold blended with the shared one")
     args = parser.parse_args()
     folder = args.run / "threshold_scores"
     cases = np.load(folder / "cases.npz")
@@ -276,6 +338,11 @@ def main() -> None:
             if args.expected_dice:
                 print(f"{test_domain} | {row} | " + expected_dice_figures(row_scores(row), labels, validation, domain,
                                                                          test_domain), flush=True)
+                continue
+            if args.tail_mixture:
+                for n_components in (2, 3):
+                    print(f"{test_domain} | {row} | " + tail_mixture_figures(
+                        row_scores(row), labels, validation, domain, test_domain, n_components), flush=True)
                 continue
             if args.peak_margin:
                 print(f"{test_domain} | {row} | " + peak_margin_figures(row_scores(row), labels, validation, domain,

@@ -166,6 +166,7 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+ F> ct": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False),
     "ADM+ F w32": _with_model(_ADM_PLUS_F, ctoc_width=32),
     "ADM+ F hist": {**_ADM_PLUS_F, "preprocess": {"normalisation": "histogram"}},
+    "ADM+ F> ct hist": {**_with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False), "preprocess": {"normalisation": "histogram"}},
     "ADM+ F ctx": _with_model(_ADM_PLUS_F, ctoc_context_slices=1),
     "ADM+ F ctx tp": {**_with_model(_ADM_PLUS_F, ctoc_context_slices=1),
                       "train": {**_ADM_PLUS_F["train"], "through_plane_mix": 1.0}},
@@ -308,6 +309,12 @@ METHODS: dict[str, MethodSpec] = {
         "ADM+ F hist", "zscore", "ADM+ F hist +post+cc (z+load) whose FLAIR term reads the median/IQR "
         "normalisation (the bundled row's) instead of the histogram-standardised input", load=True,
         native_normalisation="robust"),
+    "ADM+ F> ct hist": MethodSpec("adm", "improvement", "ADM+ F> ct on histogram-standardised contrasts: the "
+                                  "density of the brighter FLAIR residual alone, with the ADM+ F hist CtoC",
+                                  "ADM+ F> ct hist"),
+    "ADM+ F> ct hist +post+cc (z+load) FLAIR robust": _post_cc_row(
+        "ADM+ F> ct hist", "zscore", "ADM+ F> ct hist with the bundled row's post-processing, its FLAIR term "
+        "reading the median/IQR normalisation", load=True, native_normalisation="robust"),
     "ADM+ F +flip": MethodSpec("adm", "improvement", "ADM+ F, its energy averaged with that of the left-right "
                                "mirrored slices (flip TTA)", "ADM+ F", {"flip_tta": True}),
     "ADM+ F +flip +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) on the flip-TTA "
@@ -404,7 +411,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +flip +post+cc (z+load)", "ADM+ F w32", "ADM+ F w32 +post+cc (z+load)",
                                     "FLAIR robust +med5+cc", "FLAIR hist +med5+cc",
                                     "ADM+ F +post+cc (z+load) FLAIR z-score", "ADM+ F hist",
-                                    "ADM+ F hist +post+cc (z+load)", "ADM+ F hist +post+cc (z+load) FLAIR robust")
+                                    "ADM+ F hist +post+cc (z+load)", "ADM+ F hist +post+cc (z+load) FLAIR robust",
+                                    "ADM+ F> ct hist", "ADM+ F> ct hist +post+cc (z+load) FLAIR robust")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

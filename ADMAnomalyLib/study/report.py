@@ -286,11 +286,16 @@ def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) 
         "over training domains of the per-domain criterion (AUPRC for score choices, Dice for the threshold), "
         "so the largest domain does not dictate. Metrics are computed on every brain voxel of the left-out "
         "domain's cases. A domain's block gives mean ± sd over seeds; *pooled* pools the voxels of every "
-        "left-out test case of a seed (each thresholded at its own run's threshold), mean ± sd over seeds.",
+        "left-out test case of a seed (each thresholded at its own run's threshold), mean ± sd over seeds; "
+        "a *Pooled:* block does the same for the domains the domains file groups into one pool.",
         "",
     ]
     blocks = [(f"Test domain: {name} ({len(domains[name])} case(s))", study["domain_summary"][name])
-              for name in domains] + [("Pooled over all left-out test cases", study["summary"])]
+              for name in domains]
+    blocks += [(f"Pooled: {pool} ({', '.join(members)}; "
+                f"{sum(len(domains[d]) for d in members)} case(s), each left out with its domain)",
+                study["pool_summary"][pool]) for pool, members in study.get("pools", {}).items()]
+    blocks += [("Pooled over all left-out test cases", study["summary"])]
     for title, summary in blocks:
         lines += [f"### {title}", "", _domain_table(summary, methods), "", f"Verdict: {domain_verdict(study, summary)}",
                   ""]

@@ -35,7 +35,7 @@ from ..networks import DRDecoder, DREncoder
 from ..postprocess import load_offset, postprocess_scores, suppress_small_components
 from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices_to_image
 from ..train import Trainer, masked_mse
-from ..domains import load_domains
+from ..domains import domain_pools, load_domains
 from ..api import with_postprocess
 from .methods import (METHODS, POST_CANDIDATES, MethodSpec, MixtureVariant, StudySettings, baseline_preprocess,
                       ctoc_groups, intensity_preprocess, mixture_variant, network_config, postprocess_for,
@@ -828,6 +828,7 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
             say(f"loaded {case_files.case_id} ({len(cases)}/{total})")
     domains = {name: [f.case_id for f in files] for name, files in files_by_domain.items()}
     splits = study_splits(domains, settings)
+    pools = domain_pools(domains_file) if domains_file is not None else {}
     runs: list[dict[str, Any]] = []
     seed_pooled: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list]] = {m: {"scores": [], "labels": []} for m in methods}
@@ -838,10 +839,11 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - since
 
     def summaries() -> dict[str, Any]:
-        return study_summaries(runs, seed_pooled, methods, settings.split, list(domains))
+        return study_summaries(runs, seed_pooled, methods, settings.split, list(domains), pools)
 
     for seed in settings.seeds:
         seed_entries: dict[str, list] = {m: [] for m in methods}
+        entry_domains: list[str] = []
         for fold_index, (split_name, test_ids) in enumerate(splits):
             record, run_data = _start_run(seed, fold_index, split_name, test_ids, cases, settings, networks_needed,
                                           "DAGMM-conv" in methods)
@@ -866,6 +868,7 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
                 say("  DAGMM-conv trained and scored")
             run_data.training.clear()
             finals = evaluate_methods(methods, run_data, record, tick)
+            entry_domains += [c.domain for c in run_data.test_cases]
             for method, final in finals.items():
                 threshold = record["methods"][method]["threshold"]
                 seed_entries[method] += [(final[c.case_id], c.labels, threshold) for c in run_data.test_cases]
@@ -883,7 +886,10 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
             say(f"  {split_name} done: " + ", ".join(f"{m} AUPRC {record['methods'][m]['pooled']['auprc']:.3f}"
                                                      for m in methods))
         if settings.split == "domains":
-            seed_pooled.append({"seed": seed, "methods": {m: pooled_test_metrics(seed_entries[m]) for m in methods}})
+            seed_pooled.append({"seed": seed, "methods": {m: pooled_test_metrics(seed_entries[m]) for m in methods},
+                                "pools": {pool: {m: pooled_test_metrics([e for e, d in zip(seed_entries[m], entry_domains)
+                                                                         if d in members]) for m in methods}
+                                          for pool, members in pools.items()}})
         del seed_entries
     singularity = None
     if settings.split == "patients":
@@ -958,14 +964,19 @@ def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[s
 
 
 def study_summaries(runs: Sequence[dict[str, Any]], seed_pooled: Sequence[dict[str, Any]], methods: Sequence[str],
-                    split: str, domains: Sequence[str]) -> dict[str, Any]:
+                    split: str, domains: Sequence[str], pools: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """``summary``: mean +- sd over runs (patient split) or, for the domain split, over seeds of the
-    metrics pooled over every left-out test case of a seed; plus ``domain_summary`` (domain split):
-    per domain, mean +- sd over seeds."""
+    metrics pooled over every left-out test case of a seed; plus (domain split) ``domain_summary``: per
+    domain, mean +- sd over seeds, and ``pool_summary``: the same for the left-out cases of each pool of
+    domains (``pools``: {name: its domains}, from the domains file), each case at its own run's threshold."""
     if split != "domains":
         return {"summary": summarise(runs, methods)}
+    pools = pools or {}
     return {"summary": summarise(seed_pooled, methods),
             "domain_summary": {d: summarise([r for r in runs if r.get("domain") == d], methods) for d in domains},
+            "pools": pools,
+            "pool_summary": {pool: summarise([{"methods": p["pools"][pool]} for p in seed_pooled], methods)
+                             for pool in pools},
             "seed_pooled": list(seed_pooled)}
 
 

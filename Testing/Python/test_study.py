@@ -15,7 +15,7 @@ import torch
 from ADMAnomalyLib import study
 from ADMAnomalyLib.cli import main
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, preset
-from ADMAnomalyLib.domains import cohort_cases
+from ADMAnomalyLib.domains import cohort_cases, domain_pools
 from ADMAnomalyLib.errors import InputError, ModelFileError
 from ADMAnomalyLib.gmm import GMMAccumulator
 from ADMAnomalyLib.infer import InferenceOptions, energy_slices
@@ -375,8 +375,8 @@ def _make_domains(root):
         _rescale_case(make_synthetic_case(root / "b", case_id=f"b{number}", naming="ms", seed=10 + number), 3.0)
     _rescale_case(make_synthetic_case(root / "c", case_id="c_0", seed=20), 0.5)
     make_synthetic_case(root / "c", case_id="other_0", seed=21)
-    domains = {"site A": {"folder": "a"}, "site B": {"folder": "b", "pattern": "open_ms"},
-               "site C": {"folder": "c", "cases": "c_*"}}
+    domains = {"site A": {"folder": "a", "pool": "A and C"}, "site B": {"folder": "b", "pattern": "open_ms"},
+               "site C": {"folder": "c", "cases": "c_*", "pool": "A and C"}}
     path = root / "domains.json"
     path.write_text(json.dumps(domains), encoding="utf-8")
     return path
@@ -392,6 +392,7 @@ def test_domains_file_parsing_and_errors(tmp_path):
     path = _make_domains(tmp_path)
     domains = study.load_domains(path)
     assert list(domains) == ["site A", "site B", "site C"]
+    assert domain_pools(path) == {"A and C": ["site A", "site C"]}
     assert {name: [f.case_id for f in files] for name, files in domains.items()} == {
         "site A": ["a_0", "a_1"], "site B": ["b0", "b1"], "site C": ["c_0"]}
     assert all(f.label is not None for files in domains.values() for f in files)
@@ -553,6 +554,17 @@ def test_domain_summary_per_domain_and_pooled(domain_runs):
     # Pooled over the left-out cases: the pooled voxels of the three runs.
     pooled = first["seed_pooled"][0]["methods"]["FLAIR z"]["pooled"]
     assert pooled["n_voxels"] == sum(r["methods"]["FLAIR z"]["pooled"]["n_voxels"] for r in first["runs"])
+    # The domains file's pool: the left-out cases of sites A and C only, each at its own run's threshold.
+    assert first["pools"] == {"A and C": ["site A", "site C"]}
+    runs_a_c = [r for r in first["runs"] if r["domain"] in ("site A", "site C")]
+    for method in DOMAIN_STUDY_METHODS:
+        in_pool = first["seed_pooled"][0]["pools"]["A and C"][method]
+        assert in_pool["pooled"]["n_voxels"] == sum(r["methods"][method]["pooled"]["n_voxels"] for r in runs_a_c)
+        positives = [r["methods"][method]["pooled"]["n_positive"] for r in runs_a_c]
+        recalls = [r["methods"][method]["at_threshold"]["recall"] for r in runs_a_c]
+        assert in_pool["at_threshold"]["recall"] == pytest.approx(
+            sum(p * q for p, q in zip(positives, recalls)) / sum(positives)), method
+        assert first["pool_summary"]["A and C"][method]["auprc"]["mean"] == in_pool["pooled"]["auprc"]
     assert first["singularity"] is None
     on_disk = json.loads((root / "out" / "study.json").read_text(encoding="utf-8"))
     assert on_disk["domain_summary"] == json.loads(json.dumps(first["domain_summary"]))
@@ -568,7 +580,8 @@ def test_report_with_in_domain_and_domain_sections(domain_runs, study_run, tmp_p
     for domain in ("site A", "site B", "site C"):
         assert f"### Test domain: {domain}" in text
     assert "### Pooled over all left-out test cases" in text
-    assert text.count("Verdict:") == 4 and "the raw ADM energy" in text
+    assert "### Pooled: A and C (site A, site C; 3 case(s), each left out with its domain)" in text
+    assert text.count("Verdict:") == 5 and "the raw ADM energy" in text
     assert f"{first['summary']['ADM']['auprc']['mean']:.3f}" in text
     assert "pytest domains" in text
     # The study JSONs themselves (as docs/ keeps them) give the same report.
