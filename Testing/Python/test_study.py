@@ -485,7 +485,7 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
     assert groups == [["ADM", "ADM+X", "ADM_ct", "ADM_woj"], ["ADM robust-norm"], ["ADM site-aug"], ["ADM unc"],
                       ["ADM+", "ADM+ F", "ADM+ F>", "ADM+ F> ct", "ADM+ FT2"],  # density features: chosen after step 1
                       ["ADM+ F ctx"], ["ADM+ F ctx tp"],  # CtoCs that see the neighbouring slices
-                      ["ADM+ F hist"],  # another normalisation of the input
+                      ["ADM+ F hist", "ADM+ F> ct hist"],  # another normalisation of the input
                       ["ADM+ F w32"]]  # a wider CtoC
     assert not any("ADM_dr" in g for g in groups)  # no CtoC at all
     base = study.network_config("ADM", settings, 0)

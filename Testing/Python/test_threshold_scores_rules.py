@@ -58,3 +58,16 @@ def test_expected_dice_threshold_keeps_what_maximises_the_expected_dice():
     mass = np.cumsum(np.sort(faint)[::-1])
     best_k = int(np.argmax(2 * mass / (k + faint.sum()))) + 1
     assert best_k == 5 and rules.expected_dice_threshold(scores, faint) == 5.0
+
+
+def test_tail_mixture_cuts_between_a_lesion_mode_and_the_bulk_and_not_without_one():
+    rules = load_rules()
+    rng = np.random.default_rng(1)
+    bulk = rng.normal(0.0, 1.0, 60_000)
+    with_lesion = np.concatenate([bulk, rng.normal(6.0, 1.0, 4_000)]).astype(np.float32)
+    cut = rules.tail_mixture_threshold(with_lesion, 2)
+    # equal-variance components: posterior 1/2 where the lesion's smaller weight is made up by the distance
+    assert 2.5 < cut < 4.0
+    assert np.mean(with_lesion[60_000:] >= cut) > 0.95 and np.mean(with_lesion[:60_000] >= cut) < 0.01
+    # a case without a lesion mode: the top component is the bulk itself, no cut of its own
+    assert rules.tail_mixture_threshold(bulk.astype(np.float32), 2) == float("inf")
