@@ -1,7 +1,8 @@
 """benchmarks/threshold_scores_rules.py's per-case rules on planted data: the peak-margin segmentation
 keeps a region at threshold t only where its peak reaches t + margin, and its counts split lesion-slice and
 whole-brain voxels as the fold's Dice needs them; the expected-Dice threshold keeps the voxels whose
-probability beats about half the case's expected Dice."""
+probability beats about half the case's expected Dice; the tail mixture cuts a case between its lesion mode
+and its bulk, and gives no cut to a case without such a mode."""
 
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ def test_tail_mixture_cuts_between_a_lesion_mode_and_the_bulk_and_not_without_on
     bulk = rng.normal(0.0, 1.0, 60_000)
     with_lesion = np.concatenate([bulk, rng.normal(6.0, 1.0, 4_000)]).astype(np.float32)
     cut = rules.tail_mixture_threshold(with_lesion, 2)
-    # equal-variance components: posterior 1/2 where the lesion's smaller weight is made up by the distance
-    assert 2.5 < cut < 4.0
+    # equal unit variances, weights 15 : 1: the posterior is 1/2 at x with 6 x - 18 = ln 15
+    assert abs(cut - (3.0 + np.log(15.0) / 6.0)) < 0.1
     assert np.mean(with_lesion[60_000:] >= cut) > 0.95 and np.mean(with_lesion[:60_000] >= cut) < 0.01
     # a case without a lesion mode: the top component is the bulk itself, no cut of its own
     assert rules.tail_mixture_threshold(bulk.astype(np.float32), 2) == float("inf")
