@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("data_dir", type=Path, nargs="?",
                        help="folder of labelled cases for patient-level folds (e.g. ../shared/data/brats18)")
     study.add_argument("--domains", type=Path, metavar="FILE.json",
-                       help="leave one domain out: a JSON file mapping each domain to its folder, case glob and "
-                            "layout (e.g. benchmarks/domains.json); instead of the data folder")
+                       help="leave one domain out: a JSON file mapping each domain to its folder, case glob, "
+                            "layout and pool (domains also reported pooled; e.g. benchmarks/domains.json); instead "
+                            "of the data folder")
     setting = study.add_mutually_exclusive_group()
     setting.add_argument("--quick", action="store_true", help="2-core CPU setting, < 30 min (default)")
     setting.add_argument("--full", action="store_true", help="GPU setting: paper preset, 50 + 50 epochs, 3 seeds")
