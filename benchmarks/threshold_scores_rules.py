@@ -227,11 +227,12 @@ def tail_mixture_figures(scores: dict[str, np.ndarray], labels, validation, doma
         return float(np.mean([pooled_dice([lesion_slices[i] for i in g], [cut(i, threshold, gamma) for i in g])
                               for g in groups]))
 
-    best, threshold, gamma = max(((training_dice(t, g), t, g) for g in TAIL_GAMMAS for t in candidates),
-                                 key=lambda x: (x[0], -x[2]))
+    # each gamma's best t once; the chosen pair is the best of those (ties to the smaller gamma)
+    best_t = {g: max((training_dice(t, g), t) for t in candidates) for g in TAIL_GAMMAS}
+    gamma = max(TAIL_GAMMAS, key=lambda g: (best_t[g][0], -g))
+    best, threshold = best_t[gamma]
     by_gamma = ", ".join(f"{g:g}: {pooled_dice(whole_brains, [cut(i, t, g) for i in test_ids]):.3f}"
-                         for g in TAIL_GAMMAS
-                         for _, t in [max((training_dice(t, g), t) for t in candidates)])
+                         for g, (_, t) in best_t.items())
     return (f"{n_components} components | plain (t {plain:.2f}): "
             f"{pooled_dice(whole_brains, [plain] * len(test_ids)):.3f} (training {training_dice(plain, 0.0):.3f}) | "
             f"chosen (t {threshold:.2f}, gamma {gamma:g}; training {best:.3f}): "
