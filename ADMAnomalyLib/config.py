@@ -249,6 +249,18 @@ class PostprocessConfig:
     load_reference: float = 1.0
     """With ``load_weight``: the score (in the standardised units) above which a voxel counts towards
     the apparent lesion load."""
+    asymmetry_weight: float = 0.0
+    """Beyond the paper: with the FLAIR term, also add this weight times the FLAIR asymmetry of each
+    voxel, how far its FLAIR z-score exceeds the brightest FLAIR z-score within
+    ``asymmetry_window_mm`` of its mirror image across the mid-sagittal plane (0 where it does not).
+    A glioma, a metastasis or an MS lesion is one-sided at the scale of a few mm, while the bright
+    normal tissue that FLAIR thresholding mistakes for lesion (cortex, periventricular caps, the
+    choroid plexus) has a bright twin in the other hemisphere; the window absorbs the few mm by which
+    the two hemispheres' anatomy differs. 0 = off."""
+    asymmetry_window_mm: float = 5.0
+    """With ``asymmetry_weight``: width (mm along each axis, an odd number of voxels as for
+    ``median_size_mm``) of the neighbourhood of the mirror image whose brightest voxel a voxel is
+    compared with."""
     energy_gate_z: float | None = None
     """With the FLAIR term: the model's standardised evidence may raise a voxel's score only where
     the FLAIR z-score exceeds this value; elsewhere it is capped at its brain median (typical
@@ -262,6 +274,10 @@ class PostprocessConfig:
                              "(the frozen mixture alone is postprocess.case_mixture=false)")
         if not self.load_weight >= 0:
             raise ValueError(f"postprocess.load_weight must be >= 0, got {self.load_weight!r}")
+        if not self.asymmetry_weight >= 0:
+            raise ValueError(f"postprocess.asymmetry_weight must be >= 0, got {self.asymmetry_weight!r}")
+        if not self.asymmetry_window_mm > 0:
+            raise ValueError(f"postprocess.asymmetry_window_mm must be > 0, got {self.asymmetry_window_mm!r}")
         if self.load_weight and self.standardise == "none":
             raise ValueError("postprocess.load_weight needs a standardised score (postprocess.standardise "
                              "'robust', 'zscore' or 'normal'): its reference level is in those units")
@@ -275,8 +291,9 @@ class PostprocessConfig:
 
     @property
     def intensity_term(self) -> bool:
-        """Whether the score is combined with the FLAIR z-score (a FLAIR weight or an energy gate)."""
-        return self.flair_weight != 0 or self.energy_gate_z is not None
+        """Whether the score is combined with the FLAIR z-score (a FLAIR weight, its asymmetry or an
+        energy gate)."""
+        return self.flair_weight != 0 or self.asymmetry_weight != 0 or self.energy_gate_z is not None
 
     @property
     def needs_flair(self) -> bool:

@@ -282,7 +282,7 @@ def energy_volume(
     if post.native_active:
         flair = prepared.native_zscored.get("flair")
         if post.needs_flair and flair is None:
-            raise ValueError("post-processing with flair_weight, energy_gate_z or standardise='normal' needs "
+            raise ValueError("post-processing with flair_weight, asymmetry_weight, energy_gate_z or standardise='normal' needs "
                              "prepare_case(..., keep_native=('flair',))")
         energy_image = postprocess_energy(energy_image, prepared.native_brain, post, flair)
     return energy_image

@@ -8,7 +8,8 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
 1. :func:`smooth_in_brain` - 3-D Gaussian smoothing normalised inside the brain;
 2. :func:`suppress_rim` - the brain rim gets the lowest brain score;
 3. :func:`add_intensity_term` - the score, standardised over the brain (optionally gated by FLAIR
-   hyperintensity), plus a weight times an intensity z-score (FLAIR hyperintensity);
+   hyperintensity), plus a weight times an intensity z-score (FLAIR hyperintensity), and a weight
+   times its left-right asymmetry (:func:`flair_asymmetry`);
 4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
 5. :func:`standardise_in_brain` - the score as (robust) SDs above the case's typical brain score
    (with ``standardise = 'normal'``: typical of its normal-looking tissue, :func:`normal_tissue`);
@@ -113,6 +114,61 @@ def add_intensity_term(values: np.ndarray, brain: np.ndarray, intensity: np.ndar
     return np.where(brain, standardised + np.float32(weight) * intensity, values).astype(np.float32)
 
 
+MIDLINE_SEARCH_MM = 20.0
+"""How far (mm) from the middle of the grid :func:`midline_shift` looks for the mid-sagittal plane."""
+
+
+def left_right_axis(direction: Sequence[float]) -> int:
+    """The array axis (z, y, x order) of a SimpleITK grid with these direction cosines that runs
+    closest to the patient's left-right axis (physical x in SimpleITK's LPS)."""
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    return 2 - int(np.argmax(np.abs(matrix[0])))
+
+
+def mirror(volume: np.ndarray, axis: int, shift: int) -> np.ndarray:
+    """``volume`` flipped along ``axis``, then moved by ``shift`` voxels along it (what moves in from
+    the edge is 0): with a shift s, index i meets index n - 1 - i + s, a plane at (n - 1 + s) / 2."""
+    flipped = np.flip(volume, axis=axis)
+    out = np.zeros_like(volume)
+    n = volume.shape[axis]
+    source = [slice(None)] * volume.ndim
+    target = [slice(None)] * volume.ndim
+    source[axis] = slice(max(0, -shift), n - max(0, shift))
+    target[axis] = slice(max(0, shift), n - max(0, -shift))
+    out[tuple(target)] = flipped[tuple(source)]
+    return out
+
+
+def midline_shift(brain: np.ndarray, axis: int, max_shift: int) -> int:
+    """The :func:`mirror` shift (within ``max_shift`` voxels) at which the brain best overlaps its own
+    mirror image: the mid-sagittal plane of a grid in which the head is not turned (atlas space,
+    scanner axial slices). Ties go to the smallest shift."""
+    overlaps = {shift: int(np.count_nonzero(brain & mirror(brain, axis, shift)))
+                for shift in sorted(range(-max_shift, max_shift + 1), key=abs)}
+    return max(overlaps, key=overlaps.get)
+
+
+def flair_asymmetry(intensity: np.ndarray, brain: np.ndarray, spacing: Spacing, axis: int, window_mm: float,
+                    cache: Optional[dict] = None) -> np.ndarray:
+    """How far each brain voxel's ``intensity`` (FLAIR z) exceeds the brightest intensity within
+    ``window_mm`` (per axis, :func:`median_window`) of its mirror image across the mid-sagittal
+    plane, or 0; 0 also where the mirror image falls outside the brain. The maximum makes a few mm
+    of difference between the hemispheres' anatomy count as symmetric. ``cache`` keeps the plane."""
+    step = float(tuple(spacing)[::-1][axis])
+    key = ("midline", axis)
+    shift = (cache or {}).get(key)
+    if shift is None:
+        shift = midline_shift(brain, axis, max(1, int(round(MIDLINE_SEARCH_MM / step))))
+        if cache is not None:
+            cache[key] = shift
+    window = median_window(spacing, window_mm)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(mirror(intensity, axis, shift), dtype=np.float32))
+    # A grey-scale dilation by a box is the maximum over that box.
+    brightest = sitk.GetArrayFromImage(sitk.GrayscaleDilate(image, [v // 2 for v in reversed(window)], sitk.sitkBox))
+    inside = brain & mirror(brain, axis, shift)
+    return np.where(inside, np.maximum(intensity - brightest, 0.0), 0.0).astype(np.float32)
+
+
 def median_filter_in_brain(values: np.ndarray, brain: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     """Median filter (``size`` voxels, see :func:`median_filter`) with the background at the lowest
     brain score; exactly :func:`median_filter` of that filled volume at the brain voxels.
@@ -215,11 +271,13 @@ def suppress_small_components(values: np.ndarray, brain: np.ndarray, threshold: 
 # -- composition -----------------------------------------------------------------------------------
 def postprocess_scores(
     values: np.ndarray, brain: np.ndarray, spacing: Spacing, cfg: PostprocessConfig,
-    intensity: Optional[np.ndarray] = None, cache: Optional[dict] = None,
+    intensity: Optional[np.ndarray] = None, cache: Optional[dict] = None, lateral_axis: int = 2,
 ) -> np.ndarray:
     """The native-grid steps of ``cfg`` applied to a score volume (see the module docstring).
 
     ``intensity`` is the native z-scored FLAIR the intensity term needs (``cfg.flair_weight``);
+    ``lateral_axis`` is the array axis along the patient's left-right (:func:`left_right_axis`; 2, the
+    last, for axial scans as SimpleITK reads them), across which ``cfg.asymmetry_weight`` mirrors;
     ``cache`` (a dict kept per case) stores the brain-only maps when one case is post-processed
     with several configurations. Background ends exactly 1 below the lowest brain score."""
     brain = np.asarray(brain, dtype=bool)
@@ -227,8 +285,8 @@ def postprocess_scores(
     if not brain.any():
         return values.copy()
     if cfg.needs_flair and intensity is None:
-        raise ValueError("postprocess.flair_weight, energy_gate_z and standardise='normal' need the native "
-                         "FLAIR z-score")
+        raise ValueError("postprocess.flair_weight, asymmetry_weight, energy_gate_z and standardise='normal' need "
+                         "the native FLAIR z-score")
     # Everything outside the brain's bounding box is background, so the filters run on the box plus
     # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
     # voxels come out as on the whole grid at a fraction of the cost.
@@ -249,6 +307,10 @@ def postprocess_scores(
                  if cfg.standardise == "normal" else None)
     if cfg.intensity_term:
         inner = add_intensity_term(inner, inner_brain, intensity[box], cfg.flair_weight, cfg.energy_gate_z, reference)
+        if cfg.asymmetry_weight:
+            asymmetry = flair_asymmetry(intensity[box], inner_brain, spacing, lateral_axis, cfg.asymmetry_window_mm,
+                                        box_cache)
+            inner = (inner + np.float32(cfg.asymmetry_weight) * asymmetry).astype(np.float32)
     if max(window) > 1:
         inner = median_filter_in_brain(inner, inner_brain, window)
     if cfg.standardise != "none":
@@ -265,7 +327,7 @@ def postprocess_energy(energy_image: sitk.Image, brain: np.ndarray, cfg: Postpro
                        intensity: Optional[np.ndarray] = None) -> sitk.Image:
     """:func:`postprocess_scores` of an energy image (same grid out)."""
     values = postprocess_scores(sitk.GetArrayFromImage(energy_image), brain, energy_image.GetSpacing(), cfg,
-                                intensity)
+                                intensity, lateral_axis=left_right_axis(energy_image.GetDirection()))
     out = sitk.GetImageFromArray(values)
     out.CopyInformation(energy_image)
     return out

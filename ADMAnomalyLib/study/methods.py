@@ -102,10 +102,14 @@ POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "rim_erosion_mm": (0.0, 3.0),
     "flair_weight": FLAIR_WEIGHTS,
     "median_size_mm": (0.0, 3.0, 5.0),
+    "asymmetry_weight": (0.0, 0.5, 1.0, 2.0),
 }
 """Candidate values of the post-processing fields a method chooses on validation (``search``)."""
 POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
 """The '+post' search order: one field at a time (greedy, 11 configurations instead of 84)."""
+ASYMMETRY_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "asymmetry_weight",
+                                     "median_size_mm")
+""":data:`POST_SEARCH` with the weight of the FLAIR asymmetry chosen after the FLAIR term's."""
 RAW_SEARCH_FIELDS = frozenset({"normal_max_flair_z", "case_mixture_share"})
 """Searched fields that change a case mixture's raw energies, not only their post-processing: each
 candidate is scored by the networks (:func:`raw_variants`)."""
@@ -176,19 +180,20 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
                  case_mixture: bool = False, choose_cutoff: bool = False, share: float = 1.0,
-                 choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None
-                 ) -> MethodSpec:
+                 choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None,
+                 asymmetry: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
     mixture (``share`` of the energy, the frozen mixture the rest), whose normal-tissue cut-off the
     search chooses first with ``choose_cutoff`` and whose share it chooses next with ``choose_share``;
     with ``flip`` the energy averaged with that of the left-right mirrored slices (flip TTA); with
-    ``native_normalisation`` the FLAIR term normalised that way."""
+    ``native_normalisation`` the FLAIR term normalised that way; with ``asymmetry`` the search also
+    chooses the weight of the FLAIR asymmetry (:data:`ASYMMETRY_SEARCH`)."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
-              + (("case_mixture_share",) if choose_share else ()) + POST_SEARCH)
+              + (("case_mixture_share",) if choose_share else ()) + (ASYMMETRY_SEARCH if asymmetry else POST_SEARCH))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       small_components=True, load_weights=LOAD_WEIGHTS if load else (),
                       native_normalisation=native_normalisation)
@@ -209,6 +214,14 @@ METHODS: dict[str, MethodSpec] = {
     "FLAIR z +med5+cc": MethodSpec("flair_filtered", "baseline",
                                    "FLAIR z-score, 5 mm 3-D median filter, small components removed at the threshold",
                                    postprocess={"median_size_mm": 5.0}, small_components=True),
+    "FLAIR z +asym +med3+cc": MethodSpec("flair_filtered", "improvement", "FLAIR z +med3+cc of FLAIR z plus its "
+                                         "left-right asymmetry (weight 1, 5 mm window)",
+                                         postprocess={"median_size_mm": 3.0, "asymmetry_weight": 1.0},
+                                         small_components=True),
+    "FLAIR z +asym +med5+cc": MethodSpec("flair_filtered", "improvement", "FLAIR z +med5+cc of FLAIR z plus its "
+                                         "left-right asymmetry (weight 1, 5 mm window)",
+                                         postprocess={"median_size_mm": 5.0, "asymmetry_weight": 1.0},
+                                         small_components=True),
     "FLAIR robust +med5+cc": MethodSpec("flair_filtered", "baseline", "FLAIR z +med5+cc on FLAIR normalised by "
                                         "median and IQR / 1.349 (the ADM+ networks' input) instead of mean and SD",
                                         postprocess={"median_size_mm": 5.0}, small_components=True,
@@ -301,6 +314,9 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F +post+cc (z+load) FLAIR z-score": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +post+cc (z+load) whose FLAIR term reads the mean/SD z-score (the strong "
         "baseline's), not the network input's robust normalisation", load=True, native_normalisation="zscore"),
+    "ADM+ F +asym +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) whose search "
+                                                    "also chooses the weight of the FLAIR asymmetry", load=True,
+                                                    asymmetry=True),
     "ADM+ F hist": MethodSpec("adm", "improvement", "ADM+ F on histogram-standardised contrasts (landmarks at "
                               "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
     "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "
@@ -412,7 +428,9 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "FLAIR robust +med5+cc", "FLAIR hist +med5+cc",
                                     "ADM+ F +post+cc (z+load) FLAIR z-score", "ADM+ F hist",
                                     "ADM+ F hist +post+cc (z+load)", "ADM+ F hist +post+cc (z+load) FLAIR robust",
-                                    "ADM+ F> ct hist", "ADM+ F> ct hist +post+cc (z+load) FLAIR robust")
+                                    "ADM+ F> ct hist", "ADM+ F> ct hist +post+cc (z+load) FLAIR robust",
+                                    "FLAIR z +asym +med3+cc", "FLAIR z +asym +med5+cc",
+                                    "ADM+ F +asym +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

@@ -321,6 +321,14 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     product_load = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(shifted[case.case_id], product_load[case.brain])
     assert not np.allclose(shifted[case.case_id], study_post[case.case_id])
+    # The FLAIR asymmetry mirrors across the case's own left-right axis in the study as in predict.
+    asymmetric = dataclasses.replace(post, asymmetry_weight=1.0)
+    study_asym = _postprocessed({case.case_id: study_energy}, asymmetric, [case],
+                                lambda c: c.prepared.native_zscored["flair"], RunCaches(), "ADM")
+    model.config.postprocess = asymmetric
+    product_asym = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
+    np.testing.assert_array_equal(study_asym[case.case_id], product_asym[case.brain])
+    assert not np.allclose(study_asym[case.case_id], study_post[case.case_id])
     # A FLAIR term normalised apart from the network input: the row's preparation is predict's.
     spec = dataclasses.replace(study.METHODS["ADM +post"], native_normalisation="robust")
     intensity = dataclasses.replace(model.config.preprocess, native_normalisation="robust")

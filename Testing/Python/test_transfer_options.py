@@ -1,6 +1,6 @@
 """Options that make scores and thresholds carry over between sites: robust intensity normalisation,
-histogram standardisation, the FLAIR term's own normalisation, mm-sized median filtering and the
-per-case robust standardisation of the score."""
+histogram standardisation, the FLAIR term's own normalisation and its left-right asymmetry,
+mm-sized median filtering and the per-case robust standardisation of the score."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import SimpleITK as sitk
 
 from ADMAnomalyLib.cases import case_from_images
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
-from ADMAnomalyLib.postprocess import (load_offset, median_filter, median_filter_in_brain, median_window,
-                                      normal_tissue, postprocess_scores, standardise_in_brain)
+from ADMAnomalyLib.postprocess import (flair_asymmetry, left_right_axis, load_offset, median_filter,
+                                      median_filter_in_brain, median_window, midline_shift, mirror, normal_tissue,
+                                      postprocess_energy, postprocess_scores, standardise_in_brain)
 from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case, standardise_histogram
 from conftest import synthetic_volumes
 
@@ -297,3 +298,73 @@ def test_load_term_lowers_the_threshold_of_a_large_lesion_and_raises_that_of_a_s
         PostprocessConfig(load_weight=0.3)
     with pytest.raises(ValueError, match=">= 0"):
         PostprocessConfig(standardise="zscore", load_weight=-0.1)
+
+
+def _lateral_brain_and_flair():
+    """A brain (z, y, x) = (6, 20, 30) whose mid-sagittal plane is at x = 13.5, not at the grid's 14.5;
+    on FLAIR a bright pair mirrored across it 2 voxels apart in y (the hemispheres' anatomy differs
+    by a little) and a one-sided bright spot."""
+    brain = np.zeros((6, 20, 30), bool)
+    brain[1:5, 2:18, 4:24] = True
+    flair = np.zeros(brain.shape, np.float32)
+    flair[2:4, 5:7, 6:8] = 3.0  # left of the pair
+    flair[2:4, 7:9, 19:21] = 3.0  # its twin: x 6..7 mirrors to 20..19, 2 voxels lower in y
+    flair[2:4, 12:14, 8:10] = 3.0  # one-sided, its mirror image (x 18..19) plain tissue
+    return brain, flair
+
+
+def test_mirror_and_midline_find_the_plane_of_an_off_centre_brain():
+    brain, _ = _lateral_brain_and_flair()
+    shift = midline_shift(brain, 2, 8)
+    assert shift == -2  # index i meets 29 - i - 2: the plane at 13.5
+    np.testing.assert_array_equal(mirror(brain, 2, shift), brain)
+    values = np.arange(5.0)
+    np.testing.assert_array_equal(mirror(values, 0, 1), [0.0, 4.0, 3.0, 2.0, 1.0])
+    np.testing.assert_array_equal(mirror(values, 0, -2), [2.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def test_left_right_axis_follows_the_direction_cosines():
+    assert left_right_axis((1, 0, 0, 0, 1, 0, 0, 0, 1)) == 2  # axial as SimpleITK reads it: x last
+    assert left_right_axis((-1, 0, 0, 0, -1, 0, 0, 0, 1)) == 2  # RAS-stored axial
+    assert left_right_axis((0, 0, 1, 1, 0, 0, 0, 1, 0)) == 0  # sagittal-first storage: x is the slice index
+    assert left_right_axis((0, 0.98, 0.2, 1, 0, 0, 0, -0.2, 0.98)) == 1  # oblique, x along the second index
+
+
+def test_flair_asymmetry_keeps_a_one_sided_lesion_and_drops_a_mirrored_pair():
+    brain, flair = _lateral_brain_and_flair()
+    spacing = (1.0, 1.0, 1.0)
+    asymmetry = flair_asymmetry(flair, brain, spacing, 2, 5.0)
+    assert asymmetry[2, 12, 8] == pytest.approx(3.0)  # brighter than everything near its mirror image
+    assert asymmetry[2, 5, 6] == 0.0 and asymmetry[2, 7, 19] == 0.0  # each has a bright twin within 5 mm
+    assert asymmetry[~brain].max() == 0.0 and asymmetry.min() == 0.0
+    # an exact mirror comparison (1 voxel) misses the twin 2 voxels away
+    assert flair_asymmetry(flair, brain, spacing, 2, 1.0)[2, 5, 6] == pytest.approx(3.0)
+    # through the composition: without the term the pair and the lesion tie; with it the lesion leads
+    plain = postprocess_scores(flair, brain, spacing, PostprocessConfig(flair_weight=1.0), flair)
+    config = PostprocessConfig(flair_weight=1.0, asymmetry_weight=0.5)
+    scored = postprocess_scores(flair, brain, spacing, config, flair)
+    assert plain[2, 12, 8] == pytest.approx(plain[2, 5, 6])
+    assert scored[2, 12, 8] == pytest.approx(plain[2, 12, 8] + 1.5) and scored[2, 5, 6] == pytest.approx(plain[2, 5, 6])
+    # the same case stored with left-right as its first array axis gives the same map
+    turned = postprocess_scores(np.moveaxis(flair, 2, 0), np.moveaxis(brain, 2, 0), spacing, config,
+                                np.moveaxis(flair, 2, 0), lateral_axis=0)
+    np.testing.assert_allclose(np.moveaxis(turned, 0, 2), scored, atol=1e-5)
+    # an energy image carries its direction: the axis comes from it
+    image = sitk.GetImageFromArray(np.moveaxis(flair, 2, 0))
+    image.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
+    from_image = sitk.GetArrayFromImage(postprocess_energy(image, np.moveaxis(brain, 2, 0), config,
+                                                           np.moveaxis(flair, 2, 0)))
+    np.testing.assert_allclose(from_image, turned, atol=1e-6)
+
+
+def test_asymmetry_options_are_checked_and_need_the_flair():
+    config = PostprocessConfig(asymmetry_weight=1.0)
+    assert config.intensity_term and config.needs_flair and config.native_active
+    brain, flair = _lateral_brain_and_flair()
+    with pytest.raises(ValueError, match="asymmetry_weight"):
+        postprocess_scores(flair, brain, (1.0, 1.0, 1.0), config)
+    with pytest.raises(ValueError, match="asymmetry_weight"):
+        PostprocessConfig(asymmetry_weight=-1.0)
+    with pytest.raises(ValueError, match="asymmetry_window_mm"):
+        PostprocessConfig(asymmetry_weight=1.0, asymmetry_window_mm=0.0)
+    assert ADMConfig.from_dict({"postprocess": {"flair_weight": 1.0}}).postprocess.asymmetry_weight == 0.0
