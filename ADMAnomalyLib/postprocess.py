@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -115,7 +116,17 @@ def add_intensity_term(values: np.ndarray, brain: np.ndarray, intensity: np.ndar
 
 
 MIDLINE_SEARCH_MM = 20.0
-"""How far (mm) from the middle of the grid :func:`midline_shift` looks for the mid-sagittal plane."""
+"""How far (mm) from the middle of the grid the mid-sagittal plane is looked for."""
+MIDLINE_TURNS_DEG: tuple[float, ...] = tuple(float(a) for a in range(-16, 17, 2) if a)
+"""Turns of the plane about the slice axis tried besides none: a head in a scanner's axial slices is
+often turned by 5-15 degrees, while an atlas-space brain is not."""
+MIDLINE_TURN_GAIN = 0.01
+"""Share of the brain by which a turned plane must overlap the brain's mirror image better than the
+best untilted one before it is used: a plane of the grid flips voxels exactly, a turned one
+interpolates them."""
+MIDLINE_SEARCH_VOXEL_MM = 4.0
+"""The turned planes are scored on the brain mask shrunk to about this voxel size."""
+IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def left_right_axis(direction: Sequence[float]) -> int:
@@ -123,6 +134,12 @@ def left_right_axis(direction: Sequence[float]) -> int:
     closest to the patient's left-right axis (physical x in SimpleITK's LPS)."""
     matrix = np.asarray(direction, dtype=float).reshape(3, 3)
     return 2 - int(np.argmax(np.abs(matrix[0])))
+
+
+def slice_axis(direction: Sequence[float]) -> int:
+    """The array axis closest to the patient's head-foot axis (physical z): the one across axial slices."""
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    return 2 - int(np.argmax(np.abs(matrix[2])))
 
 
 def mirror(volume: np.ndarray, axis: int, shift: int) -> np.ndarray:
@@ -141,31 +158,104 @@ def mirror(volume: np.ndarray, axis: int, shift: int) -> np.ndarray:
 
 def midline_shift(brain: np.ndarray, axis: int, max_shift: int) -> int:
     """The :func:`mirror` shift (within ``max_shift`` voxels) at which the brain best overlaps its own
-    mirror image: the mid-sagittal plane of a grid in which the head is not turned (atlas space,
-    scanner axial slices). Ties go to the smallest shift."""
+    mirror image: the mid-sagittal plane among the planes of the grid. Ties go to the smallest shift."""
     overlaps = {shift: int(np.count_nonzero(brain & mirror(brain, axis, shift)))
                 for shift in sorted(range(-max_shift, max_shift + 1), key=abs)}
     return max(overlaps, key=overlaps.get)
 
 
-def flair_asymmetry(intensity: np.ndarray, brain: np.ndarray, spacing: Spacing, axis: int, window_mm: float,
-                    cache: Optional[dict] = None) -> np.ndarray:
+@dataclass(frozen=True)
+class MidSagittalPlane:
+    """The plane a case is mirrored across: a plane of the grid, flipped voxel for voxel by
+    :func:`mirror` with ``shift``, or (``shift`` None) one turned about the slice axis by ``turn_deg``
+    through the point ``offset_mm`` along its normal from the grid's centre, reflected by resampling."""
+
+    lateral_axis: int
+    slice_axis: int
+    shift: Optional[int] = 0
+    turn_deg: float = 0.0
+    offset_mm: float = 0.0
+
+    def reflect(self, volume: np.ndarray, spacing: Spacing, interpolator: int = sitk.sitkLinear) -> np.ndarray:
+        """``volume`` mirrored across this plane (0 where the mirror image leaves the grid)."""
+        if self.shift is not None:
+            return mirror(volume, self.lateral_axis, self.shift)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
+        image.SetSpacing(tuple(float(v) for v in spacing))
+        return sitk.GetArrayFromImage(sitk.Resample(image, image, self._transform(image), interpolator, 0.0))
+
+    def _transform(self, image: sitk.Image) -> sitk.AffineTransform:
+        # Physical axes of this identity-direction image are the array axes reversed (x = last).
+        lateral, front = 2 - self.lateral_axis, 2 - (3 - self.lateral_axis - self.slice_axis)
+        turn = np.deg2rad(self.turn_deg)
+        normal = np.zeros(3)
+        normal[lateral], normal[front] = np.cos(turn), np.sin(turn)
+        centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint(
+            [(size - 1) / 2.0 for size in image.GetSize()]))
+        transform = sitk.AffineTransform(3)
+        transform.SetMatrix((np.eye(3) - 2.0 * np.outer(normal, normal)).ravel().tolist())
+        transform.SetTranslation((2.0 * (float(centre @ normal) + self.offset_mm) * normal).tolist())
+        return transform
+
+
+def mid_sagittal_plane(brain: np.ndarray, spacing: Spacing, direction: Sequence[float] = IDENTITY_DIRECTION
+                       ) -> MidSagittalPlane:
+    """The plane across which the brain best overlaps its own mirror image: the best plane of the grid
+    (:func:`midline_shift`, within :data:`MIDLINE_SEARCH_MM`), unless a plane turned about the slice axis
+    by one of :data:`MIDLINE_TURNS_DEG` overlaps better by :data:`MIDLINE_TURN_GAIN` of the brain
+    (both scored on the mask shrunk to :data:`MIDLINE_SEARCH_VOXEL_MM`)."""
+    lateral, across = left_right_axis(direction), slice_axis(direction)
+    if lateral == across:  # a grid with no axial-like axis: mirror across planes of the grid only
+        across = next(a for a in range(3) if a != lateral)
+    steps = tuple(float(v) for v in tuple(spacing)[::-1])
+    shift = midline_shift(brain, lateral, max(1, int(round(MIDLINE_SEARCH_MM / steps[lateral]))))
+    grid_plane = MidSagittalPlane(lateral, across, shift)
+    factors = [max(1, int(round(MIDLINE_SEARCH_VOXEL_MM / step))) for step in steps]
+    mask = sitk.GetImageFromArray(brain.astype(np.float32))
+    mask.SetSpacing(tuple(float(v) for v in spacing))
+    small = sitk.BinShrink(mask, factors[::-1]) > 0.5
+    small_spacing = small.GetSpacing()
+    small_brain = sitk.GetArrayFromImage(small).astype(bool)
+    total = max(1, int(small_brain.sum()))
+
+    def overlap(plane: MidSagittalPlane) -> float:
+        mirrored = plane.reflect(small_brain.astype(np.float32), small_spacing, sitk.sitkNearestNeighbor) > 0.5
+        return float(np.count_nonzero(small_brain & mirrored)) / total
+
+    def best_offset(turn: float, offsets: Sequence[float]) -> tuple[float, MidSagittalPlane]:
+        planes = [MidSagittalPlane(lateral, across, None, turn, float(t)) for t in offsets]
+        scores = [overlap(p) for p in planes]
+        return max(zip(scores, planes), key=lambda pair: pair[0])
+
+    coarse = np.arange(-MIDLINE_SEARCH_MM, MIDLINE_SEARCH_MM + 1e-6, 2.0)
+    # The grid's own planes scored the same way as the turned ones, on the shrunk mask.
+    untilted, _ = best_offset(0.0, coarse)
+    turned_score, turned = max((best_offset(turn, coarse) for turn in MIDLINE_TURNS_DEG), key=lambda pair: pair[0])
+    if turned_score < untilted + MIDLINE_TURN_GAIN:
+        return grid_plane
+    fine_turns = (turned.turn_deg - 1.0, turned.turn_deg, turned.turn_deg + 1.0)
+    fine_offsets = turned.offset_mm + np.arange(-2.0, 2.01, 0.5)
+    return max((best_offset(turn, fine_offsets) for turn in fine_turns), key=lambda pair: pair[0])[1]
+
+
+def flair_asymmetry(intensity: np.ndarray, brain: np.ndarray, spacing: Spacing, window_mm: float,
+                    direction: Sequence[float] = IDENTITY_DIRECTION, cache: Optional[dict] = None) -> np.ndarray:
     """How far each brain voxel's ``intensity`` (FLAIR z) exceeds the brightest intensity within
     ``window_mm`` (per axis, :func:`median_window`) of its mirror image across the mid-sagittal
-    plane, or 0; 0 also where the mirror image falls outside the brain. The maximum makes a few mm
-    of difference between the hemispheres' anatomy count as symmetric. ``cache`` keeps the plane."""
-    step = float(tuple(spacing)[::-1][axis])
-    key = ("midline", axis)
-    shift = (cache or {}).get(key)
-    if shift is None:
-        shift = midline_shift(brain, axis, max(1, int(round(MIDLINE_SEARCH_MM / step))))
+    plane (:func:`mid_sagittal_plane` of a grid with these direction cosines), or 0; 0 also where the
+    mirror image falls outside the brain. The maximum makes a few mm of difference between the
+    hemispheres' anatomy count as symmetric. ``cache`` keeps the plane."""
+    key = ("mid-sagittal plane", tuple(direction))
+    plane = (cache or {}).get(key)
+    if plane is None:
+        plane = mid_sagittal_plane(brain, spacing, direction)
         if cache is not None:
-            cache[key] = shift
+            cache[key] = plane
     window = median_window(spacing, window_mm)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(mirror(intensity, axis, shift), dtype=np.float32))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(plane.reflect(intensity, spacing), dtype=np.float32))
     # A grey-scale dilation by a box is the maximum over that box.
     brightest = sitk.GetArrayFromImage(sitk.GrayscaleDilate(image, [v // 2 for v in reversed(window)], sitk.sitkBox))
-    inside = brain & mirror(brain, axis, shift)
+    inside = brain & (plane.reflect(brain.astype(np.float32), spacing, sitk.sitkNearestNeighbor) > 0.5)
     return np.where(inside, np.maximum(intensity - brightest, 0.0), 0.0).astype(np.float32)
 
 
@@ -271,13 +361,14 @@ def suppress_small_components(values: np.ndarray, brain: np.ndarray, threshold: 
 # -- composition -----------------------------------------------------------------------------------
 def postprocess_scores(
     values: np.ndarray, brain: np.ndarray, spacing: Spacing, cfg: PostprocessConfig,
-    intensity: Optional[np.ndarray] = None, cache: Optional[dict] = None, lateral_axis: int = 2,
+    intensity: Optional[np.ndarray] = None, cache: Optional[dict] = None,
+    direction: Sequence[float] = IDENTITY_DIRECTION,
 ) -> np.ndarray:
     """The native-grid steps of ``cfg`` applied to a score volume (see the module docstring).
 
     ``intensity`` is the native z-scored FLAIR the intensity term needs (``cfg.flair_weight``);
-    ``lateral_axis`` is the array axis along the patient's left-right (:func:`left_right_axis`; 2, the
-    last, for axial scans as SimpleITK reads them), across which ``cfg.asymmetry_weight`` mirrors;
+    ``direction`` holds the grid's direction cosines (SimpleITK's), which tell ``cfg.asymmetry_weight``
+    which array axis runs left-right;
     ``cache`` (a dict kept per case) stores the brain-only maps when one case is post-processed
     with several configurations. Background ends exactly 1 below the lowest brain score."""
     brain = np.asarray(brain, dtype=bool)
@@ -308,7 +399,7 @@ def postprocess_scores(
     if cfg.intensity_term:
         inner = add_intensity_term(inner, inner_brain, intensity[box], cfg.flair_weight, cfg.energy_gate_z, reference)
         if cfg.asymmetry_weight:
-            asymmetry = flair_asymmetry(intensity[box], inner_brain, spacing, lateral_axis, cfg.asymmetry_window_mm,
+            asymmetry = flair_asymmetry(intensity[box], inner_brain, spacing, cfg.asymmetry_window_mm, direction,
                                         box_cache)
             inner = (inner + np.float32(cfg.asymmetry_weight) * asymmetry).astype(np.float32)
     if max(window) > 1:
@@ -327,7 +418,7 @@ def postprocess_energy(energy_image: sitk.Image, brain: np.ndarray, cfg: Postpro
                        intensity: Optional[np.ndarray] = None) -> sitk.Image:
     """:func:`postprocess_scores` of an energy image (same grid out)."""
     values = postprocess_scores(sitk.GetArrayFromImage(energy_image), brain, energy_image.GetSpacing(), cfg,
-                                intensity, lateral_axis=left_right_axis(energy_image.GetDirection()))
+                                intensity, direction=energy_image.GetDirection())
     out = sitk.GetImageFromArray(values)
     out.CopyInformation(energy_image)
     return out

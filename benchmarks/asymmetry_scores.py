@@ -57,7 +57,7 @@ def main() -> None:
             add(domain, "FLAIR z", flair_z, case)
             cache: dict = {}
             for window in windows:
-                term = flair_asymmetry(flair_z, case.brain, case.spacing, case.lateral_axis, window, cache)
+                term = flair_asymmetry(flair_z, case.brain, case.spacing, window, case.direction, cache)
                 for weight in weights:
                     add(domain, f"FLAIR z + {weight:g} asym ({window:g} mm)", flair_z + weight * term, case)
             print(f"{domain} | {case.case_id}: {time.perf_counter() - started:.0f} s", flush=True)

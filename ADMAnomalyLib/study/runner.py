@@ -32,7 +32,7 @@ from ..io import write_text_atomic
 from ..metrics import _curve, balanced_best_threshold, choose_load_weight, json_safe, pooled_and_per_case
 from ..model import ADMModel
 from ..networks import DRDecoder, DREncoder
-from ..postprocess import left_right_axis, load_offset, postprocess_scores, suppress_small_components
+from ..postprocess import IDENTITY_DIRECTION, load_offset, postprocess_scores, suppress_small_components
 from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices_to_image
 from ..train import Trainer, masked_mse
 from ..domains import domain_pools, load_domains
@@ -82,8 +82,8 @@ class CaseData:
     lesion_ml: float
     domain: str = ""
     """The case's domain (leave-one-domain-out split); '' in the patient split."""
-    lateral_axis: int = 2
-    """The axis of ``brain`` along the patient's left-right (:func:`~ADMAnomalyLib.postprocess.left_right_axis`)."""
+    direction: tuple[float, ...] = IDENTITY_DIRECTION
+    """The native grid's direction cosines (which axis runs left-right, for the FLAIR asymmetry)."""
 
     @property
     def prepared(self) -> PreparedCase:
@@ -122,7 +122,7 @@ def load_case_data(files, settings: StudySettings, preprocess: Sequence[Preproce
     spacing = tuple(float(s) for s in case.images["flair"].GetSpacing())
     return CaseData(files.case_id, preparations, preprocess_key(default), brain, labels, validation, normal, features,
                     spacing, float(labels.sum() * np.prod(spacing) / 1000.0), domain,
-                    left_right_axis(case.images["flair"].GetDirection()))
+                    tuple(case.images["flair"].GetDirection()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -632,7 +632,7 @@ def _postprocessed(raw: dict[str, np.ndarray], post: PostprocessConfig, cases: S
             volume = np.zeros(case.brain.shape, np.float32)
             volume[case.brain] = values
             volume = postprocess_scores(volume, case.brain, case.spacing, post, flair_of(case),
-                                        caches.per_case.setdefault(case.case_id, {}), case.lateral_axis)
+                                        caches.per_case.setdefault(case.case_id, {}), case.direction)
             values = volume[case.brain]
         if keep:
             caches.post[memo] = values

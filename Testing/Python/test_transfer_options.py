@@ -10,9 +10,10 @@ import SimpleITK as sitk
 
 from ADMAnomalyLib.cases import case_from_images
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
-from ADMAnomalyLib.postprocess import (flair_asymmetry, left_right_axis, load_offset, median_filter,
-                                      median_filter_in_brain, median_window, midline_shift, mirror, normal_tissue,
-                                      postprocess_energy, postprocess_scores, standardise_in_brain)
+from ADMAnomalyLib.postprocess import (MidSagittalPlane, flair_asymmetry, left_right_axis, load_offset,
+                                      median_filter, median_filter_in_brain, median_window, mid_sagittal_plane,
+                                      midline_shift, mirror, normal_tissue, postprocess_energy, postprocess_scores,
+                                      slice_axis, standardise_in_brain)
 from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case, standardise_histogram
 from conftest import synthetic_volumes
 
@@ -328,17 +329,18 @@ def test_left_right_axis_follows_the_direction_cosines():
     assert left_right_axis((-1, 0, 0, 0, -1, 0, 0, 0, 1)) == 2  # RAS-stored axial
     assert left_right_axis((0, 0, 1, 1, 0, 0, 0, 1, 0)) == 0  # sagittal-first storage: x is the slice index
     assert left_right_axis((0, 0.98, 0.2, 1, 0, 0, 0, -0.2, 0.98)) == 1  # oblique, x along the second index
+    assert slice_axis((1, 0, 0, 0, 1, 0, 0, 0, 1)) == 0 and slice_axis((0, 0, 1, 1, 0, 0, 0, 1, 0)) == 1
 
 
 def test_flair_asymmetry_keeps_a_one_sided_lesion_and_drops_a_mirrored_pair():
     brain, flair = _lateral_brain_and_flair()
     spacing = (1.0, 1.0, 1.0)
-    asymmetry = flair_asymmetry(flair, brain, spacing, 2, 5.0)
+    asymmetry = flair_asymmetry(flair, brain, spacing, 5.0)
     assert asymmetry[2, 12, 8] == pytest.approx(3.0)  # brighter than everything near its mirror image
     assert asymmetry[2, 5, 6] == 0.0 and asymmetry[2, 7, 19] == 0.0  # each has a bright twin within 5 mm
     assert asymmetry[~brain].max() == 0.0 and asymmetry.min() == 0.0
     # an exact mirror comparison (1 voxel) misses the twin 2 voxels away
-    assert flair_asymmetry(flair, brain, spacing, 2, 1.0)[2, 5, 6] == pytest.approx(3.0)
+    assert flair_asymmetry(flair, brain, spacing, 1.0)[2, 5, 6] == pytest.approx(3.0)
     # through the composition: without the term the pair and the lesion tie; with it the lesion leads
     plain = postprocess_scores(flair, brain, spacing, PostprocessConfig(flair_weight=1.0), flair)
     config = PostprocessConfig(flair_weight=1.0, asymmetry_weight=0.5)
@@ -346,12 +348,13 @@ def test_flair_asymmetry_keeps_a_one_sided_lesion_and_drops_a_mirrored_pair():
     assert plain[2, 12, 8] == pytest.approx(plain[2, 5, 6])
     assert scored[2, 12, 8] == pytest.approx(plain[2, 12, 8] + 1.5) and scored[2, 5, 6] == pytest.approx(plain[2, 5, 6])
     # the same case stored with left-right as its first array axis gives the same map
+    sagittal_first = (0, 0, 1, 1, 0, 0, 0, 1, 0)  # x is the slowest array axis
     turned = postprocess_scores(np.moveaxis(flair, 2, 0), np.moveaxis(brain, 2, 0), spacing, config,
-                                np.moveaxis(flair, 2, 0), lateral_axis=0)
+                                np.moveaxis(flair, 2, 0), direction=sagittal_first)
     np.testing.assert_allclose(np.moveaxis(turned, 0, 2), scored, atol=1e-5)
     # an energy image carries its direction: the axis comes from it
     image = sitk.GetImageFromArray(np.moveaxis(flair, 2, 0))
-    image.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
+    image.SetDirection(sagittal_first)
     from_image = sitk.GetArrayFromImage(postprocess_energy(image, np.moveaxis(brain, 2, 0), config,
                                                            np.moveaxis(flair, 2, 0)))
     np.testing.assert_allclose(from_image, turned, atol=1e-6)
@@ -368,3 +371,34 @@ def test_asymmetry_options_are_checked_and_need_the_flair():
     with pytest.raises(ValueError, match="asymmetry_window_mm"):
         PostprocessConfig(asymmetry_weight=1.0, asymmetry_window_mm=0.0)
     assert ADMConfig.from_dict({"postprocess": {"flair_weight": 1.0}}).postprocess.asymmetry_weight == 0.0
+
+
+def test_a_turned_head_is_mirrored_across_its_own_turned_midline():
+    """A brain turned by 12 degrees in its axial slices (as a head in a scanner's grid often is): the
+    plane search turns with it, so a bright pair mirrored across the brain's own midline is still
+    symmetric and a one-sided spot still is not; an atlas-space brain keeps the exact voxel flip."""
+    shape, spacing = (6, 64, 64), (1.0, 1.0, 1.0)
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(float)
+    turn = np.deg2rad(12.0)
+    centre = 31.5
+    # coordinates in the head's own frame: u across its midline, v along it
+    u = (x - centre) * np.cos(turn) + (y - centre) * np.sin(turn)
+    v = -(x - centre) * np.sin(turn) + (y - centre) * np.cos(turn)
+    brain = ((u / 20.0) ** 2 + (v / 27.0) ** 2 <= 1.0) & (z >= 1) & (z <= 4)
+    flair = np.zeros(shape, np.float32)
+    pair = (np.abs(np.abs(u) - 10) <= 1.5) & (np.abs(v + 8) <= 1.5) & brain
+    spot = (np.abs(u - 10) <= 1.5) & (np.abs(v - 4) <= 1.5) & brain
+    flair[pair] = 3.0
+    flair[spot] = 3.0
+    plane = mid_sagittal_plane(brain, spacing)
+    assert plane.shift is None and abs(plane.turn_deg - 12.0) <= 2.0  # searched on a 4 mm copy of the mask
+    asymmetry = flair_asymmetry(flair, brain, spacing, 3.0)
+    assert np.median(asymmetry[spot]) == pytest.approx(3.0)
+    assert np.median(asymmetry[pair]) == 0.0
+    # the plane of the grid would call one of the pair asymmetric as well
+    grid_plane = MidSagittalPlane(2, 0, midline_shift(brain, 2, 20))
+    mirrored = grid_plane.reflect(flair, spacing)
+    assert float(np.median(np.maximum(flair - mirrored, 0)[pair])) > 1.0
+    # untilted, the search keeps the exact flip of the grid
+    level = (((x - centre) / 20.0) ** 2 + ((y - centre) / 27.0) ** 2 <= 1.0) & (z >= 1) & (z <= 4)
+    assert mid_sagittal_plane(level, spacing) == MidSagittalPlane(2, 0, 0)
