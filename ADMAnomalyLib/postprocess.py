@@ -210,7 +210,10 @@ def mid_sagittal_plane(brain: np.ndarray, spacing: Spacing, direction: Sequence[
     steps = tuple(float(v) for v in tuple(spacing)[::-1])
     shift = midline_shift(brain, lateral, max(1, int(round(MIDLINE_SEARCH_MM / steps[lateral]))))
     grid_plane = MidSagittalPlane(lateral, across, shift)
-    factors = [max(1, int(round(MIDLINE_SEARCH_VOXEL_MM / step))) for step in steps]
+    # A small grid is not shrunk below 32 voxels per axis: coarser, the mask's own quantisation would
+    # look asymmetric to the untilted planes.
+    factors = [max(1, min(int(round(MIDLINE_SEARCH_VOXEL_MM / step)), size // 32))
+               for step, size in zip(steps, brain.shape)]
     mask = sitk.GetImageFromArray(brain.astype(np.float32))
     mask.SetSpacing(tuple(float(v) for v in spacing))
     small = sitk.BinShrink(mask, factors[::-1]) > 0.5
