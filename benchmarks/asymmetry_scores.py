@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ADMAnomalyLib.baselines import FLAIR_CHANNEL, features_to_volume  # noqa: E402
-from ADMAnomalyLib.metrics import detection_metrics  # noqa: E402
 from ADMAnomalyLib.postprocess import flair_asymmetry, median_filter_in_brain, median_window  # noqa: E402
 from ADMAnomalyLib.study import runner  # noqa: E402
 from ADMAnomalyLib.study.methods import quick_settings  # noqa: E402
+from intensity_scores import print_pooled_table  # noqa: E402  (this folder's; same table)
 
 
 def main() -> None:
@@ -61,10 +61,7 @@ def main() -> None:
                 for weight in weights:
                     add(domain, f"FLAIR z + {weight:g} asym ({window:g} mm)", flair_z + weight * term, case)
             print(f"{domain} | {case.case_id}: {time.perf_counter() - started:.0f} s", flush=True)
-    print("| domain | score | AUPRC | best Dice |\n|---|---|---|---|")
-    for (domain, name), parts in pooled.items():
-        metrics = detection_metrics(np.concatenate([s for s, _ in parts]), np.concatenate([y for _, y in parts]))
-        print(f"| {domain} | {name} | {metrics.auprc:.3f} | {metrics.best_f1:.3f} |")
+    print_pooled_table(pooled)
 
 
 if __name__ == "__main__":

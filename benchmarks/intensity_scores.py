@@ -77,6 +77,11 @@ def main() -> None:
                     filtered = median_filter_in_brain(volume, case.brain, size)[case.brain]
                     pooled.setdefault((domain, f"{name} +med{size}"), []).append((filtered, case.labels))
             print(f"{domain} | {case.case_id}: {time.perf_counter() - started:.0f} s", flush=True)
+    print_pooled_table(pooled)
+
+
+def print_pooled_table(pooled: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]]) -> None:
+    """A markdown table of pooled AUPRC and best Dice per (domain, score) from its cases' (scores, labels)."""
     print("| domain | score | AUPRC | best Dice |\n|---|---|---|---|")
     for (domain, name), parts in pooled.items():
         metrics = detection_metrics(np.concatenate([s for s, _ in parts]), np.concatenate([y for _, y in parts]))
