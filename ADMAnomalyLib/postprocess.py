@@ -168,20 +168,25 @@ def midline_shift(brain: np.ndarray, axis: int, max_shift: int) -> int:
 class MidSagittalPlane:
     """The plane a case is mirrored across: a plane of the grid, flipped voxel for voxel by
     :func:`mirror` with ``shift``, or (``shift`` None) one turned about the slice axis by ``turn_deg``
-    through the point ``offset_mm`` along its normal from the grid's centre, reflected by resampling."""
+    through the point ``offset_mm`` along its normal from ``centre_mm`` (mm from the first voxel's
+    centre, x y z; None: the grid's centre), reflected by resampling."""
 
     lateral_axis: int
     slice_axis: int
     shift: Optional[int] = 0
     turn_deg: float = 0.0
     offset_mm: float = 0.0
+    centre_mm: Optional[tuple[float, float, float]] = None
 
-    def reflect(self, volume: np.ndarray, spacing: Spacing, interpolator: int = sitk.sitkLinear) -> np.ndarray:
-        """``volume`` mirrored across this plane (0 where the mirror image leaves the grid)."""
+    def reflect(self, volume: np.ndarray, spacing: Spacing, interpolator: int = sitk.sitkLinear,
+                origin: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+        """``volume`` mirrored across this plane (0 where the mirror image leaves the grid); ``origin``
+        places a coarser copy of the grid (:func:`sitk.BinShrink`'s) where the grid's own voxels are."""
         if self.shift is not None:
             return mirror(volume, self.lateral_axis, self.shift)
         image = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
         image.SetSpacing(tuple(float(v) for v in spacing))
+        image.SetOrigin(tuple(float(v) for v in origin))
         return sitk.GetArrayFromImage(sitk.Resample(image, image, self._transform(image), interpolator, 0.0))
 
     def _transform(self, image: sitk.Image) -> sitk.AffineTransform:
@@ -190,7 +195,7 @@ class MidSagittalPlane:
         turn = np.deg2rad(self.turn_deg)
         normal = np.zeros(3)
         normal[lateral], normal[front] = np.cos(turn), np.sin(turn)
-        centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint(
+        centre = np.asarray(self.centre_mm if self.centre_mm is not None else image.TransformContinuousIndexToPhysicalPoint(
             [(size - 1) / 2.0 for size in image.GetSize()]))
         transform = sitk.AffineTransform(3)
         transform.SetMatrix((np.eye(3) - 2.0 * np.outer(normal, normal)).ravel().tolist())
@@ -217,16 +222,19 @@ def mid_sagittal_plane(brain: np.ndarray, spacing: Spacing, direction: Sequence[
     mask = sitk.GetImageFromArray(brain.astype(np.float32))
     mask.SetSpacing(tuple(float(v) for v in spacing))
     small = sitk.BinShrink(mask, factors[::-1]) > 0.5
-    small_spacing = small.GetSpacing()
+    small_spacing, small_origin = small.GetSpacing(), small.GetOrigin()
+    # Every plane turns about the full grid's centre, whichever copy of the grid it is scored on.
+    centre = tuple((size - 1) / 2.0 * float(step) for size, step in zip(brain.shape[::-1], spacing))
     small_brain = sitk.GetArrayFromImage(small).astype(bool)
     total = max(1, int(small_brain.sum()))
 
     def overlap(plane: MidSagittalPlane) -> float:
-        mirrored = plane.reflect(small_brain.astype(np.float32), small_spacing, sitk.sitkNearestNeighbor) > 0.5
+        mirrored = plane.reflect(small_brain.astype(np.float32), small_spacing, sitk.sitkNearestNeighbor,
+                                 small_origin) > 0.5
         return float(np.count_nonzero(small_brain & mirrored)) / total
 
     def best_offset(turn: float, offsets: Sequence[float]) -> tuple[float, MidSagittalPlane]:
-        planes = [MidSagittalPlane(lateral, across, None, turn, float(t)) for t in offsets]
+        planes = [MidSagittalPlane(lateral, across, None, turn, float(t), centre) for t in offsets]
         scores = [overlap(p) for p in planes]
         return max(zip(scores, planes), key=lambda pair: pair[0])
 
