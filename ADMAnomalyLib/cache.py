@@ -38,7 +38,7 @@ _ARRAYS = {
     "validation_labels": (np.bool_, lambda n: (n, n)),
 }
 _NEIGHBOUR_ARRAYS = ("train_neighbours", "validation_neighbours")
-"""Arrays a cache holds only for a CtoC with ``model.ctoc_context_slices`` (per slice (2c·4, n, n))."""
+"""Arrays a cache holds only for a CtoC with a ``model.slice_context`` of c images (per slice (c·4, n, n))."""
 
 
 def is_slice_cache(path: str | Path) -> bool:
@@ -56,8 +56,11 @@ def _cache_key(config: ADMConfig) -> dict[str, Any]:
     if config.preprocess.normalisation == "histogram":
         preprocess["histogram_landmarks"] = list(landmarks)
     key = {"preprocess": preprocess, "lesion_margin": config.train.lesion_margin}
-    if config.model.ctoc_context_slices:
-        key["context_slices"] = config.model.ctoc_context_slices
+    context = config.model.slice_context
+    if context.each_side:
+        key["context_slices"] = context.each_side
+    if context.mirror:
+        key["mirror_context"] = True
     return key
 
 
@@ -83,11 +86,11 @@ def build_slice_cache(
     except OSError as exc:
         raise OutputError(f"cannot create the cache beside {cache_dir}: {exc.strerror or exc}") from None
     try:
-        size, context = config.preprocess.image_size, config.model.ctoc_context_slices
+        size, context = config.preprocess.image_size, config.model.slice_context
         shapes = {name: factory(size) for name, (_, factory) in _ARRAYS.items()}
         dtypes = {name: dtype for name, (dtype, _) in _ARRAYS.items()}
         if context:
-            shapes.update({name: (2 * context * len(CONTRASTS), size, size) for name in _NEIGHBOUR_ARRAYS})
+            shapes.update({name: (context.images * len(CONTRASTS), size, size) for name in _NEIGHBOUR_ARRAYS})
             dtypes.update({name: np.float32 for name in _NEIGHBOUR_ARRAYS})
         streams = {name: open(building / f"{name}.raw", "wb") for name in shapes}
         digests = {name: hashlib.sha256() for name in shapes}

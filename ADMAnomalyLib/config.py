@@ -82,6 +82,24 @@ class PreprocessConfig:
         self.histogram_landmarks = landmarks
 
 
+@dataclass(frozen=True)
+class SliceContext:
+    """The slices a CtoC input carries beside its own (``ModelConfig.slice_context``): ``each_side``
+    neighbouring axial slices before and after it, then, with ``mirror``, its mirror image across the
+    mid-sagittal plane (:meth:`~ADMAnomalyLib.preprocess.PreparedCase.neighbours`)."""
+
+    each_side: int = 0
+    mirror: bool = False
+
+    @property
+    def images(self) -> int:
+        """Slices of four contrasts each carried beside the slice itself."""
+        return 2 * self.each_side + int(self.mirror)
+
+    def __bool__(self) -> bool:
+        return self.images > 0
+
+
 @dataclass
 class ModelConfig:
     """Network and mixture sizes (method.md, 'Networks')."""
@@ -96,6 +114,12 @@ class ModelConfig:
     contrast but the one it makes, which is replaced by its median in the neighbours too, so it cannot
     be copied from the slice above), giving the 2-D translation the through-plane anatomy that decides
     partial volume at tissue boundaries. 0 is the faithful ADM (one slice)."""
+    ctoc_mirror_context: bool = False
+    """Beyond the paper: CtoC also sees the slice mirrored across the brain's mid-sagittal plane, every
+    contrast included (the one it makes too). Normal tissue has a twin across the midline that
+    predicts it, a one-sided lesion has none, so the translation of a lesion follows its normal mirror
+    image and the lesion stays in the residual even where the other contrasts show it. False is the
+    faithful ADM."""
     median_bias: bool = True
     """Feed the median map to CtoC's last layer as an intensity bias (method.md)."""
     dr_encoder_widths: tuple[int, ...] = (16, 8)
@@ -129,6 +153,13 @@ class ModelConfig:
     Z_ct = |X - X_hat| (brighter and darker than predicted alike); 'brighter' keeps max(X - X_hat, 0):
     only where a contrast is brighter than the others predict, as FLAIR is in oedema and MS lesions,
     while partial-volume CSF at tissue boundaries comes out darker than predicted."""
+
+    @property
+    def slice_context(self) -> "SliceContext":
+        """What the CtoC sees beside each slice (nothing without a CtoC)."""
+        if not self.use_ctoc:
+            return SliceContext()
+        return SliceContext(self.ctoc_context_slices, self.ctoc_mirror_context)
 
     @property
     def feature_dim(self) -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .cases import CaseFiles, load_case
-from .config import ADMConfig, TrainConfig
+from .config import ADMConfig, SliceContext, TrainConfig
 from .errors import TrainingDataError
 from .preprocess import PreparedCase, prepare_case
 
@@ -30,8 +30,8 @@ class SliceSet:
     case_ids: list[str]
     """Case of each slice (length M)."""
     neighbours: np.ndarray | None = None
-    """(M, 2c·4, N, N) float32 neighbouring slices of each (:meth:`PreparedCase.neighbours`) for a
-    CtoC with ``model.ctoc_context_slices`` c > 0; None otherwise."""
+    """(M, n·4, N, N) float32 slices carried beside each (:meth:`PreparedCase.neighbours`) for a
+    CtoC with a ``model.slice_context`` of n images; None otherwise."""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -69,13 +69,13 @@ def _dilate_1d(flags: np.ndarray, margin: int) -> np.ndarray:
     return dilated
 
 
-def stack_slices(cases: Sequence[tuple[PreparedCase, np.ndarray]], context: int = 0) -> SliceSet:
-    """Stack the chosen slice indices of each prepared case into one :class:`SliceSet`, with
-    ``context`` neighbouring slices on each side of each (``model.ctoc_context_slices``)."""
+def stack_slices(cases: Sequence[tuple[PreparedCase, np.ndarray]], context: SliceContext = SliceContext()) -> SliceSet:
+    """Stack the chosen slice indices of each prepared case into one :class:`SliceSet`, each slice
+    with the slices its ``context`` carries (``model.slice_context``)."""
     chosen = [(case, np.asarray(index, dtype=int)) for case, index in cases if len(index)]
     if not chosen:
         size = 0
-        neighbours = np.zeros((0, 2 * context * 4, size, size), np.float32) if context else None
+        neighbours = np.zeros((0, context.images * 4, size, size), np.float32) if context else None
         return SliceSet(np.zeros((0, 4, size, size), np.float32), np.zeros((0, size, size), bool), None, [],
                         neighbours)
     images = np.concatenate([case.slices[index] for case, index in chosen]).astype(np.float32, copy=False)
@@ -127,29 +127,37 @@ def augmentation_for(train: TrainConfig) -> Augmentation:
 
 def augment_with_neighbours(augment: Augmentation, images: torch.Tensor, brain: torch.Tensor,
                             neighbours: torch.Tensor | None, generator: torch.Generator,
-                            through_plane_mix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``augment`` applied to slices (B, K, H, W) and their neighbours (B, 2c·K, H, W) or None.
+                            through_plane_mix: float = 0.0,
+                            mirror: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``augment`` applied to slices (B, K, H, W) and the slices carried beside them (B, n·K, H, W)
+    or None, the last of which is each slice's mirror image with ``mirror``.
 
-    With ``through_plane_mix`` m (``train.through_plane_mix``) each contrast's neighbours first move
-    towards the centre slice by a share drawn from U(0, m) per slice and contrast: a thicker
-    acquisition, interpolated. A site shift is the same in a slice and the slices around it, so each
-    neighbour is then augmented with the very draws its slice got (scaling, bias field, gamma, blur,
+    With ``through_plane_mix`` m (``train.through_plane_mix``) each contrast's neighbouring slices
+    first move towards the centre slice by a share drawn from U(0, m) per slice and contrast: a
+    thicker acquisition, interpolated. A site shift is the same in a slice and the slices around it,
+    so each is then augmented with the very draws its slice got (scaling, bias field, gamma, blur,
     noise): the generator is rewound to the same state for each, and left where one augmentation
-    leaves it. The neighbours are already cut to their slice's brain, whose mask they share."""
+    leaves it. The mirror image is augmented mirrored back, so it meets the bias field where its
+    tissue lies. All are already cut to their slice's brain, whose mask they share."""
     if neighbours is None:
         return augment(images, brain, generator), None
     batch, channels, height, width = images.shape
     stack = neighbours.reshape(batch, -1, channels, height, width)
     if through_plane_mix > 0:
         share = torch.rand((batch, 1, channels, 1, 1), generator=generator, device="cpu") * through_plane_mix
-        stack = stack + share.to(stack.device, stack.dtype) * (images.unsqueeze(1) - stack)
+        moved = stack[:, : stack.shape[1] - int(mirror)]
+        moved = moved + share.to(stack.device, stack.dtype) * (images.unsqueeze(1) - moved)
+        stack = torch.cat([moved, stack[:, moved.shape[1]:]], dim=1)
     start = generator.get_state()
     augmented = augment(images, brain, generator)
     end = generator.get_state()
     around = []
-    for neighbour in stack.unbind(1):
+    for number, neighbour in enumerate(stack.unbind(1), start=1):
         generator.set_state(start)
-        around.append(augment(neighbour, brain, generator))
+        if mirror and number == stack.shape[1]:
+            around.append(augment(neighbour.flip(-1), brain.flip(-1), generator).flip(-1))
+        else:
+            around.append(augment(neighbour, brain, generator))
     generator.set_state(end)
     return augmented, torch.cat(around, dim=1)
 
@@ -274,11 +282,12 @@ class TrainingData:
     summary: dict[str, Any]
 
     @classmethod
-    def from_prepared(cls, cases: Sequence[PreparedCase], margin: int, context: int = 0) -> "TrainingData":
+    def from_prepared(cls, cases: Sequence[PreparedCase], margin: int,
+                      context: SliceContext = SliceContext()) -> "TrainingData":
         """The training data of prepared cases: lesion-free slices (``margin`` slices away from any
         lesion) to train on, lesion slices to validate on (the trainer, the study and the slice cache
-        all select them with :func:`training_slices`), each with ``context`` neighbouring slices on
-        each side (``model.ctoc_context_slices``)."""
+        all select them with :func:`training_slices`), each with the slices its ``context`` carries
+        (``model.slice_context``)."""
         if not cases:
             raise TrainingDataError("no case to train on")
         train_parts, validation_parts, per_case = [], [], {}
@@ -305,4 +314,4 @@ def build_training_data(case_files: Sequence[CaseFiles], config: ADMConfig) -> T
     # keep_native=(): training needs no native-grid volumes, and they would stay in memory per case.
     prepared = [prepare_case(load_case(files, config.preprocess.grid_tolerance), config.preprocess, keep_native=())
                 for files in case_files]
-    return TrainingData.from_prepared(prepared, config.train.lesion_margin, config.model.ctoc_context_slices)
+    return TrainingData.from_prepared(prepared, config.train.lesion_margin, config.model.slice_context)

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from .cases import CaseImages
-from .config import CONTRASTS, PostprocessConfig
+from .config import CONTRASTS, PostprocessConfig, SliceContext
 from .device import autocast, inference_dtype, resolve_device
 from .errors import CancelledError, InputError
 from .gmm import GMMAccumulator, GMMParams, energy
@@ -90,7 +90,7 @@ def ctoc_translations(model: ADMModel, prepared: PreparedCase, options: Inferenc
     mirrors with ``mirrored``), exactly as :func:`energy_volume` computes them (C: see
     :data:`Translations`)."""
     options = options.checked()
-    images, brain, neighbours = _brain_slices(prepared, model.config.model.ctoc_context_slices, mirrored)
+    images, brain, neighbours = _brain_slices(prepared, model.config.model.slice_context, mirrored)
     ctoc = ctoc_runner(model, options.compile).to(options.device).eval()
     dtype = inference_dtype(options.device, options.precision)
     out = np.zeros((len(images), model.network.translation_channels, *images.shape[2:]), dtype=np.float32)
@@ -100,7 +100,7 @@ def ctoc_translations(model: ADMModel, prepared: PreparedCase, options: Inferenc
             b = _batch(brain, start, options.batch_size, bool, options.device)
             around = _batch(neighbours, start, options.batch_size, np.float32, options.device)
             with autocast(options.device, dtype):
-                translated = translate_all(ctoc, x, b, around)
+                translated = translate_all(ctoc, x, b, around, mirror=model.config.model.ctoc_mirror_context)
             out[start : start + len(x)] = translated.float().cpu().numpy()
     return out
 
@@ -112,9 +112,10 @@ def _batch(array: np.ndarray | None, start: int, size: int, dtype: Any, device: 
     return torch.from_numpy(np.array(array[start : start + size], dtype=dtype)).to(device)
 
 
-def _brain_slices(prepared: PreparedCase, context: int,
+def _brain_slices(prepared: PreparedCase, context: SliceContext,
                   mirrored: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """A prepared case's brain slices, their brain masks and (with ``context`` > 0) their neighbours."""
+    """A prepared case's brain slices, their brain masks and (with a ``context``) their neighbours.
+    Mirrored, the neighbours flip with the slice: a slice's mirror image then stays its mirror image."""
     index = np.flatnonzero(prepared.has_brain)
     arrays = [prepared.slices[index], prepared.brain[index], prepared.neighbours(index, context) if context else None]
     # Columns run right -> left in the canonical LPS slices, so the last axis is the mirror axis.
@@ -136,7 +137,7 @@ def energy_slices(
     augmentation); returns (M, N, N) float32, computed at brain pixels only (the rest is 0).
 
     ``x_hat_ct`` (M, C, N, N) may hold these slices' CtoC translations (:func:`ctoc_translations`);
-    otherwise a CtoC with ``model.ctoc_context_slices`` needs their ``neighbours`` (M, 2c·4, N, N).
+    otherwise a CtoC with a ``model.slice_context`` of n images needs their ``neighbours`` (M, n·4, N, N).
     With ``case_mixture`` the slices are one case's, scored with the mixture :func:`case_mixture_of`
     fits to their normal-looking pixels instead of the frozen training mixture, or with both, weighted
     by ``postprocess.case_mixture_share``."""
@@ -242,7 +243,7 @@ def network_energy(
     for number, mirrored in enumerate(passes):
         x_hat_ct = translations.get(mirrored)
         # Neighbours only where CtoC will run: cached translations already hold what they gave.
-        context = model.config.model.ctoc_context_slices if x_hat_ct is None else 0
+        context = model.config.model.slice_context if x_hat_ct is None else SliceContext()
         images, brain, neighbours = _brain_slices(prepared, context, mirrored)
         report = None
         if progress is not None:

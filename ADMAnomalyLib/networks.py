@@ -69,7 +69,7 @@ class ResidualBlock(nn.Module):
 class CtoCNet(nn.Module):
     """Contrast-to-contrast translator G_ct (style-transfer ResNet, one network for all contrasts).
 
-    ``forward(x_masked (B, n_contrasts × (1 + 2 ctoc_context_slices), H, W), median_map (B, 1, H, W))
+    ``forward(x_masked (B, n_contrasts × (1 + slice_context.images), H, W), median_map (B, 1, H, W))
     -> (B, C, H, W)``; H and W must be divisible by 4. C is 1 (the translated contrast), or 2 with
     ``cfg.ctoc_uncertainty`` (translated contrast, unclamped log-variance). With ``cfg.median_bias`` the median map is also
     concatenated to the input of the output conv, giving the last layer the target contrast's
@@ -82,7 +82,7 @@ class CtoCNet(nn.Module):
         self.median_bias = cfg.median_bias
         self.encoder = nn.Sequential(
             nn.ReflectionPad2d(kernel // 2),
-            nn.Conv2d(cfg.n_contrasts * (1 + 2 * cfg.ctoc_context_slices), width, kernel, bias=False),
+            nn.Conv2d(cfg.n_contrasts * (1 + cfg.slice_context.images), width, kernel, bias=False),
             *_norm_relu(width),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
             *_norm_relu(2 * width),
@@ -135,7 +135,8 @@ def brain_medians(x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
 
 
 def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
-                  neighbours: torch.Tensor | None = None, contrasts: Sequence[int] | None = None) -> torch.Tensor:
+                  neighbours: torch.Tensor | None = None, contrasts: Sequence[int] | None = None,
+                  mirror: bool = False) -> torch.Tensor:
     """The translation of ``x`` (B, K, H, W): contrast k synthesised from the others, for every k at once
     (for the contrast indices ``contrasts`` only, in that order, when given: a translation of those
     contrasts, with len(contrasts) in place of K below).
@@ -143,9 +144,11 @@ def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
     Input k is ``x`` with channel k replaced by its brain median (the channel position tells the
     shared network which contrast to make). The K translations run as one batch of K·B samples;
     output channel k comes from translation k, and pixels outside ``brain`` (B, H, W) are 0.
-    ``neighbours`` (B, 2c·K, H, W), for a CtoC with ``ctoc_context_slices`` c, are the slices around
-    each one (:meth:`~ADMAnomalyLib.preprocess.PreparedCase.neighbours`); their channel k is replaced
-    by the same median in input k, so the contrast being made is seen in no slice.
+    ``neighbours`` (B, n·K, H, W), for a CtoC with a :class:`~ADMAnomalyLib.config.SliceContext` of n
+    images, are the slices carried beside each one (:meth:`~ADMAnomalyLib.preprocess.PreparedCase.neighbours`);
+    their channel k is replaced by the same median in input k, so the contrast being made is seen in
+    no neighbouring slice. With ``mirror`` the last of them is the slice's mirror image, which keeps
+    every channel: the contrast being made, seen across the midline, is what predicts it.
 
     A CtoC with an uncertainty head gives (B, 2K, H, W): X̂_ct, then its log-variances clamped to
     :data:`LOG_VARIANCE_RANGE` (0 outside the brain), all float32 whatever the caller's autocast
@@ -161,7 +164,11 @@ def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
     inputs = torch.where(target.view(n_made, 1, n_contrasts, 1, 1), fill, x.unsqueeze(0))
     if neighbours is not None:
         around = neighbours.to(x.dtype).reshape(batch, -1, n_contrasts, height, width)  # (B, 2c, K, H, W)
-        around = torch.where(target.view(n_made, 1, 1, n_contrasts, 1, 1), fill.unsqueeze(2), around.unsqueeze(0))
+        hidden = target.view(n_made, 1, 1, n_contrasts, 1, 1).expand(-1, -1, around.shape[1], -1, -1, -1)
+        if mirror:
+            hidden = hidden.clone()
+            hidden[:, :, -1] = False
+        around = torch.where(hidden, fill.unsqueeze(2), around.unsqueeze(0))
         inputs = torch.cat([inputs.unsqueeze(2), around], dim=2)  # (T, B, 1 + 2c, K, H, W)
     median_maps = medians[:, made].mT.reshape(n_made * batch, 1, 1, 1).expand(-1, 1, height, width)
     out = ctoc(inputs.reshape(n_made * batch, -1, height, width), median_maps)
@@ -187,13 +194,16 @@ def split_translation(translation: torch.Tensor, n_contrasts: int) -> tuple[torc
 
 def check_neighbours(cfg: ModelConfig, x: torch.Tensor, neighbours: torch.Tensor | None) -> None:
     """Raise ValueError unless ``neighbours`` are what a CtoC of ``cfg`` needs beside slices ``x``
-    (B, K, H, W): None without ``ctoc_context_slices``, else (B, 2c·K, H, W)."""
-    wanted = 2 * cfg.ctoc_context_slices * cfg.n_contrasts
+    (B, K, H, W): None without a :attr:`~ADMAnomalyLib.config.ModelConfig.slice_context`, else
+    (B, n·K, H, W) for its n images."""
+    context = cfg.slice_context
+    wanted = context.images * cfg.n_contrasts
     if neighbours is None and not wanted:
         return
     if neighbours is None:
-        raise ValueError(f"this CtoC translates each slice with {cfg.ctoc_context_slices} neighbouring slice(s) "
-                         "on each side; none were given")
+        carried = [f"{context.each_side} neighbouring slice(s) on each side"] if context.each_side else []
+        carried += ["its mirror image"] if context.mirror else []
+        raise ValueError(f"this CtoC translates each slice with {' and '.join(carried)}; none were given")
     expected = (x.shape[0], wanted, *x.shape[2:])
     if tuple(neighbours.shape) != expected:
         raise ValueError(f"neighbouring slices of shape {tuple(neighbours.shape)}; this CtoC needs {expected}")
@@ -285,6 +295,8 @@ class ADMNetwork(nn.Module):
                              f"not {tuple(cfg.density_residuals)}")
         if not isinstance(cfg.ctoc_context_slices, int) or cfg.ctoc_context_slices < 0:
             raise ValueError(f"model.ctoc_context_slices must be a whole number >= 0, not {cfg.ctoc_context_slices!r}")
+        if not isinstance(cfg.ctoc_mirror_context, bool):
+            raise ValueError(f"model.ctoc_mirror_context must be true or false, not {cfg.ctoc_mirror_context!r}")
         if cfg.residual_direction not in RESIDUAL_DIRECTIONS:
             raise ValueError(f"model.residual_direction must be one of {RESIDUAL_DIRECTIONS}, not {cfg.residual_direction!r}")
         self.config = cfg
@@ -297,13 +309,14 @@ class ADMNetwork(nn.Module):
     def translate(self, x: torch.Tensor, brain: torch.Tensor, neighbours: torch.Tensor | None = None,
                   contrasts: Sequence[int] | None = None, ctoc: nn.Module | None = None) -> torch.Tensor:
         """The translation of ``x`` by :func:`translate_all` (requires ``use_ctoc``; ``neighbours``
-        when it has ``ctoc_context_slices``): X̂_ct (B, K, H, W), followed by its log-variances
+        when it has a ``slice_context``): X̂_ct (B, K, H, W), followed by its log-variances
         (B, 2K, H, W in all) with ``ctoc_uncertainty``; of the ``contrasts`` only when given. ``ctoc``
         runs it in place of this network's CtoC (e.g. inference's channels-last runner of it)."""
         if self.ctoc is None:
             raise RuntimeError("this configuration has no CtoC network (use_ctoc=False)")
         check_neighbours(self.config, x, neighbours)
-        return translate_all(self.ctoc if ctoc is None else ctoc, x, brain, neighbours, contrasts)
+        return translate_all(self.ctoc if ctoc is None else ctoc, x, brain, neighbours, contrasts,
+                             self.config.ctoc_mirror_context)
 
     def ctoc_state(self) -> dict[str, torch.Tensor]:
         """A detached copy of the CtoC weights, which networks that differ only after step 1 can share
@@ -340,7 +353,7 @@ class ADMNetwork(nn.Module):
         The translation comes from one of: ``residual_translation``, that of the residual contrasts
         alone (:meth:`residual_translation`); ``x_hat_ct``, a cached translation of all K contrasts by
         the frozen CtoC (:meth:`translate`), which models sharing a CtoC can share; otherwise it is
-        computed (under the caller's autocast/grad mode) from ``x`` and, with ``ctoc_context_slices``,
+        computed (under the caller's autocast/grad mode) from ``x`` and, with a ``slice_context``,
         its ``neighbours``. Background pixels of ``z`` are not meaningful (Z_dr is not masked): select
         brain pixels before estimating or scoring the mixture.
         """

@@ -21,6 +21,7 @@ origin and direction from the input, i.e. the output grid is the input grid bit 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional, Sequence
 
 import numpy as np
@@ -29,10 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from .cases import CaseImages
-from .config import CONTRASTS, PreprocessConfig
+from .config import CONTRASTS, PreprocessConfig, SliceContext
 from .errors import InputError
+from .postprocess import midline_shift, mirror
 
 _AXIS_PAIRS = ({"R", "L"}, {"A", "P"}, {"S", "I"})
+
+MIRROR_AXIS = -1
+"""The slices' left-right axis: their columns, right -> left in the default LPS orientation."""
 
 
 @dataclass
@@ -107,19 +112,31 @@ class PreparedCase:
     def n_slices(self) -> int:
         return int(self.slices.shape[0])
 
-    def neighbours(self, index: np.ndarray, context: int) -> np.ndarray:
-        """float32 (len(index), 2·context·4, N, N): the ``context`` slices before and then after each
-        slice of ``index`` along the axial axis, nearest first on each side, every contrast of a slice
-        together; the CtoC input of ``model.ctoc_context_slices``. A neighbour beyond the volume repeats its edge
-        slice. Each is cut to its centre slice's brain, so the context never reaches where nothing
-        is scored and training's per-slice augmentation and inference see the same extent."""
+    def neighbours(self, index: np.ndarray, context: SliceContext) -> np.ndarray:
+        """float32 (len(index), context.images·4, N, N), the CtoC input of ``model.slice_context``
+        beside each slice of ``index``, every contrast of a slice together: the ``context.each_side``
+        slices before and then after it along the axial axis, nearest first on each side (one beyond
+        the volume repeats the edge slice), then, with ``context.mirror``, the slice mirrored across
+        the mid-sagittal plane (:attr:`midline_shift`). Each is cut to its centre slice's brain, so the
+        context never reaches where nothing is scored and training's per-slice augmentation and
+        inference see the same extent."""
         index = np.asarray(index, dtype=int)
-        offsets = [-step for step in range(1, context + 1)] + list(range(1, context + 1))
+        offsets = [-step for step in range(1, context.each_side + 1)] + list(range(1, context.each_side + 1))
         inside = self.brain[index][:, None]
         parts = [self.slices[np.clip(index + offset, 0, self.n_slices - 1)] * inside for offset in offsets]
+        if context.mirror:
+            parts.append(mirror(self.slices[index], MIRROR_AXIS, self.midline_shift) * inside)
         if not parts:
             return np.zeros((len(index), 0, *self.slices.shape[2:]), dtype=np.float32)
         return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
+
+    @cached_property
+    def midline_shift(self) -> int:
+        """The :func:`~ADMAnomalyLib.postprocess.mirror` shift of the slices' columns at which the
+        network-resolution brain best overlaps its mirror image (the plane within an eighth of the
+        slice from its centre): the mid-sagittal plane among the column planes, which
+        :meth:`neighbours` mirrors across."""
+        return midline_shift(self.brain, MIRROR_AXIS, self.brain.shape[-1] // 4)
 
 
 def orientation_axes(direction: tuple[float, ...], orientation: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -209,7 +209,8 @@ class Trainer:
     def _ctoc_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
                    neighbours: torch.Tensor | None = None) -> dict[str, float]:
         with autocast(self.device, self.ctoc_dtype):
-            translation = translate_all(self._ctoc, images, brain, neighbours)
+            translation = translate_all(self._ctoc, images, brain, neighbours,
+                                        mirror=self.config.model.ctoc_mirror_context)
         x_hat, log_variance = split_translation(translation, images.shape[1])
         mse = masked_mse(x_hat.float(), images, brain)
         if log_variance is None:
@@ -273,7 +274,8 @@ class Trainer:
                 brain = brain.to(self.device, non_blocking=True)
                 neighbours = around[0].to(self.device, non_blocking=True) if around else None
                 images, neighbours = augment_with_neighbours(self.augment, images, brain, neighbours, generator,
-                                                             self.config.train.through_plane_mix)
+                                                             self.config.train.through_plane_mix,
+                                                             self.config.model.ctoc_mirror_context)
                 losses = step(images, brain, generator, neighbours)
                 if not all(np.isfinite(v) for v in losses.values()):
                     raise FloatingPointError(f"non-finite loss in {stage} epoch {self.epoch + 1}: {losses}")

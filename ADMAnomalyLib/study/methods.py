@@ -174,6 +174,8 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+ F ctx": _with_model(_ADM_PLUS_F, ctoc_context_slices=1),
     "ADM+ F ctx tp": {**_with_model(_ADM_PLUS_F, ctoc_context_slices=1),
                       "train": {**_ADM_PLUS_F["train"], "through_plane_mix": 1.0}},
+    "ADM+ F mir": _with_model(_ADM_PLUS_F, ctoc_mirror_context=True),
+    "ADM+ F> ct mir": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False, ctoc_mirror_context=True),
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -350,6 +352,16 @@ METHODS: dict[str, MethodSpec] = {
                                 "ADM+ F ctx tp"),
     "ADM+ F ctx tp +post+cc (z+load)": _post_cc_row("ADM+ F ctx tp", "zscore", "ADM+ F ctx tp with the +post+cc "
                                                      "(z+load) post-processing", load=True),
+    "ADM+ F mir": MethodSpec("adm", "improvement", "ADM+ F whose CtoC also sees the slice mirrored across the "
+                             "mid-sagittal plane, every contrast included", "ADM+ F mir"),
+    "ADM+ F mir +asym +post+cc (z+load)": _post_cc_row("ADM+ F mir", "zscore", "ADM+ F mir with the bundled row's "
+                                                        "post-processing (+asym +post+cc (z+load))", load=True,
+                                                        asymmetry=True),
+    "ADM+ F> ct mir": MethodSpec("adm", "improvement", "ADM+ F> ct whose CtoC also sees the mirrored slice: the "
+                                 "density of the FLAIR brighter than its own mirror image and the other contrasts "
+                                 "predict", "ADM+ F> ct mir"),
+    "ADM+ F> ct mir +asym +post+cc (z+load)": _post_cc_row("ADM+ F> ct mir", "zscore", "ADM+ F> ct mir with the "
+                                                            "bundled row's post-processing", load=True, asymmetry=True),
     "ADM cm": MethodSpec("adm", "improvement", "ADM scored with each case's own mixture: pi, mu, Sigma over its "
                          "FLAIR-normal pixels (FLAIR z <= 1), memberships from G_de", "ADM", {"case_mixture": True}),
     "ADM+ F cm": MethodSpec("adm", "improvement", "ADM+ F scored with each case's own mixture (pi, mu, Sigma over "
@@ -430,7 +442,9 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F hist +post+cc (z+load)", "ADM+ F hist +post+cc (z+load) FLAIR robust",
                                     "ADM+ F> ct hist", "ADM+ F> ct hist +post+cc (z+load) FLAIR robust",
                                     "FLAIR z +asym +med3+cc", "FLAIR z +asym +med5+cc",
-                                    "ADM+ F +asym +post+cc (z+load)")
+                                    "ADM+ F +asym +post+cc (z+load)", "ADM+ F mir",
+                                    "ADM+ F mir +asym +post+cc (z+load)", "ADM+ F> ct mir",
+                                    "ADM+ F> ct mir +asym +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
@@ -509,16 +523,13 @@ def preprocess_key(cfg: PreprocessConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
 
 
-def training_context(config: ADMConfig) -> int:
-    """Neighbouring slices on each side that a network's training slices carry (its CtoC's context)."""
-    return config.model.ctoc_context_slices if config.model.use_ctoc else 0
-
-
 def training_key(config: ADMConfig) -> str:
-    """Identity of a network's training slices: its preparation and, for a CtoC with context, how
-    many neighbouring slices each carries (without context, the preparation's key alone)."""
-    key, context = preprocess_key(config.preprocess), training_context(config)
-    return f"{key}|context={context}" if context else key
+    """Identity of a network's training slices: its preparation and, for a CtoC with context, the
+    slices each carries (without context, the preparation's key alone; a mirror image adds to it)."""
+    key, context = preprocess_key(config.preprocess), config.model.slice_context
+    if context.each_side:
+        key = f"{key}|context={context.each_side}"
+    return f"{key}|mirror" if context.mirror else key
 
 
 _STEP2_ONLY_TRAIN_FIELDS = frozenset({"epochs_joint", "lr_joint", "lambda_energy", "joint",

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..baselines import MahalanobisBaseline, OCSVMBaseline
 from ..cases import find_cases, load_case
-from ..config import CONTRASTS, ADMConfig, ModelConfig, PostprocessConfig, PreprocessConfig, preset
+from ..config import CONTRASTS, ADMConfig, ModelConfig, PostprocessConfig, PreprocessConfig, SliceContext, preset
 from ..data import SliceSet, TrainingData, lesion_free_slices, lesion_slices, random_intensity_scaling
 from ..device import resolve_device
 from ..errors import InputError
@@ -39,7 +39,7 @@ from ..domains import domain_pools, load_domains
 from ..api import with_postprocess
 from .methods import (METHODS, POST_CANDIDATES, MethodSpec, MixtureVariant, StudySettings, baseline_preprocess,
                       ctoc_groups, intensity_preprocess, mixture_variant, network_config, postprocess_for,
-                      preprocess_key, raw_variants, training_context, training_key)
+                      preprocess_key, raw_variants, training_key)
 
 STUDY_VERSION = 2
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -948,9 +948,9 @@ def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[s
     test_cases = [cases[c] for c in test_ids]
     baseline_key = train_cases[0].baseline_key
     configs = [network_config(n, settings, 0) for n in networks]
-    # training key -> (preparation key, neighbouring slices each side)
-    keys = {training_key(cfg): (preprocess_key(cfg.preprocess), training_context(cfg)) for cfg in configs}
-    keys.setdefault(baseline_key, (baseline_key, 0))
+    # training key -> (preparation key, the slices each training slice carries)
+    keys = {training_key(cfg): (preprocess_key(cfg.preprocess), cfg.model.slice_context) for cfg in configs}
+    keys.setdefault(baseline_key, (baseline_key, SliceContext()))
     training = {key: TrainingData.from_prepared([c.preparations[prep] for c in train_cases], settings.lesion_margin,
                                                 context)
                 for key, (prep, context) in keys.items()}

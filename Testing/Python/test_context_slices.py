@@ -14,7 +14,7 @@ import torch
 from ADMAnomalyLib import api
 from ADMAnomalyLib.cache import build_slice_cache, load_slice_cache
 from ADMAnomalyLib.cases import find_cases, load_case
-from ADMAnomalyLib.config import preset
+from ADMAnomalyLib.config import SliceContext, preset
 from ADMAnomalyLib.data import augment_with_neighbours, augmentation_for, build_training_data
 from ADMAnomalyLib.errors import InputError
 from ADMAnomalyLib.infer import InferenceOptions, ctoc_translations, energy_slices
@@ -70,7 +70,7 @@ def test_neighbours_are_ordered_repeat_the_edge_and_are_cut_to_the_centre_brain(
     prepared = prepare_case(load_case(find_cases(cohort / "synth_0")[0]), CONTEXT_CONFIG.preprocess)
     last = prepared.n_slices - 1
     index = np.array([0, 5, last])
-    around = prepared.neighbours(index, 2)
+    around = prepared.neighbours(index, SliceContext(2))
     assert around.shape == (3, 16, *prepared.slices.shape[2:]) and around.dtype == np.float32
     inside = prepared.brain[index][:, None]
     # before (nearest first), then after (nearest first), four contrasts each
@@ -78,7 +78,7 @@ def test_neighbours_are_ordered_repeat_the_edge_and_are_cut_to_the_centre_brain(
         expected = prepared.slices[np.clip(index + offset, 0, last)] * inside
         np.testing.assert_array_equal(around[:, 4 * position : 4 * position + 4], expected)
     assert not around[~np.repeat(prepared.brain[index][:, None], 16, axis=1)].any()
-    assert prepared.neighbours(index, 0).shape == (3, 0, *prepared.slices.shape[2:])
+    assert prepared.neighbours(index, SliceContext()).shape == (3, 0, *prepared.slices.shape[2:])
 
 
 def test_a_site_shift_is_the_same_in_a_slice_and_its_neighbours():
