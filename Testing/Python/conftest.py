@@ -156,3 +156,49 @@ def trained_model(cohort, tmp_path_factory) -> Path:
     stages = {event["stage"] for event in events}
     assert {"ctoc", "joint", "gmm", "threshold", "done"} <= stages
     return output
+
+
+def check_context_paths(model_path: Path, cohort: Path, carried: str):
+    """For a model whose CtoC carries slices beside each one (``model.slice_context``): predict and the
+    study's cached translations give the same energy, and slices scored without what the CtoC carries
+    (``carried``, a phrase of the error) are refused. Returns the model and the study's case data."""
+    from ADMAnomalyLib import api, study
+    from ADMAnomalyLib.cases import find_cases
+    from ADMAnomalyLib.infer import InferenceOptions, ctoc_translations, energy_slices
+    from ADMAnomalyLib.study.runner import raw_energy
+
+    model = api.load_model(model_path)
+    files = find_cases(cohort / "synth_0")[0]
+    images = {c: sitk.ReadImage(str(p)) for c, p in files.contrasts.items()}
+    product = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
+    settings = study.quick_settings(preset="tiny", image_size=model.config.preprocess.image_size, device="cpu")
+    case = study.load_case_data(files, settings)
+    options = InferenceOptions("cpu")
+    translations = {False: ctoc_translations(model, case.prepared, options)}
+    np.testing.assert_array_equal(raw_energy(model, case, options, translations), product[case.brain])
+    assert np.isfinite(product).all()
+    prepared = case.prepared
+    index = np.flatnonzero(prepared.has_brain)
+    with pytest.raises(ValueError, match=carried):
+        energy_slices(model, prepared.slices[index], prepared.brain[index], options)
+    return model, case
+
+
+def check_cache_context(cohort: Path, cache_dir: Path, config, channels: int, without) -> Path:
+    """The slice cache of ``cohort`` holds what training reads beside each slice (``channels`` per
+    slice) and refuses to serve ``without``, the config with that context off. Returns the cache."""
+    from ADMAnomalyLib.cache import build_slice_cache, load_slice_cache
+    from ADMAnomalyLib.cases import find_cases
+    from ADMAnomalyLib.data import build_training_data
+    from ADMAnomalyLib.errors import InputError
+
+    cases = find_cases(cohort)
+    cache = build_slice_cache(cases, cache_dir, config)
+    cached = load_slice_cache(cache, config)
+    direct = build_training_data(cases, config)
+    for part in ("train", "validation"):
+        np.testing.assert_array_equal(getattr(cached, part).neighbours, getattr(direct, part).neighbours)
+        assert getattr(direct, part).neighbours.shape[1] == channels
+    with pytest.raises(InputError, match="other preprocessing settings"):
+        load_slice_cache(cache, without)
+    return cache

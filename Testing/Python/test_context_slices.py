@@ -8,18 +8,16 @@ import dataclasses
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from ADMAnomalyLib import api
-from ADMAnomalyLib.cache import build_slice_cache, load_slice_cache
 from ADMAnomalyLib.cases import find_cases, load_case
 from ADMAnomalyLib.config import SliceContext, preset
-from ADMAnomalyLib.data import augment_with_neighbours, augmentation_for, build_training_data
-from ADMAnomalyLib.errors import InputError
-from ADMAnomalyLib.infer import InferenceOptions, ctoc_translations, energy_slices
+from ADMAnomalyLib.data import augment_with_neighbours, augmentation_for
 from ADMAnomalyLib.networks import ADMNetwork, translate_all
 from ADMAnomalyLib.preprocess import prepare_case
+
+from conftest import check_cache_context, check_context_paths
 
 CONTEXT_CONFIG = preset("tiny", model={"ctoc_context_slices": 1}, train={"epochs_ctoc": 1, "epochs_joint": 1,
                                                                         "lesion_margin": 1})
@@ -123,40 +121,15 @@ def test_through_plane_mixing_moves_each_contrasts_neighbours_towards_their_slic
 
 
 def test_predict_equals_the_studys_cached_translations_and_the_model_file_keeps_the_context(context_model, cohort):
-    from ADMAnomalyLib import study
-    from ADMAnomalyLib.study.runner import raw_energy
-
-    model = api.load_model(context_model)
+    model, _ = check_context_paths(context_model, cohort, "neighbouring slice")
     assert model.config.model.ctoc_context_slices == 1
     assert model.network.ctoc.encoder[1].in_channels == 12
-    files = find_cases(cohort / "synth_0")[0]
-    images = {c: sitk.ReadImage(str(p)) for c, p in files.contrasts.items()}
-    product = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
-    settings = study.quick_settings(preset="tiny", image_size=model.config.preprocess.image_size, device="cpu")
-    case = study.load_case_data(files, settings)
-    options = InferenceOptions("cpu")
-    translations = {False: ctoc_translations(model, case.prepared, options)}
-    np.testing.assert_array_equal(raw_energy(model, case, options, translations), product[case.brain])
-    assert np.isfinite(product).all()
-    # Without their neighbours the slices cannot be scored by this model.
-    prepared = case.prepared
-    index = np.flatnonzero(prepared.has_brain)
-    with pytest.raises(ValueError, match="neighbouring slice"):
-        energy_slices(model, prepared.slices[index], prepared.brain[index], options)
 
 
 def test_the_slice_cache_holds_the_neighbours_training_reads(cohort, tmp_path):
-    cases = find_cases(cohort)
-    cache = build_slice_cache(cases, tmp_path / "cache", CONTEXT_CONFIG)
-    cached = load_slice_cache(cache, CONTEXT_CONFIG)
-    direct = build_training_data(cases, CONTEXT_CONFIG)
-    for part in ("train", "validation"):
-        np.testing.assert_array_equal(getattr(cached, part).neighbours, getattr(direct, part).neighbours)
-        assert getattr(direct, part).neighbours.shape[1] == 8
     # A cache without neighbours cannot serve a context model, nor one with them a faithful model.
     faithful = dataclasses.replace(CONTEXT_CONFIG, model=dataclasses.replace(CONTEXT_CONFIG.model,
                                                                            ctoc_context_slices=0))
-    with pytest.raises(InputError, match="other preprocessing settings"):
-        load_slice_cache(cache, faithful)
+    cache = check_cache_context(cohort, tmp_path / "cache", CONTEXT_CONFIG, 8, faithful)
     model = api.train(cache, tmp_path / "from_cache.admm", CONTEXT_CONFIG, device="cpu", show_progress_bar=False)
     assert model.gmm is not None and np.isfinite(model.threshold)

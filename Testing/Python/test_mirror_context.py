@@ -12,16 +12,14 @@ import SimpleITK as sitk
 import torch
 
 from ADMAnomalyLib import api
-from ADMAnomalyLib.cache import build_slice_cache, load_slice_cache
 from ADMAnomalyLib.cases import find_cases, load_case
 from ADMAnomalyLib.config import SliceContext, preset
-from ADMAnomalyLib.data import augment_with_neighbours, augmentation_for, build_training_data
-from ADMAnomalyLib.errors import InputError
-from ADMAnomalyLib.infer import InferenceOptions, ctoc_translations, energy_slices, network_energy
+from ADMAnomalyLib.data import augment_with_neighbours, augmentation_for
+from ADMAnomalyLib.infer import InferenceOptions, network_energy
 from ADMAnomalyLib.networks import ADMNetwork, translate_all
 from ADMAnomalyLib.preprocess import prepare_case
 
-from conftest import make_synthetic_case
+from conftest import check_cache_context, check_context_paths, make_synthetic_case
 
 MIRROR_CONFIG = preset("tiny", model={"ctoc_mirror_context": True},
                        train={"epochs_ctoc": 1, "epochs_joint": 1, "lesion_margin": 1, "augmentation": "site"})
@@ -112,24 +110,9 @@ def test_the_mirror_image_meets_the_augmentation_mirrored():
 
 
 def test_predict_equals_the_studys_cached_translations_and_the_model_file_keeps_the_mirror(mirror_model, cohort):
-    from ADMAnomalyLib import study
-    from ADMAnomalyLib.study.runner import raw_energy
-
-    model = api.load_model(mirror_model)
+    model, case = check_context_paths(mirror_model, cohort, "mirror image")
     assert model.config.model.ctoc_mirror_context and model.config.model.slice_context == SliceContext(0, True)
-    files = find_cases(cohort / "synth_0")[0]
-    images = {c: sitk.ReadImage(str(p)) for c, p in files.contrasts.items()}
-    product = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
-    settings = study.quick_settings(preset="tiny", image_size=model.config.preprocess.image_size, device="cpu")
-    case = study.load_case_data(files, settings)
-    options = InferenceOptions("cpu")
-    translations = {False: ctoc_translations(model, case.prepared, options)}
-    np.testing.assert_array_equal(raw_energy(model, case, options, translations), product[case.brain])
-    assert np.isfinite(product).all()
     prepared = case.prepared
-    index = np.flatnonzero(prepared.has_brain)
-    with pytest.raises(ValueError, match="mirror image"):
-        energy_slices(model, prepared.slices[index], prepared.brain[index], options)
     # Flip TTA mirrors the mirror image with the slice, so the flipped pass sees the same pair: a
     # left-right symmetric slice and its mirror image are what the plain pass saw, and the flipped
     # pass's energy, flipped back, is the plain energy's mirror image.
@@ -144,14 +127,6 @@ def test_predict_equals_the_studys_cached_translations_and_the_model_file_keeps_
 
 
 def test_the_slice_cache_holds_the_mirror_images_training_reads(cohort, tmp_path):
-    cases = find_cases(cohort)
-    cache = build_slice_cache(cases, tmp_path / "cache", MIRROR_CONFIG)
-    cached = load_slice_cache(cache, MIRROR_CONFIG)
-    direct = build_training_data(cases, MIRROR_CONFIG)
-    for part in ("train", "validation"):
-        np.testing.assert_array_equal(getattr(cached, part).neighbours, getattr(direct, part).neighbours)
-        assert getattr(direct, part).neighbours.shape[1] == 4
     faithful = dataclasses.replace(MIRROR_CONFIG, model=dataclasses.replace(MIRROR_CONFIG.model,
                                                                           ctoc_mirror_context=False))
-    with pytest.raises(InputError, match="other preprocessing settings"):
-        load_slice_cache(cache, faithful)
+    check_cache_context(cohort, tmp_path / "cache", MIRROR_CONFIG, 4, faithful)
