@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .cases import CaseFiles, load_case
 from .config import ADMConfig, SliceContext, TrainConfig
 from .errors import TrainingDataError
-from .preprocess import PreparedCase, prepare_case
+from .preprocess import MIRROR_AXIS, PreparedCase, prepare_case
 
 
 @dataclass
@@ -155,7 +155,7 @@ def augment_with_neighbours(augment: Augmentation, images: torch.Tensor, brain: 
     for number, neighbour in enumerate(stack.unbind(1), start=1):
         generator.set_state(start)
         if mirror and number == stack.shape[1]:
-            around.append(augment(neighbour.flip(-1), brain.flip(-1), generator).flip(-1))
+            around.append(augment(neighbour.flip(MIRROR_AXIS), brain.flip(MIRROR_AXIS), generator).flip(MIRROR_AXIS))
         else:
             around.append(augment(neighbour, brain, generator))
     generator.set_state(end)

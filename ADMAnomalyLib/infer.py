@@ -15,9 +15,9 @@ from .device import autocast, inference_dtype, resolve_device
 from .errors import CancelledError, InputError
 from .gmm import GMMAccumulator, GMMParams, energy
 from .model import ADMModel
-from .networks import check_neighbours, translate_all
+from .networks import check_neighbours
 from .postprocess import postprocess_energy
-from .preprocess import PreparedCase, native_brain_mask, prepare_case, slices_to_image
+from .preprocess import MIRROR_AXIS, PreparedCase, native_brain_mask, prepare_case, slices_to_image
 from .validation import check_positive_int, check_threshold
 
 ProgressCallback = Callable[[int, int], None]
@@ -100,7 +100,7 @@ def ctoc_translations(model: ADMModel, prepared: PreparedCase, options: Inferenc
             b = _batch(brain, start, options.batch_size, bool, options.device)
             around = _batch(neighbours, start, options.batch_size, np.float32, options.device)
             with autocast(options.device, dtype):
-                translated = translate_all(ctoc, x, b, around, mirror=model.config.model.ctoc_mirror_context)
+                translated = model.network.translate(x, b, around, ctoc=ctoc)
             out[start : start + len(x)] = translated.float().cpu().numpy()
     return out
 
@@ -118,8 +118,7 @@ def _brain_slices(prepared: PreparedCase, context: SliceContext,
     Mirrored, the neighbours flip with the slice: a slice's mirror image then stays its mirror image."""
     index = np.flatnonzero(prepared.has_brain)
     arrays = [prepared.slices[index], prepared.brain[index], prepared.neighbours(index, context) if context else None]
-    # Columns run right -> left in the canonical LPS slices, so the last axis is the mirror axis.
-    return tuple(a[..., ::-1] if mirrored and a is not None else a for a in arrays)  # type: ignore[return-value]
+    return tuple(np.flip(a, MIRROR_AXIS) if mirrored and a is not None else a for a in arrays)  # type: ignore[return-value]
 
 
 def energy_slices(
@@ -249,7 +248,7 @@ def network_energy(
         if progress is not None:
             report = lambda done, total, n=number: progress(n * total + done, len(passes) * total)  # noqa: E731
         values = energy_slices(model, images, brain, options, report, should_cancel, x_hat_ct, neighbours, per_case)
-        values = values[..., ::-1] if mirrored else values
+        values = np.flip(values, MIRROR_AXIS) if mirrored else values
         result = values if result is None else 0.5 * (result + values)
     return result
 

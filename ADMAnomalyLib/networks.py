@@ -163,13 +163,13 @@ def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
     fill = medians.view(1, batch, n_contrasts, 1, 1)
     inputs = torch.where(target.view(n_made, 1, n_contrasts, 1, 1), fill, x.unsqueeze(0))
     if neighbours is not None:
-        around = neighbours.to(x.dtype).reshape(batch, -1, n_contrasts, height, width)  # (B, 2c, K, H, W)
+        around = neighbours.to(x.dtype).reshape(batch, -1, n_contrasts, height, width)  # (B, n, K, H, W)
         hidden = target.view(n_made, 1, 1, n_contrasts, 1, 1).expand(-1, -1, around.shape[1], -1, -1, -1)
         if mirror:
             hidden = hidden.clone()
             hidden[:, :, -1] = False
         around = torch.where(hidden, fill.unsqueeze(2), around.unsqueeze(0))
-        inputs = torch.cat([inputs.unsqueeze(2), around], dim=2)  # (T, B, 1 + 2c, K, H, W)
+        inputs = torch.cat([inputs.unsqueeze(2), around], dim=2)  # (T, B, 1 + n, K, H, W)
     median_maps = medians[:, made].mT.reshape(n_made * batch, 1, 1, 1).expand(-1, 1, height, width)
     out = ctoc(inputs.reshape(n_made * batch, -1, height, width), median_maps)
     outputs = out.reshape(n_made, batch, out.shape[1], height, width).transpose(0, 1)  # (B, T, C, H, W)

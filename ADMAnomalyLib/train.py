@@ -40,7 +40,7 @@ from .evaluate import calibrate_threshold
 from .infer import InferenceOptions, brain_features, ctoc_runner, energy_slices
 from .metrics import best_f1_threshold, detection_metrics
 from .model import ADMModel, check_model_output
-from .networks import ADMNetwork, split_translation, translate_all
+from .networks import ADMNetwork, split_translation
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +209,7 @@ class Trainer:
     def _ctoc_step(self, images: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
                    neighbours: torch.Tensor | None = None) -> dict[str, float]:
         with autocast(self.device, self.ctoc_dtype):
-            translation = translate_all(self._ctoc, images, brain, neighbours,
-                                        mirror=self.config.model.ctoc_mirror_context)
+            translation = self.model.network.translate(images, brain, neighbours, ctoc=self._ctoc)
         x_hat, log_variance = split_translation(translation, images.shape[1])
         mse = masked_mse(x_hat.float(), images, brain)
         if log_variance is None:
