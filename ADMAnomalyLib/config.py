@@ -138,10 +138,12 @@ class ModelConfig:
     """Include Z_ct in the density features (False gives the ADM_dr ablation)."""
     use_dr: bool = True
     """Include Z_dr in the density features (False gives the ADM_ct ablation)."""
-    density_intensities: bool = False
-    """Beyond the paper: also give the density estimator the z-scored intensities X themselves
-    (z = concat(Z_ct, Z_dr, X), 4 more dimensions), so the mixture models how bright each contrast
-    is, not only how well it is predicted. False is the faithful ADM."""
+    density_intensities: tuple[str, ...] = ()
+    """Beyond the paper: the contrasts whose normalised intensities X themselves also enter the density
+    features (z = concat(Z_ct, Z_dr, X_k)), so the mixture models how bright a contrast is, not only
+    how well it is predicted; with ``residual_direction`` 'brighter' only the part above the brain's
+    normalisation centre, max(X_k, 0), as for the residuals. () is the faithful ADM. (Model files
+    before this field stored a flag: true means all four contrasts.)"""
 
     density_residuals: tuple[str, ...] = CONTRASTS
     """Beyond the paper: the contrasts whose CtoC residual Z_ct enters the density features (all four
@@ -152,7 +154,8 @@ class ModelConfig:
     """Beyond the paper: which CtoC residuals count in the density features. 'both' is the paper's
     Z_ct = |X - X_hat| (brighter and darker than predicted alike); 'brighter' keeps max(X - X_hat, 0):
     only where a contrast is brighter than the others predict, as FLAIR is in oedema and MS lesions,
-    while partial-volume CSF at tissue boundaries comes out darker than predicted."""
+    while partial-volume CSF at tissue boundaries comes out darker than predicted. It sides the
+    ``density_intensities`` the same way."""
 
     @property
     def slice_context(self) -> "SliceContext":
@@ -165,7 +168,7 @@ class ModelConfig:
     def feature_dim(self) -> int:
         """Dimension of the per-pixel feature z fed to the density estimator."""
         return ((len(self.density_residuals) if self.use_ctoc else 0) + (self.dr_latent if self.use_dr else 0)
-                + (self.n_contrasts if self.density_intensities else 0))
+                + len(self.density_intensities))
 
 
 @dataclass
@@ -362,12 +365,15 @@ class ADMConfig:
         if "amp" in train:  # model files before the shared precision vocabulary
             amp = train.pop("amp")
             train.setdefault("precision", {"off": "fp32"}.get(amp, amp))
+        model = dict(data.get("model", {}))
+        if isinstance(model.get("density_intensities"), bool):  # model files before per-contrast intensities
+            model["density_intensities"] = CONTRASTS if model["density_intensities"] else ()
         postprocess = dict(data.get("postprocess", {}))
         if "median_size" in postprocess:  # model files before mm-sized post-processing (1 mm data)
             postprocess.setdefault("median_size_mm", float(postprocess.pop("median_size")))
         return cls(
             preprocess=_build(PreprocessConfig, data.get("preprocess", {})),
-            model=_build(ModelConfig, data.get("model", {})),
+            model=_build(ModelConfig, model),
             train=_build(TrainConfig, train),
             preset=str(data.get("preset", "custom")),
             postprocess=_build(PostprocessConfig, postprocess),

@@ -289,10 +289,12 @@ class ADMNetwork(nn.Module):
         if cfg.feature_dim == 0:
             raise ValueError("the density estimator would have no features (use_ctoc and use_dr off, or no "
                              "density_residuals)")
-        unknown = [name for name in cfg.density_residuals if name not in CONTRASTS[: cfg.n_contrasts]]
-        if unknown or len(set(cfg.density_residuals)) != len(cfg.density_residuals):
-            raise ValueError(f"model.density_residuals must name distinct contrasts of {CONTRASTS[: cfg.n_contrasts]}, "
-                             f"not {tuple(cfg.density_residuals)}")
+        for field_name in ("density_residuals", "density_intensities"):
+            names = tuple(getattr(cfg, field_name))
+            unknown = [name for name in names if name not in CONTRASTS[: cfg.n_contrasts]]
+            if unknown or len(set(names)) != len(names):
+                raise ValueError(f"model.{field_name} must name distinct contrasts of {CONTRASTS[: cfg.n_contrasts]}, "
+                                 f"not {names}")
         if not isinstance(cfg.ctoc_context_slices, int) or cfg.ctoc_context_slices < 0:
             raise ValueError(f"model.ctoc_context_slices must be a whole number >= 0, not {cfg.ctoc_context_slices!r}")
         if not isinstance(cfg.ctoc_mirror_context, bool):
@@ -301,6 +303,7 @@ class ADMNetwork(nn.Module):
             raise ValueError(f"model.residual_direction must be one of {RESIDUAL_DIRECTIONS}, not {cfg.residual_direction!r}")
         self.config = cfg
         self._residual_channels = [CONTRASTS.index(name) for name in cfg.density_residuals]
+        self._intensity_channels = [CONTRASTS.index(name) for name in cfg.density_intensities]
         self.ctoc = CtoCNet(cfg) if cfg.use_ctoc else None
         self.dr_encoder = DREncoder(cfg) if cfg.use_dr else None
         self.dr_decoder = DRDecoder(cfg) if cfg.use_dr else None
@@ -381,6 +384,7 @@ class ADMNetwork(nn.Module):
             z_dr = self.dr_encoder(x)
             x_hat_dr = self.dr_decoder(z_dr)
             parts.append(z_dr)
-        if self.config.density_intensities:
-            parts.append(x.float())
+        if self._intensity_channels:
+            intensities = x[:, self._intensity_channels].float()
+            parts.append(intensities if self.config.residual_direction == "both" else intensities.clamp_min(0.0))
         return torch.cat(parts, dim=1), x_hat_dr

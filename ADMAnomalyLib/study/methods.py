@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ADMConfig, PostprocessConfig, PreprocessConfig, ctoc_model_fields, preset
+from ..config import CONTRASTS, ADMConfig, PostprocessConfig, PreprocessConfig, ctoc_model_fields, preset
 from ..postprocess import LOAD_WEIGHTS
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM_ct": {"model": {"use_dr": False}},
     "ADM_dr": {"model": {"use_ctoc": False}},
     "ADM_woj": {"train": {"joint": False}},
-    "ADM+X": {"model": {"density_intensities": True}},
+    "ADM+X": {"model": {"density_intensities": CONTRASTS}},
     "ADM robust-norm": {"preprocess": {"normalisation": "robust"}},
     "ADM site-aug": {"train": {"augmentation": "site"}},
     "ADM unc": {"model": {"ctoc_uncertainty": True}},
@@ -176,6 +176,7 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
                       "train": {**_ADM_PLUS_F["train"], "through_plane_mix": 1.0}},
     "ADM+ F mir": _with_model(_ADM_PLUS_F, ctoc_mirror_context=True),
     "ADM+ F> ct mir": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False, ctoc_mirror_context=True),
+    "ADM+ F> ct XF": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False, density_intensities=("flair",)),
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -333,6 +334,12 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F> ct hist +post+cc (z+load) FLAIR robust": _post_cc_row(
         "ADM+ F> ct hist", "zscore", "ADM+ F> ct hist with the bundled row's post-processing, its FLAIR term "
         "reading the median/IQR normalisation", load=True, native_normalisation="robust"),
+    "ADM+ F> ct XF": MethodSpec("adm", "improvement", "ADM+ F> ct with the brighter half of FLAIR intensity, "
+                                "max(FLAIR, 0), beside the brighter FLAIR residual in the density features",
+                                "ADM+ F> ct XF"),
+    "ADM+ F> ct XF +asym +post+cc (z+load)": _post_cc_row("ADM+ F> ct XF", "zscore", "ADM+ F> ct XF with the "
+                                                           "bundled row's post-processing search", load=True,
+                                                           asymmetry=True),
     "ADM+ F +flip": MethodSpec("adm", "improvement", "ADM+ F, its energy averaged with that of the left-right "
                                "mirrored slices (flip TTA)", "ADM+ F", {"flip_tta": True}),
     "ADM+ F +flip +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) on the flip-TTA "
@@ -444,7 +451,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "FLAIR z +asym +med3+cc", "FLAIR z +asym +med5+cc",
                                     "ADM+ F +asym +post+cc (z+load)", "ADM+ F mir",
                                     "ADM+ F mir +asym +post+cc (z+load)", "ADM+ F> ct mir",
-                                    "ADM+ F> ct mir +asym +post+cc (z+load)")
+                                    "ADM+ F> ct mir +asym +post+cc (z+load)", "ADM+ F> ct XF",
+                                    "ADM+ F> ct XF +asym +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

@@ -41,7 +41,7 @@ def test_defaults_are_the_faithful_adm():
 
 
 def test_new_options_round_trip_and_old_files_load_with_defaults():
-    config = preset("small", model={"density_intensities": True},
+    config = preset("small", model={"density_intensities": ["flair", "t1", "t1c", "t2"]},
                     postprocess={"flip_tta": True, "smoothing_sigma_mm": 2.5, "rim_erosion_mm": 3.0,
                                  "flair_weight": 0.7})
     assert config.model.feature_dim == 11
@@ -52,6 +52,10 @@ def test_new_options_round_trip_and_old_files_load_with_defaults():
     assert ADMConfig.from_dict(old).postprocess == PostprocessConfig()
     with pytest.raises(ValueError):
         ADMConfig.from_dict({**old, "postprocess": {"smoothing_sigma": 1.0}})
+    # Model files before per-contrast intensities stored a flag.
+    for flag, contrasts in ((True, ("flair", "t1", "t1c", "t2")), (False, ())):
+        flagged = ADMConfig.from_dict({**old, "model": {**old["model"], "density_intensities": flag}})
+        assert flagged.model.density_intensities == contrasts
 
 
 def _fitted_model(config: ADMConfig, images: np.ndarray, brain: np.ndarray) -> ADMModel:
@@ -79,12 +83,28 @@ def _random_slices(n: int = 3, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
 
 def test_density_intensities_adds_x_to_the_features():
     images, brain = _random_slices()
-    config = preset("tiny", model={"density_intensities": True})
+    config = preset("tiny", model={"density_intensities": ["flair", "t1", "t1c", "t2"]})
     network = ADMNetwork(config.model).eval()
     x, b = torch.from_numpy(images), torch.from_numpy(brain)
     z, _ = network.features(x, b)
     assert z.shape[1] == config.model.feature_dim == 11
     assert torch.equal(z[:, -4:], x)
+
+
+def test_brighter_density_intensity_keeps_flair_above_its_centre():
+    # 'brighter' sides the intensity as it sides the residual: dark CSF is not rare tissue, bright is.
+    images, brain = _random_slices()
+    config = preset("tiny", model={"density_intensities": ["flair"], "density_residuals": ["flair"],
+                                   "residual_direction": "brighter", "use_dr": False})
+    network = ADMNetwork(config.model).eval()
+    x, b = torch.from_numpy(images), torch.from_numpy(brain)
+    with torch.no_grad():
+        z, _ = network.features(x, b)
+    assert z.shape[1] == config.model.feature_dim == 2
+    assert torch.equal(z[:, 1], x[:, 0].clamp_min(0.0))
+    assert (z[:, 1][x[:, 0] < 0] == 0).all() and (z[:, 1][x[:, 0] > 0] > 0).all()
+    with pytest.raises(ValueError, match="density_intensities"):
+        ADMNetwork(preset("tiny", model={"density_intensities": ["pd"]}).model)
 
 
 def test_precomputed_translations_and_flip_tta(tmp_path):
@@ -491,7 +511,7 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
     settings = study.quick_settings(preset="tiny")
     groups = study.ctoc_groups(list(study.NETWORKS), settings, 0)
     assert groups == [["ADM", "ADM+X", "ADM_ct", "ADM_woj"], ["ADM robust-norm"], ["ADM site-aug"], ["ADM unc"],
-                      ["ADM+", "ADM+ F", "ADM+ F>", "ADM+ F> ct", "ADM+ FT2"],  # density features: chosen after step 1
+                      ["ADM+", "ADM+ F", "ADM+ F>", "ADM+ F> ct", "ADM+ F> ct XF", "ADM+ FT2"],  # density features: after step 1
                       ["ADM+ F ctx"], ["ADM+ F ctx tp"],  # CtoCs that see the neighbouring slices
                       ["ADM+ F hist", "ADM+ F> ct hist"],  # another normalisation of the input
                       ["ADM+ F mir", "ADM+ F> ct mir"],  # CtoCs that see the mirror image
