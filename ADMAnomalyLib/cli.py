@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--no-report", action="store_true", help="write the JSON only")
     study.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     study.add_argument("--folds", type=_POSITIVE["folds"], help="patient-level folds (default: the setting's)")
+    study.add_argument("--left-out", help="with --domains: comma-separated domains to leave out in turn (default: "
+                                          "every domain)")
     study.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     study.add_argument("--image-size", type=_POSITIVE["image size"], help="network slice size (default: the setting's)")
     study.add_argument("--epochs-ctoc", type=_non_negative_int, help="epochs of step 1 (CtoC)")
@@ -470,6 +472,8 @@ def _run_study(args: argparse.Namespace) -> int:
             raise InputError(f"--seeds expects comma-separated whole numbers, not {args.seeds!r}") from None
     if args.methods:
         overrides["methods"] = tuple(m.strip() for m in args.methods.split(","))
+    if args.left_out:
+        overrides["left_out"] = tuple(d.strip() for d in args.left_out.split(","))
     report_only = args.report_only is not None
     if not report_only and (args.data_dir is None) == (args.domains is None):
         raise argparse.ArgumentTypeError("study: give either a folder of labelled cases or --domains FILE.json "

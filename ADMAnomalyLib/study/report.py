@@ -260,18 +260,25 @@ def domain_verdict(study: dict[str, Any], summary: dict[str, Any]) -> str:
     return "; ".join(parts) + "." if parts else "no comparison possible."
 
 
+def _left_out_text(left_out: Sequence[str], domains: dict[str, Any]) -> str:
+    if len(left_out) == len(domains):
+        return f"{len(domains)} domains"
+    return f"{len(domains)} domains, {len(left_out)} of them left out ({', '.join(left_out)})"
+
+
 def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) -> list[str]:
     """The leave-one-domain-out part of ``docs/results.md``; ``figures``: {key: path relative to docs}."""
     s = study["settings"]
     seeds = s["seeds"]
     domains = study["domains"]
+    left_out = list(study["domain_summary"])  # every domain, or those a --left-out study named
     baselines = [m for m in study["summary"] if not _is_adm(study, m)]
     methods = baselines + [m for m in study["summary"] if _is_adm(study, m)]  # ADM rows beside the baselines
     lines = [
         "## Leave-one-domain-out",
         "",
         f"- **Command:** `{study.get('command') or 'admanomaly study --domains'}`",
-        f"- **Setting:** `{s['name']}`: {len(domains)} domains x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
+        f"- **Setting:** `{s['name']}`: {_left_out_text(left_out, domains)} x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
         f"preset `{s['preset']}` at {s['image_size']}x{s['image_size']}, {s['epochs_ctoc']} CtoC + "
         f"{s['epochs_joint']} joint epochs, lesion margin {s['lesion_margin']} slices.",
         f"- **Domains** (`{study.get('domains_file')}`): "
@@ -280,7 +287,8 @@ def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) 
         "",
         "### Protocol",
         "",
-        "Each domain in turn is the test set. The networks train on the tumour-free slices of every case of "
+        f"{'Each domain' if len(left_out) == len(domains) else 'Each domain left out'} in turn is the test set. "
+        "The networks train on the tumour-free slices of every case of "
         "the *other* domains; every data-driven choice (FLAIR weight, post-processing, threshold) is made on "
         "the validation voxels (brain voxels of lesion slices) of the training domains only, with the mean "
         "over training domains of the per-domain criterion (AUPRC for score choices, Dice for the threshold), "
@@ -291,7 +299,7 @@ def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) 
         "",
     ]
     blocks = [(f"Test domain: {name} ({len(domains[name])} case(s))", study["domain_summary"][name])
-              for name in domains]
+              for name in left_out]
     blocks += [(f"Pooled: {pool} ({', '.join(members)}; "
                 f"{sum(len(domains[d]) for d in members)} case(s), each left out with its domain)",
                 study["pool_summary"][pool]) for pool, members in study.get("pools", {}).items()]
@@ -325,7 +333,7 @@ DOMAIN_FIGURE_FILES = {"auprc_dice": "domains_auprc_dice.png", "raw_vs_flair": "
 
 def _domain_panels(study: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(label, summary) of every left-out domain, then of the pooled test cases."""
-    return [(name, study["domain_summary"][name]) for name in study["domains"]] + [("pooled", study["summary"])]
+    return list(study["domain_summary"].items()) + [("pooled", study["summary"])]
 
 
 def _present_methods(panels: list[tuple[str, dict[str, Any]]], wanted: Sequence[str]) -> list[str]:
@@ -510,7 +518,8 @@ def merged_domain_summaries(studies: Sequence[dict[str, Any]]) -> dict[str, Any]
     merged["summary"] = dict(studies[0]["summary"])
     merged["domain_summary"] = {name: dict(values) for name, values in studies[0]["domain_summary"].items()}
     for study in studies[1:]:
-        if list(study["domains"]) != list(merged["domains"]) or _setting(study) != _setting(merged):
+        if (list(study["domains"]) != list(merged["domains"]) or _setting(study) != _setting(merged)
+                or list(study["domain_summary"]) != list(merged["domain_summary"])):  # another set left out
             continue
         for method, values in study["summary"].items():
             merged["summary"].setdefault(method, values)

@@ -596,7 +596,13 @@ def study_splits(domains: dict[str, list[str]], settings: StudySettings) -> list
     """(name, test case ids) of every run of a seed: each domain in turn (domain split), or the
     patient folds."""
     if settings.split == "domains":
-        return [(name, list(ids)) for name, ids in domains.items()]
+        unknown = [name for name in settings.left_out if name not in domains]
+        if unknown:
+            raise InputError(f"no domain {', '.join(map(repr, unknown))} to leave out; the domains file has "
+                             f"{', '.join(map(repr, domains))}")
+        return [(name, list(ids)) for name, ids in domains.items() if not settings.left_out or name in settings.left_out]
+    if settings.left_out:
+        raise InputError("leaving domains out needs a domains file (the domain split)")
     folds = patient_folds([c for ids in domains.values() for c in ids], settings.n_folds)
     return [(f"fold {number + 1}", ids) for number, ids in enumerate(folds)]
 
@@ -815,6 +821,8 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
     if settings.split not in ("patients", "domains"):
         raise InputError(f"study split must be 'patients' or 'domains', not {settings.split!r}")
     files_by_domain = study_cases(data_dir, domains_file, settings)
+    domains = {name: [f.case_id for f in files] for name, files in files_by_domain.items()}
+    splits = study_splits(domains, settings)  # before loading: a misnamed domain fails at once
     networks_needed = sorted({METHODS[m].network for m in methods if METHODS[m].kind == "adm"})
     variants_needed: dict[str, set[tuple[bool, MixtureVariant]]] = {}
     for m in methods:
@@ -829,9 +837,10 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         for case_files in files:
             cases[case_files.case_id] = load_case_data(case_files, settings, network_preprocess, domain)
             say(f"loaded {case_files.case_id} ({len(cases)}/{total})")
-    domains = {name: [f.case_id for f in files] for name, files in files_by_domain.items()}
-    splits = study_splits(domains, settings)
-    pools = domain_pools(domains_file) if domains_file is not None else {}
+    tested = [name for name, _ in splits] if settings.split == "domains" else list(domains)
+    # A pool is reported only when all its domains were left out, so that it means what it says.
+    pools = {pool: members for pool, members in (domain_pools(domains_file) if domains_file is not None else {}).items()
+             if set(members) <= set(tested)}
     runs: list[dict[str, Any]] = []
     seed_pooled: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list]] = {m: {"scores": [], "labels": []} for m in methods}
@@ -842,7 +851,7 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - since
 
     def summaries() -> dict[str, Any]:
-        return study_summaries(runs, seed_pooled, methods, settings.split, list(domains), pools)
+        return study_summaries(runs, seed_pooled, methods, settings.split, tested, pools)
 
     for seed in settings.seeds:
         seed_entries: dict[str, list] = {m: [] for m in methods}

@@ -721,6 +721,36 @@ def test_quick_domain_setting_runs_the_domain_methods():
     assert in_domain_networks == {None, "ADM", "ADM_ct", "ADM_dr", "ADM_woj", "ADM+X"}
 
 
+def test_left_out_runs_only_the_named_domains_and_trains_on_all_others(tmp_path):
+    path = _make_domains(tmp_path)
+    settings = dataclasses.replace(_domain_settings(), methods=("FLAIR z",), left_out=("site C",))
+    result = study.run_study(None, tmp_path / "out", settings, domains_file=path)
+    assert [r["domain"] for r in result["runs"]] == ["site C"]
+    assert sorted(result["runs"][0]["train_domains"]) == ["site A", "site B"]
+    assert list(result["domain_summary"]) == ["site C"]
+    # Its pool also holds site A, which was not left out: a pool of part of its domains is not reported.
+    assert result["pools"] == {} and result["pool_summary"] == {}
+    # Its report has the left-out domain's block and says which were left out; it does not merge into
+    # a study that left out every domain.
+    docs, text = _report_from(json.loads(json.dumps(result)), tmp_path / "report")
+    assert "2 of them left out" not in text and "3 domains, 1 of them left out (site C)" in text
+    assert "### Test domain: site C" in text and "### Test domain: site A" not in text
+    assert "Each domain left out in turn is the test set" in text
+    partial = json.loads(json.dumps(result))
+    full = copy.deepcopy(partial)
+    full["domain_summary"] = {name: copy.deepcopy(partial["domain_summary"]["site C"]) for name in full["domains"]}
+    for summary in (partial["summary"], partial["domain_summary"]["site C"]):
+        summary["FLAIR z +med3+cc"] = summary["FLAIR z"]
+    merged = study.report.merged_domain_summaries([full, partial])
+    assert list(merged["summary"]) == ["FLAIR z"] and merged["domain_summary"] == full["domain_summary"]
+    with pytest.raises(InputError, match="no domain 'site D'.*'site A'"):
+        study.run_study(None, tmp_path / "bad", dataclasses.replace(settings, left_out=("site D",)), domains_file=path)
+    assert not (tmp_path / "bad" / "study.json").exists()
+    assert main(["study", "--domains", str(path), "--left-out", "site C, site D", "--methods", "FLAIR z",
+                 "-o", str(tmp_path / "bad"), "--no-report", "--device", "cpu"]) == 2
+    assert not (tmp_path / "bad" / "study.json").exists()
+
+
 def test_a_new_network_takes_the_ctoc_of_a_cached_network_of_its_group(tmp_path, monkeypatch):
     path = _make_domains(tmp_path)
     out = tmp_path / "out"
