@@ -263,11 +263,28 @@ def flair_asymmetry(intensity: np.ndarray, brain: np.ndarray, spacing: Spacing, 
         if cache is not None:
             cache[key] = plane
     window = median_window(spacing, window_mm)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(plane.reflect(intensity, spacing), dtype=np.float32))
-    # A grey-scale dilation by a box is the maximum over that box.
-    brightest = sitk.GetArrayFromImage(sitk.GrayscaleDilate(image, [v // 2 for v in reversed(window)], sitk.sitkBox))
+    brightest = box_maximum(plane.reflect(intensity, spacing).astype(np.float32), [v // 2 for v in window])
     inside = brain & (plane.reflect(brain.astype(np.float32), spacing, sitk.sitkNearestNeighbor) > 0.5)
     return np.where(inside, np.maximum(intensity - brightest, 0.0), 0.0).astype(np.float32)
+
+
+def box_maximum(values: np.ndarray, radius: Sequence[int]) -> np.ndarray:
+    """The maximum of ``values`` over a box of ``radius`` voxels per axis around each voxel (the box
+    clipped at the edges), one axis after the other. SimpleITK's box dilation is not used: with a
+    radius of 0 it returns garbage, and with more threads than a small image has slices per thread it
+    returns garbage too ("Line ... doesn't correspond to a face"), so its result would depend on the
+    machine."""
+    out = np.array(values, copy=True)
+    for axis, r in enumerate(radius):
+        if r <= 0:
+            continue
+        along = np.moveaxis(out, axis, 0)
+        result = along.copy()
+        for step in range(1, min(int(r), along.shape[0] - 1) + 1):
+            np.maximum(result[step:], along[:-step], out=result[step:])
+            np.maximum(result[:-step], along[step:], out=result[:-step])
+        out = np.moveaxis(result, 0, axis)
+    return np.ascontiguousarray(out)
 
 
 def median_filter_in_brain(values: np.ndarray, brain: np.ndarray, size: int | Sequence[int]) -> np.ndarray:

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from ADMAnomalyLib.cases import case_from_images
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
-from ADMAnomalyLib.postprocess import (MidSagittalPlane, flair_asymmetry, left_right_axis, load_offset,
+from ADMAnomalyLib.postprocess import (MidSagittalPlane, box_maximum, flair_asymmetry, left_right_axis, load_offset,
                                       median_filter, median_filter_in_brain, median_window, mid_sagittal_plane,
                                       midline_shift, mirror, normal_tissue, postprocess_energy, postprocess_scores,
                                       slice_axis, standardise_in_brain)
@@ -330,6 +330,33 @@ def test_left_right_axis_follows_the_direction_cosines():
     assert left_right_axis((0, 0, 1, 1, 0, 0, 0, 1, 0)) == 0  # sagittal-first storage: x is the slice index
     assert left_right_axis((0, 0.98, 0.2, 1, 0, 0, 0, -0.2, 0.98)) == 1  # oblique, x along the second index
     assert slice_axis((1, 0, 0, 0, 1, 0, 0, 0, 1)) == 0 and slice_axis((0, 0, 1, 1, 0, 0, 0, 1, 0)) == 1
+
+
+def test_box_maximum_is_the_maximum_over_the_clipped_box():
+    values = np.random.default_rng(0).standard_normal((6, 9, 11)).astype(np.float32)
+    for radius in ((0, 0, 0), (0, 2, 2), (1, 0, 0), (2, 2, 2), (7, 1, 3)):
+        expected = np.empty_like(values)
+        for index in np.ndindex(values.shape):
+            box = tuple(slice(max(0, i - r), i + r + 1) for i, r in zip(index, radius))
+            expected[index] = values[box].max()
+        np.testing.assert_array_equal(box_maximum(values, radius), expected)
+
+
+def test_flair_asymmetry_does_not_depend_on_the_thread_count():
+    # SimpleITK's box dilation returned garbage with a radius of 0, and with 8 threads on 6 slices.
+    brain, flair = _lateral_brain_and_flair()
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        results = []
+        for threads in (1, 2, 8, 2):
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+            results.append([flair_asymmetry(flair, brain, (1.0, 1.0, 1.0), w) for w in (1.0, 5.0)])
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    assert results[0][0][2, 5, 6] == pytest.approx(3.0) and results[0][1][2, 5, 6] == 0.0
 
 
 def test_flair_asymmetry_keeps_a_one_sided_lesion_and_drops_a_mirrored_pair():
