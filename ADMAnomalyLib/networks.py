@@ -212,16 +212,19 @@ def check_neighbours(cfg: ModelConfig, x: torch.Tensor, neighbours: torch.Tensor
 RESIDUAL_DIRECTIONS = ("both", "brighter")
 
 
-def ctoc_residual(x: torch.Tensor, translation: torch.Tensor, direction: str = "both") -> torch.Tensor:
-    """Z_ct (B, K, H, W) float32: |X − X̂_ct| (``direction`` 'both') or max(X − X̂_ct, 0) ('brighter'),
-    divided by the predicted sigma exp(s/2) when the translation carries log-variances (computed in
-    float32)."""
+def scaled_difference(x: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """(X − X̂_ct) (B, K, H, W) float32, divided by the predicted sigma exp(s/2) when the translation
+    carries log-variances: the signed residual :func:`ctoc_residual` sides."""
     x_hat, log_variance = split_translation(translation, x.shape[1])
     difference = x.float() - x_hat.float()
-    residual = difference.abs() if direction == "both" else difference.clamp_min(0.0)
-    if log_variance is None:
-        return residual
-    return residual * torch.exp(-0.5 * log_variance.float())
+    return difference if log_variance is None else difference * torch.exp(-0.5 * log_variance.float())
+
+
+def ctoc_residual(x: torch.Tensor, translation: torch.Tensor, direction: str = "both") -> torch.Tensor:
+    """Z_ct (B, K, H, W) float32: |X − X̂_ct| (``direction`` 'both') or max(X − X̂_ct, 0) ('brighter'),
+    each over the predicted sigma where there is one (:func:`scaled_difference`)."""
+    difference = scaled_difference(x, translation)
+    return difference.abs() if direction == "both" else difference.clamp_min(0.0)
 
 
 class _Float32Module(nn.Module):

@@ -274,7 +274,7 @@ def box_maximum(values: np.ndarray, radius: Sequence[int]) -> np.ndarray:
     radius of 0 it returns garbage, and with more threads than a small image has slices per thread it
     returns garbage too ("Line ... doesn't correspond to a face"), so its result would depend on the
     machine."""
-    out = np.array(values, copy=True)
+    out = np.asarray(values)  # never written: each axis writes a copy of its own
     for axis, r in enumerate(radius):
         if r <= 0:
             continue

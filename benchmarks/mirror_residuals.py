@@ -21,7 +21,7 @@ from ADMAnomalyLib.cases import load_case
 from ADMAnomalyLib.config import CONTRASTS
 from ADMAnomalyLib.domains import load_domains
 from ADMAnomalyLib.infer import InferenceOptions, ctoc_translations
-from ADMAnomalyLib.networks import split_translation
+from ADMAnomalyLib.networks import scaled_difference
 from ADMAnomalyLib.postprocess import mirror
 from ADMAnomalyLib.preprocess import MIRROR_AXIS, prepare_case
 from ADMAnomalyLib.study.methods import quick_settings
@@ -51,9 +51,7 @@ def main() -> None:
             prepared = prepare_case(load_case(files), model.config.preprocess)
             index = np.flatnonzero(prepared.has_brain)
             translation = torch.from_numpy(ctoc_translations(model, prepared, InferenceOptions("cpu")))
-            x_hat, log_variance = split_translation(translation, len(CONTRASTS))
-            scale = torch.exp(0.5 * log_variance) if log_variance is not None else torch.ones_like(x_hat)
-            residual = ((torch.from_numpy(prepared.slices[index]) - x_hat) / scale)[:, flair].numpy()
+            residual = scaled_difference(torch.from_numpy(prepared.slices[index]), translation)[:, flair].numpy()
             brain, lesion = prepared.brain[index], prepared.label[index]
             normal = brain & ~lesion
             across = mirror(lesion, MIRROR_AXIS, prepared.midline_shift) & normal
