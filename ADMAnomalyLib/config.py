@@ -291,8 +291,14 @@ class PostprocessConfig:
     normal tissue that FLAIR thresholding mistakes for lesion (cortex, periventricular caps, the
     choroid plexus) has a bright twin in the other hemisphere; the window absorbs the few mm by which
     the two hemispheres' anatomy differs. 0 = off."""
+    t2_asymmetry_weight: float = 0.0
+    """Beyond the paper: with the FLAIR term, also add this weight times the same asymmetry of the
+    native T2 z-score (``asymmetry_window_mm`` wide). Oedema and tumour are T2-bright and one-sided as
+    well; where a site's FLAIR is poor (older sequences, little contrast between lesion and grey matter)
+    the T2 carries the one-sided evidence FLAIR lacks, while T2-bright normal tissue (CSF) is
+    symmetric. 0 = off."""
     asymmetry_window_mm: float = 5.0
-    """With ``asymmetry_weight``: width (mm along each axis, an odd number of voxels as for
+    """With ``asymmetry_weight`` or ``t2_asymmetry_weight``: width (mm along each axis, an odd number of voxels as for
     ``median_size_mm``) of the neighbourhood of the mirror image whose brightest voxel a voxel is
     compared with."""
     energy_gate_z: float | None = None
@@ -310,6 +316,8 @@ class PostprocessConfig:
             raise ValueError(f"postprocess.load_weight must be >= 0, got {self.load_weight!r}")
         if not self.asymmetry_weight >= 0:
             raise ValueError(f"postprocess.asymmetry_weight must be >= 0, got {self.asymmetry_weight!r}")
+        if not self.t2_asymmetry_weight >= 0:
+            raise ValueError(f"postprocess.t2_asymmetry_weight must be >= 0, got {self.t2_asymmetry_weight!r}")
         if not self.asymmetry_window_mm > 0:
             raise ValueError(f"postprocess.asymmetry_window_mm must be > 0, got {self.asymmetry_window_mm!r}")
         if self.load_weight and self.standardise == "none":
@@ -325,14 +333,21 @@ class PostprocessConfig:
 
     @property
     def intensity_term(self) -> bool:
-        """Whether the score is combined with the FLAIR z-score (a FLAIR weight, its asymmetry or an
-        energy gate)."""
-        return self.flair_weight != 0 or self.asymmetry_weight != 0 or self.energy_gate_z is not None
+        """Whether the score is combined with the FLAIR z-score (a FLAIR weight, its asymmetry or T2's,
+        or an energy gate)."""
+        return (self.flair_weight != 0 or self.asymmetry_weight != 0 or self.t2_asymmetry_weight != 0
+                or self.energy_gate_z is not None)
 
     @property
     def needs_flair(self) -> bool:
         """Whether the native FLAIR z-score is an input (the FLAIR term, or the normal-tissue scale)."""
         return self.intensity_term or self.standardise == "normal"
+
+    @property
+    def native_contrasts(self) -> tuple[str, ...]:
+        """The contrasts whose native z-scored volumes the native-grid steps read (what
+        ``prepare_case(..., keep_native=...)`` must keep)."""
+        return ("flair",) + (("t2",) if self.t2_asymmetry_weight else ())
 
     @property
     def active(self) -> bool:

@@ -11,10 +11,10 @@ import SimpleITK as sitk
 from .cases import CaseFiles, load_case
 from .domains import cohort_cases
 from .errors import InputError
-from .infer import InferenceOptions, energy_volume
+from .infer import InferenceOptions, energy_volume, prepare_for_model
 from .metrics import pooled_and_per_case
 from .model import ADMModel
-from .preprocess import native_slice_region, prepare_case
+from .preprocess import native_slice_region
 
 SliceSelection = Literal["lesion", "all"]
 
@@ -42,7 +42,7 @@ def evaluate(
     results: dict[str, list] = {"ADM": [], "FLAIR z-score": []}
     for number, files in enumerate(cases, start=1):
         case = load_case(files, model.config.preprocess.grid_tolerance)
-        prepared = prepare_case(case, model.config.preprocess)
+        prepared = prepare_for_model(model, case)
         flair = prepared.native_zscored["flair"]
         energy = sitk.GetArrayFromImage(energy_volume(model, prepared, options))
         brain, labels = prepared.native_brain, prepared.native_lesion
@@ -97,7 +97,7 @@ def calibrate_threshold(
             if files.label is None:
                 continue
             case = load_case(files, model.config.preprocess.grid_tolerance)
-            prepared = prepare_case(case, model.config.preprocess)
+            prepared = prepare_for_model(model, case)
             if not prepared.has_lesion.any():
                 continue
             energy = sitk.GetArrayFromImage(energy_volume(unloaded, prepared, options))

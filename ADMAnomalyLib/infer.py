@@ -280,11 +280,11 @@ def energy_volume(
         network_res[~prepared.brain] = float(values[prepared.brain[brain_slices]].min())
     energy_image = slices_to_image(network_res, prepared, background=None)
     if post.native_active:
-        flair = prepared.native_zscored.get("flair")
-        if post.needs_flair and flair is None:
-            raise ValueError("post-processing with flair_weight, asymmetry_weight, energy_gate_z or standardise='normal' needs "
-                             "prepare_case(..., keep_native=('flair',))")
-        energy_image = postprocess_energy(energy_image, prepared.native_brain, post, flair)
+        flair, t2 = prepared.native_zscored.get("flair"), prepared.native_zscored.get("t2")
+        if (post.needs_flair and flair is None) or (post.t2_asymmetry_weight and t2 is None):
+            raise ValueError("post-processing with flair_weight, asymmetry_weight, t2_asymmetry_weight, energy_gate_z or "
+                             f"standardise='normal' needs prepare_case(..., keep_native={post.native_contrasts})")
+        energy_image = postprocess_energy(energy_image, prepared.native_brain, post, flair, t2)
     return energy_image
 
 
@@ -332,6 +332,12 @@ class _ChannelsLast(torch.nn.Module):
                            median_map.contiguous(memory_format=torch.channels_last))
 
 
+def prepare_for_model(model: ADMModel, case: CaseImages) -> PreparedCase:
+    """``case`` prepared with the model's preprocessing, keeping the native contrasts its
+    post-processing reads: what :func:`energy_volume` needs."""
+    return prepare_case(case, model.config.preprocess, keep_native=model.config.postprocess.native_contrasts)
+
+
 def predict_case(
     model: ADMModel,
     case: CaseImages,
@@ -341,7 +347,7 @@ def predict_case(
 ) -> Prediction:
     """Preprocess a validated case with the model's settings and predict its energy image."""
     options = options.checked()  # before the preprocessing: a bad option must not cost a case's time
-    prepared = prepare_case(case, model.config.preprocess)
+    prepared = prepare_for_model(model, case)
     energy_image = energy_volume(model, prepared, options, progress, should_cancel)
     return Prediction(energy_image, native_brain_mask(prepared), model.threshold,
                       int(prepared.has_brain.sum()))

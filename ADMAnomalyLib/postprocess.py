@@ -9,7 +9,7 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
 2. :func:`suppress_rim` - the brain rim gets the lowest brain score;
 3. :func:`add_intensity_term` - the score, standardised over the brain (optionally gated by FLAIR
    hyperintensity), plus a weight times an intensity z-score (FLAIR hyperintensity), and a weight
-   times its left-right asymmetry (:func:`flair_asymmetry`);
+   times its left-right asymmetry (:func:`intensity_asymmetry`), and one times T2's;
 4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
 5. :func:`standardise_in_brain` - the score as (robust) SDs above the case's typical brain score
    (with ``standardise = 'normal'``: typical of its normal-looking tissue, :func:`normal_tissue`);
@@ -249,9 +249,9 @@ def mid_sagittal_plane(brain: np.ndarray, spacing: Spacing, direction: Sequence[
     return max((best_offset(turn, fine_offsets) for turn in fine_turns), key=lambda pair: pair[0])[1]
 
 
-def flair_asymmetry(intensity: np.ndarray, brain: np.ndarray, spacing: Spacing, window_mm: float,
-                    direction: Sequence[float] = IDENTITY_DIRECTION, cache: Optional[dict] = None) -> np.ndarray:
-    """How far each brain voxel's ``intensity`` (FLAIR z) exceeds the brightest intensity within
+def intensity_asymmetry(intensity: np.ndarray, brain: np.ndarray, spacing: Spacing, window_mm: float,
+                        direction: Sequence[float] = IDENTITY_DIRECTION, cache: Optional[dict] = None) -> np.ndarray:
+    """How far each brain voxel's ``intensity`` (a z-score: FLAIR's, or T2's) exceeds the brightest intensity within
     ``window_mm`` (per axis, :func:`median_window`) of its mirror image across the mid-sagittal
     plane (:func:`mid_sagittal_plane` of a grid with these direction cosines), or 0; 0 also where the
     mirror image falls outside the brain. The maximum makes a few mm of difference between the
@@ -390,11 +390,12 @@ def suppress_small_components(values: np.ndarray, brain: np.ndarray, threshold: 
 def postprocess_scores(
     values: np.ndarray, brain: np.ndarray, spacing: Spacing, cfg: PostprocessConfig,
     intensity: Optional[np.ndarray] = None, cache: Optional[dict] = None,
-    direction: Sequence[float] = IDENTITY_DIRECTION,
+    direction: Sequence[float] = IDENTITY_DIRECTION, t2_intensity: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """The native-grid steps of ``cfg`` applied to a score volume (see the module docstring).
 
-    ``intensity`` is the native z-scored FLAIR the intensity term needs (``cfg.flair_weight``);
+    ``intensity`` is the native z-scored FLAIR the intensity term needs (``cfg.flair_weight``),
+    ``t2_intensity`` the native z-scored T2 its T2 asymmetry needs (``cfg.t2_asymmetry_weight``);
     ``direction`` holds the grid's direction cosines (SimpleITK's), which tell ``cfg.asymmetry_weight``
     which array axis runs left-right;
     ``cache`` (a dict kept per case) stores the brain-only maps when one case is post-processed
@@ -406,6 +407,8 @@ def postprocess_scores(
     if cfg.needs_flair and intensity is None:
         raise ValueError("postprocess.flair_weight, asymmetry_weight, energy_gate_z and standardise='normal' need "
                          "the native FLAIR z-score")
+    if cfg.t2_asymmetry_weight and t2_intensity is None:
+        raise ValueError("postprocess.t2_asymmetry_weight needs the native T2 z-score")
     # Everything outside the brain's bounding box is background, so the filters run on the box plus
     # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
     # voxels come out as on the whole grid at a fraction of the cost.
@@ -427,9 +430,13 @@ def postprocess_scores(
     if cfg.intensity_term:
         inner = add_intensity_term(inner, inner_brain, intensity[box], cfg.flair_weight, cfg.energy_gate_z, reference)
         if cfg.asymmetry_weight:
-            asymmetry = flair_asymmetry(intensity[box], inner_brain, spacing, cfg.asymmetry_window_mm, direction,
-                                        box_cache)
+            asymmetry = intensity_asymmetry(intensity[box], inner_brain, spacing, cfg.asymmetry_window_mm, direction,
+                                            box_cache)
             inner = (inner + np.float32(cfg.asymmetry_weight) * asymmetry).astype(np.float32)
+        if cfg.t2_asymmetry_weight:
+            asymmetry = intensity_asymmetry(t2_intensity[box], inner_brain, spacing, cfg.asymmetry_window_mm, direction,
+                                            box_cache)
+            inner = (inner + np.float32(cfg.t2_asymmetry_weight) * asymmetry).astype(np.float32)
     if max(window) > 1:
         inner = median_filter_in_brain(inner, inner_brain, window)
     if cfg.standardise != "none":
@@ -443,10 +450,10 @@ def postprocess_scores(
 
 
 def postprocess_energy(energy_image: sitk.Image, brain: np.ndarray, cfg: PostprocessConfig,
-                       intensity: Optional[np.ndarray] = None) -> sitk.Image:
+                       intensity: Optional[np.ndarray] = None, t2_intensity: Optional[np.ndarray] = None) -> sitk.Image:
     """:func:`postprocess_scores` of an energy image (same grid out)."""
     values = postprocess_scores(sitk.GetArrayFromImage(energy_image), brain, energy_image.GetSpacing(), cfg,
-                                intensity, direction=energy_image.GetDirection())
+                                intensity, direction=energy_image.GetDirection(), t2_intensity=t2_intensity)
     out = sitk.GetImageFromArray(values)
     out.CopyInformation(energy_image)
     return out

@@ -36,8 +36,8 @@ def run_one(model_name: str, case_dir: Path, device: str, repeats: int, precisio
     from ADMAnomalyLib.gmm import GMMParams
     from ADMAnomalyLib.infer import InferenceOptions, energy_volume
     from ADMAnomalyLib.model import ADMModel
-    from ADMAnomalyLib.infer import anomaly_mask
-    from ADMAnomalyLib.preprocess import native_brain_mask, prepare_case
+    from ADMAnomalyLib.infer import anomaly_mask, prepare_for_model
+    from ADMAnomalyLib.preprocess import native_brain_mask
 
     if model_name == "bundled":
         model = api.load_model(None)
@@ -52,7 +52,7 @@ def run_one(model_name: str, case_dir: Path, device: str, repeats: int, precisio
     for _ in range(repeats):
         start = time.perf_counter()
         case = load_case(find_cases(case_dir)[0])
-        prepared = prepare_case(case, model.config.preprocess)
+        prepared = prepare_for_model(model, case)
         predict_start = time.perf_counter()
         energy = energy_volume(model, prepared, InferenceOptions(device, precision, compile=compile))
         if on_gpu:

@@ -107,6 +107,7 @@ POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "flair_weight": FLAIR_WEIGHTS,
     "median_size_mm": (0.0, 3.0, 5.0),
     "asymmetry_weight": (0.0, 0.5, 1.0, 2.0),
+    "t2_asymmetry_weight": (0.0, 0.5, 1.0),
 }
 """Candidate values of the post-processing fields a method chooses on validation (``search``)."""
 POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
@@ -114,6 +115,9 @@ POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_w
 ASYMMETRY_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "asymmetry_weight",
                                      "median_size_mm")
 """:data:`POST_SEARCH` with the weight of the FLAIR asymmetry chosen after the FLAIR term's."""
+T2_ASYMMETRY_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "asymmetry_weight",
+                                        "t2_asymmetry_weight", "median_size_mm")
+""":data:`ASYMMETRY_SEARCH` with the weight of the T2 asymmetry chosen after the FLAIR asymmetry's."""
 RAW_SEARCH_FIELDS = frozenset({"normal_max_flair_z", "case_mixture_share"})
 """Searched fields that change a case mixture's raw energies, not only their post-processing: each
 candidate is scored by the networks (:func:`raw_variants`)."""
@@ -188,7 +192,7 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
                  case_mixture: bool = False, choose_cutoff: bool = False, share: float = 1.0,
                  choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None,
-                 asymmetry: bool = False) -> MethodSpec:
+                 asymmetry: bool = False, t2_asymmetry: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -196,11 +200,13 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     search chooses first with ``choose_cutoff`` and whose share it chooses next with ``choose_share``;
     with ``flip`` the energy averaged with that of the left-right mirrored slices (flip TTA); with
     ``native_normalisation`` the FLAIR term normalised that way; with ``asymmetry`` the search also
-    chooses the weight of the FLAIR asymmetry (:data:`ASYMMETRY_SEARCH`)."""
+    chooses the weight of the FLAIR asymmetry (:data:`ASYMMETRY_SEARCH`), with ``t2_asymmetry`` then
+    T2's (:data:`T2_ASYMMETRY_SEARCH`)."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
-              + (("case_mixture_share",) if choose_share else ()) + (ASYMMETRY_SEARCH if asymmetry else POST_SEARCH))
+              + (("case_mixture_share",) if choose_share else ())
+              + (T2_ASYMMETRY_SEARCH if t2_asymmetry else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       small_components=True, load_weights=LOAD_WEIGHTS if load else (),
                       native_normalisation=native_normalisation)
@@ -229,6 +235,14 @@ METHODS: dict[str, MethodSpec] = {
                                          "left-right asymmetry (weight 1, 5 mm window)",
                                          postprocess={"median_size_mm": 5.0, "asymmetry_weight": 1.0},
                                          small_components=True),
+    "FLAIR z +asym +asymT2 +med3+cc": MethodSpec("flair_filtered", "improvement", "FLAIR z +asym +med3+cc plus the "
+                                                 "left-right asymmetry of T2 z (weight 0.5, 5 mm window)",
+                                                 postprocess={"median_size_mm": 3.0, "asymmetry_weight": 1.0,
+                                                              "t2_asymmetry_weight": 0.5}, small_components=True),
+    "FLAIR z +asym +asymT2 +med5+cc": MethodSpec("flair_filtered", "improvement", "FLAIR z +asym +med5+cc plus the "
+                                                 "left-right asymmetry of T2 z (weight 0.5, 5 mm window)",
+                                                 postprocess={"median_size_mm": 5.0, "asymmetry_weight": 1.0,
+                                                              "t2_asymmetry_weight": 0.5}, small_components=True),
     "FLAIR robust +med5+cc": MethodSpec("flair_filtered", "baseline", "FLAIR z +med5+cc on FLAIR normalised by "
                                         "median and IQR / 1.349 (the ADM+ networks' input) instead of mean and SD",
                                         postprocess={"median_size_mm": 5.0}, small_components=True,
@@ -324,6 +338,9 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F +asym +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +post+cc (z+load) whose search "
                                                     "also chooses the weight of the FLAIR asymmetry", load=True,
                                                     asymmetry=True),
+    "ADM+ F +asym +asymT2 +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +asym +post+cc (z+load) "
+                                                           "whose search then also chooses the weight of the T2 "
+                                                           "asymmetry", load=True, t2_asymmetry=True),
     "ADM+ F hist": MethodSpec("adm", "improvement", "ADM+ F on histogram-standardised contrasts (landmarks at "
                               "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
     "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "
@@ -456,7 +473,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +asym +post+cc (z+load)", "ADM+ F mir",
                                     "ADM+ F mir +asym +post+cc (z+load)", "ADM+ F> ct mir",
                                     "ADM+ F> ct mir +asym +post+cc (z+load)", "ADM+ F> ct XF",
-                                    "ADM+ F> ct XF +asym +post+cc (z+load)")
+                                    "ADM+ F> ct XF +asym +post+cc (z+load)", "FLAIR z +asym +asymT2 +med3+cc",
+                                    "FLAIR z +asym +asymT2 +med5+cc", "ADM+ F +asym +asymT2 +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

@@ -98,6 +98,11 @@ class CaseData:
         return float(np.prod(self.spacing))
 
 
+POSTPROCESS_CONTRASTS: tuple[str, ...] = ("flair", "t2")
+"""The contrasts whose native z-scored volumes any row's post-processing may read (the FLAIR term,
+the FLAIR and T2 asymmetry): kept on the native grid for every preparation of a case."""
+
+
 def load_case_data(files, settings: StudySettings, preprocess: Sequence[PreprocessConfig] = (),
                    domain: str = "") -> CaseData:
     """Load one labelled case once and prepare it with the study's default preprocessing and with
@@ -113,12 +118,12 @@ def load_case_data(files, settings: StudySettings, preprocess: Sequence[Preproce
     validation = native_slice_region(prepared, lesion_slices(prepared))[brain]
     normal = native_slice_region(prepared, lesion_free_slices(prepared, settings.lesion_margin))[brain]
     features = np.ascontiguousarray(np.stack([prepared.native_zscored[c][brain] for c in CONTRASTS], axis=1))
-    # Only FLAIR stays on the native grid (the FLAIR term of the post-processing reads it).
-    prepared.native_zscored = {"flair": prepared.native_zscored["flair"]}
+    # Only what the post-processing reads stays on the native grid (FLAIR, and T2 for its asymmetry).
+    prepared.native_zscored = {c: prepared.native_zscored[c] for c in POSTPROCESS_CONTRASTS}
     preparations = {preprocess_key(default): prepared}
     for cfg in preprocess:
         if preprocess_key(cfg) not in preparations:
-            preparations[preprocess_key(cfg)] = prepare_case(case, cfg, keep_native=("flair",))
+            preparations[preprocess_key(cfg)] = prepare_case(case, cfg, keep_native=POSTPROCESS_CONTRASTS)
     spacing = tuple(float(s) for s in case.images["flair"].GetSpacing())
     return CaseData(files.case_id, preparations, preprocess_key(default), brain, labels, validation, normal, features,
                     spacing, float(labels.sum() * np.prod(spacing) / 1000.0), domain,
@@ -621,11 +626,11 @@ class RunCaches:
 
 
 def _postprocessed(raw: dict[str, np.ndarray], post: PostprocessConfig, cases: Sequence[CaseData],
-                   flair_of: Callable[[CaseData], np.ndarray], caches: RunCaches, key: str,
+                   natives_of: Callable[[CaseData], dict[str, np.ndarray]], caches: RunCaches, key: str,
                    keep: bool = True) -> dict[str, np.ndarray]:
     """Brain-voxel scores (N,) per case of the raw scores ``raw`` post-processed by ``post`` through
     :func:`~ADMAnomalyLib.postprocess.postprocess_scores`, the product's own composition, with the
-    native FLAIR z-score ``flair_of(case)`` of the scores' own preparation. Results are cached per
+    native z-scored FLAIR and T2 ``natives_of(case)`` of the scores' own preparation. Results are cached per
     configuration when ``keep`` (the validation search does not keep its candidates: memory)."""
     out = {}
     for case in cases:
@@ -637,8 +642,9 @@ def _postprocessed(raw: dict[str, np.ndarray], post: PostprocessConfig, cases: S
         if post.native_active:
             volume = np.zeros(case.brain.shape, np.float32)
             volume[case.brain] = values
-            volume = postprocess_scores(volume, case.brain, case.spacing, post, flair_of(case),
-                                        caches.per_case.setdefault(case.case_id, {}), case.direction)
+            natives = natives_of(case)
+            volume = postprocess_scores(volume, case.brain, case.spacing, post, natives["flair"],
+                                        caches.per_case.setdefault(case.case_id, {}), case.direction, natives["t2"])
             values = volume[case.brain]
         if keep:
             caches.post[memo] = values
@@ -697,9 +703,9 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
     # Rows that read the FLAIR term from another normalisation must not share post-processed scores.
     flair_source = "" if spec.native_normalisation is None else f"|FLAIR {spec.native_normalisation}"
 
-    def flair_of(case: CaseData) -> np.ndarray:
-        # The FLAIR term reads the native FLAIR of the row's preparation, as predict does.
-        return case.preparation(prep).native_zscored["flair"]
+    def natives_of(case: CaseData) -> dict[str, np.ndarray]:
+        # The FLAIR term reads the native FLAIR (and T2) of the row's preparation, as predict does.
+        return case.preparation(prep).native_zscored
 
     extra: dict[str, Any] = {}
     if spec.search:
@@ -711,14 +717,14 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
             memo = (key + flair_source, repr(candidate), tuple(case.case_id for case in search_cases))
             if memo not in run.caches.criteria:
                 run.caches.criteria[memo] = validation_auprc(_postprocessed(
-                    run.raw[key], candidate, search_cases, flair_of, run.caches, key + flair_source, keep=False),
+                    run.raw[key], candidate, search_cases, natives_of, run.caches, key + flair_source, keep=False),
                     groups)
             return run.caches.criteria[memo]
 
         post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)
         extra["postprocess"] = dataclasses.asdict(post)
     key = key_of(post)
-    scores = _postprocessed(run.raw[key], post, run.all_cases, flair_of, run.caches, key + flair_source)
+    scores = _postprocessed(run.raw[key], post, run.all_cases, natives_of, run.caches, key + flair_source)
     if spec.load_weights:
         scores, extra["load"] = _with_chosen_load(scores, post, spec.load_weights, run)
         extra.setdefault("postprocess", dataclasses.asdict(post))["load_weight"] = extra["load"]["weight"]
@@ -751,7 +757,7 @@ def baseline_method_scores(method: str, spec: MethodSpec, run: RunData) -> tuple
             prep = intensity_preprocess(spec, run.settings)
             raw = {c.case_id: c.preparation(prep).native_zscored["flair"][c.brain] for c in run.all_cases}
         post = postprocess_for(spec, run.settings)
-        return _postprocessed(raw, post, run.all_cases, lambda c: c.prepared.native_zscored["flair"], run.caches,
+        return _postprocessed(raw, post, run.all_cases, lambda c: c.prepared.native_zscored, run.caches,
                               method), {}
     if spec.kind in ("mahalanobis", "ocsvm"):
         settings, extra = run.settings, {}

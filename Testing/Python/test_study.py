@@ -328,7 +328,7 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     post = PostprocessConfig(smoothing_sigma_mm=2.0, rim_erosion_mm=1.0, flair_weight=1.5, median_size_mm=3.0,
                              standardise="robust")
     study_post = _postprocessed({case.case_id: study_energy}, post, [case],
-                                lambda c: c.prepared.native_zscored["flair"], RunCaches(), "ADM")
+                                lambda c: c.prepared.native_zscored, RunCaches(), "ADM")
     model.config.postprocess = post
     product_post = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(study_post[case.case_id], product_post[case.brain])
@@ -344,11 +344,19 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     # The FLAIR asymmetry mirrors across the case's own left-right axis in the study as in predict.
     asymmetric = dataclasses.replace(post, asymmetry_weight=1.0)
     study_asym = _postprocessed({case.case_id: study_energy}, asymmetric, [case],
-                                lambda c: c.prepared.native_zscored["flair"], RunCaches(), "ADM")
+                                lambda c: c.prepared.native_zscored, RunCaches(), "ADM")
     model.config.postprocess = asymmetric
     product_asym = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(study_asym[case.case_id], product_asym[case.brain])
     assert not np.allclose(study_asym[case.case_id], study_post[case.case_id])
+    # T2's asymmetry too: predict keeps the native T2 it reads, the study the same volume.
+    with_t2 = dataclasses.replace(asymmetric, t2_asymmetry_weight=0.5)
+    study_t2 = _postprocessed({case.case_id: study_energy}, with_t2, [case],
+                              lambda c: c.prepared.native_zscored, RunCaches(), "ADM")
+    model.config.postprocess = with_t2
+    product_t2 = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
+    np.testing.assert_array_equal(study_t2[case.case_id], product_t2[case.brain])
+    assert not np.allclose(study_t2[case.case_id], study_asym[case.case_id])
     # A FLAIR term normalised apart from the network input: the row's preparation is predict's.
     spec = dataclasses.replace(study.METHODS["ADM +post"], native_normalisation="robust")
     intensity = dataclasses.replace(model.config.preprocess, native_normalisation="robust")
@@ -356,7 +364,7 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
         study.network_config("ADM", settings, 0).preprocess, native_normalisation="robust")
     case = study.load_case_data(files, settings, [intensity])
     robust_post = _postprocessed({case.case_id: study_energy}, post, [case],
-                                 lambda c: c.preparation(intensity).native_zscored["flair"], RunCaches(), "ADM")
+                                 lambda c: c.preparation(intensity).native_zscored, RunCaches(), "ADM")
     model.config.postprocess = post
     model.config.preprocess = intensity
     product_robust = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from ADMAnomalyLib.cases import case_from_images
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
-from ADMAnomalyLib.postprocess import (MidSagittalPlane, box_maximum, flair_asymmetry, left_right_axis, load_offset,
+from ADMAnomalyLib.postprocess import (MidSagittalPlane, box_maximum, intensity_asymmetry, left_right_axis, load_offset,
                                       median_filter, median_filter_in_brain, median_window, mid_sagittal_plane,
                                       midline_shift, mirror, normal_tissue, postprocess_energy, postprocess_scores,
                                       slice_axis, standardise_in_brain)
@@ -342,7 +342,7 @@ def test_box_maximum_is_the_maximum_over_the_clipped_box():
         np.testing.assert_array_equal(box_maximum(values, radius), expected)
 
 
-def test_flair_asymmetry_does_not_depend_on_the_thread_count():
+def test_intensity_asymmetry_does_not_depend_on_the_thread_count():
     # SimpleITK's box dilation returned garbage with a radius of 0, and with 8 threads on 6 slices.
     brain, flair = _lateral_brain_and_flair()
     previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
@@ -350,7 +350,7 @@ def test_flair_asymmetry_does_not_depend_on_the_thread_count():
         results = []
         for threads in (1, 2, 8, 2):
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-            results.append([flair_asymmetry(flair, brain, (1.0, 1.0, 1.0), w) for w in (1.0, 5.0)])
+            results.append([intensity_asymmetry(flair, brain, (1.0, 1.0, 1.0), w) for w in (1.0, 5.0)])
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
     for other in results[1:]:
@@ -359,15 +359,15 @@ def test_flair_asymmetry_does_not_depend_on_the_thread_count():
     assert results[0][0][2, 5, 6] == pytest.approx(3.0) and results[0][1][2, 5, 6] == 0.0
 
 
-def test_flair_asymmetry_keeps_a_one_sided_lesion_and_drops_a_mirrored_pair():
+def test_intensity_asymmetry_keeps_a_one_sided_lesion_and_drops_a_mirrored_pair():
     brain, flair = _lateral_brain_and_flair()
     spacing = (1.0, 1.0, 1.0)
-    asymmetry = flair_asymmetry(flair, brain, spacing, 5.0)
+    asymmetry = intensity_asymmetry(flair, brain, spacing, 5.0)
     assert asymmetry[2, 12, 8] == pytest.approx(3.0)  # brighter than everything near its mirror image
     assert asymmetry[2, 5, 6] == 0.0 and asymmetry[2, 7, 19] == 0.0  # each has a bright twin within 5 mm
     assert asymmetry[~brain].max() == 0.0 and asymmetry.min() == 0.0
     # an exact mirror comparison (1 voxel) misses the twin 2 voxels away
-    assert flair_asymmetry(flair, brain, spacing, 1.0)[2, 5, 6] == pytest.approx(3.0)
+    assert intensity_asymmetry(flair, brain, spacing, 1.0)[2, 5, 6] == pytest.approx(3.0)
     # through the composition: without the term the pair and the lesion tie; with it the lesion leads
     plain = postprocess_scores(flair, brain, spacing, PostprocessConfig(flair_weight=1.0), flair)
     config = PostprocessConfig(flair_weight=1.0, asymmetry_weight=0.5)
@@ -400,6 +400,28 @@ def test_asymmetry_options_are_checked_and_need_the_flair():
     assert ADMConfig.from_dict({"postprocess": {"flair_weight": 1.0}}).postprocess.asymmetry_weight == 0.0
 
 
+def test_t2_asymmetry_adds_the_one_sided_t2_and_needs_the_t2():
+    """The T2 term is the FLAIR asymmetry of the native T2: a one-sided T2-bright spot gains w x its
+    excess over its mirror, a T2-bright pair (CSF-like) gains nothing; without the T2 it is an error."""
+    brain, flair = _lateral_brain_and_flair()
+    spacing = (1.0, 1.0, 1.0)
+    t2 = np.zeros_like(flair)
+    t2[2, 5, 6] = t2[2, 12, 8] = t2[2, 12, 19] = 2.0  # a one-sided spot and a pair mirrored across x = 13.5
+    without = PostprocessConfig(flair_weight=1.0)
+    config = PostprocessConfig(flair_weight=1.0, t2_asymmetry_weight=0.5, asymmetry_window_mm=1.0)
+    assert config.native_contrasts == ("flair", "t2") and without.native_contrasts == ("flair",)
+    plain = postprocess_scores(flair, brain, spacing, without, flair)
+    scored = postprocess_scores(flair, brain, spacing, config, flair, t2_intensity=t2)
+    expected = plain + 0.5 * intensity_asymmetry(t2, brain, spacing, 1.0)
+    np.testing.assert_allclose(scored[brain], expected[brain], atol=1e-6)
+    assert scored[2, 5, 6] == pytest.approx(plain[2, 5, 6] + 1.0)
+    assert scored[2, 12, 8] == pytest.approx(plain[2, 12, 8])
+    with pytest.raises(ValueError, match="t2_asymmetry_weight"):
+        postprocess_scores(flair, brain, spacing, config, flair)
+    with pytest.raises(ValueError, match="t2_asymmetry_weight"):
+        PostprocessConfig(t2_asymmetry_weight=-0.5)
+
+
 def test_a_turned_head_is_mirrored_across_its_own_turned_midline():
     """A brain turned by 12 degrees in its axial slices (as a head in a scanner's grid often is): the
     plane search turns with it, so a bright pair mirrored across the brain's own midline is still
@@ -419,7 +441,7 @@ def test_a_turned_head_is_mirrored_across_its_own_turned_midline():
     flair[spot] = 3.0
     plane = mid_sagittal_plane(brain, spacing)
     assert plane.shift is None and abs(plane.turn_deg - 12.0) <= 2.0  # searched on a 4 mm copy of the mask
-    asymmetry = flair_asymmetry(flair, brain, spacing, 3.0)
+    asymmetry = intensity_asymmetry(flair, brain, spacing, 3.0)
     assert np.median(asymmetry[spot]) == pytest.approx(3.0)
     assert np.median(asymmetry[pair]) == 0.0
     # the plane of the grid would call one of the pair asymmetric as well
