@@ -140,6 +140,10 @@ class MethodSpec:
     search: tuple[str, ...] = ()
     """For 'adm': PostprocessConfig fields chosen on the validation data, greedily one after the
     other in this order, each from its :data:`POST_CANDIDATES` grid (the others as chosen so far)."""
+    search_criterion: str = "mean"
+    """What the search maximises over the selection groups' validation AUPRCs (each training domain's,
+    in the domain split): 'mean', or 'worst', the lowest of them: a choice that must hold on the
+    training site it suits least, as it must on an unseen one."""
     small_components: bool = False
     """At the threshold, lower voxels in components smaller than the settings' ``min_component_mm3``
     to just below it (as the FLAIR +med+cc baselines do)."""
@@ -192,7 +196,7 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
                  case_mixture: bool = False, choose_cutoff: bool = False, share: float = 1.0,
                  choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None,
-                 asymmetry: bool = False, t2_asymmetry: bool = False) -> MethodSpec:
+                 asymmetry: bool = False, t2_asymmetry: bool = False, search_criterion: str = "mean") -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -201,14 +205,14 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     with ``flip`` the energy averaged with that of the left-right mirrored slices (flip TTA); with
     ``native_normalisation`` the FLAIR term normalised that way; with ``asymmetry`` the search also
     chooses the weight of the FLAIR asymmetry (:data:`ASYMMETRY_SEARCH`), with ``t2_asymmetry`` then
-    T2's (:data:`T2_ASYMMETRY_SEARCH`)."""
+    T2's (:data:`T2_ASYMMETRY_SEARCH`); ``search_criterion`` is :attr:`MethodSpec.search_criterion`."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ())
               + (T2_ASYMMETRY_SEARCH if t2_asymmetry else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
-                      small_components=True, load_weights=LOAD_WEIGHTS if load else (),
+                      search_criterion=search_criterion, small_components=True, load_weights=LOAD_WEIGHTS if load else (),
                       native_normalisation=native_normalisation)
 
 
@@ -341,6 +345,9 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F +asym +asymT2 +post+cc (z+load)": _post_cc_row("ADM+ F", "zscore", "ADM+ F +asym +post+cc (z+load) "
                                                            "whose search then also chooses the weight of the T2 "
                                                            "asymmetry", load=True, t2_asymmetry=True),
+    "ADM+ F +asym +asymT2 +post+cc (z+load) worst": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +asymT2 +post+cc (z+load) whose search maximises the lowest training "
+        "domain's validation AUPRC instead of their mean", load=True, t2_asymmetry=True, search_criterion="worst"),
     "ADM+ F hist": MethodSpec("adm", "improvement", "ADM+ F on histogram-standardised contrasts (landmarks at "
                               "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
     "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "
@@ -474,7 +481,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F mir +asym +post+cc (z+load)", "ADM+ F> ct mir",
                                     "ADM+ F> ct mir +asym +post+cc (z+load)", "ADM+ F> ct XF",
                                     "ADM+ F> ct XF +asym +post+cc (z+load)", "FLAIR z +asym +asymT2 +med3+cc",
-                                    "FLAIR z +asym +asymT2 +med5+cc", "ADM+ F +asym +asymT2 +post+cc (z+load)")
+                                    "FLAIR z +asym +asymT2 +med5+cc", "ADM+ F +asym +asymT2 +post+cc (z+load)",
+                                    "ADM+ F +asym +asymT2 +post+cc (z+load) worst")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

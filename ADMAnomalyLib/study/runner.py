@@ -477,11 +477,17 @@ def validation_threshold(scores: dict[str, np.ndarray], groups: Sequence[Sequenc
     return balanced_best_threshold([_validation_voxels(scores, group) for group in groups])
 
 
-def validation_auprc(scores: dict[str, np.ndarray], groups: Sequence[Sequence[CaseData]]) -> float:
-    """Mean over ``groups`` of the AUPRC of each group's validation voxels (pooled within a group)."""
+def validation_auprc(scores: dict[str, np.ndarray], groups: Sequence[Sequence[CaseData]],
+                     criterion: str = "mean") -> float:
+    """Mean (``criterion`` 'mean') or lowest ('worst') over ``groups`` of the AUPRC of each group's
+    validation voxels (pooled within a group)."""
+    if criterion not in ("mean", "worst"):
+        raise ValueError(f"search criterion must be 'mean' or 'worst', not {criterion!r}")
     values = [_auprc(*_validation_voxels(scores, group)) for group in groups]
     values = [v for v in values if np.isfinite(v)]
-    return float(np.mean(values)) if values else float("nan")
+    if not values:
+        return float("nan")
+    return float(np.mean(values) if criterion == "mean" else np.min(values))
 
 
 def _auprc(s: np.ndarray, y: np.ndarray) -> float:
@@ -714,11 +720,12 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
 
         def criterion(candidate: PostprocessConfig) -> float:
             key = key_of(candidate)
-            memo = (key + flair_source, repr(candidate), tuple(case.case_id for case in search_cases))
+            memo = (key + flair_source, repr(candidate), tuple(case.case_id for case in search_cases),
+                    spec.search_criterion)
             if memo not in run.caches.criteria:
                 run.caches.criteria[memo] = validation_auprc(_postprocessed(
                     run.raw[key], candidate, search_cases, natives_of, run.caches, key + flair_source, keep=False),
-                    groups)
+                    groups, spec.search_criterion)
             return run.caches.criteria[memo]
 
         post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)

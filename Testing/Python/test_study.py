@@ -496,6 +496,10 @@ def test_domain_balanced_choices_average_the_domains():
                                                      np.concatenate([c.labels for c in cases]))[0])
     per_domain = [detection_metrics(scores[c.case_id], c.labels).auprc for c in cases]
     assert study.validation_auprc(scores, groups) == pytest.approx(np.mean(per_domain))
+    assert study.validation_auprc(scores, groups, "worst") == pytest.approx(min(per_domain))
+    assert min(per_domain) < np.mean(per_domain) - 1e-6  # the two criteria differ here
+    with pytest.raises(ValueError, match="worst"):
+        study.validation_auprc(scores, groups, "median")
 
 
 def test_greedy_postprocess_choice_takes_the_best_candidate_field_by_field():
