@@ -341,22 +341,22 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     product_load = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(shifted[case.case_id], product_load[case.brain])
     assert not np.allclose(shifted[case.case_id], study_post[case.case_id])
+
+    def study_equals_predict(config: PostprocessConfig) -> np.ndarray:
+        scored = _postprocessed({case.case_id: study_energy}, config, [case],
+                                lambda c: c.prepared.native_zscored, RunCaches(), "ADM")[case.case_id]
+        model.config.postprocess = config
+        np.testing.assert_array_equal(scored, sitk.GetArrayFromImage(
+            api.predict(model, images, device="cpu").energy)[case.brain])
+        return scored
+
     # The FLAIR asymmetry mirrors across the case's own left-right axis in the study as in predict.
     asymmetric = dataclasses.replace(post, asymmetry_weight=1.0)
-    study_asym = _postprocessed({case.case_id: study_energy}, asymmetric, [case],
-                                lambda c: c.prepared.native_zscored, RunCaches(), "ADM")
-    model.config.postprocess = asymmetric
-    product_asym = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
-    np.testing.assert_array_equal(study_asym[case.case_id], product_asym[case.brain])
-    assert not np.allclose(study_asym[case.case_id], study_post[case.case_id])
+    study_asym = study_equals_predict(asymmetric)
+    assert not np.allclose(study_asym, study_post[case.case_id])
     # T2's asymmetry too: predict keeps the native T2 it reads, the study the same volume.
-    with_t2 = dataclasses.replace(asymmetric, t2_asymmetry_weight=0.5)
-    study_t2 = _postprocessed({case.case_id: study_energy}, with_t2, [case],
-                              lambda c: c.prepared.native_zscored, RunCaches(), "ADM")
-    model.config.postprocess = with_t2
-    product_t2 = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
-    np.testing.assert_array_equal(study_t2[case.case_id], product_t2[case.brain])
-    assert not np.allclose(study_t2[case.case_id], study_asym[case.case_id])
+    study_t2 = study_equals_predict(dataclasses.replace(asymmetric, t2_asymmetry_weight=0.5))
+    assert not np.allclose(study_t2, study_asym)
     # A FLAIR term normalised apart from the network input: the row's preparation is predict's.
     spec = dataclasses.replace(study.METHODS["ADM +post"], native_normalisation="robust")
     intensity = dataclasses.replace(model.config.preprocess, native_normalisation="robust")
