@@ -13,6 +13,10 @@ from typing import Any, Optional
 
 CONTRASTS: tuple[str, ...] = ("flair", "t1", "t1c", "t2")
 """Canonical contrast order of the four input channels."""
+POSTPROCESS_CONTRASTS: tuple[str, ...] = ("flair", "t2")
+"""The contrasts whose native z-scored volumes post-processing may read: FLAIR (its term, its asymmetry,
+the normal-tissue scale) and T2 (its asymmetry). :attr:`PostprocessConfig.native_contrasts` names those
+one configuration reads."""
 
 CONTRAST_NAMES: dict[str, tuple[str, ...]] = {
     "flair": ("flair", "t2f", "t2flair", "t2_flair", "t2-flair"),
@@ -347,7 +351,7 @@ class PostprocessConfig:
     def native_contrasts(self) -> tuple[str, ...]:
         """The contrasts whose native z-scored volumes the native-grid steps read (what
         ``prepare_case(..., keep_native=...)`` must keep)."""
-        return ("flair",) + (("t2",) if self.t2_asymmetry_weight else ())
+        return tuple(c for c in POSTPROCESS_CONTRASTS if c == "flair" or self.t2_asymmetry_weight)
 
     @property
     def active(self) -> bool:

@@ -68,12 +68,13 @@ def main() -> None:
             flair_z = features_to_volume(case.features[:, FLAIR_CHANNEL], case.brain)
             add(domain, "FLAIR z", flair_z, case)
             cache: dict = {}
+            flair_terms = {window: intensity_asymmetry(flair_z, case.brain, case.spacing, window, case.direction, cache)
+                           for window in set(windows) | ({5.0} if others else set())}
             for window in windows:
-                term = intensity_asymmetry(flair_z, case.brain, case.spacing, window, case.direction, cache)
                 for weight in weights:
-                    add(domain, f"FLAIR z + {weight:g} asym ({window:g} mm)", flair_z + weight * term, case)
+                    add(domain, f"FLAIR z + {weight:g} asym ({window:g} mm)", flair_z + weight * flair_terms[window], case)
             if others:
-                flair_term = intensity_asymmetry(flair_z, case.brain, case.spacing, 5.0, case.direction, cache)
+                flair_term = flair_terms[5.0]
                 for contrast in others:
                     other_z = features_to_volume(case.features[:, CONTRASTS.index(contrast)], case.brain)
                     other_term = intensity_asymmetry(other_z, case.brain, case.spacing, 5.0, case.direction, cache)

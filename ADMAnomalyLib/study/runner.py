@@ -22,7 +22,7 @@ from torch import nn
 
 from ..baselines import MahalanobisBaseline, OCSVMBaseline
 from ..cases import find_cases, load_case
-from ..config import CONTRASTS, ADMConfig, ModelConfig, PostprocessConfig, PreprocessConfig, SliceContext, preset
+from ..config import CONTRASTS, POSTPROCESS_CONTRASTS, ADMConfig, ModelConfig, PostprocessConfig, PreprocessConfig, SliceContext, preset
 from ..data import SliceSet, TrainingData, lesion_free_slices, lesion_slices, random_intensity_scaling
 from ..device import resolve_device
 from ..errors import InputError
@@ -96,11 +96,6 @@ class CaseData:
     @property
     def voxel_mm3(self) -> float:
         return float(np.prod(self.spacing))
-
-
-POSTPROCESS_CONTRASTS: tuple[str, ...] = ("flair", "t2")
-"""The contrasts whose native z-scored volumes any row's post-processing may read (the FLAIR term,
-the FLAIR and T2 asymmetry): kept on the native grid for every preparation of a case."""
 
 
 def load_case_data(files, settings: StudySettings, preprocess: Sequence[PreprocessConfig] = (),
