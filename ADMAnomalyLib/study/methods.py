@@ -151,6 +151,11 @@ class MethodSpec:
     """``PreprocessConfig.native_normalisation`` of the native FLAIR the row reads: for 'adm' its FLAIR
     term's (None: the network's own normalisation; a post-processing choice that needs no network of
     its own), for 'flair' and 'flair_filtered' the score's (None: the baselines' z-score)."""
+    held_out_selection: bool = False
+    """For 'adm', domain split only: the training cases' scores that the search, the threshold and the
+    load weight read come from the same network trained without the case's domain (on the run's other
+    training domains), so that every choice is made on energies of an unseen domain, as the test
+    domain's are; the test cases' come from the run's network as always."""
     load_weights: tuple[float, ...] = ()
     """For 'adm': candidate ``PostprocessConfig.load_weight`` values, one chosen after the search by how
     well its threshold transfers between the selection groups (leave one training domain out in turn,
@@ -196,7 +201,8 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
                  case_mixture: bool = False, choose_cutoff: bool = False, share: float = 1.0,
                  choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None,
-                 asymmetry: bool = False, t2_asymmetry: bool = False, search_criterion: str = "mean") -> MethodSpec:
+                 asymmetry: bool = False, t2_asymmetry: bool = False, search_criterion: str = "mean",
+                 held_out: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -205,7 +211,8 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     with ``flip`` the energy averaged with that of the left-right mirrored slices (flip TTA); with
     ``native_normalisation`` the FLAIR term normalised that way; with ``asymmetry`` the search also
     chooses the weight of the FLAIR asymmetry (:data:`ASYMMETRY_SEARCH`), with ``t2_asymmetry`` then
-    T2's (:data:`T2_ASYMMETRY_SEARCH`); ``search_criterion`` is :attr:`MethodSpec.search_criterion`."""
+    T2's (:data:`T2_ASYMMETRY_SEARCH`); ``search_criterion`` is :attr:`MethodSpec.search_criterion` and
+    ``held_out`` :attr:`MethodSpec.held_out_selection`."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
@@ -213,7 +220,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
               + (T2_ASYMMETRY_SEARCH if t2_asymmetry else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       search_criterion=search_criterion, small_components=True, load_weights=LOAD_WEIGHTS if load else (),
-                      native_normalisation=native_normalisation)
+                      native_normalisation=native_normalisation, held_out_selection=held_out)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -348,6 +355,13 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F +asym +asymT2 +post+cc (z+load) worst": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymT2 +post+cc (z+load) whose search maximises the lowest training "
         "domain's validation AUPRC instead of their mean", load=True, t2_asymmetry=True, search_criterion="worst"),
+    "ADM+ F +asym +post+cc (z+load) held-out": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +post+cc (z+load) whose post-processing, threshold and load weight are "
+        "chosen on each training domain's energies from a network trained without that domain", load=True,
+        asymmetry=True, held_out=True),
+    "ADM+ F +asym +asymT2 +post+cc (z+load) held-out": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +asymT2 +post+cc (z+load) chosen, as the held-out row, on energies of "
+        "networks that did not see the validation domain", load=True, t2_asymmetry=True, held_out=True),
     "ADM+ F hist": MethodSpec("adm", "improvement", "ADM+ F on histogram-standardised contrasts (landmarks at "
                               "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
     "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "
@@ -482,7 +496,9 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F> ct mir +asym +post+cc (z+load)", "ADM+ F> ct XF",
                                     "ADM+ F> ct XF +asym +post+cc (z+load)", "FLAIR z +asym +asymT2 +med3+cc",
                                     "FLAIR z +asym +asymT2 +med5+cc", "ADM+ F +asym +asymT2 +post+cc (z+load)",
-                                    "ADM+ F +asym +asymT2 +post+cc (z+load) worst")
+                                    "ADM+ F +asym +asymT2 +post+cc (z+load) worst",
+                                    "ADM+ F +asym +post+cc (z+load) held-out",
+                                    "ADM+ F +asym +asymT2 +post+cc (z+load) held-out")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

@@ -684,6 +684,9 @@ class RunData:
     """Raw scores per :func:`raw_key` (network, flip TTA, case mixture) and DAGMM-conv."""
     caches: RunCaches
     training: dict[str, TrainingData]
+    held_out_raw: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    """Per :func:`raw_key`: each training case's raw scores from the network trained without its domain
+    (:func:`score_held_out`), for the rows with :attr:`~.methods.MethodSpec.held_out_selection`."""
 
     @property
     def all_cases(self) -> list[CaseData]:
@@ -708,6 +711,16 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
         # The FLAIR term reads the native FLAIR (and T2) of the row's preparation, as predict does.
         return case.preparation(prep).native_zscored
 
+    def raw_of(key: str) -> dict[str, np.ndarray]:
+        if not spec.held_out_selection:
+            return run.raw[key]
+        # Training cases from the networks that did not see their domain, test cases from the run's.
+        return {**run.raw[key], **run.held_out_raw[key]}
+
+    if spec.held_out_selection:
+        # Their post-processed training scores differ from the in-domain rows': no shared cache entries.
+        flair_source += "|held-out"
+
     extra: dict[str, Any] = {}
     if spec.search:
         groups = search_groups(run.groups, settings.search_cases_per_group)
@@ -719,14 +732,14 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
                     spec.search_criterion)
             if memo not in run.caches.criteria:
                 run.caches.criteria[memo] = validation_auprc(_postprocessed(
-                    run.raw[key], candidate, search_cases, natives_of, run.caches, key + flair_source, keep=False),
+                    raw_of(key), candidate, search_cases, natives_of, run.caches, key + flair_source, keep=False),
                     groups, spec.search_criterion)
             return run.caches.criteria[memo]
 
         post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)
         extra["postprocess"] = dataclasses.asdict(post)
     key = key_of(post)
-    scores = _postprocessed(run.raw[key], post, run.all_cases, natives_of, run.caches, key + flair_source)
+    scores = _postprocessed(raw_of(key), post, run.all_cases, natives_of, run.caches, key + flair_source)
     if spec.load_weights:
         scores, extra["load"] = _with_chosen_load(scores, post, spec.load_weights, run)
         extra.setdefault("postprocess", dataclasses.asdict(post))["load_weight"] = extra["load"]["weight"]
@@ -828,6 +841,11 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if settings.split not in ("patients", "domains"):
         raise InputError(f"study split must be 'patients' or 'domains', not {settings.split!r}")
+    held_out_networks = sorted({METHODS[m].network for m in methods
+                                if METHODS[m].kind == "adm" and METHODS[m].held_out_selection})
+    if held_out_networks and settings.split != "domains":
+        raise InputError("the held-out rows (" + ", ".join(m for m in methods if METHODS[m].held_out_selection)
+                         + ") choose on left-out training domains: they need the domain split")
     files_by_domain = study_cases(data_dir, domains_file, settings)
     domains = {name: [f.case_id for f in files] for name, files in files_by_domain.items()}
     splits = study_splits(domains, settings)  # before loading: a misnamed domain fails at once
@@ -879,6 +897,13 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
             run_data.raw.update(score_networks(trained, run_data.all_cases, variants_needed, InferenceOptions(device)))
             del trained
             tick("score ADM networks", t)
+            if held_out_networks:
+                t = time.perf_counter()
+                record["held_out_slices"] = score_held_out(run_data, held_out_networks, variants_needed, device,
+                                                           output_dir / "networks")
+                tick("train and score held-out networks", t)
+                say(f"  held-out networks trained and scored ({timings['train and score held-out networks']:.0f} s "
+                    "so far)")
             if "DAGMM-conv" in methods:
                 t = time.perf_counter()
                 net, gmm = train_dagmm(run_data.training[run_data.train_cases[0].baseline_key], settings, seed, device)
@@ -964,13 +989,7 @@ def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[s
     train_cases = [c for c in cases.values() if c.case_id not in test_ids]
     test_cases = [cases[c] for c in test_ids]
     baseline_key = train_cases[0].baseline_key
-    configs = [network_config(n, settings, 0) for n in networks]
-    # training key -> (preparation key, the slices each training slice carries)
-    keys = {training_key(cfg): (preprocess_key(cfg.preprocess), cfg.model.slice_context) for cfg in configs}
-    keys.setdefault(baseline_key, (baseline_key, SliceContext()))
-    training = {key: TrainingData.from_prepared([c.preparations[prep] for c in train_cases], settings.lesion_margin,
-                                                context)
-                for key, (prep, context) in keys.items()}
+    training = training_sets(train_cases, settings, networks)
     record: dict[str, Any] = {"seed": seed, "fold": fold_index, "test": list(test_ids),
                               "train": [c.case_id for c in train_cases],
                               "train_slices": len(training[baseline_key].train),
@@ -981,6 +1000,45 @@ def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[s
         record["train_domains"] = sorted({c.domain for c in train_cases})
     groups = selection_groups(train_cases, settings.split)
     return record, RunData(settings, seed, train_cases, test_cases, groups, {}, RunCaches(), training)
+
+
+def training_sets(train_cases: Sequence[CaseData], settings: StudySettings,
+                  networks: Sequence[str]) -> dict[str, TrainingData]:
+    """The training slices of ``train_cases`` per :func:`~.methods.training_key` the ``networks`` need,
+    plus the default preparation's (the baselines' and DAGMM-conv's)."""
+    baseline_key = train_cases[0].baseline_key
+    configs = [network_config(n, settings, 0) for n in networks]
+    # training key -> (preparation key, the slices each training slice carries)
+    keys = {training_key(cfg): (preprocess_key(cfg.preprocess), cfg.model.slice_context) for cfg in configs}
+    keys.setdefault(baseline_key, (baseline_key, SliceContext()))
+    return {key: TrainingData.from_prepared([c.preparations[prep] for c in train_cases], settings.lesion_margin,
+                                            context)
+            for key, (prep, context) in keys.items()}
+
+
+def score_held_out(run: RunData, networks: Sequence[str], variants: dict[str, set[tuple[bool, MixtureVariant]]],
+                   device: torch.device, cache_dir: Path | None) -> dict[str, int]:
+    """Fill ``run.held_out_raw``: for each training domain of the run, ``networks`` trained on the run's
+    other training domains (:func:`train_networks`, kept in ``cache_dir``: the network of a pair of
+    domains serves the two runs that leave out one of the other two) score that domain's cases.
+    Returns the training slices of each domain's held-out networks."""
+    domains = sorted({case.domain for case in run.train_cases})
+    if len(domains) < 2:
+        raise InputError("choosing on held-out domains needs at least two training domains per run; "
+                         f"this run trains on {domains or 'no domain'}")
+    slices = {}
+    for domain in domains:
+        inner = [case for case in run.train_cases if case.domain != domain]
+        training = training_sets(inner, run.settings, networks)
+        slices[domain] = len(training[inner[0].baseline_key].train)
+        trained = train_networks(networks, run.settings, run.seed, training, device, cache_dir,
+                                 [case.case_id for case in inner])
+        del training
+        scored = score_networks(trained, [case for case in run.train_cases if case.domain == domain],
+                                {name: variants.get(name, set()) for name in networks}, InferenceOptions(device))
+        for key, per_case in scored.items():
+            run.held_out_raw.setdefault(key, {}).update(per_case)
+    return slices
 
 
 def study_summaries(runs: Sequence[dict[str, Any]], seed_pooled: Sequence[dict[str, Any]], methods: Sequence[str],

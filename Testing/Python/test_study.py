@@ -845,3 +845,51 @@ def test_study_command_line_settings_reach_the_study(monkeypatch, tmp_path, caps
         with pytest.raises(SystemExit):
             main(["study", "--domains", str(domains), flag, "0"])
         assert f"{name} must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_held_out_rows_choose_on_networks_that_did_not_see_the_validation_domain(tmp_path, monkeypatch):
+    """A held-out row's search, threshold and load weight read each training domain's energies from the
+    network trained on the run's other training domains; its test cases are scored by the run's network."""
+    from ADMAnomalyLib.study.runner import RunCaches, adm_method_scores, raw_energy
+
+    path = _make_domains(tmp_path)
+    out = tmp_path / "out"
+    in_domain, held_out = "ADM+ F +asym +post+cc (z+load)", "ADM+ F +asym +post+cc (z+load) held-out"
+    settings = dataclasses.replace(_domain_settings(), methods=(in_domain, held_out), left_out=("site C",))
+    runs = []
+    original = study.runner.score_held_out
+    monkeypatch.setattr(study.runner, "score_held_out", lambda run, *a, **k: runs.append(run) or original(run, *a, **k))
+    result = study.run_study(None, out, settings, domains_file=path)
+    (run,), record = runs, result["runs"][0]
+    by_domain = {d: [c for c in run.train_cases if c.domain == d] for d in ("site A", "site B")}
+    # The run's network (sites A and B) and one per training domain left out: three networks.
+    assert len(list((out / "networks").glob("*.admm"))) == 3
+    assert set(record["held_out_slices"]) == {"site A", "site B"}
+    options = InferenceOptions("cpu")
+    for domain, other in (("site A", "site B"), ("site B", "site A")):
+        inner = study.runner.load_cached_network(out / "networks", "ADM+ F", settings, 0,
+                                                 [c.case_id for c in by_domain[other]])
+        for case in by_domain[domain]:
+            np.testing.assert_array_equal(run.held_out_raw["ADM+ F"][case.case_id],
+                                          raw_energy(inner, case, options, None))
+            assert not np.array_equal(run.held_out_raw["ADM+ F"][case.case_id], run.raw["ADM+ F"][case.case_id])
+    assert set(run.held_out_raw["ADM+ F"]) == {c.case_id for c in run.train_cases}
+
+    # The held-out row is the in-domain row but for where its training cases' energies come from.
+    spec = study.METHODS[held_out]
+    same_source = dataclasses.replace(run, caches=RunCaches(), held_out_raw={"ADM+ F": {
+        c.case_id: run.raw["ADM+ F"][c.case_id] for c in run.train_cases}})
+    scores, extra = adm_method_scores(spec, same_source)
+    reference, reference_extra = adm_method_scores(study.METHODS[in_domain], dataclasses.replace(run, caches=RunCaches()))
+    assert extra["chosen"] == reference_extra["chosen"] == record["methods"][in_domain]["chosen"]
+    for case_id, values in reference.items():
+        np.testing.assert_array_equal(scores[case_id], values)
+    scores, extra = adm_method_scores(spec, dataclasses.replace(run, caches=RunCaches()))
+    assert extra["chosen"] == record["methods"][held_out]["chosen"]
+    assert any(not np.array_equal(scores[c.case_id], reference[c.case_id]) for c in run.train_cases)
+
+    # It needs training domains to hold out: not in the patient split, not with one training domain.
+    with pytest.raises(InputError, match="held-out rows .* need the domain split"):
+        study.run_study(tmp_path / "a", tmp_path / "bad", study.quick_settings(methods=(held_out,)))
+    with pytest.raises(InputError, match="at least two training domains"):
+        original(dataclasses.replace(run, train_cases=by_domain["site A"]), ["ADM+ F"], {}, torch.device("cpu"), None)
