@@ -893,3 +893,29 @@ def test_held_out_rows_choose_on_networks_that_did_not_see_the_validation_domain
         study.run_study(tmp_path / "a", tmp_path / "bad", study.quick_settings(methods=(held_out,)))
     with pytest.raises(InputError, match="at least two training domains"):
         original(dataclasses.replace(run, train_cases=by_domain["site A"]), ["ADM+ F"], {}, torch.device("cpu"), None)
+
+
+def test_the_oracle_benchmark_runs_the_rows_search_on_the_test_domain(tmp_path):
+    """benchmarks/oracle_postprocess.py: the row's search with the test domain's labels as criterion on
+    the study's cached networks; greedy, so it never ends below the row's unsearched post-processing,
+    and it reads the test labels (the study's choices never do)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "oracle_postprocess", Path(__file__).resolve().parents[2] / "benchmarks" / "oracle_postprocess.py")
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    path = _make_domains(tmp_path)
+    row = "ADM+ F +asym +post+cc (z+load)"
+    study.run_study(None, tmp_path / "out", dataclasses.replace(_domain_settings(), methods=(row,), left_out=("site C",)),
+                    domains_file=path)
+    (first,) = oracle.oracle_rows(tmp_path / "out", row)
+    assert first["domain"] == "site C" and list(first["chosen"]) == list(study.METHODS[row].search)
+    assert first["auprc"] >= first["start_auprc"] - 1e-12 and 0 < first["best_dice"] <= 1
+    assert first["study"] is not None and 0 < first["study"]["auprc"] <= 1
+    _mirror_labels(tmp_path / "c" / "c_0")
+    (moved,) = oracle.oracle_rows(tmp_path / "out", row)
+    assert moved["auprc"] != pytest.approx(first["auprc"], abs=1e-6)
+    with pytest.raises(ValueError, match="not an ADM row"):
+        oracle.oracle_rows(tmp_path / "out", "FLAIR z +med5+cc")

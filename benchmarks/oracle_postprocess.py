@@ -1,0 +1,110 @@
+"""What a study row's post-processing search would reach on each left-out domain if it could see that
+domain's labels: how much is left to gain by choosing better, with the same networks.
+
+The row's own greedy search (the same fields, candidates and order as in the study,
+:func:`ADMAnomalyLib.study.runner.choose_postprocess`) is run with the *test* domain's labels as its
+criterion (AUPRC over the test cases' brains), on the energies of the fold's own network as the study
+kept it; then every load weight of :data:`ADMAnomalyLib.postprocess.LOAD_WEIGHTS` is tried, and the best
+AUPRC and the best Dice over one threshold are reported. Any choice made without the test domain (the
+study's rows) that follows the same search is bounded by these figures. They are never results: they read
+the labels they are scored on.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/oracle_postprocess.py runs/domains_128ho \
+        --row "ADM+ F +asym +asymT2 +post+cc (z+load)"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ADMAnomalyLib.domains import load_domains  # noqa: E402
+from ADMAnomalyLib.infer import InferenceOptions  # noqa: E402
+from ADMAnomalyLib.metrics import detection_metrics  # noqa: E402
+from ADMAnomalyLib.postprocess import LOAD_WEIGHTS, load_offset  # noqa: E402
+from ADMAnomalyLib.study import runner  # noqa: E402
+from ADMAnomalyLib.study.methods import (METHODS, intensity_preprocess, network_config,  # noqa: E402
+                                         postprocess_for, quick_settings)
+
+
+def pooled(scores: dict[str, np.ndarray], cases) -> tuple[np.ndarray, np.ndarray]:
+    return (np.concatenate([scores[c.case_id] for c in cases]),
+            np.concatenate([c.labels for c in cases]).astype(bool))
+
+
+def oracle_rows(run_dir: Path, row: str, seed: int = 0) -> list[dict]:
+    """Per run of ``seed`` in the study folder ``run_dir``: the post-processing ``row``'s search chooses
+    with the test domain's AUPRC as criterion (``chosen``), the pooled AUPRC and best Dice it then reaches
+    with the best load weight (``auprc``, ``best_dice`` and the weights), the AUPRC of the row's
+    unsearched post-processing (``start_auprc``: the greedy search never ends below it) and the
+    study's own figures of the row (``study``: None when the study did not run it)."""
+    spec = METHODS[row]
+    if spec.kind != "adm" or not spec.search:
+        raise ValueError(f"{row!r} is not an ADM row with a post-processing search")
+    study = json.loads((run_dir / "study.json").read_text())
+    settings = quick_settings(split="domains", **{k: study["settings"][k] for k in SETTINGS_OF_NETWORKS})
+    files = {f.case_id: f for cases in load_domains(study["domains_file"]).values() for f in cases}
+    prep = intensity_preprocess(spec, settings)
+    options = InferenceOptions("cpu")
+    rows = []
+    for run in (r for r in study["runs"] if r["seed"] == seed):
+        cases = [runner.load_case_data(files[case_id], settings,
+                                       [network_config(spec.network, settings, 0).preprocess, prep], run["domain"])
+                 for case_id in run["test"]]
+        model = runner.load_cached_network(run_dir / "networks", spec.network, settings, seed, run["train"])
+        raw = {c.case_id: runner.raw_energy(model, c, options, None) for c in cases}
+        caches = runner.RunCaches()
+
+        def auprc_of(post) -> float:
+            return detection_metrics(*pooled(runner._postprocessed(
+                raw, post, cases, lambda c: c.preparation(prep).native_zscored, caches, spec.network, keep=False),
+                cases)).auprc
+
+        start = postprocess_for(spec, settings)
+        post, chosen = runner.choose_postprocess(start, spec.search, auprc_of)
+        scores = runner._postprocessed(raw, post, cases, lambda c: c.preparation(prep).native_zscored, caches,
+                                       spec.network, keep=False)
+        figures = {weight: detection_metrics(*pooled(
+            {c.case_id: scores[c.case_id] + np.float32(load_offset(scores[c.case_id], weight, post.load_reference))
+             for c in cases}, cases)) for weight in LOAD_WEIGHTS}
+        auprc_load = max(figures, key=lambda w: figures[w].auprc)
+        dice_load = max(figures, key=lambda w: figures[w].best_f1)
+        study_row = run["methods"].get(row)
+        rows.append({"domain": run["domain"], "chosen": chosen, "start_auprc": auprc_of(start),
+                     "auprc": figures[auprc_load].auprc, "auprc_load": auprc_load,
+                     "best_dice": figures[dice_load].best_f1, "best_dice_load": dice_load,
+                     "study": None if study_row is None else {
+                         "auprc": study_row["pooled"]["auprc"], "best_dice": study_row["pooled"]["best_f1"],
+                         "dice_at_threshold": study_row["at_threshold"]["dice"]}})
+    return rows
+
+
+SETTINGS_OF_NETWORKS = ("image_size", "preset", "epochs_ctoc", "epochs_joint", "batch_size", "lesion_margin")
+"""The study settings that name its cached networks (:func:`~ADMAnomalyLib.study.methods.network_config`)."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a leave-one-domain-out study folder (study.json, networks/)")
+    parser.add_argument("--row", default="ADM+ F +asym +asymT2 +post+cc (z+load)",
+                        help="the study row whose search is run on the test domain")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.row not in METHODS:
+        parser.error(f"no study row {args.row!r}")
+    for row in oracle_rows(args.run, args.row, args.seed):
+        study = row["study"]
+        reached = (f"; the study's row: AUPRC {study['auprc']:.3f}, best Dice {study['best_dice']:.3f}, Dice at "
+                   f"threshold {study['dice_at_threshold']:.3f}" if study else "")
+        print(f"{row['domain']}: oracle AUPRC {row['auprc']:.3f} (load {row['auprc_load']:g}), best Dice "
+              f"{row['best_dice']:.3f} (load {row['best_dice_load']:g}); chose {row['chosen']}{reached}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
