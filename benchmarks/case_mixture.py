@@ -44,7 +44,7 @@ from ADMAnomalyLib.gmm import energy  # noqa: E402
 from ADMAnomalyLib.infer import (InferenceOptions, brain_features, ctoc_runner, energy_slices,  # noqa: E402
                                  mixture_of)
 from ADMAnomalyLib.preprocess import prepare_case  # noqa: E402
-from ADMAnomalyLib.study.methods import quick_settings  # noqa: E402
+from ADMAnomalyLib.study.methods import StudySettings  # noqa: E402
 from ADMAnomalyLib.study.runner import load_cached_network  # noqa: E402
 
 OPTIONS = InferenceOptions("cpu", precision="fp32")
@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     study = json.loads((args.run / "study.json").read_text())
     files = {f.case_id: f for cases in load_domains(study["domains_file"]).values() for f in cases}
-    settings = quick_settings(image_size=study["settings"]["image_size"])
+    settings = StudySettings.from_dict(study["settings"])
     cutoffs = [float(c) for c in args.cutoffs.split(",")]
     for run in (r for r in study["runs"] if r["seed"] == args.seed):
         model = load_cached_network(args.run / "networks", args.network, settings, args.seed, run["train"])

@@ -5,7 +5,8 @@ The row's own greedy search (the same fields, candidates and order as in the stu
 :func:`ADMAnomalyLib.study.runner.choose_postprocess`) is run with the *test* domain's labels as its
 criterion (AUPRC over the test cases' brains), on the energies of the fold's own network as the study
 kept it; then every load weight of :data:`ADMAnomalyLib.postprocess.LOAD_WEIGHTS` is tried, and the best
-AUPRC and the best Dice over one threshold are reported. Any choice made without the test domain (the
+AUPRC and the best Dice over one threshold are reported (without the row's small-component step at
+its threshold, which needs a threshold). Any choice made without the test domain (the
 study's rows) that follows the same search is bounded by these figures. They are never results: they read
 the labels they are scored on.
 
@@ -29,8 +30,8 @@ from ADMAnomalyLib.infer import InferenceOptions  # noqa: E402
 from ADMAnomalyLib.metrics import detection_metrics  # noqa: E402
 from ADMAnomalyLib.postprocess import LOAD_WEIGHTS, load_offset  # noqa: E402
 from ADMAnomalyLib.study import runner  # noqa: E402
-from ADMAnomalyLib.study.methods import (METHODS, intensity_preprocess, network_config,  # noqa: E402
-                                         postprocess_for, quick_settings)
+from ADMAnomalyLib.study.methods import (METHODS, StudySettings, intensity_preprocess,  # noqa: E402
+                                         network_config, postprocess_for)
 
 
 def pooled(scores: dict[str, np.ndarray], cases) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +49,7 @@ def oracle_rows(run_dir: Path, row: str, seed: int = 0) -> list[dict]:
     if spec.kind != "adm" or not spec.search:
         raise ValueError(f"{row!r} is not an ADM row with a post-processing search")
     study = json.loads((run_dir / "study.json").read_text())
-    settings = quick_settings(split="domains", **{k: study["settings"][k] for k in SETTINGS_OF_NETWORKS})
+    settings = StudySettings.from_dict(study["settings"])
     files = {f.case_id: f for cases in load_domains(study["domains_file"]).values() for f in cases}
     prep = intensity_preprocess(spec, settings)
     options = InferenceOptions("cpu")
@@ -61,15 +62,17 @@ def oracle_rows(run_dir: Path, row: str, seed: int = 0) -> list[dict]:
         raw = {c.case_id: runner.raw_energy(model, c, options, None) for c in cases}
         caches = runner.RunCaches()
 
+        def postprocessed(post) -> dict[str, np.ndarray]:
+            # As the study's row: the native FLAIR (and T2) of the row's preparation, through postprocess_scores.
+            return runner._postprocessed(raw, post, cases, lambda c: c.preparation(prep).native_zscored, caches,
+                                         spec.network, keep=False)
+
         def auprc_of(post) -> float:
-            return detection_metrics(*pooled(runner._postprocessed(
-                raw, post, cases, lambda c: c.preparation(prep).native_zscored, caches, spec.network, keep=False),
-                cases)).auprc
+            return detection_metrics(*pooled(postprocessed(post), cases)).auprc
 
         start = postprocess_for(spec, settings)
         post, chosen = runner.choose_postprocess(start, spec.search, auprc_of)
-        scores = runner._postprocessed(raw, post, cases, lambda c: c.preparation(prep).native_zscored, caches,
-                                       spec.network, keep=False)
+        scores = postprocessed(post)
         figures = {weight: detection_metrics(*pooled(
             {c.case_id: scores[c.case_id] + np.float32(load_offset(scores[c.case_id], weight, post.load_reference))
              for c in cases}, cases)) for weight in LOAD_WEIGHTS}
@@ -83,10 +86,6 @@ def oracle_rows(run_dir: Path, row: str, seed: int = 0) -> list[dict]:
                          "auprc": study_row["pooled"]["auprc"], "best_dice": study_row["pooled"]["best_f1"],
                          "dice_at_threshold": study_row["at_threshold"]["dice"]}})
     return rows
-
-
-SETTINGS_OF_NETWORKS = ("image_size", "preset", "epochs_ctoc", "epochs_joint", "batch_size", "lesion_margin")
-"""The study settings that name its cached networks (:func:`~ADMAnomalyLib.study.methods.network_config`)."""
 
 
 def main() -> None:

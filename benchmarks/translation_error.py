@@ -32,7 +32,7 @@ from ADMAnomalyLib.infer import InferenceOptions, ctoc_translations  # noqa: E40
 from ADMAnomalyLib.model import ADMModel  # noqa: E402
 from ADMAnomalyLib.networks import split_translation  # noqa: E402
 from ADMAnomalyLib.preprocess import prepare_case  # noqa: E402
-from ADMAnomalyLib.study.methods import quick_settings  # noqa: E402
+from ADMAnomalyLib.study.methods import StudySettings  # noqa: E402
 from ADMAnomalyLib.study.runner import load_cached_network  # noqa: E402
 
 OPTIONS = InferenceOptions("cpu", precision="fp32")
@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     study = json.loads((args.run / "study.json").read_text())
     domains = load_domains(study["domains_file"])
-    settings = quick_settings(image_size=study["settings"]["image_size"])
+    settings = StudySettings.from_dict(study["settings"])
     contrast = CONTRASTS.index(args.contrast)
     print(f"|X - X_hat| of {args.contrast} on normal brain pixels, median / p90 (network resolution)")
     for run in (r for r in study["runs"] if r["seed"] == args.seed):

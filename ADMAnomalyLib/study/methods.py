@@ -64,6 +64,12 @@ class StudySettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "StudySettings":
+        """The settings a study JSON recorded (:meth:`to_dict`; JSON turned its tuples into lists), e.g. to
+        find the networks a finished study kept."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
     def method_names(self) -> list[str]:
         """The methods this study runs, in table order."""
         if self.methods:

@@ -1002,15 +1002,16 @@ def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[s
     return record, RunData(settings, seed, train_cases, test_cases, groups, {}, RunCaches(), training)
 
 
-def training_sets(train_cases: Sequence[CaseData], settings: StudySettings,
-                  networks: Sequence[str]) -> dict[str, TrainingData]:
+def training_sets(train_cases: Sequence[CaseData], settings: StudySettings, networks: Sequence[str],
+                  baseline: bool = True) -> dict[str, TrainingData]:
     """The training slices of ``train_cases`` per :func:`~.methods.training_key` the ``networks`` need,
-    plus the default preparation's (the baselines' and DAGMM-conv's)."""
+    and with ``baseline`` the default preparation's (the baselines' and DAGMM-conv's)."""
     baseline_key = train_cases[0].baseline_key
     configs = [network_config(n, settings, 0) for n in networks]
     # training key -> (preparation key, the slices each training slice carries)
     keys = {training_key(cfg): (preprocess_key(cfg.preprocess), cfg.model.slice_context) for cfg in configs}
-    keys.setdefault(baseline_key, (baseline_key, SliceContext()))
+    if baseline:
+        keys.setdefault(baseline_key, (baseline_key, SliceContext()))
     return {key: TrainingData.from_prepared([c.preparations[prep] for c in train_cases], settings.lesion_margin,
                                             context)
             for key, (prep, context) in keys.items()}
@@ -1021,7 +1022,7 @@ def score_held_out(run: RunData, networks: Sequence[str], variants: dict[str, se
     """Fill ``run.held_out_raw``: for each training domain of the run, ``networks`` trained on the run's
     other training domains (:func:`train_networks`, kept in ``cache_dir``: the network of a pair of
     domains serves the two runs that leave out one of the other two) score that domain's cases.
-    Returns the training slices of each domain's held-out networks."""
+    Returns the training slices of each domain's held-out networks (of the first network's preparation)."""
     domains = sorted({case.domain for case in run.train_cases})
     if len(domains) < 2:
         raise InputError("choosing on held-out domains needs at least two training domains per run; "
@@ -1029,8 +1030,8 @@ def score_held_out(run: RunData, networks: Sequence[str], variants: dict[str, se
     slices = {}
     for domain in domains:
         inner = [case for case in run.train_cases if case.domain != domain]
-        training = training_sets(inner, run.settings, networks)
-        slices[domain] = len(training[inner[0].baseline_key].train)
+        training = training_sets(inner, run.settings, networks, baseline=False)
+        slices[domain] = len(training[training_key(network_config(networks[0], run.settings, 0))].train)
         trained = train_networks(networks, run.settings, run.seed, training, device, cache_dir,
                                  [case.case_id for case in inner])
         del training

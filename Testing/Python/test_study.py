@@ -282,10 +282,9 @@ def test_cached_networks_are_keyed_by_config_and_training_cases(tmp_path, monkey
 
 
 def _settings_of(result):
-    values = dict(result["settings"])
-    values["seeds"] = tuple(values["seeds"])
-    values["methods"] = tuple(values["methods"])
-    return study.StudySettings(**values)
+    settings = study.StudySettings.from_dict(result["settings"])
+    assert json.loads(json.dumps(settings.to_dict())) == result["settings"] and isinstance(settings.seeds, tuple)
+    return settings
 
 
 def test_report_and_figures_from_json(study_run, tmp_path):
