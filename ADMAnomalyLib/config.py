@@ -301,8 +301,15 @@ class PostprocessConfig:
     well; where a site's FLAIR is poor (older sequences, little contrast between lesion and grey matter)
     the T2 carries the one-sided evidence FLAIR lacks, while T2-bright normal tissue (CSF) is
     symmetric. 0 = off."""
+    energy_asymmetry_weight: float = 0.0
+    """Beyond the paper: after smoothing and rim suppression, add this weight times the energy's own
+    left-right asymmetry (how far E exceeds the highest E within ``asymmetry_window_mm`` of the voxel's
+    mirror image across the mid-sagittal plane, 0 where it does not; in E's units, so the weight is
+    relative to E). Off its training sites E lights up grey matter, CSF and tissue boundaries in both
+    hemispheres, while a lesion is one-sided at the scale of a few mm; the term keeps E's ranking and
+    lifts the part of it that has no twin across the midline. Needs no FLAIR. 0 = off."""
     asymmetry_window_mm: float = 5.0
-    """With ``asymmetry_weight`` or ``t2_asymmetry_weight``: width (mm along each axis, an odd number of voxels as for
+    """With ``asymmetry_weight``, ``t2_asymmetry_weight`` or ``energy_asymmetry_weight``: width (mm along each axis, an odd number of voxels as for
     ``median_size_mm``) of the neighbourhood of the mirror image whose brightest voxel a voxel is
     compared with."""
     energy_gate_z: float | None = None
@@ -322,6 +329,8 @@ class PostprocessConfig:
             raise ValueError(f"postprocess.asymmetry_weight must be >= 0, got {self.asymmetry_weight!r}")
         if not self.t2_asymmetry_weight >= 0:
             raise ValueError(f"postprocess.t2_asymmetry_weight must be >= 0, got {self.t2_asymmetry_weight!r}")
+        if not self.energy_asymmetry_weight >= 0:
+            raise ValueError(f"postprocess.energy_asymmetry_weight must be >= 0, got {self.energy_asymmetry_weight!r}")
         if not self.asymmetry_window_mm > 0:
             raise ValueError(f"postprocess.asymmetry_window_mm must be > 0, got {self.asymmetry_window_mm!r}")
         if self.load_weight and self.standardise == "none":
@@ -330,9 +339,10 @@ class PostprocessConfig:
 
     @property
     def native_active(self) -> bool:
-        """Whether any native-grid step (smoothing, rim, FLAIR term, median filter, standardisation, load
-        term) is enabled."""
-        return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.intensity_term
+        """Whether any native-grid step (smoothing, rim, energy asymmetry, FLAIR term, median filter,
+        standardisation, load term) is enabled."""
+        return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.energy_asymmetry_weight != 0
+                or self.intensity_term
                 or self.median_size_mm > 0 or self.standardise != "none" or self.load_weight != 0)
 
     @property

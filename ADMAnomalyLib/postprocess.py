@@ -6,7 +6,8 @@ changes brain voxels only; higher always means more anomalous. :func:`postproces
 the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a fixed order:
 
 1. :func:`smooth_in_brain` - 3-D Gaussian smoothing normalised inside the brain;
-2. :func:`suppress_rim` - the brain rim gets the lowest brain score;
+2. :func:`suppress_rim` - the brain rim gets the lowest brain score; then the score plus a weight
+   times its own left-right asymmetry (:func:`intensity_asymmetry` of the score);
 3. :func:`add_intensity_term` - the score, standardised over the brain (optionally gated by FLAIR
    hyperintensity), plus a weight times an intensity z-score (FLAIR hyperintensity), and a weight
    times its left-right asymmetry (:func:`intensity_asymmetry`), and one times T2's;
@@ -251,7 +252,7 @@ def mid_sagittal_plane(brain: np.ndarray, spacing: Spacing, direction: Sequence[
 
 def intensity_asymmetry(intensity: np.ndarray, brain: np.ndarray, spacing: Spacing, window_mm: float,
                         direction: Sequence[float] = IDENTITY_DIRECTION, cache: Optional[dict] = None) -> np.ndarray:
-    """How far each brain voxel's ``intensity`` (a z-score: FLAIR's, or T2's) exceeds the brightest intensity within
+    """How far each brain voxel's ``intensity`` (a z-score: FLAIR's or T2's; or the energy) exceeds the brightest intensity within
     ``window_mm`` (per axis, :func:`median_window`) of its mirror image across the mid-sagittal
     plane (:func:`mid_sagittal_plane` of a grid with these direction cosines), or 0; 0 also where the
     mirror image falls outside the brain. The maximum makes a few mm of difference between the
@@ -425,6 +426,9 @@ def postprocess_scores(
         inner = smooth_in_brain(inner, inner_brain, spacing, cfg.smoothing_sigma_mm, box_cache)
     if cfg.rim_erosion_mm > 0:
         inner = suppress_rim(inner, inner_brain, spacing, cfg.rim_erosion_mm, box_cache)
+    if cfg.energy_asymmetry_weight:
+        asymmetry = intensity_asymmetry(inner, inner_brain, spacing, cfg.asymmetry_window_mm, direction, box_cache)
+        inner = (inner + np.float32(cfg.energy_asymmetry_weight) * asymmetry).astype(np.float32)
     reference = (normal_tissue(inner_brain, intensity[box], cfg.normal_max_flair_z)
                  if cfg.standardise == "normal" else None)
     if cfg.intensity_term:

@@ -114,6 +114,7 @@ POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "median_size_mm": (0.0, 3.0, 5.0),
     "asymmetry_weight": (0.0, 0.5, 1.0, 2.0),
     "t2_asymmetry_weight": (0.0, 0.5, 1.0),
+    "energy_asymmetry_weight": (0.0, 0.5, 1.0, 2.0, 4.0),
 }
 """Candidate values of the post-processing fields a method chooses on validation (``search``)."""
 POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
@@ -124,6 +125,10 @@ ASYMMETRY_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "fl
 T2_ASYMMETRY_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "asymmetry_weight",
                                         "t2_asymmetry_weight", "median_size_mm")
 """:data:`ASYMMETRY_SEARCH` with the weight of the T2 asymmetry chosen after the FLAIR asymmetry's."""
+ENERGY_ASYMMETRY_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "asymmetry_weight",
+                                            "energy_asymmetry_weight", "median_size_mm")
+""":data:`ASYMMETRY_SEARCH` with the weight of the energy's own asymmetry chosen after the FLAIR asymmetry's,
+so that the bundled row's choices come first and the search may keep them with the weight 0."""
 RAW_SEARCH_FIELDS = frozenset({"normal_max_flair_z", "case_mixture_share"})
 """Searched fields that change a case mixture's raw energies, not only their post-processing: each
 candidate is scored by the networks (:func:`raw_variants`)."""
@@ -207,8 +212,8 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
                  case_mixture: bool = False, choose_cutoff: bool = False, share: float = 1.0,
                  choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None,
-                 asymmetry: bool = False, t2_asymmetry: bool = False, search_criterion: str = "mean",
-                 held_out: bool = False) -> MethodSpec:
+                 asymmetry: bool = False, t2_asymmetry: bool = False, energy_asymmetry: bool = False,
+                 search_criterion: str = "mean", held_out: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -217,13 +222,15 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     with ``flip`` the energy averaged with that of the left-right mirrored slices (flip TTA); with
     ``native_normalisation`` the FLAIR term normalised that way; with ``asymmetry`` the search also
     chooses the weight of the FLAIR asymmetry (:data:`ASYMMETRY_SEARCH`), with ``t2_asymmetry`` then
-    T2's (:data:`T2_ASYMMETRY_SEARCH`); ``search_criterion`` is :attr:`MethodSpec.search_criterion` and
+    T2's (:data:`T2_ASYMMETRY_SEARCH`), with ``energy_asymmetry`` then the energy's own
+    (:data:`ENERGY_ASYMMETRY_SEARCH`); ``search_criterion`` is :attr:`MethodSpec.search_criterion` and
     ``held_out`` :attr:`MethodSpec.held_out_selection`."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ())
-              + (T2_ASYMMETRY_SEARCH if t2_asymmetry else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH))
+              + (ENERGY_ASYMMETRY_SEARCH if energy_asymmetry else T2_ASYMMETRY_SEARCH if t2_asymmetry
+                 else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       search_criterion=search_criterion, small_components=True, load_weights=LOAD_WEIGHTS if load else (),
                       native_normalisation=native_normalisation, held_out_selection=held_out)
@@ -368,6 +375,12 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F +asym +asymT2 +post+cc (z+load) held-out": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymT2 +post+cc (z+load) chosen, as the held-out row, on energies of "
         "networks that did not see the validation domain", load=True, t2_asymmetry=True, held_out=True),
+    "ADM+ F +asym +asymE +post+cc (z+load)": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +post+cc (z+load) whose search then also chooses the weight of the "
+        "energy's own left-right asymmetry", load=True, energy_asymmetry=True),
+    "ADM+ F +asym +asymE +post+cc (z+load) held-out": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) chosen, as the held-out row, on energies of "
+        "networks that did not see the validation domain", load=True, energy_asymmetry=True, held_out=True),
     "ADM+ F hist": MethodSpec("adm", "improvement", "ADM+ F on histogram-standardised contrasts (landmarks at "
                               "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
     "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "

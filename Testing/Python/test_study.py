@@ -356,6 +356,9 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     # T2's asymmetry too: predict keeps the native T2 it reads, the study the same volume.
     study_t2 = study_equals_predict(dataclasses.replace(asymmetric, t2_asymmetry_weight=0.5))
     assert not np.allclose(study_t2, study_asym)
+    # The energy's own asymmetry, on the same plane.
+    study_energy_asym = study_equals_predict(dataclasses.replace(asymmetric, energy_asymmetry_weight=1.0))
+    assert not np.allclose(study_energy_asym, study_asym)
     # A FLAIR term normalised apart from the network input: the row's preparation is predict's.
     spec = dataclasses.replace(study.METHODS["ADM +post"], native_normalisation="robust")
     intensity = dataclasses.replace(model.config.preprocess, native_normalisation="robust")
@@ -918,3 +921,29 @@ def test_the_oracle_benchmark_runs_the_rows_search_on_the_test_domain(tmp_path):
     assert moved["auprc"] != pytest.approx(first["auprc"], abs=1e-6)
     with pytest.raises(ValueError, match="not an ADM row"):
         oracle.oracle_rows(tmp_path / "out", "FLAIR z +med5+cc")
+
+
+def test_the_energy_asymmetry_benchmark_adds_the_products_term_to_the_folds_choice(tmp_path):
+    """benchmarks/energy_asymmetry.py: on a study's cached networks, 'E + u A(E)' is the fold's chosen
+    post-processing with the product's energy_asymmetry_weight = u (u = 0 is the row as chosen),
+    beside E replaced by A(E) and the raw scores."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "energy_asymmetry", Path(__file__).resolve().parents[2] / "benchmarks" / "energy_asymmetry.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = _make_domains(tmp_path)
+    row = "ADM+ F +asym +post+cc (z+load)"
+    study.run_study(None, tmp_path / "out", dataclasses.replace(_domain_settings(), methods=(row,), left_out=("site C",)),
+                    domains_file=path)
+    _mirror_labels(tmp_path / "c" / "c_0")  # the synthetic lesions are found perfectly: no figure could move
+    rows = {r["score"]: r for r in bench.energy_asymmetry_rows(tmp_path / "out", row, weights=(0.0, 1.0))}
+    assert list(rows) == ["raw E", "raw A(E), 5 mm", "the row as the fold chose it", "the row, E -> A(E) (5 mm)",
+                          "the row, E + 0 A(E) (5 mm)", "the row, E + 1 A(E) (5 mm)"]
+    assert {r["domain"] for r in rows.values()} == {"site C"}
+    assert all(0 < r["auprc"] < 1 and 0 < r["best_dice"] < 1 for r in rows.values())
+    assert rows["the row, E + 0 A(E) (5 mm)"]["auprc"] == rows["the row as the fold chose it"]["auprc"]
+    assert rows["the row, E + 1 A(E) (5 mm)"]["auprc"] != rows["the row as the fold chose it"]["auprc"]
+    assert rows["raw A(E), 5 mm"]["auprc"] != rows["raw E"]["auprc"]

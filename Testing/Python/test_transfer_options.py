@@ -10,10 +10,11 @@ import SimpleITK as sitk
 
 from ADMAnomalyLib.cases import case_from_images
 from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
-from ADMAnomalyLib.postprocess import (MidSagittalPlane, box_maximum, intensity_asymmetry, left_right_axis, load_offset,
-                                      median_filter, median_filter_in_brain, median_window, mid_sagittal_plane,
-                                      midline_shift, mirror, normal_tissue, postprocess_energy, postprocess_scores,
-                                      slice_axis, standardise_in_brain)
+from ADMAnomalyLib.postprocess import (MidSagittalPlane, add_intensity_term, box_maximum, intensity_asymmetry,
+                                      left_right_axis, load_offset, median_filter, median_filter_in_brain,
+                                      median_window, mid_sagittal_plane, midline_shift, mirror, normal_tissue,
+                                      postprocess_energy, postprocess_scores, slice_axis, smooth_in_brain,
+                                      standardise_in_brain, suppress_rim)
 from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case, standardise_histogram
 from conftest import synthetic_volumes
 
@@ -420,6 +421,32 @@ def test_t2_asymmetry_adds_the_one_sided_t2_and_needs_the_t2():
         postprocess_scores(flair, brain, spacing, config, flair)
     with pytest.raises(ValueError, match="t2_asymmetry_weight"):
         PostprocessConfig(t2_asymmetry_weight=-0.5)
+
+
+def test_energy_asymmetry_lifts_the_one_sided_energy_and_needs_no_flair():
+    """The energy's own asymmetry, taken after smoothing and rim suppression: an energy pair mirrored
+    across the midline (grey matter, CSF) gains nothing, a one-sided spot gains w x its excess over
+    its mirror; it reads no FLAIR and works before the FLAIR term standardises the energy."""
+    brain, energy = _lateral_brain_and_flair()
+    spacing = (1.0, 1.0, 1.0)
+    config = PostprocessConfig(energy_asymmetry_weight=2.0)
+    assert config.native_active and not config.needs_flair and not config.intensity_term
+    scored = postprocess_scores(energy, brain, spacing, config)
+    assert scored[2, 12, 8] == pytest.approx(3.0 + 2.0 * 3.0)
+    assert scored[2, 5, 6] == pytest.approx(3.0) and scored[2, 7, 19] == pytest.approx(3.0)
+    np.testing.assert_allclose(scored[brain], (energy + 2.0 * intensity_asymmetry(energy, brain, spacing, 5.0))[brain])
+    # with the FLAIR term: the asymmetry is added to E before E is standardised and the FLAIR added
+    smoothed = PostprocessConfig(smoothing_sigma_mm=1.0, rim_erosion_mm=1.0, flair_weight=1.0,
+                                 energy_asymmetry_weight=0.5, standardise="zscore")
+    flair = np.where(brain, np.float32(0.3), np.float32(0)).astype(np.float32)
+    cache: dict = {}
+    step = suppress_rim(smooth_in_brain(energy, brain, spacing, 1.0, cache), brain, spacing, 1.0, cache)
+    step = step + 0.5 * intensity_asymmetry(step, brain, spacing, 5.0)
+    expected = standardise_in_brain(add_intensity_term(step, brain, flair, 1.0), brain, "zscore")
+    np.testing.assert_allclose(postprocess_scores(energy, brain, spacing, smoothed, flair)[brain], expected[brain],
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="energy_asymmetry_weight"):
+        PostprocessConfig(energy_asymmetry_weight=-1.0)
 
 
 def test_a_turned_head_is_mirrored_across_its_own_turned_midline():
