@@ -442,8 +442,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"augmentation": "site"},
         "model": {"ctoc_uncertainty": True, "density_residuals": ("flair",)},
         "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
-                        "asymmetry_weight": 1.0, "median_size_mm": 5.0, "standardise": "zscore",
-                        "load_weight": 0.6},
+                        "asymmetry_weight": 1.0, "energy_asymmetry_weight": 2.0, "median_size_mm": 5.0,
+                        "standardise": "zscore", "load_weight": 0.6},
     },
 }
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper

@@ -483,7 +483,7 @@ METHODS: dict[str, MethodSpec] = {
                                            "threshold on the scale of the standardised energy plus w x FLAIR z"),
 }
 
-BUNDLED_METHOD = "ADM+ F +asym +post+cc (z+load)"
+BUNDLED_METHOD = "ADM+ F +asym +asymE +post+cc (z+load)"
 """The row whose configuration the bundled model and the 'transfer' training profile carry: the best
 mean over left-out domains of AUPRC and of Dice at the threshold in the leave-one-domain-out study
 (README, "Bundled model"); the size of the removed small components does not apply to it."""
@@ -517,7 +517,9 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "FLAIR z +asym +asymT2 +med5+cc", "ADM+ F +asym +asymT2 +post+cc (z+load)",
                                     "ADM+ F +asym +asymT2 +post+cc (z+load) worst",
                                     "ADM+ F +asym +post+cc (z+load) held-out",
-                                    "ADM+ F +asym +asymT2 +post+cc (z+load) held-out")
+                                    "ADM+ F +asym +asymT2 +post+cc (z+load) held-out",
+                                    "ADM+ F +asym +asymE +post+cc (z+load)",
+                                    "ADM+ F +asym +asymE +post+cc (z+load) held-out")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
