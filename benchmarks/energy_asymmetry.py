@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -29,13 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ADMAnomalyLib.config import PostprocessConfig  # noqa: E402
-from ADMAnomalyLib.domains import load_domains  # noqa: E402
-from ADMAnomalyLib.infer import InferenceOptions  # noqa: E402
 from ADMAnomalyLib.metrics import detection_metrics  # noqa: E402
 from ADMAnomalyLib.postprocess import (intensity_asymmetry, postprocess_scores, smooth_in_brain,  # noqa: E402
                                        suppress_rim)
 from ADMAnomalyLib.study import runner  # noqa: E402
-from ADMAnomalyLib.study.methods import METHODS, StudySettings, intensity_preprocess, network_config  # noqa: E402
+from ADMAnomalyLib.study.methods import METHODS  # noqa: E402
 
 
 def replaced_scores(energy: np.ndarray, case, natives: dict, post: PostprocessConfig, window_mm: float,
@@ -63,26 +60,12 @@ def energy_asymmetry_rows(run_dir: Path, row: str, seed: int = 0, weights=(0.5, 
     A(E)' variants are the row's post-processing as its fold chose it (``postprocess`` in study.json)
     with the product's ``energy_asymmetry_weight`` = u, through the study's own scoring."""
     spec = METHODS[row]
-    study = json.loads((run_dir / "study.json").read_text())
-    settings = StudySettings.from_dict(study["settings"])
-    files = {f.case_id: f for cases in load_domains(study["domains_file"]).values() for f in cases}
-    prep = intensity_preprocess(spec, settings)
-    options = InferenceOptions("cpu")
     rows = []
-    for run in (r for r in study["runs"] if r["seed"] == seed):
-        if only and run["domain"] != only:
-            continue
-        cases = [runner.load_case_data(files[case_id], settings,
-                                       [network_config(spec.network, settings, 0).preprocess, prep], run["domain"])
-                 for case_id in run["test"]]
-        model = runner.load_cached_network(run_dir / "networks", spec.network, settings, seed, run["train"])
-        raw = {c.case_id: runner.raw_energy(model, c, options, None) for c in cases}
+    for fold in runner.finished_folds(run_dir, spec, seed, only):
+        run, cases, raw, natives = fold.run, fold.cases, fold.raw, fold.natives_of
         post = PostprocessConfig(**run["methods"][row]["postprocess"])
         labels = np.concatenate([c.labels for c in cases]).astype(bool)
         caches = runner.RunCaches()
-
-        def natives(case):
-            return case.preparation(prep).native_zscored
 
         def add(name: str, scores: dict[str, np.ndarray]) -> None:
             m = detection_metrics(np.concatenate([scores[c.case_id] for c in cases]), labels)

@@ -17,7 +17,6 @@ the labels they are scored on.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,13 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ADMAnomalyLib.domains import load_domains  # noqa: E402
-from ADMAnomalyLib.infer import InferenceOptions  # noqa: E402
 from ADMAnomalyLib.metrics import detection_metrics  # noqa: E402
 from ADMAnomalyLib.postprocess import LOAD_WEIGHTS, load_offset  # noqa: E402
 from ADMAnomalyLib.study import runner  # noqa: E402
-from ADMAnomalyLib.study.methods import (METHODS, StudySettings, intensity_preprocess,  # noqa: E402
-                                         network_config, postprocess_for)
+from ADMAnomalyLib.study.methods import METHODS, postprocess_for  # noqa: E402
 
 
 def pooled(scores: dict[str, np.ndarray], cases) -> tuple[np.ndarray, np.ndarray]:
@@ -48,24 +44,14 @@ def oracle_rows(run_dir: Path, row: str, seed: int = 0) -> list[dict]:
     spec = METHODS[row]
     if spec.kind != "adm" or not spec.search:
         raise ValueError(f"{row!r} is not an ADM row with a post-processing search")
-    study = json.loads((run_dir / "study.json").read_text())
-    settings = StudySettings.from_dict(study["settings"])
-    files = {f.case_id: f for cases in load_domains(study["domains_file"]).values() for f in cases}
-    prep = intensity_preprocess(spec, settings)
-    options = InferenceOptions("cpu")
     rows = []
-    for run in (r for r in study["runs"] if r["seed"] == seed):
-        cases = [runner.load_case_data(files[case_id], settings,
-                                       [network_config(spec.network, settings, 0).preprocess, prep], run["domain"])
-                 for case_id in run["test"]]
-        model = runner.load_cached_network(run_dir / "networks", spec.network, settings, seed, run["train"])
-        raw = {c.case_id: runner.raw_energy(model, c, options, None) for c in cases}
+    for fold in runner.finished_folds(run_dir, spec, seed):
+        run, cases, raw, settings = fold.run, fold.cases, fold.raw, fold.settings
         caches = runner.RunCaches()
 
         def postprocessed(post) -> dict[str, np.ndarray]:
             # As the study's row: the native FLAIR (and T2) of the row's preparation, through postprocess_scores.
-            return runner._postprocessed(raw, post, cases, lambda c: c.preparation(prep).native_zscored, caches,
-                                         spec.network, keep=False)
+            return runner._postprocessed(raw, post, cases, fold.natives_of, caches, spec.network, keep=False)
 
         def auprc_of(post) -> float:
             return detection_metrics(*pooled(postprocessed(post), cases)).auprc

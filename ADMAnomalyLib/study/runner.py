@@ -163,6 +163,37 @@ def load_cached_network(cache_dir: Path, name: str, settings: StudySettings, see
     return ADMModel.load(network_cache_path(cache_dir, name, network_config(name, settings, seed), train_ids))
 
 
+@dataclass
+class FinishedFold:
+    """One run of a finished study, for an analysis beside it: the ``run`` record of study.json, its
+    test ``cases`` prepared for a row, the ``raw`` energies (case id -> brain voxels) of the run's kept
+    network and ``natives_of``, the native z-scored contrasts of the row's own preparation."""
+
+    run: dict
+    cases: list[CaseData]
+    raw: dict[str, np.ndarray]
+    natives_of: Callable[[CaseData], dict[str, np.ndarray]]
+    settings: StudySettings
+
+
+def finished_folds(run_dir: Path, spec: MethodSpec, seed: int = 0, only: str | None = None):
+    """Yield a :class:`FinishedFold` per run of ``seed`` (left-out domain ``only``, or every one) in the
+    study folder ``run_dir`` (study.json, networks/), scored by its kept network of ``spec.network``
+    through :func:`raw_energy`, the path ``predict`` runs. One fold at a time: a fold's cases are large."""
+    study = json.loads((Path(run_dir) / "study.json").read_text())
+    settings = StudySettings.from_dict(study["settings"])
+    files = {f.case_id: f for cases in load_domains(study["domains_file"]).values() for f in cases}
+    prep = intensity_preprocess(spec, settings)
+    options = InferenceOptions("cpu")
+    for run in (r for r in study["runs"] if r["seed"] == seed and only in (None, r["domain"])):
+        cases = [load_case_data(files[case_id], settings,
+                                [network_config(spec.network, settings, 0).preprocess, prep], run["domain"])
+                 for case_id in run["test"]]
+        model = load_cached_network(Path(run_dir) / "networks", spec.network, settings, seed, run["train"])
+        raw = {c.case_id: raw_energy(model, c, options, None) for c in cases}
+        yield FinishedFold(run, cases, raw, lambda c: c.preparation(prep).native_zscored, settings)
+
+
 def train_networks(names: Sequence[str], settings: StudySettings, seed: int, data: dict[str, TrainingData],
                    device: torch.device, cache_dir: Path | None = None,
                    train_ids: Sequence[str] = ()) -> TrainedNetworks:

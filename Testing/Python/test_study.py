@@ -897,17 +897,22 @@ def test_held_out_rows_choose_on_networks_that_did_not_see_the_validation_domain
         original(dataclasses.replace(run, train_cases=by_domain["site A"]), ["ADM+ F"], {}, torch.device("cpu"), None)
 
 
+def _benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module (the benchmarks are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_oracle_benchmark_runs_the_rows_search_on_the_test_domain(tmp_path):
     """benchmarks/oracle_postprocess.py: the row's search with the test domain's labels as criterion on
     the study's cached networks; greedy, so it never ends below the row's unsearched post-processing,
     and it reads the test labels (the study's choices never do)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "oracle_postprocess", Path(__file__).resolve().parents[2] / "benchmarks" / "oracle_postprocess.py")
-    oracle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oracle)
+    oracle = _benchmark("oracle_postprocess")
     path = _make_domains(tmp_path)
     row = "ADM+ F +asym +post+cc (z+load)"
     study.run_study(None, tmp_path / "out", dataclasses.replace(_domain_settings(), methods=(row,), left_out=("site C",)),
@@ -927,13 +932,7 @@ def test_the_energy_asymmetry_benchmark_adds_the_products_term_to_the_folds_choi
     """benchmarks/energy_asymmetry.py: on a study's cached networks, 'E + u A(E)' is the fold's chosen
     post-processing with the product's energy_asymmetry_weight = u (u = 0 is the row as chosen),
     beside E replaced by A(E) and the raw scores."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "energy_asymmetry", Path(__file__).resolve().parents[2] / "benchmarks" / "energy_asymmetry.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("energy_asymmetry")
     path = _make_domains(tmp_path)
     row = "ADM+ F +asym +post+cc (z+load)"
     study.run_study(None, tmp_path / "out", dataclasses.replace(_domain_settings(), methods=(row,), left_out=("site C",)),
