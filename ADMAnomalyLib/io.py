@@ -8,6 +8,7 @@ so an interrupted write never leaves a truncated file under the final name.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -256,6 +257,29 @@ def write_text_atomic(text: str, path: PathLike, encoding: str = "utf-8") -> Pat
     return write_bytes_atomic(text.encode(encoding), path)
 
 
+def _remove_stale_temp_files(path: Path, suffix: str) -> None:
+    """Remove the temp files of ``path`` whose writer was killed: the hardest stop runs no ``finally``,
+    and a rerun would otherwise leave them beside its outputs for good. Their names carry the writer's
+    process id; one whose process is gone is stale, a live writer's (another shard's, this process's)
+    is left alone. POSIX only: on Windows ``os.kill`` would terminate the process it asks about."""
+    if os.name == "nt":
+        return
+    head = f".{path.name}."
+    for candidate in path.parent.glob(f"{glob.escape(head)}*.tmp{glob.escape(suffix)}"):
+        pid = candidate.name[len(head):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                candidate.unlink()
+            except OSError:
+                pass
+        except OSError:  # alive, but another user's
+            pass
+
+
 def _atomic(path: Path, write: Callable[[Path], None], suffix: str) -> Path:
     """Run ``write`` on a temp file beside ``path`` and rename it over ``path`` on success."""
     if path.is_dir():
@@ -263,8 +287,9 @@ def _atomic(path: Path, write: Callable[[Path], None], suffix: str) -> Path:
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(path, suffix)
         # Same folder => same file system => os.replace is an atomic rename.
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=folder)
         os.close(fd)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write to folder {folder} ({_os_reason(exc)})") from None

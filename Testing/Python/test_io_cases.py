@@ -137,6 +137,33 @@ def test_write_image_failure_keeps_previous_file(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == ["out.nii.gz"]
 
 
+def test_a_rerun_removes_the_temp_files_of_a_killed_writer_only(tmp_path):
+    """A writer killed mid-write leaves its temp file (no cleanup runs); the next write of the same
+    output removes it, while a live writer's temp file (another shard's) stays."""
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".out.nii.gz.{dead_pid}.abc123.tmp.nii.gz"
+        busy = tmp_path / f".out.nii.gz.{live.pid}.def456.tmp.nii.gz"
+        other = tmp_path / f".other.nii.gz.{dead_pid}.ghi789.tmp.nii.gz"
+        for path in (stale, busy, other):
+            path.write_bytes(b"half")
+        write_image_atomic(_volume(), tmp_path / "out.nii.gz")
+        left = _leftovers(tmp_path)
+        if os.name == "nt":
+            assert stale.name in left
+        else:
+            assert stale.name not in left and busy.name in left and other.name in left
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_write_unwritable_folder(tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")  # a file where a folder is needed: unwritable even for root
