@@ -260,14 +260,14 @@ def write_text_atomic(text: str, path: PathLike, encoding: str = "utf-8") -> Pat
 def _remove_stale_temp_files(path: Path, suffix: str) -> None:
     """Remove the temp files of ``path`` whose writer was killed: the hardest stop runs no ``finally``,
     and a rerun would otherwise leave them beside its outputs for good. Their names carry the writer's
-    process id; one whose process is gone is stale, a live writer's (another shard's, this process's)
-    is left alone. POSIX only: on Windows ``os.kill`` would terminate the process it asks about."""
+    process id; one whose process is gone is stale, a live writer's (another shard's, this process's:
+    ``os.kill(pid, 0)`` succeeds for both) is left alone. POSIX only: on Windows ``os.kill`` would terminate the process it asks about."""
     if os.name == "nt":
         return
     head = f".{path.name}."
     for candidate in path.parent.glob(f"{glob.escape(head)}*.tmp{glob.escape(suffix)}"):
         pid = candidate.name[len(head):].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if not pid.isdigit():
             continue
         try:
             os.kill(int(pid), 0)
