@@ -124,6 +124,13 @@ class ModelConfig:
     predicts it, a one-sided lesion has none, so the translation of a lesion follows its normal mirror
     image and the lesion stays in the residual even where the other contrasts show it. False is the
     faithful ADM."""
+    ctoc_flair_hides_t2: bool = False
+    """Beyond the paper: CtoC makes FLAIR with T2 hidden as well (replaced by its brain median, like
+    FLAIR itself, in the slice and its neighbours). Oedema and MS lesions are bright in both, so a FLAIR
+    translation that reads T2 rebuilds much of the lesion and leaves little of it in the FLAIR residual
+    (docs/domain_analysis.md, twenty-second round). T2's own translation still reads FLAIR: were both
+    hidden in both, the two inputs would be alike and the network could not tell which contrast to
+    make. False is the faithful ADM."""
     median_bias: bool = True
     """Feed the median map to CtoC's last layer as an intensity bias (method.md)."""
     dr_encoder_widths: tuple[int, ...] = (16, 8)

@@ -136,7 +136,7 @@ def brain_medians(x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
 
 def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
                   neighbours: torch.Tensor | None = None, contrasts: Sequence[int] | None = None,
-                  mirror: bool = False) -> torch.Tensor:
+                  mirror: bool = False, hidden_with: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
     """The translation of ``x`` (B, K, H, W): contrast k synthesised from the others, for every k at once
     (for the contrast indices ``contrasts`` only, in that order, when given: a translation of those
     contrasts, with len(contrasts) in place of K below).
@@ -147,7 +147,8 @@ def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
     ``neighbours`` (B, n·K, H, W), for a CtoC with a :class:`~ADMAnomalyLib.config.SliceContext` of n
     images, are the slices carried beside each one (:meth:`~ADMAnomalyLib.preprocess.PreparedCase.neighbours`);
     their channel k is replaced by the same median in input k, so the contrast being made is seen in
-    no neighbouring slice. With ``mirror`` the last of them is the slice's mirror image, which keeps
+    no neighbouring slice. Each pair (k, j) of ``hidden_with`` hides channel j too (by its own median,
+    in the slice and its neighbours) in the input that makes k. With ``mirror`` the last of them is the slice's mirror image, which keeps
     every channel: the contrast being made, seen across the midline, is what predicts it.
 
     A CtoC with an uncertainty head gives (B, 2K, H, W): X̂_ct, then its log-variances clamped to
@@ -158,8 +159,12 @@ def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
     made = list(range(n_contrasts)) if contrasts is None else list(contrasts)
     n_made = len(made)
     medians = brain_medians(x, brain)  # (B, K)
-    # (translation, channel): True where translation i replaces channel made[i] by its median.
-    target = torch.eye(n_contrasts, dtype=torch.bool, device=x.device)[made]
+    # (translation, channel): True where translation i replaces that channel by its median (channel
+    # made[i] and those hidden with it).
+    hidden_by = torch.eye(n_contrasts, dtype=torch.bool, device=x.device)
+    for made_channel, also_hidden in hidden_with:
+        hidden_by[made_channel, also_hidden] = True
+    target = hidden_by[made]
     fill = medians.view(1, batch, n_contrasts, 1, 1)
     inputs = torch.where(target.view(n_made, 1, n_contrasts, 1, 1), fill, x.unsqueeze(0))
     if neighbours is not None:
@@ -304,7 +309,13 @@ class ADMNetwork(nn.Module):
             raise ValueError(f"model.ctoc_mirror_context must be true or false, not {cfg.ctoc_mirror_context!r}")
         if cfg.residual_direction not in RESIDUAL_DIRECTIONS:
             raise ValueError(f"model.residual_direction must be one of {RESIDUAL_DIRECTIONS}, not {cfg.residual_direction!r}")
+        if not isinstance(cfg.ctoc_flair_hides_t2, bool):
+            raise ValueError(f"model.ctoc_flair_hides_t2 must be true or false, not {cfg.ctoc_flair_hides_t2!r}")
+        if cfg.ctoc_flair_hides_t2 and cfg.n_contrasts < CONTRASTS.index("t2") + 1:
+            raise ValueError("model.ctoc_flair_hides_t2 needs the T2 contrast (n_contrasts 4)")
         self.config = cfg
+        self._hidden_with = (((CONTRASTS.index("flair"), CONTRASTS.index("t2")),)
+                             if cfg.ctoc_flair_hides_t2 else ())
         self._residual_channels = [CONTRASTS.index(name) for name in cfg.density_residuals]
         self._intensity_channels = [CONTRASTS.index(name) for name in cfg.density_intensities]
         self.ctoc = CtoCNet(cfg) if cfg.use_ctoc else None
@@ -322,7 +333,7 @@ class ADMNetwork(nn.Module):
             raise RuntimeError("this configuration has no CtoC network (use_ctoc=False)")
         check_neighbours(self.config, x, neighbours)
         return translate_all(self.ctoc if ctoc is None else ctoc, x, brain, neighbours, contrasts,
-                             self.config.ctoc_mirror_context)
+                             self.config.ctoc_mirror_context, self._hidden_with)
 
     def ctoc_state(self) -> dict[str, torch.Tensor]:
         """A detached copy of the CtoC weights, which networks that differ only after step 1 can share

@@ -205,6 +205,8 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+ F mir": _with_model(_ADM_PLUS_F, ctoc_mirror_context=True),
     "ADM+ F> ct mir": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False, ctoc_mirror_context=True),
     "ADM+ F> ct XF": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False, density_intensities=("flair",)),
+    "ADM+ F noT2": _with_model(_ADM_PLUS_F, ctoc_flair_hides_t2=True),
+    "ADM+ F> ct noT2": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False, ctoc_flair_hides_t2=True),
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
@@ -381,6 +383,13 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F +asym +asymE +post+cc (z+load) held-out": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) chosen, as the held-out row, on energies of "
         "networks that did not see the validation domain", load=True, energy_asymmetry=True, held_out=True),
+    "ADM+ F noT2": MethodSpec("adm", "improvement", "ADM+ F whose CtoC makes FLAIR with T2 hidden too, so T2 "
+                              "cannot rebuild the lesion into the FLAIR translation", "ADM+ F noT2"),
+    "ADM+ F> ct noT2": MethodSpec("adm", "improvement", "ADM+ F> ct (the density of the brighter FLAIR residual "
+                                  "alone) with the ADM+ F noT2 CtoC", "ADM+ F> ct noT2"),
+    "ADM+ F noT2 +asym +asymE +post+cc (z+load)": _post_cc_row(
+        "ADM+ F noT2", "zscore", "the bundled row (ADM+ F +asym +asymE +post+cc (z+load)) on ADM+ F noT2", load=True,
+        energy_asymmetry=True),
     "ADM+ F hist": MethodSpec("adm", "improvement", "ADM+ F on histogram-standardised contrasts (landmarks at "
                               "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
     "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "

@@ -529,6 +529,7 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
                       ["ADM+ F ctx"], ["ADM+ F ctx tp"],  # CtoCs that see the neighbouring slices
                       ["ADM+ F hist", "ADM+ F> ct hist"],  # another normalisation of the input
                       ["ADM+ F mir", "ADM+ F> ct mir"],  # CtoCs that see the mirror image
+                      ["ADM+ F noT2", "ADM+ F> ct noT2"],  # CtoCs that make FLAIR without T2
                       ["ADM+ F w32"]]  # a wider CtoC
     assert not any("ADM_dr" in g for g in groups)  # no CtoC at all
     base = study.network_config("ADM", settings, 0)
@@ -538,6 +539,7 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
     for section, change in (("train", {"epochs_ctoc": 99}), ("train", {"nll_beta": 0.1}), ("train", {"seed": 5}),
                             ("model", {"median_bias": False}), ("model", {"ctoc_context_slices": 1}),
                             ("model", {"ctoc_mirror_context": True}), ("model", {"ctoc_width": 32}),
+                            ("model", {"ctoc_flair_hides_t2": True}),
                             ("train", {"through_plane_mix": 0.5}),
                             ("preprocess", {"normalisation": "robust"}),
                             ("preprocess", {"normalisation": "histogram"})):
