@@ -274,3 +274,43 @@ def test_brighter_residuals_keep_only_what_is_brighter_than_predicted():
     torch.testing.assert_close(z_brighter[:, 1:], z_both[:, 1:])  # Z_dr unchanged
     with pytest.raises(ValueError, match="residual_direction"):
         ADMNetwork(dataclasses.replace(cfg, residual_direction="darker"))
+
+
+def test_hidden_with_replaces_the_paired_contrast_by_its_median_in_the_slice_and_its_neighbours():
+    x, brain = _slices(2, 16, seed=4)
+    neighbours = torch.randn(2, 2 * 4, 16, 16)
+    recorder = _RecordingCtoC()
+    translate_all(recorder, x, brain, neighbours, hidden_with=[(0, 3)])
+    medians = brain_medians(x, brain)
+    inputs = recorder.inputs.view(4, 2, 3, 4, 16, 16)  # (translation, sample, image, channel, H, W)
+    for b in range(2):
+        for image in range(3):
+            # Making FLAIR (0): FLAIR and T2 (3) are both the median map, T1 and T1c are seen.
+            assert torch.all(inputs[0, b, image, 3] == medians[b, 3])
+            assert torch.all(inputs[0, b, image, 0] == medians[b, 0])
+            seen = x[b, 1:3] if image == 0 else neighbours[b].view(2, 4, 16, 16)[image - 1, 1:3]
+            assert torch.equal(inputs[0, b, image, 1:3], seen)
+        # Making T2 still reads FLAIR: only the made contrast is hidden there.
+        assert torch.equal(inputs[3, b, 0, 0], x[b, 0])
+
+
+def test_a_ctoc_that_hides_t2_from_flair_makes_flair_whatever_t2_shows():
+    cfg = dataclasses.replace(preset("tiny").model, ctoc_flair_hides_t2=True, ctoc_uncertainty=True)
+    torch.manual_seed(0)
+    network = ADMNetwork(cfg).eval()
+    x, brain = _slices(2, 32)
+    lesion = x.clone()
+    # A T2 lesion that brightens only pixels already above T2's median, so the median stays.
+    above = lesion[:, 3] > brain_medians(x, brain)[:, 3].view(2, 1, 1)
+    lesion[:, 3, 10:16, 10:16] += 4.0 * above[:, 10:16, 10:16]
+    with torch.no_grad():
+        plain, changed = network.translate(x, brain), network.translate(lesion, brain)
+    assert torch.equal(brain_medians(x, brain)[:, 3], brain_medians(lesion, brain)[:, 3])
+    torch.testing.assert_close(changed[:, [0, 4]], plain[:, [0, 4]])  # FLAIR's mean and log-variance
+    assert not torch.allclose(changed[:, 1], plain[:, 1])  # T1 is made from T2 as before
+    faithful = ADMNetwork(dataclasses.replace(cfg, ctoc_flair_hides_t2=False)).eval()
+    faithful.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(faithful.translate(lesion, brain)[:, 0], faithful.translate(x, brain)[:, 0])
+    with pytest.raises(ValueError, match="ctoc_flair_hides_t2"):
+        ADMNetwork(dataclasses.replace(cfg, ctoc_flair_hides_t2=1))
