@@ -528,7 +528,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +asym +post+cc (z+load) held-out",
                                     "ADM+ F +asym +asymT2 +post+cc (z+load) held-out",
                                     "ADM+ F +asym +asymE +post+cc (z+load)",
-                                    "ADM+ F +asym +asymE +post+cc (z+load) held-out")
+                                    "ADM+ F +asym +asymE +post+cc (z+load) held-out", "ADM+ F noT2",
+                                    "ADM+ F> ct noT2", "ADM+ F noT2 +asym +asymE +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
