@@ -148,8 +148,9 @@ def translate_all(ctoc: nn.Module, x: torch.Tensor, brain: torch.Tensor,
     images, are the slices carried beside each one (:meth:`~ADMAnomalyLib.preprocess.PreparedCase.neighbours`);
     their channel k is replaced by the same median in input k, so the contrast being made is seen in
     no neighbouring slice. Each pair (k, j) of ``hidden_with`` hides channel j too (by its own median,
-    in the slice and its neighbours) in the input that makes k. With ``mirror`` the last of them is the slice's mirror image, which keeps
-    every channel: the contrast being made, seen across the midline, is what predicts it.
+    in the slice and its neighbours) in the input that makes k. With ``mirror`` the last of them is the
+    slice's mirror image, which keeps every channel: the contrast being made, seen across the midline,
+    is what predicts it.
 
     A CtoC with an uncertainty head gives (B, 2K, H, W): X̂_ct, then its log-variances clamped to
     :data:`LOG_VARIANCE_RANGE` (0 outside the brain), all float32 whatever the caller's autocast

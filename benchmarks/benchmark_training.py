@@ -44,13 +44,13 @@ def flops_per_slice_set(preset_name: str) -> dict[str, float]:
     ``dr_de``, DR + DE. ``bundled`` counts the bundled model's architecture."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ADMAnomalyLib.networks import ADMNetwork, translate_all
+    from ADMAnomalyLib.networks import ADMNetwork
 
     config, images, brain = _model_and_batch(preset_name, 1, torch.device("cpu"))
     network = ADMNetwork(config.model).eval()
     with torch.no_grad():
         with FlopCounterMode(display=False) as ctoc_counter:
-            x_hat = translate_all(network.ctoc, images, brain)
+            x_hat = network.translate(images, brain)
         with FlopCounterMode(display=False) as residual_counter:
             network.residual_translation(images, brain)
         with FlopCounterMode(display=False) as rest_counter:
