@@ -51,7 +51,7 @@ def _cache_key(config: ADMConfig) -> dict[str, Any]:
     # native volumes the post-processing reads, may differ freely. The context and the histogram
     # landmarks enter only when used, so caches written before they existed still match.
     preprocess = asdict(config.preprocess)
-    del preprocess["native_normalisation"]
+    del preprocess["native_normalisation"], preprocess["native_bias_correction_levels"]
     landmarks = preprocess.pop("histogram_landmarks")
     if config.preprocess.normalisation == "histogram":
         preprocess["histogram_landmarks"] = list(landmarks)

@@ -73,8 +73,20 @@ class PreprocessConfig:
     input's. The network input and the intensity term need not agree: robust statistics steady the
     network's input across sites, while for thresholding FLAIR intensity whole-brain mean and SD,
     which widen with a bright lesion, put the best threshold of every case at nearly the same z."""
+    native_bias_correction_levels: int = 0
+    """Beyond the paper: N4 bias-field correction of the native-grid contrasts the post-processing reads
+    (its FLAIR term and asymmetries), inside the brain and before their normalisation, with this many
+    fitting levels (each doubles the B-spline grid of the field, from 4 control points per axis);
+    0 = off (the network input is never corrected: it stays as the network was trained). A smooth
+    multiplicative field makes one side of a brain brighter on FLAIR than the other, so FLAIR
+    thresholding marks the bright side's normal tissue and misses a lesion on the dark side; published
+    BraTS data are not bias-corrected. Two levels leave a large glioma's own brightness alone, while a
+    third starts to fit it into the field (docs/domain_analysis.md, twenty-seventh round)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.native_bias_correction_levels, bool) or self.native_bias_correction_levels not in range(0, 5):
+            raise ValueError("preprocess.native_bias_correction_levels must be an integer from 0 (off) to 4, "
+                             f"got {self.native_bias_correction_levels!r}")
         for name in ("normalisation", "native_normalisation"):
             value = getattr(self, name)
             if value not in NORMALISATIONS and not (name == "native_normalisation" and value is None):

@@ -20,6 +20,7 @@ origin and direction from the input, i.e. the output grid is the input grid bit 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Optional, Sequence
@@ -33,6 +34,9 @@ from .cases import CaseImages
 from .config import CONTRASTS, PreprocessConfig, SliceContext
 from .errors import InputError
 from .postprocess import midline_shift, mirror
+from .rawprep import n4_correct
+
+logger = logging.getLogger(__name__)
 
 _AXIS_PAIRS = ({"R", "L"}, {"A", "P"}, {"S", "I"})
 
@@ -234,6 +238,27 @@ def _normalised(values: np.ndarray, inside: np.ndarray, method: str, landmarks: 
     return (values - np.float32(centre)) * np.float32(1.0 / scale)
 
 
+N4_ITERATIONS_PER_LEVEL = 50
+"""N4 iterations at each fitting level of ``PreprocessConfig.native_bias_correction_levels``."""
+
+
+def _bias_corrected(image: sitk.Image, brain: np.ndarray, levels: int) -> np.ndarray:
+    """float32 array of ``image`` after N4 bias-field correction with ``levels`` fitting levels, fitted
+    on the brain's positive voxels: N4 works on log intensities, and a single non-positive voxel
+    (interpolation residue of a resampled scan) makes it return a flat field. An image whose brain is
+    mostly non-positive holds no raw MR intensities (it was normalised already) and is returned
+    unchanged, since a multiplicative field cannot be fitted to it."""
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    fitted = brain & (values > 0)
+    if np.count_nonzero(fitted) < 0.5 * np.count_nonzero(brain):
+        logger.warning("no bias-field correction: under half of the brain has positive intensities "
+                       "(an already normalised image?)")
+        return values
+    mask = sitk.GetImageFromArray(fitted.astype(np.uint8))
+    mask.CopyInformation(image)
+    return sitk.GetArrayFromImage(n4_correct(image, mask=mask, iterations=(N4_ITERATIONS_PER_LEVEL,) * levels))
+
+
 def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[str] = ("flair",)) -> PreparedCase:
     """Turn a loaded case into normalised, oriented, resized axial slices (see module doc).
 
@@ -307,7 +332,11 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[
         put(channel, normalised)
         if name in keep_native:
             native = cfg.native_normalisation
-            if native is None or native == cfg.normalisation:
+            if cfg.native_bias_correction_levels:
+                corrected = _bias_corrected(case.images[name], brain, cfg.native_bias_correction_levels)
+                kept[name] = _normalised(corrected, corrected[brain], native or cfg.normalisation, cfg.histogram_landmarks)
+                kept[name][outside] = 0.0
+            elif native is None or native == cfg.normalisation:
                 kept[name] = normalised
             else:
                 # Robust and histogram rest on the same statistics: one pass over the brain serves both.

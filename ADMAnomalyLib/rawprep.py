@@ -238,16 +238,22 @@ def head_mask(image: sitk.Image) -> sitk.Image:
 
 # ---------------------------------------------------------------------------------------------- N4
 
-def n4_correct(image: sitk.Image, shrink: int = 4) -> sitk.Image:
-    """N4 bias-field correction inside the head outline, fitted on a shrunk copy and applied at full
-    resolution; the output keeps the input grid (float32)."""
+N4_ITERATIONS = (50, 50, 30)
+"""N4 iterations per fitting level on raw scans: each level doubles the B-spline grid of the field."""
+
+
+def n4_correct(image: sitk.Image, shrink: int = 4, mask: Optional[sitk.Image] = None,
+               iterations: tuple[int, ...] = N4_ITERATIONS) -> sitk.Image:
+    """N4 bias-field correction inside ``mask`` (default: the head outline), fitted on a copy shrunk
+    ``shrink`` times along each axis long enough for it and applied at full resolution; one fitting level
+    per entry of ``iterations``. The output keeps the input grid (float32)."""
     floats = sitk.Cast(image, sitk.sitkFloat32)
-    mask = head_mask(floats)
+    mask = head_mask(floats) if mask is None else sitk.Cast(mask > 0, sitk.sitkUInt8)
     factors = [shrink if n >= 4 * shrink else 1 for n in floats.GetSize()]
     small = sitk.Shrink(floats, factors)
     small_mask = sitk.Shrink(mask, factors)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
-    corrector.SetMaximumNumberOfIterations([50, 50, 30])
+    corrector.SetMaximumNumberOfIterations([int(n) for n in iterations])
     corrector.Execute(small, small_mask)
     log_field = corrector.GetLogBiasFieldAsImage(floats)
     return sitk.Cast(floats / sitk.Exp(log_field), sitk.sitkFloat32)

@@ -162,6 +162,9 @@ class MethodSpec:
     """``PreprocessConfig.native_normalisation`` of the native FLAIR the row reads: for 'adm' its FLAIR
     term's (None: the network's own normalisation; a post-processing choice that needs no network of
     its own), for 'flair' and 'flair_filtered' the score's (None: the baselines' z-score)."""
+    native_bias_correction_levels: int = 0
+    """``PreprocessConfig.native_bias_correction_levels`` of the native contrasts the row reads (its
+    FLAIR term, a FLAIR baseline's score): N4 before their normalisation; 0 = none."""
     held_out_selection: bool = False
     """For 'adm', domain split only: the training cases' scores that the search, the threshold and the
     load weight read come from the same network trained without the case's domain (on the run's other
@@ -211,11 +214,16 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
 
 
+NATIVE_N4_LEVELS = 2
+"""Fitting levels of the N4 rows' bias-field correction: a third starts to fit a large glioma's own
+brightness into the field (docs/domain_analysis.md, twenty-seventh round)."""
+
+
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
                  case_mixture: bool = False, choose_cutoff: bool = False, share: float = 1.0,
                  choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None,
                  asymmetry: bool = False, t2_asymmetry: bool = False, energy_asymmetry: bool = False,
-                 search_criterion: str = "mean", held_out: bool = False) -> MethodSpec:
+                 search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -226,7 +234,8 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     chooses the weight of the FLAIR asymmetry (:data:`ASYMMETRY_SEARCH`), with ``t2_asymmetry`` then
     T2's (:data:`T2_ASYMMETRY_SEARCH`), with ``energy_asymmetry`` then the energy's own
     (:data:`ENERGY_ASYMMETRY_SEARCH`); ``search_criterion`` is :attr:`MethodSpec.search_criterion` and
-    ``held_out`` :attr:`MethodSpec.held_out_selection`."""
+    ``held_out`` :attr:`MethodSpec.held_out_selection`; ``n4_levels`` its
+    :attr:`MethodSpec.native_bias_correction_levels`."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
@@ -235,7 +244,8 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       search_criterion=search_criterion, small_components=True, load_weights=LOAD_WEIGHTS if load else (),
-                      native_normalisation=native_normalisation, held_out_selection=held_out)
+                      native_normalisation=native_normalisation, held_out_selection=held_out,
+                      native_bias_correction_levels=n4_levels)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -269,6 +279,10 @@ METHODS: dict[str, MethodSpec] = {
                                                  "left-right asymmetry of T2 z (weight 0.5, 5 mm window)",
                                                  postprocess={"median_size_mm": 5.0, "asymmetry_weight": 1.0,
                                                               "t2_asymmetry_weight": 0.5}, small_components=True),
+    "FLAIR z N4 +med5+cc": MethodSpec("flair_filtered", "improvement", "FLAIR z +med5+cc of the FLAIR after N4 "
+                                      f"bias-field correction ({NATIVE_N4_LEVELS} fitting levels)",
+                                      postprocess={"median_size_mm": 5.0}, small_components=True,
+                                      native_bias_correction_levels=NATIVE_N4_LEVELS),
     "FLAIR robust +med5+cc": MethodSpec("flair_filtered", "baseline", "FLAIR z +med5+cc on FLAIR normalised by "
                                         "median and IQR / 1.349 (the ADM+ networks' input) instead of mean and SD",
                                         postprocess={"median_size_mm": 5.0}, small_components=True,
@@ -380,6 +394,10 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F +asym +asymE +post+cc (z+load)": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +post+cc (z+load) whose search then also chooses the weight of the "
         "energy's own left-right asymmetry", load=True, energy_asymmetry=True),
+    "ADM+ F +asym +asymE +post+cc (z+load) N4": _post_cc_row(
+        "ADM+ F", "zscore", "the bundled row (ADM+ F +asym +asymE +post+cc (z+load)) with its FLAIR term and FLAIR "
+        f"asymmetry read from the FLAIR after N4 bias-field correction ({NATIVE_N4_LEVELS} fitting levels)",
+        load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS),
     "ADM+ F +asym +asymE +post+cc (z+load) held-out": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) chosen, as the held-out row, on energies of "
         "networks that did not see the validation domain", load=True, energy_asymmetry=True, held_out=True),
@@ -529,7 +547,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +asym +asymT2 +post+cc (z+load) held-out",
                                     "ADM+ F +asym +asymE +post+cc (z+load)",
                                     "ADM+ F +asym +asymE +post+cc (z+load) held-out", "ADM+ F noT2",
-                                    "ADM+ F> ct noT2", "ADM+ F noT2 +asym +asymE +post+cc (z+load)")
+                                    "ADM+ F> ct noT2", "ADM+ F noT2 +asym +asymE +post+cc (z+load)",
+                                    "FLAIR z N4 +med5+cc", "ADM+ F +asym +asymE +post+cc (z+load) N4")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
@@ -588,14 +607,14 @@ def network_config(name: str, settings: StudySettings, seed: int) -> ADMConfig:
 
 
 def intensity_preprocess(spec: MethodSpec, settings: StudySettings) -> PreprocessConfig:
-    """The preparation whose native FLAIR a row reads, with the row's ``native_normalisation``: an ADM
-    row's FLAIR term reads its network's (what ``predict`` reads for a model whose config carries it),
-    a FLAIR baseline the baselines'."""
+    """The preparation whose native FLAIR a row reads, with the row's ``native_normalisation`` and
+    ``native_bias_correction_levels`` where it sets them: an ADM row's FLAIR term reads its network's
+    (what ``predict`` reads for a model whose config carries it), a FLAIR baseline the baselines'."""
     prep = (network_config(spec.network, settings, 0).preprocess if spec.kind == "adm"
             else baseline_preprocess(settings))
-    if spec.native_normalisation is None:
-        return prep
-    return dataclasses.replace(prep, native_normalisation=spec.native_normalisation)
+    return dataclasses.replace(
+        prep, native_normalisation=spec.native_normalisation or prep.native_normalisation,
+        native_bias_correction_levels=spec.native_bias_correction_levels or prep.native_bias_correction_levels)
 
 
 def baseline_preprocess(settings: StudySettings) -> PreprocessConfig:

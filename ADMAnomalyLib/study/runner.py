@@ -736,7 +736,8 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
 
     prep = intensity_preprocess(spec, settings)
     # Rows that read the FLAIR term from another normalisation must not share post-processed scores.
-    flair_source = "" if spec.native_normalisation is None else f"|FLAIR {spec.native_normalisation}"
+    flair_source = ("" if spec.native_normalisation is None else f"|FLAIR {spec.native_normalisation}") + (
+        f"|N4 {spec.native_bias_correction_levels}" if spec.native_bias_correction_levels else "")
 
     def natives_of(case: CaseData) -> dict[str, np.ndarray]:
         # The FLAIR term reads the native FLAIR (and T2) of the row's preparation, as predict does.
@@ -797,14 +798,15 @@ def baseline_method_scores(method: str, spec: MethodSpec, run: RunData) -> tuple
     if spec.kind == "dagmm":
         return run.raw["DAGMM-conv"], {}
     if spec.kind in ("flair", "flair_filtered"):
-        if spec.native_normalisation is None:
-            raw = {c.case_id: c.features[:, flair] for c in run.all_cases}
-        else:
-            prep = intensity_preprocess(spec, run.settings)
-            raw = {c.case_id: c.preparation(prep).native_zscored["flair"][c.brain] for c in run.all_cases}
+        prep = intensity_preprocess(spec, run.settings)
+
+        def natives_of(case: CaseData) -> dict[str, np.ndarray]:
+            # The asymmetries read the row's own preparation of FLAIR and T2, as its score does.
+            return case.preparation(prep).native_zscored
+
+        raw = {c.case_id: natives_of(c)["flair"][c.brain] for c in run.all_cases}
         post = postprocess_for(spec, run.settings)
-        return _postprocessed(raw, post, run.all_cases, lambda c: c.prepared.native_zscored, run.caches,
-                              method), {}
+        return _postprocessed(raw, post, run.all_cases, natives_of, run.caches, method), {}
     if spec.kind in ("mahalanobis", "ocsvm"):
         settings, extra = run.settings, {}
         normal = _pooled([c.features[c.normal] for c in run.train_cases])
@@ -887,7 +889,8 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
             variants_needed.setdefault(METHODS[m].network, set()).update(raw_variants(METHODS[m], settings))
     network_preprocess = [network_config(n, settings, 0).preprocess for n in networks_needed]
     network_preprocess += [intensity_preprocess(METHODS[m], settings) for m in methods
-                           if METHODS[m].kind == "adm" or METHODS[m].native_normalisation is not None]
+                           if METHODS[m].kind == "adm" or METHODS[m].native_normalisation is not None
+                           or METHODS[m].native_bias_correction_levels]
     cases: dict[str, CaseData] = {}
     total = sum(len(files) for files in files_by_domain.values())
     for domain, files in files_by_domain.items():

@@ -130,11 +130,12 @@ def test_cache_refuses_corruption_other_settings_and_reuse(cohort, tmp_path):
         build_slice_cache(cohort, cache, config)
     with pytest.raises(InputError, match="other preprocessing"):
         load_slice_cache(cache, preset("tiny", train={"lesion_margin": 5}))
-    # The native volumes' normalisation never reaches the cached slices; the input's does.
+    # The native volumes' normalisation and bias correction never reach the cached slices; the input's does.
     def with_preprocess(**changes):
         return dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, **changes))
 
     load_slice_cache(cache, with_preprocess(native_normalisation="robust"), verify=False)
+    load_slice_cache(cache, with_preprocess(native_bias_correction_levels=2), verify=False)
     with pytest.raises(InputError, match="other preprocessing"):
         load_slice_cache(cache, with_preprocess(normalisation="histogram"))
     histogram = with_preprocess(normalisation="histogram")

@@ -372,6 +372,17 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     product_robust = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(robust_post[case.case_id], product_robust[case.brain])
     assert not np.allclose(robust_post[case.case_id], study_post[case.case_id])
+    # A FLAIR term read from the bias-corrected FLAIR: the N4 rows' preparation is predict's too.
+    n4_spec = dataclasses.replace(study.METHODS["ADM +post"], native_bias_correction_levels=2)
+    corrected = dataclasses.replace(study.network_config("ADM", settings, 0).preprocess, native_bias_correction_levels=2)
+    assert study.methods.intensity_preprocess(n4_spec, settings) == corrected
+    case = study.load_case_data(files, settings, [corrected])
+    n4_post = _postprocessed({case.case_id: study_energy}, post, [case],
+                             lambda c: c.preparation(corrected).native_zscored, RunCaches(), "ADM")
+    model.config.preprocess = corrected
+    product_n4 = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
+    np.testing.assert_array_equal(n4_post[case.case_id], product_n4[case.brain])
+    assert not np.allclose(n4_post[case.case_id], study_post[case.case_id])
 
 
 # -- leave one domain out ---------------------------------------------------------------------------

@@ -109,6 +109,10 @@ def test_histogram_standardisation_keeps_the_robust_scale_in_the_tails_and_stays
     ({"histogram_landmarks": (50.0,)}, "histogram_landmarks"),
     ({"normalisation": "percentile"}, "preprocess.normalisation"),
     ({"native_normalisation": "minmax"}, "preprocess.native_normalisation"),
+    ({"native_bias_correction_levels": -1}, "preprocess.native_bias_correction_levels"),
+    ({"native_bias_correction_levels": 5}, "preprocess.native_bias_correction_levels"),
+    ({"native_bias_correction_levels": 1.5}, "preprocess.native_bias_correction_levels"),
+    ({"native_bias_correction_levels": True}, "preprocess.native_bias_correction_levels"),
 ])
 def test_preprocess_config_refuses_unknown_normalisations_and_bad_landmarks(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -147,6 +151,68 @@ def test_the_flair_term_can_be_normalised_apart_from_the_network_input():
                                                       native_normalisation=native))
         np.testing.assert_array_equal(crossed.native_zscored["flair"], expected.native_zscored["flair"])
     assert not np.allclose(histogram.native_zscored["flair"], robust.native_zscored["flair"])
+
+
+def _case_with_bias_field(strength: float, non_positive_share: float = 0.0):
+    """The lesion case with FLAIR multiplied by a smooth left-right field exp(strength x (-1 .. 1)); with
+    ``non_positive_share``, that share of the brain's FLAIR voxels set to a tenth of its median below zero, as
+    the interpolation residue of a resampled scan (TCGA: -45 at a median of a few hundred)."""
+    case = _case_with_lesion(100.0, 4)
+    flair = sitk.GetArrayFromImage(case.images["flair"])
+    x = np.linspace(-1.0, 1.0, flair.shape[2], dtype=np.float32)
+    biased = flair * np.exp(strength * x)[None, None, :]
+    if non_positive_share:
+        inside = np.flatnonzero(flair > 0)
+        hit = np.random.default_rng(0).choice(inside, int(non_positive_share * inside.size), replace=False)
+        biased.flat[hit] = -0.1 * np.median(flair[flair > 0])
+    case.images["flair"] = sitk.GetImageFromArray(biased.astype(np.float32))
+    return case
+
+
+def _left_right_gap(flair: np.ndarray, normal: np.ndarray) -> float:
+    """How far the normal tissue's median FLAIR differs between the left and the right third."""
+    third = flair.shape[2] // 3
+    columns = np.arange(flair.shape[2])[None, None, :]
+    left, right = normal & (columns < third), normal & (columns >= 2 * third)
+    return abs(float(np.median(flair[left]) - np.median(flair[right])))
+
+
+@pytest.mark.parametrize("non_positive_share", [0.0, 0.01])
+def test_the_flair_term_can_be_bias_corrected_apart_from_the_network_input(non_positive_share):
+    case = _case_with_bias_field(0.4, non_positive_share)
+    base = PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation="robust")
+    plain = prepare_case(case, base)
+    corrected = prepare_case(case, PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation="robust",
+                                                    native_bias_correction_levels=2))
+    # The network input is as trained; only the native FLAIR the post-processing reads is corrected.
+    np.testing.assert_array_equal(corrected.slices, plain.slices)
+    assert corrected.zscore == plain.zscore
+    normal = plain.native_brain & ~plain.native_lesion
+    if non_positive_share:  # the residue voxels are no tissue: leave them out of the comparison
+        normal &= sitk.GetArrayFromImage(case.images["flair"]) > 0
+    before = _left_right_gap(plain.native_zscored["flair"], normal)
+    after = _left_right_gap(corrected.native_zscored["flair"], normal)
+    # A single non-positive voxel in N4's mask would flatten its field: the residue must not stop it.
+    assert before > 0.5 and after < before / 3
+    assert not corrected.native_zscored["flair"][~corrected.native_brain].any()
+    # The lesion stays the brightest tissue: two fitting levels do not absorb it into the field.
+    lesion = corrected.native_zscored["flair"][corrected.native_lesion]
+    assert np.median(lesion) > np.percentile(corrected.native_zscored["flair"][normal], 99)
+
+
+def test_bias_correction_leaves_an_already_normalised_image_alone(caplog):
+    case = _case_with_lesion(1.0, 4)
+    flair = sitk.GetArrayFromImage(case.images["flair"])
+    brain = flair != 0
+    zscored = np.where(brain, (flair - flair[brain].mean()) / flair[brain].std() - 1.0, 0).astype(np.float32)
+    case.images["flair"] = sitk.GetImageFromArray(zscored)
+    cfg = PreprocessConfig(image_size=32, min_brain_pixels=8)
+    plain = prepare_case(case, cfg)
+    with caplog.at_level("WARNING"):
+        corrected = prepare_case(case, PreprocessConfig(image_size=32, min_brain_pixels=8,
+                                                        native_bias_correction_levels=2))
+    np.testing.assert_allclose(corrected.native_zscored["flair"], plain.native_zscored["flair"], atol=1e-6)
+    assert "no bias-field correction" in caplog.text
 
 
 def test_median_window_is_sized_in_mm_per_axis():
