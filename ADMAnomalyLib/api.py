@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from torch import device as torch_device
 
 from .cases import CaseFiles, case_from_images, discover_cases, find_cases, load_case
-from .config import ADMConfig, CONTRASTS, PRESETS, preset, profile_overrides
+from .config import ADMConfig, CONTRASTS, NATIVE_PREPROCESS_FIELDS, PRESETS, preset, profile_overrides
 from .device import PRECISIONS, describe_device, resolve_device, training_dtype
 from .errors import ADMError, InputError, ModelFileError, OutputError
 from .infer import InferenceOptions, Prediction, anomaly_mask, percentile_threshold, predict_case
@@ -442,16 +442,20 @@ def training_config(
 
 
 def with_postprocess(model: ADMModel, overrides: dict[str, Any] | None) -> ADMModel:
-    """``model`` with other post-processing (``PostprocessConfig`` fields), for trying it without
-    retraining; e.g. ``{"flair_weight": 0}`` shows the model's own evidence. The stored threshold
-    was chosen for the model's own post-processing, so the result has none: give one."""
+    """``model`` with other post-processing (``PostprocessConfig`` fields, or the preprocessing fields
+    of :data:`~ADMAnomalyLib.config.NATIVE_PREPROCESS_FIELDS`, which shape only what the post-processing
+    reads), for trying it without retraining; e.g. ``{"flair_weight": 0}`` shows the model's own
+    evidence. The stored threshold was chosen for the model's own post-processing, so the result has
+    none: give one."""
     if not overrides:
         return model
+    native = {k: v for k, v in overrides.items() if k in NATIVE_PREPROCESS_FIELDS}
     try:
-        post = dataclasses.replace(model.config.postprocess, **overrides)
+        post = dataclasses.replace(model.config.postprocess, **{k: v for k, v in overrides.items() if k not in native})
+        prep = dataclasses.replace(model.config.preprocess, **native)
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid post-processing setting: {exc}") from None
-    config = dataclasses.replace(model.config, postprocess=post)
+    config = dataclasses.replace(model.config, preprocess=prep, postprocess=post)
     metadata = {**model.metadata, "postprocess_overrides": dict(overrides)}
     return ADMModel(config, model.network, model.gmm, None, metadata, model.path)
 

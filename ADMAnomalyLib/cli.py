@@ -79,7 +79,8 @@ def _positive_float(text: str) -> float:
 def _add_postprocess_settings(parser: argparse.ArgumentParser, needs_threshold: bool = True) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="postprocess.FIELD=VALUE",
                         help="other post-processing than the model's, without retraining, e.g. "
-                             "--set postprocess.flair_weight=0 (the model's own evidence)"
+                             "--set postprocess.flair_weight=0 (the model's own evidence) or "
+                             "--set preprocess.native_bias_correction_levels=2 (N4 of the FLAIR it reads)"
                              + ("; needs --threshold for the anomaly maps" if needs_threshold else ""))
 
 
@@ -495,14 +496,21 @@ def _run_study(args: argparse.Namespace) -> int:
 
 
 def _postprocess_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``--set postprocess.FIELD=VALUE`` of predict and evaluate (other sections are training settings)."""
+    """``--set postprocess.FIELD=VALUE`` of predict, evaluate and calibrate, and ``--set preprocess.FIELD=VALUE``
+    for the fields that shape only what the post-processing reads (other settings need retraining)."""
     from .api import parse_settings
+    from .config import NATIVE_PREPROCESS_FIELDS
 
     sections = parse_settings(args.set)
-    other = sorted(set(sections) - {"postprocess"})
+    native = sections.pop("preprocess", {})
+    other = sorted(set(sections) - {"postprocess"}) + sorted(f"preprocess.{k}" for k in native
+                                                              if k not in NATIVE_PREPROCESS_FIELDS)
     if other:
-        raise InputError(f"--set here takes postprocess.FIELD=VALUE only, not {', '.join(other)} settings")
-    return sections.get("postprocess")
+        raise InputError(f"--set here takes postprocess.FIELD=VALUE and "
+                         f"{', '.join(f'preprocess.{k}' for k in NATIVE_PREPROCESS_FIELDS)} only, not {', '.join(other)}: "
+                         "those shape the trained networks")
+    overrides = {**sections.get("postprocess", {}), **native}
+    return overrides or None
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -471,6 +471,9 @@ pathologies (robust normalisation, site-shift augmentation, CtoC uncertainty, on
 among the density features, and the post-processing the leave-one-domain-out study chose, with the
 load weight ``admanomaly calibrate --choose-load-weight`` chose over the four domains; see README,
 "The method as implemented")."""
+NATIVE_PREPROCESS_FIELDS = ("native_normalisation", "native_bias_correction_levels")
+"""The preprocessing fields that shape only the native volumes the post-processing reads, never the
+network input: like post-processing, they may change on a trained model."""
 TRAINING_SECTIONS = ("preprocess", "model", "train")
 """The config sections that shape the trained networks (post-processing is applied after them)."""
 

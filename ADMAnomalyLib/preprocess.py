@@ -242,7 +242,7 @@ N4_ITERATIONS_PER_LEVEL = 50
 """N4 iterations at each fitting level of ``PreprocessConfig.native_bias_correction_levels``."""
 
 
-def _bias_corrected(image: sitk.Image, brain: np.ndarray, levels: int) -> np.ndarray:
+def bias_corrected(image: sitk.Image, brain: np.ndarray, levels: int) -> np.ndarray:
     """float32 array of ``image`` after N4 bias-field correction with ``levels`` fitting levels, fitted
     on the brain's positive voxels: N4 works on log intensities, and a single non-positive voxel
     (interpolation residue of a resampled scan) makes it return a flat field. An image whose brain is
@@ -333,7 +333,7 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[
         if name in keep_native:
             native = cfg.native_normalisation
             if cfg.native_bias_correction_levels:
-                corrected = _bias_corrected(case.images[name], brain, cfg.native_bias_correction_levels)
+                corrected = bias_corrected(case.images[name], brain, cfg.native_bias_correction_levels)
                 kept[name] = _normalised(corrected, corrected[brain], native or cfg.normalisation, cfg.histogram_landmarks)
                 kept[name][outside] = 0.0
             elif native is None or native == cfg.normalisation:

@@ -306,6 +306,18 @@ def test_predict_and_evaluate_try_other_post_processing_without_retraining(train
     assert report["methods"]["ADM"]["pooled"]["auprc"] is not None
     assert main(["predict", str(trained_model), str(case_dir), "-o", str(smoothed), "--set", "train.seed=1"]) == 2
     assert main(["evaluate", str(trained_model), str(cohort), "--set", "postprocess.no_such_step=1"]) == 2
+    # The FLAIR the post-processing reads may be bias-corrected without retraining; the network input may not change.
+    flair_term = ["--threshold", "1.0", "--set", "postprocess.flair_weight=1"]
+    outputs = {}
+    for name, extra in (("term", []), ("n4", ["--set", "preprocess.native_bias_correction_levels=2"])):
+        assert main(["predict", str(trained_model), str(case_dir), "-o", str(tmp_path / name), "--device", "cpu",
+                     "--progress", "none", *flair_term, *extra]) == 0
+        outputs[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "synth_0_energy.nii.gz")))
+    assert not np.allclose(outputs["term"], outputs["n4"])
+    capsys.readouterr()
+    assert main(["predict", str(trained_model), str(case_dir), "-o", str(tmp_path / "x"), *flair_term,
+                 "--set", "preprocess.image_size=64"]) == 2
+    assert "preprocess.image_size" in capsys.readouterr().err
 
 
 def test_training_settings_are_mapped_once(tmp_path):
@@ -357,6 +369,13 @@ def test_calibrate_rechooses_the_threshold_for_other_post_processing(trained_mod
     assert report["methods"]["ADM"]["pooled"]["best_threshold"] == pytest.approx(calibrated.threshold)
     for name, param in original.network.state_dict().items():  # the networks are untouched
         assert torch.equal(param, calibrated.network.state_dict()[name])
+    # A bias-corrected FLAIR for the post-processing is a calibration too: the written model reads it.
+    corrected = api.calibrate(trained_model, cohort, tmp_path / "n4.admm", device="cpu",
+                              postprocess={"flair_weight": 1.0, "native_bias_correction_levels": 2})
+    stored = api.load_model(tmp_path / "n4.admm").config
+    assert stored.preprocess.native_bias_correction_levels == 2 and stored.postprocess.flair_weight == 1.0
+    assert stored.preprocess.normalisation == original.config.preprocess.normalisation
+    assert corrected.threshold is not None
 
 
 def test_calibrate_on_a_domains_file_averages_dice_over_the_domains(trained_model, cohort, tmp_path):
