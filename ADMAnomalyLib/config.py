@@ -457,7 +457,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "faithful": {},
     "transfer": {
-        "preprocess": {"normalisation": "robust"},
+        "preprocess": {"normalisation": "robust", "native_bias_correction_levels": 2},
         "train": {"augmentation": "site"},
         "model": {"ctoc_uncertainty": True, "density_residuals": ("flair",)},
         "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
@@ -468,7 +468,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper
 (every default); 'transfer' is the bundled model's configuration for scans from other sites and
 pathologies (robust normalisation, site-shift augmentation, CtoC uncertainty, only the FLAIR residual
-among the density features, and the post-processing the leave-one-domain-out study chose, with the
+among the density features, the FLAIR term read from an N4-corrected FLAIR, and the post-processing the
+leave-one-domain-out study chose, with the
 load weight ``admanomaly calibrate --choose-load-weight`` chose over the four domains; see README,
 "The method as implemented")."""
 NATIVE_PREPROCESS_FIELDS = ("native_normalisation", "native_bias_correction_levels")

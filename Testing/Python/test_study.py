@@ -837,7 +837,11 @@ def test_the_transfer_profile_is_the_bundled_rows_configuration():
 
     spec = study.METHODS[study.methods.BUNDLED_METHOD]
     profile = PROFILES["transfer"]
-    assert {k: v for k, v in profile.items() if k in TRAINING_SECTIONS} == study.NETWORKS[spec.network]
+    network = dict(study.NETWORKS[spec.network])
+    if spec.native_bias_correction_levels:  # what the row's FLAIR term reads, not the networks' input
+        network["preprocess"] = {**network.get("preprocess", {}),
+                                 "native_bias_correction_levels": spec.native_bias_correction_levels}
+    assert {k: v for k, v in profile.items() if k in TRAINING_SECTIONS} == network
     # Fixed post-processing as the row fixes it; each searched field one of the row's candidates.
     for field, value in spec.postprocess.items():
         assert profile["postprocess"][field] == value, field
