@@ -78,16 +78,22 @@ def smooth_in_brain(values: np.ndarray, brain: np.ndarray, spacing: Spacing, sig
     return np.where(brain, smoothed, values).astype(np.float32)
 
 
+def signed_distance_mm(mask: np.ndarray, spacing: Spacing) -> np.ndarray:
+    """float32 distance (mm) of every voxel from the edge of the bool ``mask``: positive inside (its
+    depth), negative outside."""
+    image = sitk.GetImageFromArray(np.asarray(mask, dtype=np.uint8))
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    return sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        image, insideIsPositive=True, squaredDistance=False, useImageSpacing=True))
+
+
 def suppress_rim(values: np.ndarray, brain: np.ndarray, spacing: Spacing, rim_mm: float,
                  cache: Optional[dict] = None) -> np.ndarray:
     """Brain voxels within ``rim_mm`` of the background get the lowest brain score (the rim, where
     skull-stripping residue and partial volume give false positives)."""
     cache = {} if cache is None else cache
     if "depth" not in cache:
-        mask = sitk.GetImageFromArray(brain.astype(np.uint8))
-        mask.SetSpacing(tuple(float(v) for v in spacing))
-        cache["depth"] = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
-            mask, insideIsPositive=True, squaredDistance=False, useImageSpacing=True))
+        cache["depth"] = signed_distance_mm(brain, spacing)
     floor = np.float32(values[brain].min())
     return np.where(brain & (cache["depth"] <= rim_mm), floor, values).astype(np.float32)
 

@@ -11,8 +11,8 @@ draws ``--figure``: one case's FLAIR before and after correction with its lesion
 The levels are compared on every domain, the test domains included: this chooses the level the study's
 N4 rows use and is no result of its own; the leave-one-domain-out study measures those rows.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bias_field.py --domains benchmarks/domains.json \\
-        --figure docs/figures/bias_field.png --case Brats18_2013_11_1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bias_field.py --domains benchmarks/domains.json \\
+        --figure docs/figures/bias_field.png --case Brats18_2013_11_1      # 7 min
 """
 
 from __future__ import annotations

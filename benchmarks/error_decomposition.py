@@ -34,17 +34,9 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from ADMAnomalyLib.config import PostprocessConfig  # noqa: E402
 from ADMAnomalyLib.domains import load_domains  # noqa: E402
-from ADMAnomalyLib.postprocess import load_offset  # noqa: E402
+from ADMAnomalyLib.postprocess import load_offset, signed_distance_mm  # noqa: E402
 from ADMAnomalyLib.study import runner  # noqa: E402
 from ADMAnomalyLib.study.methods import METHODS  # noqa: E402
-
-
-def signed_distance(mask: np.ndarray, spacing) -> np.ndarray:
-    """mm from the edge of ``mask``: positive inside (depth), negative outside."""
-    image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    image.SetSpacing(tuple(float(v) for v in spacing))
-    return sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image, insideIsPositive=True, squaredDistance=False,
-                                                               useImageSpacing=True))
 
 
 def share(part: float, whole: float) -> str:
@@ -72,7 +64,7 @@ def main() -> None:
             reference = sitk.GetArrayFromImage(sitk.ReadImage(str(label_paths[case.case_id])))[case.brain]
             lesion = np.zeros(case.brain.shape, bool)
             lesion[case.brain] = case.labels
-            distance = signed_distance(lesion, case.spacing)[case.brain]
+            distance = signed_distance_mm(lesion, case.spacing)[case.brain]
             flair = fold.natives_of(case)["flair"][case.brain]
             found, truth = score >= chosen["threshold"], case.labels
             missed, false_alarm = truth & ~found, ~truth & found
