@@ -49,9 +49,11 @@ def is_slice_cache(path: str | Path) -> bool:
 def _cache_key(config: ADMConfig) -> dict[str, Any]:
     # Only what changes the cached slices; model and optimiser settings, and the normalisation of the
     # native volumes the post-processing reads, may differ freely. The context and the histogram
-    # landmarks enter only when used, so caches written before they existed still match.
+    # landmarks and the bias correction enter only when used, so caches written before they existed still match.
     preprocess = asdict(config.preprocess)
     del preprocess["native_normalisation"], preprocess["native_bias_correction_levels"]
+    if not preprocess["bias_correction_levels"]:
+        del preprocess["bias_correction_levels"]
     landmarks = preprocess.pop("histogram_landmarks")
     if config.preprocess.normalisation == "histogram":
         preprocess["histogram_landmarks"] = list(landmarks)

@@ -73,6 +73,12 @@ class PreprocessConfig:
     input's. The network input and the intensity term need not agree: robust statistics steady the
     network's input across sites, while for thresholding FLAIR intensity whole-brain mean and SD,
     which widen with a bright lesion, put the best threshold of every case at nearly the same z."""
+    bias_correction_levels: int = 0
+    """Beyond the paper: N4 bias-field correction of all four contrasts, inside the brain and before their
+    normalisation, with this many fitting levels (as :attr:`native_bias_correction_levels`), so that the
+    networks see, and are trained on, corrected intensities; the native contrasts the post-processing
+    reads are then the corrected ones too. 0 = off (the paper: none). Unlike the native correction it
+    changes the network input, so a model must be trained with it."""
     native_bias_correction_levels: int = 0
     """Beyond the paper: N4 bias-field correction of the native-grid contrasts the post-processing reads
     (its FLAIR term and asymmetries), inside the brain and before their normalisation, with this many
@@ -84,9 +90,14 @@ class PreprocessConfig:
     third starts to fit it into the field (docs/domain_analysis.md, twenty-seventh round)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.native_bias_correction_levels, bool) or self.native_bias_correction_levels not in range(0, 5):
-            raise ValueError("preprocess.native_bias_correction_levels must be an integer from 0 (off) to 4, "
-                             f"got {self.native_bias_correction_levels!r}")
+        for name in ("bias_correction_levels", "native_bias_correction_levels"):
+            levels = getattr(self, name)
+            if isinstance(levels, bool) or levels not in range(0, 5):
+                raise ValueError(f"preprocess.{name} must be an integer from 0 (off) to 4, got {levels!r}")
+        if self.bias_correction_levels and self.native_bias_correction_levels not in (0, self.bias_correction_levels):
+            raise ValueError("preprocess.native_bias_correction_levels cannot differ from bias_correction_levels: "
+                             "the post-processing reads the contrasts the network input was corrected from "
+                             f"({self.native_bias_correction_levels} against {self.bias_correction_levels})")
         for name in ("normalisation", "native_normalisation"):
             value = getattr(self, name)
             if value not in NORMALISATIONS and not (name == "native_normalisation" and value is None):

@@ -239,7 +239,8 @@ def _normalised(values: np.ndarray, inside: np.ndarray, method: str, landmarks: 
 
 
 N4_ITERATIONS_PER_LEVEL = 50
-"""N4 iterations at each fitting level of ``PreprocessConfig.native_bias_correction_levels``."""
+"""N4 iterations at each fitting level of ``PreprocessConfig.bias_correction_levels`` and
+``native_bias_correction_levels``."""
 
 
 def bias_corrected(image: sitk.Image, brain: np.ndarray, levels: int) -> np.ndarray:
@@ -315,6 +316,8 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[
     def put(channel: int, native: np.ndarray) -> None:
         buffer[inner[0], channel, inner[1], inner[2]] = geometry.to_oriented(native)
 
+    if cfg.bias_correction_levels:
+        arrays = [bias_corrected(case.images[name], brain, cfg.bias_correction_levels) for name in CONTRASTS]
     outside = ~brain
     zscore: dict[str, tuple[float, float]] = {}
     kept: dict[str, np.ndarray] = {}
@@ -332,7 +335,7 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[
         put(channel, normalised)
         if name in keep_native:
             native = cfg.native_normalisation
-            if cfg.native_bias_correction_levels:
+            if cfg.native_bias_correction_levels and not cfg.bias_correction_levels:
                 corrected = bias_corrected(case.images[name], brain, cfg.native_bias_correction_levels)
                 kept[name] = _normalised(corrected, corrected[brain], native or cfg.normalisation, cfg.histogram_landmarks)
                 kept[name][outside] = 0.0

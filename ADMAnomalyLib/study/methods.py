@@ -181,6 +181,12 @@ def _with_model(network: dict[str, dict[str, Any]], **model: Any) -> dict[str, d
     return {**network, "model": {**network.get("model", {}), **model}}
 
 
+NATIVE_N4_LEVELS = 2
+"""Fitting levels of the N4 rows' bias-field correction (of what the post-processing reads, or of the
+N4in network's input as well): a third starts to fit a large glioma's own
+brightness into the field (docs/domain_analysis.md, twenty-seventh round)."""
+
+
 _ADM_PLUS: dict[str, dict[str, Any]] = {"preprocess": {"normalisation": "robust"}, "train": {"augmentation": "site"},
                                         "model": {"ctoc_uncertainty": True}}
 _ADM_PLUS_F = _with_model(_ADM_PLUS, density_residuals=("flair",))
@@ -210,13 +216,9 @@ NETWORKS: dict[str, dict[str, dict[str, Any]]] = {
     "ADM+ F> ct XF": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False, density_intensities=("flair",)),
     "ADM+ F noT2": _with_model(_ADM_PLUS_F, ctoc_flair_hides_t2=True),
     "ADM+ F> ct noT2": _with_model(_ADM_PLUS_F_BRIGHTER, use_dr=False, ctoc_flair_hides_t2=True),
+    "ADM+ F N4in": {**_ADM_PLUS_F, "preprocess": {**_ADM_PLUS_F["preprocess"], "bias_correction_levels": NATIVE_N4_LEVELS}},
 }
 """Config overrides of each trained ADM network (all on top of the study's preset)."""
-
-
-NATIVE_N4_LEVELS = 2
-"""Fitting levels of the N4 rows' bias-field correction: a third starts to fit a large glioma's own
-brightness into the field (docs/domain_analysis.md, twenty-seventh round)."""
 
 
 def _post_cc_row(network: str, standardise: str, description: str, load: bool = False,
@@ -408,6 +410,11 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F noT2 +asym +asymE +post+cc (z+load)": _post_cc_row(
         "ADM+ F noT2", "zscore", "the bundled row (ADM+ F +asym +asymE +post+cc (z+load)) on ADM+ F noT2", load=True,
         energy_asymmetry=True),
+    "ADM+ F N4in": MethodSpec("adm", "improvement", "ADM+ F trained and scored on all four contrasts after N4 "
+                              f"bias-field correction ({NATIVE_N4_LEVELS} fitting levels)", "ADM+ F N4in"),
+    "ADM+ F N4in +asym +asymE +post+cc (z+load)": _post_cc_row(
+        "ADM+ F N4in", "zscore", "the bundled row (ADM+ F +asym +asymE +post+cc (z+load) N4) on ADM+ F N4in, whose "
+        "FLAIR term reads the same corrected FLAIR", load=True, energy_asymmetry=True),
     "ADM+ F hist": MethodSpec("adm", "improvement", "ADM+ F on histogram-standardised contrasts (landmarks at "
                               "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
     "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "
@@ -548,7 +555,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +asym +asymE +post+cc (z+load)",
                                     "ADM+ F +asym +asymE +post+cc (z+load) held-out", "ADM+ F noT2",
                                     "ADM+ F> ct noT2", "ADM+ F noT2 +asym +asymE +post+cc (z+load)",
-                                    "FLAIR z N4 +med5+cc", "ADM+ F +asym +asymE +post+cc (z+load) N4")
+                                    "FLAIR z N4 +med5+cc", "ADM+ F +asym +asymE +post+cc (z+load) N4",
+                                    "ADM+ F N4in", "ADM+ F N4in +asym +asymE +post+cc (z+load)")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

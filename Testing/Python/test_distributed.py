@@ -137,6 +137,8 @@ def test_cache_refuses_corruption_other_settings_and_reuse(cohort, tmp_path):
     load_slice_cache(cache, with_preprocess(native_normalisation="robust"), verify=False)
     load_slice_cache(cache, with_preprocess(native_bias_correction_levels=2), verify=False)
     with pytest.raises(InputError, match="other preprocessing"):
+        load_slice_cache(cache, with_preprocess(bias_correction_levels=2))
+    with pytest.raises(InputError, match="other preprocessing"):
         load_slice_cache(cache, with_preprocess(normalisation="histogram"))
     histogram = with_preprocess(normalisation="histogram")
     histogram_cache = build_slice_cache(cohort, tmp_path / "histogram", histogram)

@@ -314,10 +314,11 @@ def test_predict_and_evaluate_try_other_post_processing_without_retraining(train
                      "--progress", "none", *flair_term, *extra]) == 0
         outputs[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "synth_0_energy.nii.gz")))
     assert not np.allclose(outputs["term"], outputs["n4"])
-    capsys.readouterr()
-    assert main(["predict", str(trained_model), str(case_dir), "-o", str(tmp_path / "x"), *flair_term,
-                 "--set", "preprocess.image_size=64"]) == 2
-    assert "preprocess.image_size" in capsys.readouterr().err
+    for shaping_the_input in ("preprocess.image_size=64", "preprocess.bias_correction_levels=2"):
+        capsys.readouterr()
+        assert main(["predict", str(trained_model), str(case_dir), "-o", str(tmp_path / "x"), *flair_term,
+                     "--set", shaping_the_input]) == 2
+        assert shaping_the_input.split("=")[0] in capsys.readouterr().err
 
 
 def test_training_settings_are_mapped_once(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from ADMAnomalyLib.cases import case_from_images
-from ADMAnomalyLib.config import ADMConfig, PostprocessConfig, PreprocessConfig
+from ADMAnomalyLib.config import CONTRASTS, ADMConfig, PostprocessConfig, PreprocessConfig
 from ADMAnomalyLib.postprocess import (MidSagittalPlane, add_intensity_term, box_maximum, intensity_asymmetry,
                                       left_right_axis, load_offset, median_filter, median_filter_in_brain,
                                       median_window, mid_sagittal_plane, midline_shift, mirror, normal_tissue,
@@ -113,6 +113,9 @@ def test_histogram_standardisation_keeps_the_robust_scale_in_the_tails_and_stays
     ({"native_bias_correction_levels": 5}, "preprocess.native_bias_correction_levels"),
     ({"native_bias_correction_levels": 1.5}, "preprocess.native_bias_correction_levels"),
     ({"native_bias_correction_levels": True}, "preprocess.native_bias_correction_levels"),
+    ({"bias_correction_levels": 5}, "preprocess.bias_correction_levels"),
+    ({"bias_correction_levels": False}, "preprocess.bias_correction_levels"),
+    ({"bias_correction_levels": 2, "native_bias_correction_levels": 1}, "cannot differ"),
 ])
 def test_preprocess_config_refuses_unknown_normalisations_and_bad_landmarks(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -198,6 +201,29 @@ def test_the_flair_term_can_be_bias_corrected_apart_from_the_network_input(non_p
     # The lesion stays the brightest tissue: two fitting levels do not absorb it into the field.
     lesion = corrected.native_zscored["flair"][corrected.native_lesion]
     assert np.median(lesion) > np.percentile(corrected.native_zscored["flair"][normal], 99)
+
+
+def test_the_network_input_can_be_bias_corrected_and_the_flair_term_reads_the_same_correction():
+    case = _case_with_bias_field(0.4, 0.01)
+    base = dict(image_size=32, min_brain_pixels=8, normalisation="robust")
+    plain = prepare_case(case, PreprocessConfig(**base))
+    native_only = prepare_case(case, PreprocessConfig(**base, native_bias_correction_levels=2))
+    corrected = prepare_case(case, PreprocessConfig(**base, bias_correction_levels=2))
+    # The network input is corrected: the FLAIR channel's left-right gap shrinks as the native FLAIR's does.
+    flair = CONTRASTS.index("flair")
+    normal = plain.brain & ~plain.label & (plain.slices[:, flair] != 0)
+    before = _left_right_gap(plain.slices[:, flair], normal)
+    assert before > 0.5 and _left_right_gap(corrected.slices[:, flair], normal) < before / 3
+    # The contrasts without the field move far less than FLAIR (N4 fits a mild field to any image), and
+    # the FLAIR term reads the one correction the native-only option applies.
+    inside = plain.brain & (plain.slices != 0).all(axis=1)
+    moved = {name: float(np.median(np.abs(corrected.slices[:, i] - plain.slices[:, i])[inside]))
+             for i, name in enumerate(CONTRASTS)}
+    assert max(moved["t1"], moved["t1c"], moved["t2"]) < moved["flair"] / 2
+    np.testing.assert_allclose(corrected.native_zscored["flair"], native_only.native_zscored["flair"], atol=1e-5)
+    # Both options together mean the same as the input's alone.
+    both = prepare_case(case, PreprocessConfig(**base, bias_correction_levels=2, native_bias_correction_levels=2))
+    np.testing.assert_array_equal(both.native_zscored["flair"], corrected.native_zscored["flair"])
 
 
 def test_bias_correction_leaves_an_already_normalised_image_alone(caplog):
