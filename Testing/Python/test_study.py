@@ -537,6 +537,7 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
     groups = study.ctoc_groups(list(study.NETWORKS), settings, 0)
     assert groups == [["ADM", "ADM+X", "ADM_ct", "ADM_woj"], ["ADM robust-norm"], ["ADM site-aug"], ["ADM unc"],
                       ["ADM+", "ADM+ F", "ADM+ F>", "ADM+ F> ct", "ADM+ F> ct XF", "ADM+ FT2"],  # density features: after step 1
+                      ["ADM+ F N4in"],  # a bias-corrected input
                       ["ADM+ F ctx"], ["ADM+ F ctx tp"],  # CtoCs that see the neighbouring slices
                       ["ADM+ F hist", "ADM+ F> ct hist"],  # another normalisation of the input
                       ["ADM+ F mir", "ADM+ F> ct mir"],  # CtoCs that see the mirror image
@@ -553,7 +554,8 @@ def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
                             ("model", {"ctoc_flair_hides_t2": True}),
                             ("train", {"through_plane_mix": 0.5}),
                             ("preprocess", {"normalisation": "robust"}),
-                            ("preprocess", {"normalisation": "histogram"})):
+                            ("preprocess", {"normalisation": "histogram"}),
+                            ("preprocess", {"bias_correction_levels": 2})):
         data = base.to_dict()
         data[section] = {**data[section], **change}
         assert study.ctoc_key(ADMConfig.from_dict(data)) != study.ctoc_key(base), change
