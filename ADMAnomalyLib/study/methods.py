@@ -400,6 +400,10 @@ METHODS: dict[str, MethodSpec] = {
         "ADM+ F", "zscore", "the bundled row (ADM+ F +asym +asymE +post+cc (z+load)) with its FLAIR term and FLAIR "
         f"asymmetry read from the FLAIR after N4 bias-field correction ({NATIVE_N4_LEVELS} fitting levels)",
         load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS),
+    "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) N4 (the bundled row) chosen, as the held-out "
+        "row, on energies of networks that did not see the validation domain", load=True, energy_asymmetry=True,
+        n4_levels=NATIVE_N4_LEVELS, held_out=True),
     "ADM+ F +asym +asymE +post+cc (z+load) held-out": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) chosen, as the held-out row, on energies of "
         "networks that did not see the validation domain", load=True, energy_asymmetry=True, held_out=True),
@@ -415,6 +419,10 @@ METHODS: dict[str, MethodSpec] = {
     "ADM+ F N4in +asym +asymE +post+cc (z+load)": _post_cc_row(
         "ADM+ F N4in", "zscore", "the bundled row (ADM+ F +asym +asymE +post+cc (z+load) N4) on ADM+ F N4in, whose "
         "FLAIR term reads the same corrected FLAIR", load=True, energy_asymmetry=True),
+    "ADM+ F N4in +asym +asymE +post+cc (z+load) held-out": _post_cc_row(
+        "ADM+ F N4in", "zscore", "ADM+ F N4in +asym +asymE +post+cc (z+load) chosen, as the held-out row, on "
+        "energies of N4in networks that did not see the validation domain", load=True, energy_asymmetry=True,
+        held_out=True),
     "ADM+ F hist": MethodSpec("adm", "improvement", "ADM+ F on histogram-standardised contrasts (landmarks at "
                               "the 10th-90th percentiles mapped to normal quantiles)", "ADM+ F hist"),
     "ADM+ F hist +post+cc (z+load)": _post_cc_row("ADM+ F hist", "zscore", "ADM+ F hist with the +post+cc "
@@ -556,7 +564,9 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +asym +asymE +post+cc (z+load) held-out", "ADM+ F noT2",
                                     "ADM+ F> ct noT2", "ADM+ F noT2 +asym +asymE +post+cc (z+load)",
                                     "FLAIR z N4 +med5+cc", "ADM+ F +asym +asymE +post+cc (z+load) N4",
-                                    "ADM+ F N4in", "ADM+ F N4in +asym +asymE +post+cc (z+load)")
+                                    "ADM+ F N4in", "ADM+ F N4in +asym +asymE +post+cc (z+load)",
+                                    "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out",
+                                    "ADM+ F N4in +asym +asymE +post+cc (z+load) held-out")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

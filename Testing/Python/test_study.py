@@ -965,3 +965,25 @@ def test_the_energy_asymmetry_benchmark_adds_the_products_term_to_the_folds_choi
     assert rows["the row, E + 0 A(E) (5 mm)"]["auprc"] == rows["the row as the fold chose it"]["auprc"]
     assert rows["the row, E + 1 A(E) (5 mm)"]["auprc"] != rows["the row as the fold chose it"]["auprc"]
     assert rows["raw A(E), 5 mm"]["auprc"] != rows["raw E"]["auprc"]
+
+
+def test_the_pool_benchmark_weighs_each_domain_by_its_share_of_the_pools_lesion_voxels():
+    """benchmarks/pool_bound.py: the lesion-weighted mean of a pool's domains' AUPRCs, and what the last
+    domain would need for it to reach the target, from a study JSON alone."""
+    bench = _benchmark("pool_bound")
+
+    def run(domain, positives):
+        return {"domain": domain, "methods": {"R +post": {"per_case": [{"n_positive": n} for n in positives]}}}
+
+    summary = {"A": {"R +post": {"auprc": {"mean": 0.9}}, "FLAIR z": {"auprc": {"mean": 0.5}}},
+               "B": {"R +post": {"auprc": {"mean": 0.6}}, "FLAIR z": {"auprc": {"mean": 0.5}}}}
+    study_json = {"runs": [run("A", [100, 200]), run("B", [100])], "pools": {"AB": ["A", "B"]},
+                  "domain_summary": summary,
+                  "pool_summary": {"AB": {"R +post": {"auprc": {"mean": 0.8}}, "FLAIR z": {"auprc": {"mean": 0.5}}}}}
+    (row,) = bench.pool_rows(study_json, target=0.9)  # rows without 'post' are left out by default
+    assert row["shares"] == pytest.approx([0.75, 0.25])
+    assert row["weighted"] == pytest.approx(0.75 * 0.9 + 0.25 * 0.6)
+    assert row["pool_auprc"] == 0.8
+    assert row["needed"] == pytest.approx(0.9)  # A already at 0.9: B must reach it too
+    (row,) = bench.pool_rows(study_json, target=0.8, rows=["FLAIR z", "not run"])
+    assert row["row"] == "FLAIR z" and row["needed"] == pytest.approx((0.8 - 0.75 * 0.5) / 0.25)
