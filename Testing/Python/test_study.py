@@ -987,3 +987,7 @@ def test_the_pool_benchmark_weighs_each_domain_by_its_share_of_the_pools_lesion_
     assert row["needed"] == pytest.approx(0.9)  # A already at 0.9: B must reach it too
     (row,) = bench.pool_rows(study_json, target=0.8, rows=["FLAIR z", "not run"])
     assert row["row"] == "FLAIR z" and row["needed"] == pytest.approx((0.8 - 0.75 * 0.5) / 0.25)
+    # The strong baseline (a '+med' row) is printed beside the ADM rows by default.
+    for summary_of in (*summary.values(), study_json["pool_summary"]["AB"]):
+        summary_of["FLAIR z +med5+cc"] = {"auprc": {"mean": 0.7}}
+    assert [r["row"] for r in bench.pool_rows(study_json, target=0.9)] == ["R +post", "FLAIR z +med5+cc"]
