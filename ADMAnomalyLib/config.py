@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 CONTRASTS: tuple[str, ...] = ("flair", "t1", "t1c", "t2")
 """Canonical contrast order of the four input channels."""
-POSTPROCESS_CONTRASTS: tuple[str, ...] = ("flair", "t2")
+POSTPROCESS_CONTRASTS: tuple[str, ...] = ("flair", "t1", "t2")
 """The contrasts whose native z-scored volumes post-processing may read: FLAIR (its term, its asymmetry,
-the normal-tissue scale) and T2 (its asymmetry). :attr:`PostprocessConfig.native_contrasts` names those
+the normal-tissue scale), T1 (which tissue is CSF-like, for the T2 term) and T2 (its term and asymmetry). :attr:`PostprocessConfig.native_contrasts` names those
 one configuration reads."""
 
 CONTRAST_NAMES: dict[str, tuple[str, ...]] = {
@@ -80,8 +80,9 @@ class PreprocessConfig:
     reads are then the corrected ones too. 0 = off (the paper: none). Unlike the native correction it
     changes the network input, so a model must be trained with it."""
     native_bias_correction_levels: int = 0
-    """Beyond the paper: N4 bias-field correction of the native-grid contrasts the post-processing reads
-    (its FLAIR term and asymmetries), inside the brain and before their normalisation, with this many
+    """Beyond the paper: N4 bias-field correction of the native-grid FLAIR the post-processing reads
+    (its FLAIR term and asymmetry; the T1 and T2 it may read are left uncorrected,
+    :data:`~ADMAnomalyLib.preprocess.NATIVE_N4_CONTRASTS`), inside the brain and before their normalisation, with this many
     fitting levels (each doubles the B-spline grid of the field, from 4 control points per axis);
     0 = off (the network input is never corrected: it stays as the network was trained). A smooth
     multiplicative field makes one side of a brain brighter on FLAIR than the other, so FLAIR
@@ -331,6 +332,17 @@ class PostprocessConfig:
     well; where a site's FLAIR is poor (older sequences, little contrast between lesion and grey matter)
     the T2 carries the one-sided evidence FLAIR lacks, while T2-bright normal tissue (CSF) is
     symmetric. 0 = off."""
+    t2_weight: float = 0.0
+    """Beyond the paper: with the FLAIR term, also add up to this weight times the native T2 z-score, on the
+    cases whose FLAIR shows their hyperintensities less than their T2 does. Per case the weight is scaled by
+    ``clip(q99(T2) - q99(FLAIR), 0, 1)``, the 99th percentiles of the two z-scores over the tissue that is not
+    CSF-like; CSF-like voxels (native T1 z-score at most ``t2_csf_max_t1_z``) get no T2 term. Older or 2-D
+    FLAIR sequences show oedema barely above grey matter while their T2 shows it clearly; a scan whose FLAIR
+    separates its hyperintensities as well as its T2 (every case of a modern protocol measured) is left as
+    it was, and the CSF that makes T2 alone useless is gated out by its dark T1. 0 = off."""
+    t2_csf_max_t1_z: float = -1.0
+    """With ``t2_weight``: the highest native T1 z-score of a CSF-like voxel (no T2 term there, and left out
+    of the percentiles that scale the term)."""
     energy_asymmetry_weight: float = 0.0
     """Beyond the paper: after smoothing and rim suppression, add this weight times the energy's own
     left-right asymmetry (how far E exceeds the highest E within ``asymmetry_window_mm`` of the voxel's
@@ -359,6 +371,8 @@ class PostprocessConfig:
             raise ValueError(f"postprocess.asymmetry_weight must be >= 0, got {self.asymmetry_weight!r}")
         if not self.t2_asymmetry_weight >= 0:
             raise ValueError(f"postprocess.t2_asymmetry_weight must be >= 0, got {self.t2_asymmetry_weight!r}")
+        if not self.t2_weight >= 0:
+            raise ValueError(f"postprocess.t2_weight must be >= 0, got {self.t2_weight!r}")
         if not self.energy_asymmetry_weight >= 0:
             raise ValueError(f"postprocess.energy_asymmetry_weight must be >= 0, got {self.energy_asymmetry_weight!r}")
         if not self.asymmetry_window_mm > 0:
@@ -377,10 +391,10 @@ class PostprocessConfig:
 
     @property
     def intensity_term(self) -> bool:
-        """Whether the score is combined with the FLAIR z-score (a FLAIR weight, its asymmetry or T2's,
-        or an energy gate)."""
+        """Whether the score is combined with the FLAIR z-score (a FLAIR weight, its asymmetry, T2's term or
+        asymmetry, or an energy gate)."""
         return (self.flair_weight != 0 or self.asymmetry_weight != 0 or self.t2_asymmetry_weight != 0
-                or self.energy_gate_z is not None)
+                or self.t2_weight != 0 or self.energy_gate_z is not None)
 
     @property
     def needs_flair(self) -> bool:
@@ -391,7 +405,8 @@ class PostprocessConfig:
     def native_contrasts(self) -> tuple[str, ...]:
         """The contrasts whose native z-scored volumes the native-grid steps read (what
         ``prepare_case(..., keep_native=...)`` must keep)."""
-        return tuple(c for c in POSTPROCESS_CONTRASTS if c == "flair" or self.t2_asymmetry_weight)
+        reads = {"flair"} | ({"t1", "t2"} if self.t2_weight else set()) | ({"t2"} if self.t2_asymmetry_weight else set())
+        return tuple(c for c in POSTPROCESS_CONTRASTS if c in reads)
 
     @property
     def active(self) -> bool:

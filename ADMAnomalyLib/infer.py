@@ -280,11 +280,12 @@ def energy_volume(
         network_res[~prepared.brain] = float(values[prepared.brain[brain_slices]].min())
     energy_image = slices_to_image(network_res, prepared, background=None)
     if post.native_active:
-        flair, t2 = prepared.native_zscored.get("flair"), prepared.native_zscored.get("t2")
-        if (post.needs_flair and flair is None) or (post.t2_asymmetry_weight and t2 is None):
-            raise ValueError("post-processing with flair_weight, asymmetry_weight, t2_asymmetry_weight, energy_gate_z or "
-                             f"standardise='normal' needs prepare_case(..., keep_native={post.native_contrasts})")
-        energy_image = postprocess_energy(energy_image, prepared.native_brain, post, flair, t2)
+        natives = prepared.native_zscored
+        if any(c not in natives for c in post.native_contrasts if c != "flair" or post.needs_flair):
+            raise ValueError("post-processing with flair_weight, asymmetry_weight, t2_asymmetry_weight, t2_weight, "
+                             f"energy_gate_z or standardise='normal' needs prepare_case(..., keep_native={post.native_contrasts})")
+        energy_image = postprocess_energy(energy_image, prepared.native_brain, post, natives.get("flair"),
+                                          natives.get("t2"), natives.get("t1"))
     return energy_image
 
 

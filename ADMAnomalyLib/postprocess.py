@@ -10,7 +10,8 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
    times its own left-right asymmetry (:func:`intensity_asymmetry` of the score);
 3. :func:`add_intensity_term` - the score, standardised over the brain (optionally gated by FLAIR
    hyperintensity), plus a weight times an intensity z-score (FLAIR hyperintensity), and a weight
-   times its left-right asymmetry (:func:`intensity_asymmetry`), and one times T2's;
+   times its left-right asymmetry (:func:`intensity_asymmetry`), one times T2's, and the T2 term of a case
+   whose FLAIR shows its hyperintensities less than its T2 (:func:`t2_term`);
 4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
 5. :func:`standardise_in_brain` - the score as (robust) SDs above the case's typical brain score
    (with ``standardise = 'normal'``: typical of its normal-looking tissue, :func:`normal_tissue`);
@@ -120,6 +121,30 @@ def add_intensity_term(values: np.ndarray, brain: np.ndarray, intensity: np.ndar
         typical = np.float32((np.median(inside) - inside.mean()) / scale)
         standardised = np.where(intensity > np.float32(gate_z), standardised, np.minimum(standardised, typical))
     return np.where(brain, standardised + np.float32(weight) * intensity, values).astype(np.float32)
+
+
+T2_TAIL_PERCENTILE = 99.0
+"""The percentile of the FLAIR and T2 z-scores whose difference scales a case's T2 term (:func:`t2_term`):
+high enough to sit in a lesion's hyperintensity, low enough that a few bright voxels do not decide it."""
+
+
+def t2_term(flair: np.ndarray, t1: np.ndarray, t2: np.ndarray, brain: np.ndarray, weight: float,
+            csf_max_t1_z: float) -> tuple[np.ndarray, float]:
+    """The T2 evidence of a case whose FLAIR is the weaker of its two fluid-sensitive contrasts, and the
+    per-case weight it carries: ``weight x clip(q99(T2) - q99(FLAIR), 0, 1) x T2`` on brain voxels whose T1
+    z-score exceeds ``csf_max_t1_z`` (0 elsewhere), the percentiles taken over those voxels.
+
+    Oedema and tumour are bright on both FLAIR and T2; where a sequence (older, 2-D FLAIR) lifts them barely
+    above grey matter, T2 still shows them, but T2 alone also lights up CSF, which T1 marks dark. A case whose
+    FLAIR tail reaches as high as its T2 tail gets no term at all, so the FLAIR term is unchanged there."""
+    tissue = brain & (t1 > np.float32(csf_max_t1_z))
+    if not tissue.any():
+        return np.zeros(brain.shape, np.float32), 0.0
+    gap = float(np.percentile(t2[tissue], T2_TAIL_PERCENTILE) - np.percentile(flair[tissue], T2_TAIL_PERCENTILE))
+    case_weight = float(weight) * min(max(gap, 0.0), 1.0)
+    if case_weight == 0:
+        return np.zeros(brain.shape, np.float32), 0.0
+    return np.where(tissue, np.float32(case_weight) * t2, np.float32(0)).astype(np.float32), case_weight
 
 
 MIDLINE_SEARCH_MM = 20.0
@@ -398,11 +423,13 @@ def postprocess_scores(
     values: np.ndarray, brain: np.ndarray, spacing: Spacing, cfg: PostprocessConfig,
     intensity: Optional[np.ndarray] = None, cache: Optional[dict] = None,
     direction: Sequence[float] = IDENTITY_DIRECTION, t2_intensity: Optional[np.ndarray] = None,
+    t1_intensity: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """The native-grid steps of ``cfg`` applied to a score volume (see the module docstring).
 
     ``intensity`` is the native z-scored FLAIR the intensity term needs (``cfg.flair_weight``),
-    ``t2_intensity`` the native z-scored T2 its T2 asymmetry needs (``cfg.t2_asymmetry_weight``);
+    ``t2_intensity`` the native z-scored T2 its T2 asymmetry and T2 term need (``cfg.t2_asymmetry_weight``,
+    ``cfg.t2_weight``), ``t1_intensity`` the native z-scored T1 the T2 term reads CSF from;
     ``direction`` holds the grid's direction cosines (SimpleITK's), which tell ``cfg.asymmetry_weight``
     which array axis runs left-right;
     ``cache`` (a dict kept per case) stores the brain-only maps when one case is post-processed
@@ -416,6 +443,8 @@ def postprocess_scores(
                          "the native FLAIR z-score")
     if cfg.t2_asymmetry_weight and t2_intensity is None:
         raise ValueError("postprocess.t2_asymmetry_weight needs the native T2 z-score")
+    if cfg.t2_weight and (t2_intensity is None or t1_intensity is None):
+        raise ValueError("postprocess.t2_weight needs the native T1 and T2 z-scores")
     # Everything outside the brain's bounding box is background, so the filters run on the box plus
     # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
     # voxels come out as on the whole grid at a fraction of the cost.
@@ -447,6 +476,10 @@ def postprocess_scores(
             asymmetry = intensity_asymmetry(t2_intensity[box], inner_brain, spacing, cfg.asymmetry_window_mm, direction,
                                             box_cache)
             inner = (inner + np.float32(cfg.t2_asymmetry_weight) * asymmetry).astype(np.float32)
+        if cfg.t2_weight:
+            term, _ = t2_term(intensity[box], t1_intensity[box], t2_intensity[box], inner_brain, cfg.t2_weight,
+                              cfg.t2_csf_max_t1_z)
+            inner = (inner + term).astype(np.float32)
     if max(window) > 1:
         inner = median_filter_in_brain(inner, inner_brain, window)
     if cfg.standardise != "none":
@@ -460,10 +493,12 @@ def postprocess_scores(
 
 
 def postprocess_energy(energy_image: sitk.Image, brain: np.ndarray, cfg: PostprocessConfig,
-                       intensity: Optional[np.ndarray] = None, t2_intensity: Optional[np.ndarray] = None) -> sitk.Image:
+                       intensity: Optional[np.ndarray] = None, t2_intensity: Optional[np.ndarray] = None,
+                       t1_intensity: Optional[np.ndarray] = None) -> sitk.Image:
     """:func:`postprocess_scores` of an energy image (same grid out)."""
     values = postprocess_scores(sitk.GetArrayFromImage(energy_image), brain, energy_image.GetSpacing(), cfg,
-                                intensity, direction=energy_image.GetDirection(), t2_intensity=t2_intensity)
+                                intensity, direction=energy_image.GetDirection(), t2_intensity=t2_intensity,
+                                t1_intensity=t1_intensity)
     out = sitk.GetImageFromArray(values)
     out.CopyInformation(energy_image)
     return out

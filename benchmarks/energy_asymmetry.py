@@ -49,7 +49,7 @@ def replaced_scores(energy: np.ndarray, case, natives: dict, post: PostprocessCo
     rest = dataclasses.replace(post, smoothing_sigma_mm=0.0, rim_erosion_mm=0.0, energy_asymmetry_weight=0.0)
     if rest.native_active:
         volume = postprocess_scores(volume, case.brain, case.spacing, rest, natives["flair"], cache, case.direction,
-                                    natives["t2"])
+                                    natives["t2"], natives["t1"])
     return volume[case.brain]
 
 

@@ -181,6 +181,10 @@ def _with_model(network: dict[str, dict[str, Any]], **model: Any) -> dict[str, d
     return {**network, "model": {**network.get("model", {}), **model}}
 
 
+T2_TERM_WEIGHT = 1.0
+"""The weight of the T2 term (``PostprocessConfig.t2_weight``) in the rows that carry it. Not searched: the
+term is zero on every case whose FLAIR tail reaches its T2 tail, so training domains without a weak-FLAIR
+site tie on every weight and could only ever keep it off (docs/domain_analysis.md, thirtieth round)."""
 NATIVE_N4_LEVELS = 2
 """Fitting levels of the N4 rows' bias-field correction (of what the post-processing reads, or of the
 N4in network's input as well): a third starts to fit a large glioma's own
@@ -225,7 +229,8 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  case_mixture: bool = False, choose_cutoff: bool = False, share: float = 1.0,
                  choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None,
                  asymmetry: bool = False, t2_asymmetry: bool = False, energy_asymmetry: bool = False,
-                 search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0) -> MethodSpec:
+                 search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0,
+                 t2_weight: float = 0.0) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -237,8 +242,10 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     T2's (:data:`T2_ASYMMETRY_SEARCH`), with ``energy_asymmetry`` then the energy's own
     (:data:`ENERGY_ASYMMETRY_SEARCH`); ``search_criterion`` is :attr:`MethodSpec.search_criterion` and
     ``held_out`` :attr:`MethodSpec.held_out_selection`; ``n4_levels`` its
-    :attr:`MethodSpec.native_bias_correction_levels`."""
+    :attr:`MethodSpec.native_bias_correction_levels`; ``t2_weight`` a fixed, unsearched
+    :attr:`~ADMAnomalyLib.config.PostprocessConfig.t2_weight`."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
+            **({"t2_weight": t2_weight} if t2_weight else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ())
@@ -285,6 +292,11 @@ METHODS: dict[str, MethodSpec] = {
                                       f"bias-field correction ({NATIVE_N4_LEVELS} fitting levels)",
                                       postprocess={"median_size_mm": 5.0}, small_components=True,
                                       native_bias_correction_levels=NATIVE_N4_LEVELS),
+    "FLAIR z N4 +T2g +med5+cc": MethodSpec("flair_filtered", "improvement", "FLAIR z N4 +med5+cc plus the T2 "
+                                           f"term (weight {T2_TERM_WEIGHT:g}): T2 outside CSF-like tissue on the cases "
+                                           "whose FLAIR shows their hyperintensities less than their T2",
+                                           postprocess={"median_size_mm": 5.0, "t2_weight": T2_TERM_WEIGHT},
+                                           small_components=True, native_bias_correction_levels=NATIVE_N4_LEVELS),
     "FLAIR robust +med5+cc": MethodSpec("flair_filtered", "baseline", "FLAIR z +med5+cc on FLAIR normalised by "
                                         "median and IQR / 1.349 (the ADM+ networks' input) instead of mean and SD",
                                         postprocess={"median_size_mm": 5.0}, small_components=True,
@@ -400,6 +412,11 @@ METHODS: dict[str, MethodSpec] = {
         "ADM+ F", "zscore", "the bundled row (ADM+ F +asym +asymE +post+cc (z+load)) with its FLAIR term and FLAIR "
         f"asymmetry read from the FLAIR after N4 bias-field correction ({NATIVE_N4_LEVELS} fitting levels)",
         load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS),
+    "ADM+ F +asym +asymE +T2g +post+cc (z+load) N4": _post_cc_row(
+        "ADM+ F", "zscore", "the bundled row (ADM+ F +asym +asymE +post+cc (z+load) N4) plus the T2 term, weight "
+        f"{T2_TERM_WEIGHT:g} (unsearched): T2 outside CSF-like tissue on the cases whose FLAIR shows their "
+        "hyperintensities less than their T2", load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS,
+        t2_weight=T2_TERM_WEIGHT),
     "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) N4 (the bundled row) chosen, as the held-out "
         "row, on energies of networks that did not see the validation domain", load=True, energy_asymmetry=True,
@@ -566,7 +583,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "FLAIR z N4 +med5+cc", "ADM+ F +asym +asymE +post+cc (z+load) N4",
                                     "ADM+ F N4in", "ADM+ F N4in +asym +asymE +post+cc (z+load)",
                                     "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out",
-                                    "ADM+ F N4in +asym +asymE +post+cc (z+load) held-out")
+                                    "ADM+ F N4in +asym +asymE +post+cc (z+load) held-out",
+                                    "FLAIR z N4 +T2g +med5+cc", "ADM+ F +asym +asymE +T2g +post+cc (z+load) N4")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

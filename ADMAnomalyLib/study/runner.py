@@ -662,7 +662,7 @@ def _postprocessed(raw: dict[str, np.ndarray], post: PostprocessConfig, cases: S
                    keep: bool = True) -> dict[str, np.ndarray]:
     """Brain-voxel scores (N,) per case of the raw scores ``raw`` post-processed by ``post`` through
     :func:`~ADMAnomalyLib.postprocess.postprocess_scores`, the product's own composition, with the
-    native z-scored FLAIR and T2 ``natives_of(case)`` of the scores' own preparation. Results are cached per
+    native z-scored FLAIR, T1 and T2 ``natives_of(case)`` of the scores' own preparation. Results are cached per
     configuration when ``keep`` (the validation search does not keep its candidates: memory)."""
     out = {}
     for case in cases:
@@ -676,7 +676,8 @@ def _postprocessed(raw: dict[str, np.ndarray], post: PostprocessConfig, cases: S
             volume[case.brain] = values
             natives = natives_of(case)
             volume = postprocess_scores(volume, case.brain, case.spacing, post, natives["flair"],
-                                        caches.per_case.setdefault(case.case_id, {}), case.direction, natives["t2"])
+                                        caches.per_case.setdefault(case.case_id, {}), case.direction, natives["t2"],
+                                        natives["t1"])
             values = volume[case.brain]
         if keep:
             caches.post[memo] = values

@@ -356,6 +356,9 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     # T2's asymmetry too: predict keeps the native T2 it reads, the study the same volume.
     study_t2 = study_equals_predict(dataclasses.replace(asymmetric, t2_asymmetry_weight=0.5))
     assert not np.allclose(study_t2, study_asym)
+    # The T2 term reads T1 and T2 as well: predict keeps both, the study the same volumes.
+    study_t2_term = study_equals_predict(dataclasses.replace(asymmetric, t2_weight=1.0, t2_csf_max_t1_z=-9.0))
+    assert not np.allclose(study_t2_term, study_asym)
     # The energy's own asymmetry, on the same plane.
     study_energy_asym = study_equals_predict(dataclasses.replace(asymmetric, energy_asymmetry_weight=1.0))
     assert not np.allclose(study_energy_asym, study_asym)

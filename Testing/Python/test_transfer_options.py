@@ -14,7 +14,7 @@ from ADMAnomalyLib.postprocess import (MidSagittalPlane, add_intensity_term, box
                                       left_right_axis, load_offset, median_filter, median_filter_in_brain,
                                       median_window, mid_sagittal_plane, midline_shift, mirror, normal_tissue,
                                       postprocess_energy, postprocess_scores, slice_axis, smooth_in_brain,
-                                      standardise_in_brain, suppress_rim)
+                                      standardise_in_brain, suppress_rim, t2_term)
 from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case, standardise_histogram
 from conftest import synthetic_volumes
 
@@ -513,6 +513,62 @@ def test_t2_asymmetry_adds_the_one_sided_t2_and_needs_the_t2():
         postprocess_scores(flair, brain, spacing, config, flair)
     with pytest.raises(ValueError, match="t2_asymmetry_weight"):
         PostprocessConfig(t2_asymmetry_weight=-0.5)
+
+
+def _weak_flair_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """brain, FLAIR, T1, T2 z-scores of a case whose lesion is faint on FLAIR and bright on T2, beside
+    CSF that is brighter still on T2 and dark on T1, in tissue whose FLAIR and T2 spread alike."""
+    rng = np.random.default_rng(3)
+    shape = (6, 24, 24)
+    brain = np.ones(shape, bool)
+    flair, t1, t2 = (rng.normal(0.0, 0.5, shape).astype(np.float32) for _ in range(3))
+    lesion, csf = np.zeros(shape, bool), np.zeros(shape, bool)
+    lesion[2:4, 3:11, 3:11] = True
+    csf[2:4, 14:20, 14:20] = True
+    flair[lesion] += 1.0  # about grey matter's brightness: a poor FLAIR
+    t2[lesion] += 1.8
+    t2[csf] += 4.0
+    t1[csf] -= 3.0
+    flair[csf] -= 1.0
+    return brain, flair, t1, t2
+
+
+def test_the_t2_term_backs_a_weak_flair_with_t2_outside_csf():
+    """Where the case's T2 tail outreaches its FLAIR tail, the T2 term adds T2, scaled by that gap (at
+    most the weight), on tissue whose T1 is not CSF-dark: the faint-on-FLAIR lesion rises above the
+    brightest percent of normal tissue, while the T2-bright CSF gains nothing. A case whose FLAIR shows its lesion as well as
+    its T2 does is left exactly as it was."""
+    brain, flair, t1, t2 = _weak_flair_case()
+    spacing = (1.0, 1.0, 1.0)
+    lesion = np.zeros_like(brain)
+    lesion[2:4, 3:11, 3:11] = True
+    csf = t1 < -1.5
+    term, case_weight = t2_term(flair, t1, t2, brain, 1.0, -1.0)
+    tissue = t1 > -1.0
+    gap = np.percentile(t2[tissue], 99) - np.percentile(flair[tissue], 99)
+    assert 0 < gap < 1 and case_weight == pytest.approx(gap)
+    np.testing.assert_allclose(term[tissue], case_weight * t2[tissue], rtol=1e-6)
+    assert not term[csf].any()
+    assert t2_term(flair, t1, t2, brain, 0.5, -1.0)[1] == pytest.approx(0.5 * gap)
+    without = PostprocessConfig(flair_weight=1.0)
+    config = PostprocessConfig(flair_weight=1.0, t2_weight=1.0)
+    assert config.native_contrasts == ("flair", "t1", "t2") and config.intensity_term
+    plain = postprocess_scores(flair, brain, spacing, without, flair)
+    scored = postprocess_scores(flair, brain, spacing, config, flair, t2_intensity=t2, t1_intensity=t1)
+    np.testing.assert_allclose(scored[brain], (plain + term)[brain], atol=1e-5)
+    normal = brain & ~lesion
+    assert np.median(plain[lesion]) < np.percentile(plain[normal], 99)
+    assert np.median(scored[lesion]) > np.percentile(scored[normal], 99)
+    assert scored[csf].max() == pytest.approx(plain[csf].max(), abs=1e-5)
+    # A case whose FLAIR lifts the lesion as high as its T2 does gets no term at all.
+    strong = flair + 3.0 * lesion
+    assert t2_term(strong, t1, t2, brain, 1.0, -1.0)[1] == 0.0
+    np.testing.assert_array_equal(postprocess_scores(strong, brain, spacing, config, strong, t2_intensity=t2, t1_intensity=t1),
+                                  postprocess_scores(strong, brain, spacing, without, strong))
+    with pytest.raises(ValueError, match="t2_weight"):
+        postprocess_scores(flair, brain, spacing, config, flair, t2_intensity=t2)
+    with pytest.raises(ValueError, match="t2_weight"):
+        PostprocessConfig(t2_weight=-1.0)
 
 
 def test_energy_asymmetry_lifts_the_one_sided_energy_and_needs_no_flair():
