@@ -15,8 +15,8 @@ CONTRASTS: tuple[str, ...] = ("flair", "t1", "t1c", "t2")
 """Canonical contrast order of the four input channels."""
 POSTPROCESS_CONTRASTS: tuple[str, ...] = ("flair", "t1", "t2")
 """The contrasts whose native z-scored volumes post-processing may read: FLAIR (its term, its asymmetry,
-the normal-tissue scale), T1 (which tissue is CSF-like, for the T2 term) and T2 (its term and asymmetry). :attr:`PostprocessConfig.native_contrasts` names those
-one configuration reads."""
+the normal-tissue scale), T1 (which tissue is CSF-like, for the T2 term) and T2 (its term and asymmetry).
+:attr:`PostprocessConfig.native_contrasts` names those one configuration reads."""
 
 CONTRAST_NAMES: dict[str, tuple[str, ...]] = {
     "flair": ("flair", "t2f", "t2flair", "t2_flair", "t2-flair"),
@@ -82,8 +82,8 @@ class PreprocessConfig:
     native_bias_correction_levels: int = 0
     """Beyond the paper: N4 bias-field correction of the native-grid FLAIR the post-processing reads
     (its FLAIR term and asymmetry; the T1 and T2 it may read are left uncorrected,
-    :data:`~ADMAnomalyLib.preprocess.NATIVE_N4_CONTRASTS`), inside the brain and before their normalisation, with this many
-    fitting levels (each doubles the B-spline grid of the field, from 4 control points per axis);
+    :data:`~ADMAnomalyLib.preprocess.NATIVE_N4_CONTRASTS`), inside the brain and before its normalisation,
+    with this many fitting levels (each doubles the B-spline grid of the field, from 4 control points per axis);
     0 = off (the network input is never corrected: it stays as the network was trained). A smooth
     multiplicative field makes one side of a brain brighter on FLAIR than the other, so FLAIR
     thresholding marks the bright side's normal tissue and misses a lesion on the dark side; published
@@ -405,7 +405,8 @@ class PostprocessConfig:
     def native_contrasts(self) -> tuple[str, ...]:
         """The contrasts whose native z-scored volumes the native-grid steps read (what
         ``prepare_case(..., keep_native=...)`` must keep)."""
-        reads = {"flair"} | ({"t1", "t2"} if self.t2_weight else set()) | ({"t2"} if self.t2_asymmetry_weight else set())
+        reads = {"flair"} | ({"t1", "t2"} if self.t2_weight else set())
+        reads |= {"t2"} if self.t2_asymmetry_weight else set()
         return tuple(c for c in POSTPROCESS_CONTRASTS if c in reads)
 
     @property

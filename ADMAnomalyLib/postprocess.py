@@ -428,8 +428,8 @@ def postprocess_scores(
     """The native-grid steps of ``cfg`` applied to a score volume (see the module docstring).
 
     ``intensity`` is the native z-scored FLAIR the intensity term needs (``cfg.flair_weight``),
-    ``t2_intensity`` the native z-scored T2 its T2 asymmetry and T2 term need (``cfg.t2_asymmetry_weight``,
-    ``cfg.t2_weight``), ``t1_intensity`` the native z-scored T1 the T2 term reads CSF from;
+    ``t2_intensity`` the native z-scored T2 its T2 asymmetry and T2 term need
+    (``cfg.t2_asymmetry_weight``, ``cfg.t2_weight``), ``t1_intensity`` the native z-scored T1 the T2 term reads CSF from;
     ``direction`` holds the grid's direction cosines (SimpleITK's), which tell ``cfg.asymmetry_weight``
     which array axis runs left-right;
     ``cache`` (a dict kept per case) stores the brain-only maps when one case is post-processed

@@ -185,10 +185,16 @@ def test_the_flair_term_can_be_bias_corrected_apart_from_the_network_input(non_p
     case = _case_with_bias_field(0.4, non_positive_share)
     base = PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation="robust")
     plain = prepare_case(case, base)
-    corrected = prepare_case(case, PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation="robust",
-                                                    native_bias_correction_levels=2))
+    corrected_config = PreprocessConfig(image_size=32, min_brain_pixels=8, normalisation="robust",
+                                        native_bias_correction_levels=2)
+    corrected = prepare_case(case, corrected_config)
     # The network input is as trained; only the native FLAIR the post-processing reads is corrected.
     np.testing.assert_array_equal(corrected.slices, plain.slices)
+    kept = ("flair", "t1", "t2")
+    all_kept = prepare_case(case, corrected_config, keep_native=kept)
+    for name in ("t1", "t2"):  # what the T2 term reads stays uncorrected (each N4 costs seconds in predict)
+        np.testing.assert_array_equal(all_kept.native_zscored[name],
+                                      prepare_case(case, base, keep_native=kept).native_zscored[name])
     assert corrected.zscore == plain.zscore
     normal = plain.native_brain & ~plain.native_lesion
     if non_positive_share:  # the residue voxels are no tissue: leave them out of the comparison
@@ -536,8 +542,8 @@ def _weak_flair_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def test_the_t2_term_backs_a_weak_flair_with_t2_outside_csf():
     """Where the case's T2 tail outreaches its FLAIR tail, the T2 term adds T2, scaled by that gap (at
     most the weight), on tissue whose T1 is not CSF-dark: the faint-on-FLAIR lesion rises above the
-    brightest percent of normal tissue, while the T2-bright CSF gains nothing. A case whose FLAIR shows its lesion as well as
-    its T2 does is left exactly as it was."""
+    brightest percent of normal tissue, while the T2-bright CSF gains nothing. A case whose FLAIR shows
+    its lesion as well as its T2 does is left exactly as it was."""
     brain, flair, t1, t2 = _weak_flair_case()
     spacing = (1.0, 1.0, 1.0)
     lesion = np.zeros_like(brain)
@@ -563,8 +569,9 @@ def test_the_t2_term_backs_a_weak_flair_with_t2_outside_csf():
     # A case whose FLAIR lifts the lesion as high as its T2 does gets no term at all.
     strong = flair + 3.0 * lesion
     assert t2_term(strong, t1, t2, brain, 1.0, -1.0)[1] == 0.0
-    np.testing.assert_array_equal(postprocess_scores(strong, brain, spacing, config, strong, t2_intensity=t2, t1_intensity=t1),
-                                  postprocess_scores(strong, brain, spacing, without, strong))
+    np.testing.assert_array_equal(
+        postprocess_scores(strong, brain, spacing, config, strong, t2_intensity=t2, t1_intensity=t1),
+        postprocess_scores(strong, brain, spacing, without, strong))
     with pytest.raises(ValueError, match="t2_weight"):
         postprocess_scores(flair, brain, spacing, config, flair, t2_intensity=t2)
     with pytest.raises(ValueError, match="t2_weight"):
