@@ -333,16 +333,17 @@ class PostprocessConfig:
     the T2 carries the one-sided evidence FLAIR lacks, while T2-bright normal tissue (CSF) is
     symmetric. 0 = off."""
     t2_weight: float = 0.0
-    """Beyond the paper: with the FLAIR term, also add up to this weight times the native T2 z-score, on the
-    cases whose FLAIR shows their hyperintensities less than their T2 does. Per case the weight is scaled by
-    ``clip(q99(T2) - q99(FLAIR), 0, 1)``, the 99th percentiles of the two z-scores over the tissue that is not
-    CSF-like; CSF-like voxels (native T1 z-score at most ``t2_csf_max_t1_z``) get no T2 term. Older or 2-D
+    """Beyond the paper: with the FLAIR term, also add up to this weight times the native T2 (in the units
+    of the FLAIR term), on the cases whose FLAIR shows their hyperintensities less than their T2 does. Per
+    case the weight is scaled by ``clip(q99(T2) - q99(FLAIR), 0, 1)``, the 99th percentiles of the two
+    contrasts' mean/SD z-scores over the brain (whatever the normalisation), taken over the tissue that is
+    not CSF-like; CSF-like voxels (T1 z-score at most ``t2_csf_max_t1_z``) get no T2 term. Older or 2-D
     FLAIR sequences show oedema barely above grey matter while their T2 shows it clearly; a scan whose FLAIR
     separates its hyperintensities as well as its T2 (every case of a modern protocol measured) is left as
     it was, and the CSF that makes T2 alone useless is gated out by its dark T1. 0 = off."""
     t2_csf_max_t1_z: float = -1.0
-    """With ``t2_weight``: the highest native T1 z-score of a CSF-like voxel (no T2 term there, and left out
-    of the percentiles that scale the term)."""
+    """With ``t2_weight``: the highest T1 mean/SD z-score over the brain of a CSF-like voxel (no T2 term
+    there, and left out of the percentiles that scale the term)."""
     energy_asymmetry_weight: float = 0.0
     """Beyond the paper: after smoothing and rim suppression, add this weight times the energy's own
     left-right asymmetry (how far E exceeds the highest E within ``asymmetry_window_mm`` of the voxel's

@@ -124,7 +124,7 @@ def add_intensity_term(values: np.ndarray, brain: np.ndarray, intensity: np.ndar
 
 
 T2_TAIL_PERCENTILE = 99.0
-"""The percentile of the FLAIR and T2 z-scores whose difference scales a case's T2 term (:func:`t2_term`):
+"""The percentile of the FLAIR and T2 brain z-scores whose difference scales a case's T2 term (:func:`t2_term`):
 high enough to sit in a lesion's hyperintensity, low enough that a few bright voxels do not decide it."""
 
 
@@ -132,15 +132,21 @@ def t2_term(flair: np.ndarray, t1: np.ndarray, t2: np.ndarray, brain: np.ndarray
             csf_max_t1_z: float) -> tuple[np.ndarray, float]:
     """The T2 evidence of a case whose FLAIR is the weaker of its two fluid-sensitive contrasts, and the
     per-case weight it carries: ``weight x clip(q99(T2) - q99(FLAIR), 0, 1) x T2`` on brain voxels whose T1
-    z-score exceeds ``csf_max_t1_z`` (0 elsewhere), the percentiles taken over those voxels.
+    brain z-score exceeds ``csf_max_t1_z`` (0 elsewhere), the percentiles those of the brain z-scores over
+    those voxels; the term itself is in ``t2``'s own units (those of the FLAIR term it joins).
 
     Oedema and tumour are bright on both FLAIR and T2; where a sequence (older, 2-D FLAIR) lifts them barely
     above grey matter, T2 still shows them, but T2 alone also lights up CSF, which T1 marks dark. A case whose
-    FLAIR tail reaches as high as its T2 tail gets no term at all, so the FLAIR term is unchanged there."""
-    tissue = brain & (t1 > np.float32(csf_max_t1_z))
+    FLAIR tail reaches as high as its T2 tail gets no term at all, so the FLAIR term is unchanged there.
+    The gate and the gap read mean/SD z-scores over the brain whatever the contrasts' normalisation: under
+    median/IQR units the same scans' gaps move by up to 4.7 (an MS scan's from -0.03 to +0.89, switching the
+    term on where FLAIR is the stronger contrast; docs/domain_analysis.md, thirty-first round)."""
+    t1_z = standardise_in_brain(t1, brain, "zscore")
+    tissue = brain & (t1_z > np.float32(csf_max_t1_z))
     if not tissue.any():
         return np.zeros(brain.shape, np.float32), 0.0
-    gap = float(np.percentile(t2[tissue], T2_TAIL_PERCENTILE) - np.percentile(flair[tissue], T2_TAIL_PERCENTILE))
+    gap = float(np.percentile(standardise_in_brain(t2, brain, "zscore")[tissue], T2_TAIL_PERCENTILE)
+                - np.percentile(standardise_in_brain(flair, brain, "zscore")[tissue], T2_TAIL_PERCENTILE))
     case_weight = float(weight) * min(max(gap, 0.0), 1.0)
     if case_weight == 0:
         return np.zeros(brain.shape, np.float32), 0.0

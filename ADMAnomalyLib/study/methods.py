@@ -170,6 +170,9 @@ class MethodSpec:
     load weight read come from the same network trained without the case's domain (on the run's other
     training domains), so that every choice is made on energies of an unseen domain, as the test
     domain's are; the test cases' come from the run's network as always."""
+    t2_per_flair_weight: float = 0.0
+    """For 'adm': the T2 term's weight (``PostprocessConfig.t2_weight``) as this multiple of the FLAIR weight,
+    in every candidate of the search and in the choice (unsearched itself); 0 = no T2 term."""
     load_weights: tuple[float, ...] = ()
     """For 'adm': candidate ``PostprocessConfig.load_weight`` values, one chosen after the search by how
     well its threshold transfers between the selection groups (leave one training domain out in turn,
@@ -182,9 +185,13 @@ def _with_model(network: dict[str, dict[str, Any]], **model: Any) -> dict[str, d
 
 
 T2_TERM_WEIGHT = 1.0
-"""The weight of the T2 term (``PostprocessConfig.t2_weight``) in the rows that carry it. Not searched: the
-term is zero on every case whose FLAIR tail reaches its T2 tail, so training domains without a weak-FLAIR
-site tie on every weight and could only ever keep it off (docs/domain_analysis.md, thirtieth round)."""
+"""The weight of the T2 term (``PostprocessConfig.t2_weight``) in the rows that carry it, relative to the
+weight of their FLAIR evidence (1 in a FLAIR baseline; the chosen ``flair_weight`` in an ADM row,
+:attr:`MethodSpec.t2_per_flair_weight`): T2 counts as much as FLAIR where FLAIR is the weaker contrast.
+Not searched: the term is zero on every case whose FLAIR tail reaches its T2 tail, so training domains
+without a weak-FLAIR site tie on every weight and could only ever keep it off; an unscaled weight of 1 on
+an ADM row whose FLAIR weight was 0.5 doubled the evidence the threshold was chosen for
+(docs/domain_analysis.md, thirtieth and thirty-first rounds)."""
 NATIVE_N4_LEVELS = 2
 """Fitting levels of the N4 rows' bias-field correction (of what the post-processing reads, or of the
 N4in network's input as well): a third starts to fit a large glioma's own
@@ -230,7 +237,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None,
                  asymmetry: bool = False, t2_asymmetry: bool = False, energy_asymmetry: bool = False,
                  search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0,
-                 t2_weight: float = 0.0) -> MethodSpec:
+                 t2_per_flair_weight: float = 0.0) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -242,10 +249,9 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     T2's (:data:`T2_ASYMMETRY_SEARCH`), with ``energy_asymmetry`` then the energy's own
     (:data:`ENERGY_ASYMMETRY_SEARCH`); ``search_criterion`` is :attr:`MethodSpec.search_criterion` and
     ``held_out`` :attr:`MethodSpec.held_out_selection`; ``n4_levels`` its
-    :attr:`MethodSpec.native_bias_correction_levels`; ``t2_weight`` a fixed, unsearched
-    :attr:`~ADMAnomalyLib.config.PostprocessConfig.t2_weight`."""
+    :attr:`MethodSpec.native_bias_correction_levels`; ``t2_per_flair_weight`` its
+    :attr:`MethodSpec.t2_per_flair_weight`."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
-            **({"t2_weight": t2_weight} if t2_weight else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ())
@@ -254,7 +260,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       search_criterion=search_criterion, small_components=True, load_weights=LOAD_WEIGHTS if load else (),
                       native_normalisation=native_normalisation, held_out_selection=held_out,
-                      native_bias_correction_levels=n4_levels)
+                      native_bias_correction_levels=n4_levels, t2_per_flair_weight=t2_per_flair_weight)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -412,11 +418,11 @@ METHODS: dict[str, MethodSpec] = {
         "ADM+ F", "zscore", "the bundled row (ADM+ F +asym +asymE +post+cc (z+load)) with its FLAIR term and FLAIR "
         f"asymmetry read from the FLAIR after N4 bias-field correction ({NATIVE_N4_LEVELS} fitting levels)",
         load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS),
-    "ADM+ F +asym +asymE +T2g +post+cc (z+load) N4": _post_cc_row(
+    "ADM+ F +asym +asymE +T2gF +post+cc (z+load) N4": _post_cc_row(
         "ADM+ F", "zscore", "the bundled row (ADM+ F +asym +asymE +post+cc (z+load) N4) plus the T2 term, weight "
-        f"{T2_TERM_WEIGHT:g} (unsearched): T2 outside CSF-like tissue on the cases whose FLAIR shows their "
-        "hyperintensities less than their T2", load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS,
-        t2_weight=T2_TERM_WEIGHT),
+        f"{T2_TERM_WEIGHT:g} x the chosen FLAIR weight (unsearched): T2 outside CSF-like tissue on the cases whose "
+        "FLAIR shows their hyperintensities less than their T2", load=True, energy_asymmetry=True,
+        n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT),
     "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) N4 (the bundled row) chosen, as the held-out "
         "row, on energies of networks that did not see the validation domain", load=True, energy_asymmetry=True,
@@ -584,7 +590,7 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F N4in", "ADM+ F N4in +asym +asymE +post+cc (z+load)",
                                     "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out",
                                     "ADM+ F N4in +asym +asymE +post+cc (z+load) held-out",
-                                    "FLAIR z N4 +T2g +med5+cc", "ADM+ F +asym +asymE +T2g +post+cc (z+load) N4")
+                                    "FLAIR z N4 +T2g +med5+cc", "ADM+ F +asym +asymE +T2gF +post+cc (z+load) N4")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
@@ -606,6 +612,14 @@ def postprocess_for(spec: MethodSpec, settings: StudySettings) -> PostprocessCon
             value = settings.median_size_mm
         values[key] = value
     return PostprocessConfig(**values)
+
+
+def tie_t2_weight(spec: MethodSpec, post: PostprocessConfig) -> PostprocessConfig:
+    """``post`` with the T2 term's weight the spec's multiple of its FLAIR weight
+    (:attr:`MethodSpec.t2_per_flair_weight`); unchanged for a row without a tied T2 term."""
+    if not spec.t2_per_flair_weight:
+        return post
+    return dataclasses.replace(post, t2_weight=spec.t2_per_flair_weight * post.flair_weight)
 
 
 MixtureVariant = tuple[float, float] | None

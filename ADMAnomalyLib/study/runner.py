@@ -39,7 +39,7 @@ from ..domains import domain_pools, load_domains
 from ..api import with_postprocess
 from .methods import (METHODS, POST_CANDIDATES, MethodSpec, MixtureVariant, StudySettings, baseline_preprocess,
                       ctoc_groups, intensity_preprocess, mixture_variant, network_config, postprocess_for,
-                      preprocess_key, raw_variants, training_key)
+                      preprocess_key, raw_variants, tie_t2_weight, training_key)
 
 STUDY_VERSION = 2
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
@@ -730,7 +730,11 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
     chosen on the training cases' validation voxels (:func:`choose_postprocess`,
     :func:`validation_auprc` over the selection groups)."""
     settings = run.settings
-    post = postprocess_for(spec, settings)
+
+    def tied(candidate: PostprocessConfig) -> PostprocessConfig:
+        return tie_t2_weight(spec, candidate)
+
+    post = tied(postprocess_for(spec, settings))
 
     def key_of(candidate: PostprocessConfig) -> str:
         return raw_key(spec.network, candidate.flip_tta, mixture_variant(candidate))
@@ -760,6 +764,7 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
         search_cases = [case for group in groups for case in group]
 
         def criterion(candidate: PostprocessConfig) -> float:
+            candidate = tied(candidate)
             key = key_of(candidate)
             memo = (key + flair_source, repr(candidate), tuple(case.case_id for case in search_cases),
                     spec.search_criterion)
@@ -770,6 +775,7 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
             return run.caches.criteria[memo]
 
         post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)
+        post = tied(post)
         extra["postprocess"] = dataclasses.asdict(post)
     key = key_of(post)
     scores = _postprocessed(raw_of(key), post, run.all_cases, natives_of, run.caches, key + flair_source)

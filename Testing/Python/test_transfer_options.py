@@ -532,8 +532,8 @@ def _weak_flair_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     lesion[2:4, 3:11, 3:11] = True
     csf[2:4, 14:20, 14:20] = True
     flair[lesion] += 1.0  # about grey matter's brightness: a poor FLAIR
-    t2[lesion] += 1.8
-    t2[csf] += 4.0
+    t2[lesion] += 2.5
+    t2[csf] += 3.0
     t1[csf] -= 3.0
     flair[csf] -= 1.0
     return brain, flair, t1, t2
@@ -550,12 +550,23 @@ def test_the_t2_term_backs_a_weak_flair_with_t2_outside_csf():
     lesion[2:4, 3:11, 3:11] = True
     csf = t1 < -1.5
     term, case_weight = t2_term(flair, t1, t2, brain, 1.0, -1.0)
-    tissue = t1 > -1.0
-    gap = np.percentile(t2[tissue], 99) - np.percentile(flair[tissue], 99)
-    assert 0 < gap < 1 and case_weight == pytest.approx(gap)
+
+    def brain_z(values):
+        return (values - values[brain].mean()) / values[brain].std()
+
+    tissue = brain_z(t1) > -1.0
+    gap = np.percentile(brain_z(t2)[tissue], 99) - np.percentile(brain_z(flair)[tissue], 99)
+    assert 0 < gap < 1 and case_weight == pytest.approx(gap, rel=1e-4)
     np.testing.assert_allclose(term[tissue], case_weight * t2[tissue], rtol=1e-6)
     assert not term[csf].any()
-    assert t2_term(flair, t1, t2, brain, 0.5, -1.0)[1] == pytest.approx(0.5 * gap)
+    assert t2_term(flair, t1, t2, brain, 0.5, -1.0)[1] == pytest.approx(0.5 * gap, rel=1e-4)
+    # Whatever units the contrasts come in (median/IQR, or raw scanner values), the gate and the gap are
+    # read on the same brain z-scores; the term is in T2's own units, those of the FLAIR term it joins.
+    rescaled_t2 = 7.0 * t2 + 300.0
+    rescaled_term, rescaled_weight = t2_term(2.5 * flair - 4.0, 0.3 * t1 + 9.0, rescaled_t2, brain, 1.0, -1.0)
+    assert rescaled_weight == pytest.approx(case_weight, rel=1e-4)
+    np.testing.assert_allclose(rescaled_term[tissue], rescaled_weight * rescaled_t2[tissue], rtol=1e-6)
+    assert not rescaled_term[~tissue].any()
     without = PostprocessConfig(flair_weight=1.0)
     config = PostprocessConfig(flair_weight=1.0, t2_weight=1.0)
     assert config.native_contrasts == ("flair", "t1", "t2") and config.intensity_term
@@ -576,6 +587,20 @@ def test_the_t2_term_backs_a_weak_flair_with_t2_outside_csf():
         postprocess_scores(flair, brain, spacing, config, flair, t2_intensity=t2)
     with pytest.raises(ValueError, match="t2_weight"):
         PostprocessConfig(t2_weight=-1.0)
+
+
+def test_the_study_ties_the_t2_term_to_the_chosen_flair_weight():
+    """The study's T2-term row weighs T2 as its search weighs FLAIR, in every candidate and the choice:
+    a fixed weight of 1 beside a chosen FLAIR weight of 0.5 doubled the evidence the threshold was
+    chosen for. Rows without the term never get one."""
+    from ADMAnomalyLib.study.methods import METHODS, POST_CANDIDATES, T2_TERM_WEIGHT, tie_t2_weight
+    tied_row = METHODS["ADM+ F +asym +asymE +T2gF +post+cc (z+load) N4"]
+    assert tied_row.t2_per_flair_weight == T2_TERM_WEIGHT and "t2_weight" not in tied_row.postprocess
+    for weight in POST_CANDIDATES["flair_weight"]:
+        post = tie_t2_weight(tied_row, PostprocessConfig(flair_weight=weight, median_size_mm=3.0))
+        assert post.t2_weight == T2_TERM_WEIGHT * weight and post.median_size_mm == 3.0
+    plain_row = METHODS["ADM+ F +asym +asymE +post+cc (z+load) N4"]
+    assert tie_t2_weight(plain_row, PostprocessConfig(flair_weight=2.0)).t2_weight == 0.0
 
 
 def test_energy_asymmetry_lifts_the_one_sided_energy_and_needs_no_flair():
