@@ -730,11 +730,7 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
     chosen on the training cases' validation voxels (:func:`choose_postprocess`,
     :func:`validation_auprc` over the selection groups)."""
     settings = run.settings
-
-    def tied(candidate: PostprocessConfig) -> PostprocessConfig:
-        return tie_t2_weight(spec, candidate)
-
-    post = tied(postprocess_for(spec, settings))
+    post = tie_t2_weight(spec, postprocess_for(spec, settings))
 
     def key_of(candidate: PostprocessConfig) -> str:
         return raw_key(spec.network, candidate.flip_tta, mixture_variant(candidate))
@@ -764,7 +760,7 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
         search_cases = [case for group in groups for case in group]
 
         def criterion(candidate: PostprocessConfig) -> float:
-            candidate = tied(candidate)
+            candidate = tie_t2_weight(spec, candidate)
             key = key_of(candidate)
             memo = (key + flair_source, repr(candidate), tuple(case.case_id for case in search_cases),
                     spec.search_criterion)
@@ -775,7 +771,7 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
             return run.caches.criteria[memo]
 
         post, extra["chosen"] = choose_postprocess(post, spec.search, criterion)
-        post = tied(post)
+        post = tie_t2_weight(spec, post)
         extra["postprocess"] = dataclasses.asdict(post)
     key = key_of(post)
     scores = _postprocessed(raw_of(key), post, run.all_cases, natives_of, run.caches, key + flair_source)
