@@ -853,6 +853,9 @@ def test_the_transfer_profile_is_the_bundled_rows_configuration():
     for field in spec.search:
         assert profile["postprocess"][field] in study.methods.POST_CANDIDATES[field], field
     assert profile["postprocess"].get("load_weight", 0.0) in (spec.load_weights or (0.0,))
+    # The T2 term, unsearched, weighted as the row ties it to the FLAIR weight.
+    assert profile["postprocess"].get("t2_weight", 0.0) == (spec.t2_per_flair_weight
+                                                            * profile["postprocess"]["flair_weight"])
 
 
 def test_study_command_line_settings_reach_the_study(monkeypatch, tmp_path, capsys):
