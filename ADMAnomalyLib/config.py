@@ -340,7 +340,9 @@ class PostprocessConfig:
     not CSF-like; CSF-like voxels (T1 z-score at most ``t2_csf_max_t1_z``) get no T2 term. Older or 2-D
     FLAIR sequences show oedema barely above grey matter while their T2 shows it clearly; a scan whose FLAIR
     separates its hyperintensities as well as its T2 (every case of a modern protocol measured) is left as
-    it was, and the CSF that makes T2 alone useless is gated out by its dark T1. 0 = off."""
+    it was, and the CSF that makes T2 alone useless is gated out by its dark T1. Measured with T2 weighted as
+    FLAIR (the bundled model: both 1): a ``flair_weight`` set otherwise leaves this weight where it was, so set
+    both. 0 = off."""
     t2_csf_max_t1_z: float = -1.0
     """With ``t2_weight``: the highest T1 mean/SD z-score over the brain of a CSF-like voxel (no T2 term
     there, and left out of the percentiles that scale the term)."""

@@ -141,12 +141,20 @@ def t2_term(flair: np.ndarray, t1: np.ndarray, t2: np.ndarray, brain: np.ndarray
     The gate and the gap read mean/SD z-scores over the brain whatever the contrasts' normalisation: under
     median/IQR units the same scans' gaps move by up to 4.7 (an MS scan's from -0.03 to +0.89, switching the
     term on where FLAIR is the stronger contrast; docs/domain_analysis.md, thirty-first round)."""
-    t1_z = standardise_in_brain(t1, brain, "zscore")
-    tissue = brain & (t1_z > np.float32(csf_max_t1_z))
+    def mean_sd(values: np.ndarray) -> tuple[float, float]:
+        inside = values[brain].astype(np.float64)
+        return float(inside.mean()), float(inside.std()) or 1.0
+
+    def tail_z(values: np.ndarray) -> float:
+        # A percentile commutes with the z-score's rescaling: no standardised copy of the volume is made.
+        mean, sd = mean_sd(values)
+        return (float(np.percentile(values[tissue], T2_TAIL_PERCENTILE)) - mean) / sd
+
+    t1_mean, t1_sd = mean_sd(t1)
+    tissue = brain & (t1 > np.float32(t1_mean + csf_max_t1_z * t1_sd))
     if not tissue.any():
         return np.zeros(brain.shape, np.float32), 0.0
-    gap = float(np.percentile(standardise_in_brain(t2, brain, "zscore")[tissue], T2_TAIL_PERCENTILE)
-                - np.percentile(standardise_in_brain(flair, brain, "zscore")[tissue], T2_TAIL_PERCENTILE))
+    gap = tail_z(t2) - tail_z(flair)
     case_weight = float(weight) * min(max(gap, 0.0), 1.0)
     if case_weight == 0:
         return np.zeros(brain.shape, np.float32), 0.0
