@@ -292,6 +292,14 @@ class PostprocessConfig:
     """3-D median filter of the score with a window of about this many mm along each axis (an odd
     number of voxels, at least 1, per axis: 5 mm is 5x5x5 voxels at 1 mm and 5x5x1 on 5.5 mm
     slices), as published FLAIR-thresholding baselines use; 0 = off."""
+    final_smoothing_sigma_mm: float = 0.0
+    """Beyond the paper: after the median filter, 3-D Gaussian smoothing (sigma in mm, normalised inside the
+    brain like ``smoothing_sigma_mm``) of the whole combined score, the FLAIR and T2 terms included, not of E
+    alone. The median removes speckle but leaves a score that is flat-topped and ragged at a lesion's
+    outline; the Gaussian grades it from the lesion's core to its edge, where the reference outlines
+    (drawn by hand or by segmentation algorithms) are smooth, and thins the isolated bright voxels of
+    normal tissue. It also blurs lesions of a few mm into their surroundings, so it is chosen on
+    validation, not fixed. 0 = off."""
     standardise: str = "none"
     """Last step: 'robust' rescales the score of each case to (score - median) / (1.4826 MAD) over
     its brain, so a threshold means "this many robust SDs above the case's typical tissue" and
@@ -374,6 +382,8 @@ class PostprocessConfig:
             raise ValueError(f"postprocess.asymmetry_weight must be >= 0, got {self.asymmetry_weight!r}")
         if not self.t2_asymmetry_weight >= 0:
             raise ValueError(f"postprocess.t2_asymmetry_weight must be >= 0, got {self.t2_asymmetry_weight!r}")
+        if not self.final_smoothing_sigma_mm >= 0:
+            raise ValueError(f"postprocess.final_smoothing_sigma_mm must be >= 0, got {self.final_smoothing_sigma_mm!r}")
         if not self.t2_weight >= 0:
             raise ValueError(f"postprocess.t2_weight must be >= 0, got {self.t2_weight!r}")
         if not self.energy_asymmetry_weight >= 0:
@@ -386,11 +396,12 @@ class PostprocessConfig:
 
     @property
     def native_active(self) -> bool:
-        """Whether any native-grid step (smoothing, rim, energy asymmetry, FLAIR term, median filter,
-        standardisation, load term) is enabled."""
+        """Whether any native-grid step (smoothing, rim, energy asymmetry, FLAIR term, median filter, final
+        smoothing, standardisation, load term) is enabled."""
         return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.energy_asymmetry_weight != 0
                 or self.intensity_term
-                or self.median_size_mm > 0 or self.standardise != "none" or self.load_weight != 0)
+                or self.median_size_mm > 0 or self.final_smoothing_sigma_mm > 0 or self.standardise != "none"
+                or self.load_weight != 0)
 
     @property
     def intensity_term(self) -> bool:

@@ -12,7 +12,8 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
    hyperintensity), plus a weight times an intensity z-score (FLAIR hyperintensity), and a weight
    times its left-right asymmetry (:func:`intensity_asymmetry`), one times T2's, and the T2 term of a case
    whose FLAIR shows its hyperintensities less than its T2 (:func:`t2_term`);
-4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
+4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis, then
+   :func:`smooth_in_brain` of the combined score (``final_smoothing_sigma_mm``);
 5. :func:`standardise_in_brain` - the score as (robust) SDs above the case's typical brain score
    (with ``standardise = 'normal'``: typical of its normal-looking tissue, :func:`normal_tissue`);
 6. :func:`load_offset` - a per-case constant from the case's apparent lesion load, so that one
@@ -462,7 +463,8 @@ def postprocess_scores(
     # Everything outside the brain's bounding box is background, so the filters run on the box plus
     # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
     # voxels come out as on the whole grid at a fraction of the cost.
-    margin = np.ceil((4 * cfg.smoothing_sigma_mm + cfg.rim_erosion_mm) / np.asarray(spacing[::-1], dtype=float)).astype(int)
+    margin = np.ceil((4 * max(cfg.smoothing_sigma_mm, cfg.final_smoothing_sigma_mm) + cfg.rim_erosion_mm)
+                     / np.asarray(spacing[::-1], dtype=float)).astype(int)
     window = median_window(spacing, cfg.median_size_mm) if cfg.median_size_mm > 0 else (1, 1, 1)
     margin = margin + np.asarray(window) // 2 + 2
     occupied = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
@@ -496,6 +498,8 @@ def postprocess_scores(
             inner = (inner + term).astype(np.float32)
     if max(window) > 1:
         inner = median_filter_in_brain(inner, inner_brain, window)
+    if cfg.final_smoothing_sigma_mm > 0:
+        inner = smooth_in_brain(inner, inner_brain, spacing, cfg.final_smoothing_sigma_mm, box_cache)
     if cfg.standardise != "none":
         inner = standardise_in_brain(inner, inner_brain, cfg.standardise, reference)
     if cfg.load_weight != 0:

@@ -115,6 +115,7 @@ POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "asymmetry_weight": (0.0, 0.5, 1.0, 2.0),
     "t2_asymmetry_weight": (0.0, 0.5, 1.0),
     "energy_asymmetry_weight": (0.0, 0.5, 1.0, 2.0, 4.0),
+    "final_smoothing_sigma_mm": (0.0, 1.0, 2.0),
 }
 """Candidate values of the post-processing fields a method chooses on validation (``search``)."""
 POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
@@ -129,6 +130,12 @@ ENERGY_ASYMMETRY_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_m
                                             "energy_asymmetry_weight", "median_size_mm")
 """:data:`ASYMMETRY_SEARCH` with the weight of the energy's own asymmetry chosen after the FLAIR asymmetry's,
 so that the bundled row's choices come first and the search may keep them with the weight 0."""
+FINAL_SMOOTHING_SEARCH: tuple[str, ...] = ENERGY_ASYMMETRY_SEARCH + ("final_smoothing_sigma_mm",)
+""":data:`ENERGY_ASYMMETRY_SEARCH` with the Gaussian of the combined score chosen last, on the median filter
+already chosen (sigma 0 first: the bundled row's choices stay on ties)."""
+FINAL_SMOOTHING_SIGMA_MM = 2.0
+"""The Gaussian (sigma, mm) of the combined score in the FLAIR baselines that carry one (unsearched: a
+baseline has no validation search)."""
 RAW_SEARCH_FIELDS = frozenset({"normal_max_flair_z", "case_mixture_share"})
 """Searched fields that change a case mixture's raw energies, not only their post-processing: each
 candidate is scored by the networks (:func:`raw_variants`)."""
@@ -237,7 +244,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  choose_share: bool = False, flip: bool = False, native_normalisation: str | None = None,
                  asymmetry: bool = False, t2_asymmetry: bool = False, energy_asymmetry: bool = False,
                  search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0,
-                 t2_per_flair_weight: float = 0.0) -> MethodSpec:
+                 t2_per_flair_weight: float = 0.0, final_smoothing: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -250,12 +257,14 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     (:data:`ENERGY_ASYMMETRY_SEARCH`); ``search_criterion`` is :attr:`MethodSpec.search_criterion` and
     ``held_out`` :attr:`MethodSpec.held_out_selection`; ``n4_levels`` its
     :attr:`MethodSpec.native_bias_correction_levels`; ``t2_per_flair_weight`` its
-    :attr:`MethodSpec.t2_per_flair_weight`."""
+    :attr:`MethodSpec.t2_per_flair_weight`; with ``final_smoothing`` (and ``energy_asymmetry``) the search
+    last chooses the Gaussian of the combined score (:data:`FINAL_SMOOTHING_SEARCH`)."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ())
-              + (ENERGY_ASYMMETRY_SEARCH if energy_asymmetry else T2_ASYMMETRY_SEARCH if t2_asymmetry
+              + (FINAL_SMOOTHING_SEARCH if energy_asymmetry and final_smoothing
+                 else ENERGY_ASYMMETRY_SEARCH if energy_asymmetry else T2_ASYMMETRY_SEARCH if t2_asymmetry
                  else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       search_criterion=search_criterion, small_components=True, load_weights=LOAD_WEIGHTS if load else (),
@@ -303,6 +312,12 @@ METHODS: dict[str, MethodSpec] = {
                                            "whose FLAIR shows their hyperintensities less than their T2",
                                            postprocess={"median_size_mm": 5.0, "t2_weight": T2_TERM_WEIGHT},
                                            small_components=True, native_bias_correction_levels=NATIVE_N4_LEVELS),
+    "FLAIR z N4 +T2g +med5 +fsm+cc": MethodSpec(
+        "flair_filtered", "improvement", "FLAIR z N4 +T2g +med5+cc with the combined score smoothed after the median "
+        f"(Gaussian, sigma {FINAL_SMOOTHING_SIGMA_MM:g} mm)",
+        postprocess={"median_size_mm": 5.0, "t2_weight": T2_TERM_WEIGHT,
+                     "final_smoothing_sigma_mm": FINAL_SMOOTHING_SIGMA_MM},
+        small_components=True, native_bias_correction_levels=NATIVE_N4_LEVELS),
     "FLAIR robust +med5+cc": MethodSpec("flair_filtered", "baseline", "FLAIR z +med5+cc on FLAIR normalised by "
                                         "median and IQR / 1.349 (the ADM+ networks' input) instead of mean and SD",
                                         postprocess={"median_size_mm": 5.0}, small_components=True,
@@ -423,6 +438,10 @@ METHODS: dict[str, MethodSpec] = {
         f"{T2_TERM_WEIGHT:g} x the chosen FLAIR weight (unsearched): T2 outside CSF-like tissue on the cases whose "
         "FLAIR shows their hyperintensities less than their T2", load=True, energy_asymmetry=True,
         n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT),
+    "ADM+ F +asym +asymE +T2gF +post+fsm+cc (z+load) N4": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +asymE +T2gF +post+cc (z+load) N4 whose search then also chooses a Gaussian "
+        "of the combined score after its median filter", load=True, energy_asymmetry=True,
+        n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT, final_smoothing=True),
     "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) N4 (the bundled row) chosen, as the held-out "
         "row, on energies of networks that did not see the validation domain", load=True, energy_asymmetry=True,
@@ -590,7 +609,9 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F N4in", "ADM+ F N4in +asym +asymE +post+cc (z+load)",
                                     "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out",
                                     "ADM+ F N4in +asym +asymE +post+cc (z+load) held-out",
-                                    "FLAIR z N4 +T2g +med5+cc", "ADM+ F +asym +asymE +T2gF +post+cc (z+load) N4")
+                                    "FLAIR z N4 +T2g +med5+cc", "ADM+ F +asym +asymE +T2gF +post+cc (z+load) N4",
+                                    "FLAIR z N4 +T2g +med5 +fsm+cc",
+                                    "ADM+ F +asym +asymE +T2gF +post+fsm+cc (z+load) N4")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

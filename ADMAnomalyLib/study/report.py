@@ -208,7 +208,7 @@ def _chosen_lines(study: dict[str, Any], run_name) -> list[str]:
 
 
 _SHORT = {"smoothing_sigma_mm": "smoothing sigma (mm)", "rim_erosion_mm": "rim (mm)", "flair_weight": "w",
-          "median_size_mm": "median (mm)", "load_weight": "load weight"}
+          "median_size_mm": "median (mm)", "final_smoothing_sigma_mm": "final sigma (mm)", "load_weight": "load weight"}
 
 
 def _is_adm(study: dict[str, Any], method: str) -> bool:
@@ -479,6 +479,8 @@ def _post_text(post: dict[str, Any]) -> str:
         parts.append(f"median {post['median_size_mm']:g} mm")
     elif post.get("median_size"):  # study JSONs before mm-sized medians
         parts.append(f"median {post['median_size']} voxels")
+    if post.get("final_smoothing_sigma_mm"):
+        parts.append(f"then Gaussian sigma {post['final_smoothing_sigma_mm']:g} mm")
     if post.get("standardise", "none") != "none":
         parts.append(f"{post['standardise']} per-case standardisation (last)")
     return ", ".join(parts)

@@ -603,6 +603,54 @@ def test_the_study_ties_the_t2_term_to_the_chosen_flair_weight():
     assert tie_t2_weight(plain_row, PostprocessConfig(flair_weight=2.0)).t2_weight == 0.0
 
 
+def test_the_final_smoothing_smooths_the_combined_score_after_the_median():
+    """The final Gaussian acts on the whole combined score, after the median filter: the FLAIR term spreads
+    into its neighbours as E does (the energy's own smoothing leaves FLAIR sharp), nothing leaks in from the
+    background, and 0 leaves every voxel as it was."""
+    brain = np.zeros((12, 24, 24), bool)
+    brain[1:11, 2:22, 2:22] = True
+    spacing = (1.0, 1.0, 1.5)
+    energy = np.random.default_rng(7).normal(0.0, 1.0, brain.shape).astype(np.float32)
+    flair = np.zeros(brain.shape, np.float32)
+    flair[5:8, 9:15, 9:15] = 4.0  # a FLAIR-bright block the median keeps
+    base = PostprocessConfig(flair_weight=1.0, median_size_mm=3.0)
+    plain = postprocess_scores(energy, brain, spacing, base, flair)
+    smoothed = postprocess_scores(energy, brain, spacing, PostprocessConfig(flair_weight=1.0, median_size_mm=3.0,
+                                                                            final_smoothing_sigma_mm=1.5), flair)
+    expected = smooth_in_brain(plain, brain, spacing, 1.5)
+    np.testing.assert_allclose(smoothed[brain], expected[brain], atol=1e-5)
+    # the block's outline is graded: just outside it the score rises, just inside it falls
+    assert smoothed[6, 12, 8] > plain[6, 12, 8] + 0.5 and smoothed[6, 12, 9] < plain[6, 12, 9] - 0.5
+    # the energy's own smoothing does not do this: it acts before the FLAIR term is added
+    energy_only = postprocess_scores(energy, brain, spacing, PostprocessConfig(flair_weight=1.0, median_size_mm=3.0,
+                                                                               smoothing_sigma_mm=1.5), flair)
+    assert energy_only[6, 12, 8] < smoothed[6, 12, 8] - 0.5
+    # brain-normalised: a constant score stays constant up to the brain's edge
+    constant = postprocess_scores(np.full(brain.shape, 3.0, np.float32), brain, spacing,
+                                  PostprocessConfig(final_smoothing_sigma_mm=2.0))
+    np.testing.assert_allclose(constant[brain], 3.0, atol=1e-4)
+    assert PostprocessConfig(final_smoothing_sigma_mm=1.0).native_active
+    np.testing.assert_array_equal(postprocess_scores(energy, brain, spacing, base, flair), plain)
+    with pytest.raises(ValueError, match="final_smoothing_sigma_mm"):
+        PostprocessConfig(final_smoothing_sigma_mm=-1.0)
+
+
+def test_the_final_smoothing_row_chooses_the_gaussian_last():
+    """The study row chooses the Gaussian of the combined score after the rest of the bundled row's search, from
+    a grid whose first candidate (kept on ties) is none; its FLAIR baseline carries a fixed one."""
+    from ADMAnomalyLib.study.methods import (ENERGY_ASYMMETRY_SEARCH, FINAL_SMOOTHING_SIGMA_MM, METHODS,
+                                             POST_CANDIDATES, postprocess_for, StudySettings)
+    row = METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+cc (z+load) N4"]
+    bundled = METHODS["ADM+ F +asym +asymE +T2gF +post+cc (z+load) N4"]
+    assert row.search == bundled.search + ("final_smoothing_sigma_mm",)
+    assert bundled.search[-len(ENERGY_ASYMMETRY_SEARCH):] == ENERGY_ASYMMETRY_SEARCH
+    assert POST_CANDIDATES["final_smoothing_sigma_mm"][0] == 0.0
+    assert (row.t2_per_flair_weight, row.load_weights, row.native_bias_correction_levels) == (
+        bundled.t2_per_flair_weight, bundled.load_weights, bundled.native_bias_correction_levels)
+    baseline = postprocess_for(METHODS["FLAIR z N4 +T2g +med5 +fsm+cc"], StudySettings())
+    assert baseline.final_smoothing_sigma_mm == FINAL_SMOOTHING_SIGMA_MM and baseline.median_size_mm == 5.0
+
+
 def test_energy_asymmetry_lifts_the_one_sided_energy_and_needs_no_flair():
     """The energy's own asymmetry, taken after smoothing and rim suppression: an energy pair mirrored
     across the midline (grey matter, CSF) gains nothing, a one-sided spot gains w x its excess over
