@@ -105,6 +105,10 @@ study chose 0.25, the edge, so the grid reaches below the brain's typical FLAIR.
 CASE_MIXTURE_SHARES: tuple[float, ...] = (0.5, 1.0, 0.25)
 """Candidate ``case_mixture_share`` of a blend of the case and the frozen mixture (equal weights first:
 it stays on ties)."""
+FINAL_SMOOTHING_SIGMAS_MM: tuple[float, ...] = (0.0, 0.5, 1.0)
+"""Candidate sigmas (mm) of the Gaussian of the combined score: at most 1 mm (full width at half maximum 2.4 mm),
+so that a 3 mm lesion keeps its peak. With 2 mm among them the MS fold's search, run on gliomas, took 2 and its
+scan lost AUPRC and Dice at threshold (docs/domain_analysis.md, thirty-second round)."""
 POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "normal_max_flair_z": NORMAL_CUTOFFS,
     "case_mixture_share": CASE_MIXTURE_SHARES,
@@ -115,7 +119,7 @@ POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "asymmetry_weight": (0.0, 0.5, 1.0, 2.0),
     "t2_asymmetry_weight": (0.0, 0.5, 1.0),
     "energy_asymmetry_weight": (0.0, 0.5, 1.0, 2.0, 4.0),
-    "final_smoothing_sigma_mm": (0.0, 1.0, 2.0),
+    "final_smoothing_sigma_mm": FINAL_SMOOTHING_SIGMAS_MM,
 }
 """Candidate values of the post-processing fields a method chooses on validation (``search``)."""
 POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
@@ -133,9 +137,9 @@ so that the bundled row's choices come first and the search may keep them with t
 FINAL_SMOOTHING_SEARCH: tuple[str, ...] = ENERGY_ASYMMETRY_SEARCH + ("final_smoothing_sigma_mm",)
 """:data:`ENERGY_ASYMMETRY_SEARCH` with the Gaussian of the combined score chosen last, on the median filter
 already chosen (sigma 0 first: the bundled row's choices stay on ties)."""
-FINAL_SMOOTHING_SIGMA_MM = 2.0
+FINAL_SMOOTHING_SIGMA_MM = FINAL_SMOOTHING_SIGMAS_MM[-1]
 """The Gaussian (sigma, mm) of the combined score in the FLAIR baselines that carry one (unsearched: a
-baseline has no validation search)."""
+baseline has no validation search): the widest the search may choose."""
 RAW_SEARCH_FIELDS = frozenset({"normal_max_flair_z", "case_mixture_share"})
 """Searched fields that change a case mixture's raw energies, not only their post-processing: each
 candidate is scored by the networks (:func:`raw_variants`)."""
