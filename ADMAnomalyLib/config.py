@@ -293,9 +293,9 @@ class PostprocessConfig:
     number of voxels, at least 1, per axis: 5 mm is 5x5x5 voxels at 1 mm and 5x5x1 on 5.5 mm
     slices), as published FLAIR-thresholding baselines use; 0 = off."""
     final_smoothing_sigma_mm: float = 0.0
-    """Beyond the paper: after the median filter, 3-D Gaussian smoothing (sigma in mm, normalised inside the
-    brain like ``smoothing_sigma_mm``) of the whole combined score, the FLAIR and T2 terms included, not of E
-    alone. The median removes speckle but leaves a score that is flat-topped and ragged at a lesion's
+    """Beyond the paper: after the median filter and the standardisation (so the threshold stays in SDs of the
+    unsmoothed score), 3-D Gaussian smoothing (sigma in mm, normalised inside the brain like
+    ``smoothing_sigma_mm``) of the whole combined score, the FLAIR and T2 terms included, not of E alone. The median removes speckle but leaves a score that is flat-topped and ragged at a lesion's
     outline; the Gaussian grades it from the lesion's core to its edge, where the reference outlines
     (drawn by hand or by segmentation algorithms) are smooth, and thins the isolated bright voxels of
     normal tissue. It also blurs lesions of a few mm into their surroundings, so it is chosen on

@@ -12,10 +12,10 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
    hyperintensity), plus a weight times an intensity z-score (FLAIR hyperintensity), and a weight
    times its left-right asymmetry (:func:`intensity_asymmetry`), one times T2's, and the T2 term of a case
    whose FLAIR shows its hyperintensities less than its T2 (:func:`t2_term`);
-4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis, then
-   :func:`smooth_in_brain` of the combined score (``final_smoothing_sigma_mm``);
+4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
 5. :func:`standardise_in_brain` - the score as (robust) SDs above the case's typical brain score
-   (with ``standardise = 'normal'``: typical of its normal-looking tissue, :func:`normal_tissue`);
+   (with ``standardise = 'normal'``: typical of its normal-looking tissue, :func:`normal_tissue`), then
+   :func:`smooth_in_brain` of that combined score (``final_smoothing_sigma_mm``);
 6. :func:`load_offset` - a per-case constant from the case's apparent lesion load, so that one
    threshold suits a large glioma and a few small MS lesions alike;
 
@@ -498,10 +498,13 @@ def postprocess_scores(
             inner = (inner + term).astype(np.float32)
     if max(window) > 1:
         inner = median_filter_in_brain(inner, inner_brain, window)
-    if cfg.final_smoothing_sigma_mm > 0:
-        inner = smooth_in_brain(inner, inner_brain, spacing, cfg.final_smoothing_sigma_mm, box_cache)
     if cfg.standardise != "none":
         inner = standardise_in_brain(inner, inner_brain, cfg.standardise, reference)
+    if cfg.final_smoothing_sigma_mm > 0:
+        # After the standardisation: the threshold's unit stays the SD of the unsmoothed score. Read after it,
+        # the SD shrinks with the fine-scale variation the Gaussian removes, and the scan of small MS lesions,
+        # in SDs of its smoothed score, rose above a threshold chosen on gliomas (thirty-second round).
+        inner = smooth_in_brain(inner, inner_brain, spacing, cfg.final_smoothing_sigma_mm, box_cache)
     if cfg.load_weight != 0:
         offset = load_offset(inner[inner_brain], cfg.load_weight, cfg.load_reference)
         inner = np.where(inner_brain, inner + np.float32(offset), inner).astype(np.float32)

@@ -4,6 +4,8 @@ mm-sized median filtering and the per-case robust standardisation of the score."
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -604,9 +606,10 @@ def test_the_study_ties_the_t2_term_to_the_chosen_flair_weight():
 
 
 def test_the_final_smoothing_smooths_the_combined_score_after_the_median():
-    """The final Gaussian acts on the whole combined score, after the median filter: the FLAIR term spreads
-    into its neighbours as E does (the energy's own smoothing leaves FLAIR sharp), nothing leaks in from the
-    background, and 0 leaves every voxel as it was."""
+    """The final Gaussian acts on the whole combined score, after the median filter and the standardisation
+    (the threshold's unit is the SD of the unsmoothed score): the FLAIR term spreads into its neighbours as E
+    does (the energy's own smoothing leaves FLAIR sharp), nothing leaks in from the background, and 0 leaves
+    every voxel as it was."""
     brain = np.zeros((12, 24, 24), bool)
     brain[1:11, 2:22, 2:22] = True
     spacing = (1.0, 1.0, 1.5)
@@ -625,6 +628,13 @@ def test_the_final_smoothing_smooths_the_combined_score_after_the_median():
     energy_only = postprocess_scores(energy, brain, spacing, PostprocessConfig(flair_weight=1.0, median_size_mm=3.0,
                                                                                smoothing_sigma_mm=1.5), flair)
     assert energy_only[6, 12, 8] < smoothed[6, 12, 8] - 0.5
+    # standardised before the smoothing: in SDs of the unsmoothed score, whose SD the Gaussian would shrink
+    standardised = PostprocessConfig(flair_weight=1.0, median_size_mm=3.0, standardise="zscore")
+    unsmoothed = postprocess_scores(energy, brain, spacing, standardised, flair)
+    then_smoothed = postprocess_scores(energy, brain, spacing, dataclasses.replace(standardised,
+                                                                                   final_smoothing_sigma_mm=1.5), flair)
+    np.testing.assert_allclose(then_smoothed[brain], smooth_in_brain(unsmoothed, brain, spacing, 1.5)[brain], atol=1e-5)
+    assert then_smoothed[brain].std() < 0.9
     # brain-normalised: a constant score stays constant up to the brain's edge
     constant = postprocess_scores(np.full(brain.shape, 3.0, np.float32), brain, spacing,
                                   PostprocessConfig(final_smoothing_sigma_mm=2.0))
