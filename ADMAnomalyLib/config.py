@@ -503,16 +503,16 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"ctoc_uncertainty": True, "density_residuals": ("flair",)},
         "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
                         "asymmetry_weight": 1.0, "energy_asymmetry_weight": 2.0, "median_size_mm": 5.0,
-                        "standardise": "zscore", "load_weight": 0.6, "t2_weight": 1.0},
+                        "final_smoothing_sigma_mm": 1.0, "standardise": "zscore", "load_weight": 0.6, "t2_weight": 1.0},
     },
 }
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper
 (every default); 'transfer' is the bundled model's configuration for scans from other sites and
 pathologies (robust normalisation, site-shift augmentation, CtoC uncertainty, only the FLAIR residual
 among the density features, the FLAIR term read from an N4-corrected FLAIR, the T2 term weighted as the FLAIR
-term, and the post-processing the leave-one-domain-out study chose, with the
-load weight ``admanomaly calibrate --choose-load-weight`` chose over the four domains; see README,
-"The method as implemented")."""
+term, a Gaussian of the combined score after its standardisation, and the post-processing the
+leave-one-domain-out study chose, with the load weight ``admanomaly calibrate --choose-load-weight`` chose
+over the four domains; see README, "The method as implemented")."""
 NATIVE_PREPROCESS_FIELDS = ("native_normalisation", "native_bias_correction_levels")
 """The preprocessing fields that shape only the native volumes the post-processing reads, never the
 network input: like post-processing, they may change on a trained model."""
