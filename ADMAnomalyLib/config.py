@@ -295,8 +295,9 @@ class PostprocessConfig:
     final_smoothing_sigma_mm: float = 0.0
     """Beyond the paper: after the median filter and the standardisation (so the threshold stays in SDs of the
     unsmoothed score), 3-D Gaussian smoothing (sigma in mm, normalised inside the brain like
-    ``smoothing_sigma_mm``) of the whole combined score, the FLAIR and T2 terms included, not of E alone. The median removes speckle but leaves a score that is flat-topped and ragged at a lesion's
-    outline; the Gaussian grades it from the lesion's core to its edge, where the reference outlines
+    ``smoothing_sigma_mm``) of the whole combined score, the FLAIR and T2 terms included, not of E alone. The
+    median removes speckle but leaves a score that is flat-topped and ragged at a lesion's outline; the
+    Gaussian grades it from the lesion's core to its edge, where the reference outlines
     (drawn by hand or by segmentation algorithms) are smooth, and thins the isolated bright voxels of
     normal tissue. It also blurs lesions of a few mm into their surroundings, so it is chosen on
     validation, not fixed. 0 = off."""
@@ -383,7 +384,8 @@ class PostprocessConfig:
         if not self.t2_asymmetry_weight >= 0:
             raise ValueError(f"postprocess.t2_asymmetry_weight must be >= 0, got {self.t2_asymmetry_weight!r}")
         if not self.final_smoothing_sigma_mm >= 0:
-            raise ValueError(f"postprocess.final_smoothing_sigma_mm must be >= 0, got {self.final_smoothing_sigma_mm!r}")
+            raise ValueError("postprocess.final_smoothing_sigma_mm must be >= 0, got "
+                             f"{self.final_smoothing_sigma_mm!r}")
         if not self.t2_weight >= 0:
             raise ValueError(f"postprocess.t2_weight must be >= 0, got {self.t2_weight!r}")
         if not self.energy_asymmetry_weight >= 0:
@@ -503,7 +505,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"ctoc_uncertainty": True, "density_residuals": ("flair",)},
         "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
                         "asymmetry_weight": 1.0, "energy_asymmetry_weight": 2.0, "median_size_mm": 5.0,
-                        "final_smoothing_sigma_mm": 1.0, "standardise": "zscore", "load_weight": 0.6, "t2_weight": 1.0},
+                        "final_smoothing_sigma_mm": 1.0, "standardise": "zscore", "load_weight": 0.6,
+                        "t2_weight": 1.0},
     },
 }
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper

@@ -134,9 +134,6 @@ ENERGY_ASYMMETRY_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_m
                                             "energy_asymmetry_weight", "median_size_mm")
 """:data:`ASYMMETRY_SEARCH` with the weight of the energy's own asymmetry chosen after the FLAIR asymmetry's,
 so that the bundled row's choices come first and the search may keep them with the weight 0."""
-FINAL_SMOOTHING_SEARCH: tuple[str, ...] = ENERGY_ASYMMETRY_SEARCH + ("final_smoothing_sigma_mm",)
-""":data:`ENERGY_ASYMMETRY_SEARCH` with the Gaussian of the combined score chosen last, on the median filter
-already chosen (sigma 0 first: the bundled row's choices stay on ties)."""
 FINAL_SMOOTHING_SIGMA_MM = FINAL_SMOOTHING_SIGMAS_MM[-1]
 """The Gaussian (sigma, mm) of the combined score in the FLAIR baselines that carry one (unsearched: a
 baseline has no validation search): the widest the search may choose."""
@@ -261,15 +258,15 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     (:data:`ENERGY_ASYMMETRY_SEARCH`); ``search_criterion`` is :attr:`MethodSpec.search_criterion` and
     ``held_out`` :attr:`MethodSpec.held_out_selection`; ``n4_levels`` its
     :attr:`MethodSpec.native_bias_correction_levels`; ``t2_per_flair_weight`` its
-    :attr:`MethodSpec.t2_per_flair_weight`; with ``final_smoothing`` (and ``energy_asymmetry``) the search
-    last chooses the Gaussian of the combined score (:data:`FINAL_SMOOTHING_SEARCH`)."""
+    :attr:`MethodSpec.t2_per_flair_weight`; with ``final_smoothing`` the search then chooses the Gaussian of the
+    combined score, last, on the median filter already chosen (sigma 0 first: a tie keeps the row without it)."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ())
-              + (FINAL_SMOOTHING_SEARCH if energy_asymmetry and final_smoothing
-                 else ENERGY_ASYMMETRY_SEARCH if energy_asymmetry else T2_ASYMMETRY_SEARCH if t2_asymmetry
-                 else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH))
+              + (ENERGY_ASYMMETRY_SEARCH if energy_asymmetry else T2_ASYMMETRY_SEARCH if t2_asymmetry
+                 else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH)
+              + (("final_smoothing_sigma_mm",) if final_smoothing else ()))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       search_criterion=search_criterion, small_components=True, load_weights=LOAD_WEIGHTS if load else (),
                       native_normalisation=native_normalisation, held_out_selection=held_out,
@@ -444,7 +441,7 @@ METHODS: dict[str, MethodSpec] = {
         n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT),
     "ADM+ F +asym +asymE +T2gF +post+fsm+cc (z+load) N4": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymE +T2gF +post+cc (z+load) N4 whose search then also chooses a Gaussian "
-        "of the combined score after its median filter", load=True, energy_asymmetry=True,
+        "of the combined score after its median filter and standardisation", load=True, energy_asymmetry=True,
         n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT, final_smoothing=True),
     "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) N4 (the bundled row) chosen, as the held-out "
