@@ -142,16 +142,12 @@ def t2_term(flair: np.ndarray, t1: np.ndarray, t2: np.ndarray, brain: np.ndarray
     The gate and the gap read mean/SD z-scores over the brain whatever the contrasts' normalisation: under
     median/IQR units the same scans' gaps move by up to 4.7 (an MS scan's from -0.03 to +0.89, switching the
     term on where FLAIR is the stronger contrast; docs/domain_analysis.md, thirty-first round)."""
-    def mean_sd(values: np.ndarray) -> tuple[float, float]:
-        inside = values[brain].astype(np.float64)
-        return float(inside.mean()), float(inside.std()) or 1.0
-
     def tail_z(values: np.ndarray) -> float:
         # A percentile commutes with the z-score's rescaling: no standardised copy of the volume is made.
-        mean, sd = mean_sd(values)
+        mean, sd = centre_and_spread(values[brain], "zscore")
         return (float(np.percentile(values[tissue], T2_TAIL_PERCENTILE)) - mean) / sd
 
-    t1_mean, t1_sd = mean_sd(t1)
+    t1_mean, t1_sd = centre_and_spread(t1[brain], "zscore")
     tissue = brain & (t1 > np.float32(t1_mean + csf_max_t1_z * t1_sd))
     if not tissue.any():
         return np.zeros(brain.shape, np.float32), 0.0
@@ -366,16 +362,11 @@ def median_filter_in_brain(values: np.ndarray, brain: np.ndarray, size: int | Se
     return result
 
 
-def standardise_in_brain(values: np.ndarray, brain: np.ndarray, method: str = "robust",
-                         reference: Optional[np.ndarray] = None) -> np.ndarray:
-    """The score rescaled over the brain: ``method`` 'robust' is ``(score - median) / (1.4826 MAD)``,
-    so a threshold reads "robust SDs above the case's typical tissue", which carries over between
-    sites and scanners where the raw energy's scale does not (median and MAD ignore the lesion, a
-    minority of voxels); 'zscore' is ``(score - mean) / SD``, the scale of a FLAIR z-score; 'normal'
-    is ``(score - mean) / SD`` over the ``reference`` voxels (:func:`normal_tissue`)."""
-    if method == "normal" and reference is None:
-        raise ValueError("standardise='normal' needs the reference voxels (normal-looking tissue)")
-    inside = values[reference if method == "normal" else brain].astype(np.float64)
+def centre_and_spread(inside: np.ndarray, method: str) -> tuple[float, float]:
+    """The (centre, spread) of the voxel values ``inside`` that :func:`standardise_in_brain` rescales by:
+    'robust' median and 1.4826 MAD (the SD where the MAD is 0), 'zscore' and 'normal' mean and SD; a spread of
+    0 counts as 1."""
+    inside = inside.astype(np.float64)
     if method == "robust":
         centre = float(np.median(inside))
         spread = 1.4826 * float(np.median(np.abs(inside - centre)))
@@ -385,6 +376,19 @@ def standardise_in_brain(values: np.ndarray, brain: np.ndarray, method: str = "r
         centre, spread = float(inside.mean()), float(inside.std()) or 1.0
     else:
         raise ValueError(f"postprocess.standardise must be 'none', 'robust', 'zscore' or 'normal', not {method!r}")
+    return centre, spread
+
+
+def standardise_in_brain(values: np.ndarray, brain: np.ndarray, method: str = "robust",
+                         reference: Optional[np.ndarray] = None) -> np.ndarray:
+    """The score rescaled over the brain: ``method`` 'robust' is ``(score - median) / (1.4826 MAD)``,
+    so a threshold reads "robust SDs above the case's typical tissue", which carries over between
+    sites and scanners where the raw energy's scale does not (median and MAD ignore the lesion, a
+    minority of voxels); 'zscore' is ``(score - mean) / SD``, the scale of a FLAIR z-score; 'normal'
+    is ``(score - mean) / SD`` over the ``reference`` voxels (:func:`normal_tissue`)."""
+    if method == "normal" and reference is None:
+        raise ValueError("standardise='normal' needs the reference voxels (normal-looking tissue)")
+    centre, spread = centre_and_spread(values[reference if method == "normal" else brain], method)
     standardised = (values - np.float32(centre)) / np.float32(spread)
     return np.where(brain, standardised, values).astype(np.float32)
 

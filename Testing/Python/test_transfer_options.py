@@ -640,7 +640,10 @@ def test_the_final_smoothing_smooths_the_combined_score_after_the_median():
                                   PostprocessConfig(final_smoothing_sigma_mm=2.0))
     np.testing.assert_allclose(constant[brain], 3.0, atol=1e-4)
     assert PostprocessConfig(final_smoothing_sigma_mm=1.0).native_active
-    np.testing.assert_array_equal(postprocess_scores(energy, brain, spacing, base, flair), plain)
+    # off (the default, 0), the composition is the FLAIR term and the median alone, computed step by step here
+    by_steps = median_filter_in_brain(add_intensity_term(energy, brain, flair, 1.0), brain, median_window(spacing, 3.0))
+    np.testing.assert_allclose(plain[brain], by_steps[brain], atol=1e-6)
+    assert not PostprocessConfig(final_smoothing_sigma_mm=0.0).native_active
     with pytest.raises(ValueError, match="final_smoothing_sigma_mm"):
         PostprocessConfig(final_smoothing_sigma_mm=-1.0)
 
