@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .config import PostprocessConfig
 
@@ -62,16 +63,24 @@ def median_window(spacing: Spacing, size_mm: float) -> tuple[int, ...]:
     return tuple(max(1, 2 * int(round((size_mm / float(step) - 1) / 2)) + 1) for step in reversed(tuple(spacing)))
 
 
+GAUSSIAN_TRUNCATE_SIGMAS = 4.0
+"""The Gaussian kernel of :func:`smooth_in_brain` ends this many sigmas from its centre (the margin
+:func:`postprocess_scores` keeps around the brain's box)."""
+
+
 def smooth_in_brain(values: np.ndarray, brain: np.ndarray, spacing: Spacing, sigma_mm: float,
                     cache: Optional[dict] = None) -> np.ndarray:
     """Gaussian smoothing (sigma in mm) of the brain voxels, normalised by the smoothed brain mask so
     that background never leaks into the brain edge. ``cache`` keeps the smoothed mask per case."""
     cache = {} if cache is None else cache
+    sigmas = [float(sigma_mm) / float(step) for step in tuple(spacing)[::-1]]
 
     def smooth(array: np.ndarray) -> np.ndarray:
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-        image.SetSpacing(tuple(float(v) for v in spacing))
-        return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, float(sigma_mm)))
+        # SciPy's sampled kernel, not SimpleITK's recursive (IIR) Gaussian: 5x faster on two cores, exact at
+        # a sigma of one voxel where the recursive one is off by a few %, and zero beyond the grid, so that
+        # the box postprocess_scores works on gives the brain voxels of the whole grid.
+        return ndimage.gaussian_filter(np.asarray(array, dtype=np.float32), sigmas, mode="constant", cval=0.0,
+                                       truncate=GAUSSIAN_TRUNCATE_SIGMAS)
 
     key = ("weight", float(sigma_mm))
     if key not in cache:
@@ -202,9 +211,26 @@ def mirror(volume: np.ndarray, axis: int, shift: int) -> np.ndarray:
 def midline_shift(brain: np.ndarray, axis: int, max_shift: int) -> int:
     """The :func:`mirror` shift (within ``max_shift`` voxels) at which the brain best overlaps its own
     mirror image: the mid-sagittal plane among the planes of the grid. Ties go to the smallest shift."""
-    overlaps = {shift: int(np.count_nonzero(brain & mirror(brain, axis, shift)))
-                for shift in sorted(range(-max_shift, max_shift + 1), key=abs)}
-    return max(overlaps, key=overlaps.get)
+    overlaps = mirror_overlaps(brain, axis)
+    n = brain.shape[axis]
+    # sorted() keeps -s before s, and max() the first of equal overlaps: ties go to the smallest shift.
+    shifts = [s for s in sorted(range(-max_shift, max_shift + 1), key=abs) if -n < s < n]
+    return max(shifts, key=lambda shift: overlaps[n - 1 + shift])
+
+
+def mirror_overlaps(mask: np.ndarray, axis: int) -> np.ndarray:
+    """``count_nonzero(mask & mirror(mask, axis, s))`` for every shift s at index ``n - 1 + s``: with
+    index i meeting index n - 1 - i + s, the counts are the self-convolution of each line of ``mask``
+    along ``axis``, summed over the lines. One FFT of the mask's lines instead of a mirrored copy per
+    shift (0.3 s for a case's 41 shifts); the float64 sums are whole numbers far below 2**52, so rounding is exact."""
+    n = mask.shape[axis]
+    lines = np.moveaxis(np.asarray(mask, dtype=bool), axis, -1).reshape(-1, n)
+    lines = lines[lines.any(axis=1)]  # an empty line adds nothing
+    spectrum_sum = np.zeros(n + 1, dtype=np.complex128)
+    for start in range(0, lines.shape[0], 8192):  # bounded memory: 8192 lines of complex spectra at a time
+        spectra = np.fft.rfft(lines[start : start + 8192].astype(np.float64), 2 * n, axis=-1)
+        spectrum_sum += np.einsum("ij,ij->j", spectra, spectra)
+    return np.rint(np.fft.irfft(spectrum_sum, 2 * n)[: 2 * n - 1]).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -467,7 +493,7 @@ def postprocess_scores(
     # Everything outside the brain's bounding box is background, so the filters run on the box plus
     # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
     # voxels come out as on the whole grid at a fraction of the cost.
-    margin = np.ceil((4 * max(cfg.smoothing_sigma_mm, cfg.final_smoothing_sigma_mm) + cfg.rim_erosion_mm)
+    margin = np.ceil((GAUSSIAN_TRUNCATE_SIGMAS * max(cfg.smoothing_sigma_mm, cfg.final_smoothing_sigma_mm) + cfg.rim_erosion_mm)
                      / np.asarray(spacing[::-1], dtype=float)).astype(int)
     window = median_window(spacing, cfg.median_size_mm) if cfg.median_size_mm > 0 else (1, 1, 1)
     margin = margin + np.asarray(window) // 2 + 2

@@ -14,7 +14,7 @@ from ADMAnomalyLib.cases import case_from_images
 from ADMAnomalyLib.config import CONTRASTS, ADMConfig, PostprocessConfig, PreprocessConfig
 from ADMAnomalyLib.postprocess import (MidSagittalPlane, add_intensity_term, box_maximum, intensity_asymmetry,
                                       left_right_axis, load_offset, median_filter, median_filter_in_brain,
-                                      median_window, mid_sagittal_plane, midline_shift, mirror, normal_tissue,
+                                      median_window, mid_sagittal_plane, midline_shift, mirror, mirror_overlaps, normal_tissue,
                                       postprocess_energy, postprocess_scores, slice_axis, smooth_in_brain,
                                       standardise_in_brain, suppress_rim, t2_term)
 from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case, standardise_histogram
@@ -423,6 +423,48 @@ def test_mirror_and_midline_find_the_plane_of_an_off_centre_brain():
     values = np.arange(5.0)
     np.testing.assert_array_equal(mirror(values, 0, 1), [0.0, 4.0, 3.0, 2.0, 1.0])
     np.testing.assert_array_equal(mirror(values, 0, -2), [2.0, 1.0, 0.0, 0.0, 0.0])
+
+
+def test_the_mirror_overlaps_count_what_the_mirrored_copies_share():
+    """The FFT's counts are the brute-force counts of every shift, on every axis, over more lines than one block
+    of spectra holds (8192), with empty lines in between."""
+    rng = np.random.default_rng(3)
+    for shape in ((7, 9, 11), (4, 50, 45), (100, 90, 5)):
+        mask = rng.random(shape) > 0.6
+        mask[:, 1] = False  # lines the FFT skips
+        for axis in range(3):
+            n = shape[axis]
+            counts = mirror_overlaps(mask, axis)
+            assert counts.shape == (2 * n - 1,)
+            brute = [np.count_nonzero(mask & mirror(mask, axis, shift)) for shift in range(-n + 1, n)]
+            np.testing.assert_array_equal(counts, brute)
+    # a tie: one line is symmetric about 4 (shift -1), the other about 5 (shift 1); -1 is listed first
+    tied = np.zeros((2, 1, 10), bool)
+    tied[0, 0, 4], tied[1, 0, 5] = True, True
+    assert mirror_overlaps(tied, 2)[9 - 1] == mirror_overlaps(tied, 2)[9 + 1] == 1
+    assert midline_shift(tied, 2, 4) == -1
+
+
+def test_the_brain_gaussian_has_its_sigma_in_mm_along_every_axis():
+    """A point smoothed on anisotropic voxels spreads sigma_mm / spacing voxels along each axis (spacing in
+    SimpleITK's x, y, z order; the array is z, y, x), keeps its mass inside an all-brain grid, and the box
+    post-processing smooths on gives the whole grid's brain voxels."""
+    brain = np.ones((31, 41, 51), bool)
+    point = np.zeros(brain.shape, np.float32)
+    point[15, 20, 25] = 1.0
+    spacing = (0.8, 1.0, 2.5)  # x, y, z
+    smoothed = smooth_in_brain(point, brain, spacing, 2.0).astype(np.float64)
+    assert smoothed.sum() == pytest.approx(1.0, rel=1e-4)
+    grids = np.meshgrid(*[np.arange(n) for n in brain.shape], indexing="ij")
+    for axis, (centre, step) in enumerate(zip((15, 20, 25), spacing[::-1])):
+        variance = float((smoothed * (grids[axis] - centre) ** 2).sum())
+        assert variance == pytest.approx((2.0 / step) ** 2, rel=0.02)
+    small_brain = np.zeros(brain.shape, bool)
+    small_brain[10:20, 12:30, 15:35] = True
+    values = np.random.default_rng(0).standard_normal(brain.shape).astype(np.float32)
+    whole = smooth_in_brain(values, small_brain, spacing, 2.0)
+    boxed = postprocess_scores(values, small_brain, spacing, PostprocessConfig(final_smoothing_sigma_mm=2.0))
+    np.testing.assert_allclose(boxed[small_brain], whole[small_brain], atol=1e-5)
 
 
 def test_left_right_axis_follows_the_direction_cosines():
