@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..io import write_text_atomic
+from .methods import BUNDLED_METHOD
 from .runner import SUMMARY_METRICS
 
 # report
@@ -322,7 +323,8 @@ def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) 
 # Drawn in this order where the JSON has them; other methods are left out of the figures.
 DOMAIN_KEY_METHODS = ("FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", "ADM +post", "ADM+", "ADM+ +post",
                       "ADM+ +post+cc (z)", "ADM+ FT2 +post+cc (z)", "ADM+ F +post+cc (normal)", "ADM+ F +post+cc (z)",
-                      "ADM+ F +post+cc (z+load)", "FLAIR z +asym +med5+cc", "ADM+ F +asym +post+cc (z+load)")
+                      "ADM+ F +post+cc (z+load)", "FLAIR z +asym +med5+cc", "ADM+ F +asym +post+cc (z+load)",
+                      "FLAIR z N4 +T2g +med5 +fsm+cc", BUNDLED_METHOD)
 RAW_NETWORK_METHODS = ("ADM", "ADM robust-norm", "ADM site-aug", "ADM unc", "ADM+", "ADM+ FT2", "ADM+ F", "ADM+ F>",
                        "ADM+ F> ct", "ADM cm", "ADM+ F cm", "ADM cm*", "ADM+ F cm*")
 RAW_REFERENCE = "FLAIR z"

@@ -714,7 +714,7 @@ def _report_from(study_dict, root):
 
 def test_domain_report_draws_the_domain_figures_from_the_json(tmp_path):
     methods = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5+cc", "ADM", "ADM +post", "ADM robust-norm",
-               "ADM site-aug", "ADM unc", "ADM+", "ADM+ +post", "ADM+X")
+               "ADM site-aug", "ADM unc", "ADM+", "ADM+ +post", "ADM+X", study.methods.BUNDLED_METHOD)
     docs, text = _report_from(_synthetic_domain_study(methods), tmp_path)
     for name in ("domains_auprc_dice.png", "domains_raw_vs_flair.png"):
         png = docs / "figures" / name
@@ -726,7 +726,8 @@ def test_domain_report_draws_the_domain_figures_from_the_json(tmp_path):
     # Which methods each figure draws, in order (ADM+X is neither a key method nor a raw network).
     assert study.report._present_methods(study.report._domain_panels(_synthetic_domain_study(methods)),
                                          study.report.DOMAIN_KEY_METHODS) == [
-        "FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", "ADM +post", "ADM+", "ADM+ +post"]
+        "FLAIR z +med3+cc", "FLAIR z +med5+cc", "FLAIR z", "ADM", "ADM +post", "ADM+", "ADM+ +post",
+        study.methods.BUNDLED_METHOD]  # the bundled configuration is drawn whatever its name
 
 
 def test_domain_figures_with_only_some_methods(tmp_path):
