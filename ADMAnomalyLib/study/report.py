@@ -335,8 +335,10 @@ DOMAIN_FIGURE_FILES = {"auprc_dice": "domains_auprc_dice.png", "raw_vs_flair": "
 
 
 def _domain_panels(study: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, summary) of every left-out domain, then of the pooled test cases."""
-    return list(study["domain_summary"].items()) + [("pooled", study["summary"])]
+    """(label, summary) of every left-out domain, of every pool of domains the study reports (e.g. all BraTS
+    gliomas, the figure the issue's BraTS target is on), then of all pooled test cases."""
+    pools = [(f"pool: {name}", summary) for name, summary in study.get("pool_summary", {}).items()]
+    return list(study["domain_summary"].items()) + pools + [("pooled", study["summary"])]
 
 
 def _present_methods(panels: list[tuple[str, dict[str, Any]]], wanted: Sequence[str]) -> list[str]:
@@ -431,10 +433,14 @@ def _domain_figure_lines(study: dict[str, Any], figures: dict[str, str]) -> list
     spread = "; error bars: sd over seeds" if len(study["settings"]["seeds"]) > 1 else ""
     captions = {
         "auprc_dice": "AUPRC (top) and Dice at the threshold chosen on the training domains (bottom) of the "
-                      f"strong baselines, FLAIR z and ADM, per left-out domain and pooled{spread}.",
+                      f"strong baselines, FLAIR z and ADM, per left-out domain, per pool of domains and over all test "
+                      f"cases{spread}.",
         "raw_vs_flair": "Does the learned energy beat raw FLAIR? AUPRC of each network's raw energy (no "
-                        f"post-processing) beside raw FLAIR z, per left-out domain and pooled{spread}.",
+                        f"post-processing) beside raw FLAIR z, per left-out domain, per pool of domains and over all test "
+                        f"cases{spread}.",
     }
+    if BUNDLED_METHOD in study["summary"]:  # the figure's colours do not single it out
+        captions["auprc_dice"] += f" The bundled configuration is `{BUNDLED_METHOD}`."
     lines = ["### Figures", ""]
     for key, rel in figures.items():
         lines += [f"![{key}]({rel})", "", f"*{captions.get(key, key)}*", ""]

@@ -730,6 +730,23 @@ def test_domain_report_draws_the_domain_figures_from_the_json(tmp_path):
         study.methods.BUNDLED_METHOD]  # the bundled configuration is drawn whatever its name
 
 
+def test_domain_figures_show_the_pools_and_name_the_bundled_row(tmp_path):
+    """A pool of domains (the BraTS target's figure) gets its own group of bars between the domains and all test
+    cases, and the caption names the bundled row, which the figure's colours do not single out."""
+    methods = ("FLAIR z", "FLAIR z +med5+cc", study.methods.BUNDLED_METHOD)
+    pooled = _synthetic_domain_study(methods)
+    pooled["pools"] = {"both sites": ["site A", "site B"]}
+    pooled["pool_summary"] = {"both sites": pooled["summary"]}
+    assert [label for label, _ in study.report._domain_panels(pooled)] == ["site A", "site B", "pool: both sites",
+                                                                         "pooled"]
+    docs, text = _report_from(pooled, tmp_path)
+    assert (docs / "figures" / "domains_auprc_dice.png").is_file()
+    assert f"The bundled configuration is `{study.methods.BUNDLED_METHOD}`." in text
+    without = _synthetic_domain_study(methods[:2])
+    assert [label for label, _ in study.report._domain_panels(without)] == ["site A", "site B", "pooled"]
+    assert "The bundled configuration is" not in _report_from(without, tmp_path / "without")[1]
+
+
 def test_domain_figures_with_only_some_methods(tmp_path):
     # One seed (no sd), a value missing in one domain, and no raw network: the raw-energy figure is left out.
     partial = _synthetic_domain_study(("FLAIR z", "FLAIR z +med3+cc", "ADM +post"), seeds=(0,))
