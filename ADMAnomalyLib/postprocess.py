@@ -221,8 +221,9 @@ def midline_shift(brain: np.ndarray, axis: int, max_shift: int) -> int:
 def mirror_overlaps(mask: np.ndarray, axis: int) -> np.ndarray:
     """``count_nonzero(mask & mirror(mask, axis, s))`` for every shift s at index ``n - 1 + s``: with
     index i meeting index n - 1 - i + s, the counts are the self-convolution of each line of ``mask``
-    along ``axis``, summed over the lines. One FFT of the mask's lines instead of a mirrored copy per
-    shift (0.3 s for a case's 41 shifts); the float64 sums are whole numbers far below 2**52, so rounding is exact."""
+    along ``axis``, summed over the lines. One FFT of the mask's lines takes 0.16 s on a 240x240x155 grid,
+    a mirrored copy per shift 0.33-0.38 s for a case's 41 shifts; the float64 sums are whole numbers far
+    below 2**52, so rounding them is exact."""
     n = mask.shape[axis]
     lines = np.moveaxis(np.asarray(mask, dtype=bool), axis, -1).reshape(-1, n)
     lines = lines[lines.any(axis=1)]  # an empty line adds nothing
@@ -493,7 +494,8 @@ def postprocess_scores(
     # Everything outside the brain's bounding box is background, so the filters run on the box plus
     # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
     # voxels come out as on the whole grid at a fraction of the cost.
-    margin = np.ceil((GAUSSIAN_TRUNCATE_SIGMAS * max(cfg.smoothing_sigma_mm, cfg.final_smoothing_sigma_mm) + cfg.rim_erosion_mm)
+    widest_sigma_mm = max(cfg.smoothing_sigma_mm, cfg.final_smoothing_sigma_mm)
+    margin = np.ceil((GAUSSIAN_TRUNCATE_SIGMAS * widest_sigma_mm + cfg.rim_erosion_mm)
                      / np.asarray(spacing[::-1], dtype=float)).astype(int)
     window = median_window(spacing, cfg.median_size_mm) if cfg.median_size_mm > 0 else (1, 1, 1)
     margin = margin + np.asarray(window) // 2 + 2

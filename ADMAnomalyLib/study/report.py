@@ -431,13 +431,13 @@ def _domain_figure_lines(study: dict[str, Any], figures: dict[str, str]) -> list
     if not figures:
         return []
     spread = "; error bars: sd over seeds" if len(study["settings"]["seeds"]) > 1 else ""
+    groups = "per left-out domain, per pool of domains and over all test cases" if study.get("pool_summary") else \
+        "per left-out domain and pooled"
     captions = {
         "auprc_dice": "AUPRC (top) and Dice at the threshold chosen on the training domains (bottom) of the "
-                      f"strong baselines, FLAIR z and ADM, per left-out domain, per pool of domains and over all test "
-                      f"cases{spread}.",
+                      f"strong baselines, FLAIR z and ADM, {groups}{spread}.",
         "raw_vs_flair": "Does the learned energy beat raw FLAIR? AUPRC of each network's raw energy (no "
-                        f"post-processing) beside raw FLAIR z, per left-out domain, per pool of domains and over all test "
-                        f"cases{spread}.",
+                        f"post-processing) beside raw FLAIR z, {groups}{spread}.",
     }
     if BUNDLED_METHOD in study["summary"]:  # the figure's colours do not single it out
         captions["auprc_dice"] += f" The bundled configuration is `{BUNDLED_METHOD}`."

@@ -742,9 +742,11 @@ def test_domain_figures_show_the_pools_and_name_the_bundled_row(tmp_path):
     docs, text = _report_from(pooled, tmp_path)
     assert (docs / "figures" / "domains_auprc_dice.png").is_file()
     assert f"The bundled configuration is `{study.methods.BUNDLED_METHOD}`." in text
+    assert "per left-out domain, per pool of domains and over all test cases" in text
     without = _synthetic_domain_study(methods[:2])
     assert [label for label, _ in study.report._domain_panels(without)] == ["site A", "site B", "pooled"]
-    assert "The bundled configuration is" not in _report_from(without, tmp_path / "without")[1]
+    text = _report_from(without, tmp_path / "without")[1]
+    assert "The bundled configuration is" not in text and "per pool of domains" not in text
 
 
 def test_domain_figures_with_only_some_methods(tmp_path):
