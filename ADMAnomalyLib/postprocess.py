@@ -32,7 +32,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from .config import PostprocessConfig
 
@@ -74,6 +73,10 @@ def smooth_in_brain(values: np.ndarray, brain: np.ndarray, spacing: Spacing, sig
     that background never leaks into the brain edge. ``cache`` keeps the smoothed mask per case."""
     cache = {} if cache is None else cache
     sigmas = [float(sigma_mm) / float(step) for step in tuple(spacing)[::-1]]
+
+    # Imported here, not with the module: scipy.ndimage takes 0.37 s to import, which every command that loads the
+    # engine (info, threshold, the Slicer module) would pay whether it smooths or not.
+    from scipy import ndimage
 
     def smooth(array: np.ndarray) -> np.ndarray:
         # SciPy's sampled kernel, not SimpleITK's recursive (IIR) Gaussian: 2-5x faster here (sigma 2 and 1 voxels,

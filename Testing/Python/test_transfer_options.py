@@ -441,7 +441,8 @@ def test_the_mirror_overlaps_count_what_the_mirrored_copies_share():
     # a tie: one line is symmetric about 4 (shift -1), the other about 5 (shift 1); -1 is listed first
     tied = np.zeros((2, 1, 10), bool)
     tied[0, 0, 4], tied[1, 0, 5] = True, True
-    assert mirror_overlaps(tied, 2)[9 - 1] == mirror_overlaps(tied, 2)[9 + 1] == 1
+    tied_counts = mirror_overlaps(tied, 2)
+    assert tied_counts[9 - 1] == tied_counts[9 + 1] == 1
     assert midline_shift(tied, 2, 4) == -1
 
 
