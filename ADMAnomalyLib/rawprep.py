@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -242,19 +242,24 @@ N4_ITERATIONS = (50, 50, 30)
 """N4 iterations per fitting level on raw scans: each level doubles the B-spline grid of the field."""
 
 
-def n4_correct(image: sitk.Image, shrink: int = 4, mask: Optional[sitk.Image] = None,
+def n4_correct(image: sitk.Image, shrink: int | Sequence[int] = 4, mask: Optional[sitk.Image] = None,
                iterations: tuple[int, ...] = N4_ITERATIONS) -> sitk.Image:
     """N4 bias-field correction inside ``mask`` (default: the head outline), fitted on a copy shrunk
-    ``shrink`` times along each axis long enough for it and applied at full resolution; one fitting level
-    per entry of ``iterations``. The output keeps the input grid (float32)."""
+    ``shrink`` times along each axis long enough for it (or by ``shrink[axis]``, x y z, along each) and applied
+    at full resolution; one fitting level per entry of ``iterations``. The output keeps the input grid
+    (float32)."""
     floats = sitk.Cast(image, sitk.sitkFloat32)
     mask = head_mask(floats) if mask is None else sitk.Cast(mask > 0, sitk.sitkUInt8)
-    factors = [shrink if n >= 4 * shrink else 1 for n in floats.GetSize()]
+    if isinstance(shrink, (int, np.integer)):
+        factors = [int(shrink) if n >= 4 * shrink else 1 for n in floats.GetSize()]
+    else:
+        factors = [max(1, int(f)) for f in shrink]
     small = sitk.Shrink(floats, factors)
     small_mask = sitk.Shrink(mask, factors)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations([int(n) for n in iterations])
     corrector.Execute(small, small_mask)
+    # The control points span the grid the field is asked for: it must be the whole image's.
     log_field = corrector.GetLogBiasFieldAsImage(floats)
     return sitk.Cast(floats / sitk.Exp(log_field), sitk.sitkFloat32)
 
