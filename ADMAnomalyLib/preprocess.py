@@ -268,10 +268,15 @@ def bias_corrected(image: sitk.Image, brain: np.ndarray, levels: int) -> np.ndar
         return values
     mask = sitk.GetImageFromArray(fitted.astype(np.uint8))
     mask.CopyInformation(image)
-    # At least 8 samples along each axis (a few-slice scan), so the B-spline has points to fit.
-    shrink = [max(1, min(int(N4_FIT_VOXEL_MM // float(step)), n // 8))
-              for step, n in zip(image.GetSpacing(), image.GetSize())]
+    shrink = n4_fit_shrink(image.GetSpacing(), image.GetSize())
     return sitk.GetArrayFromImage(n4_correct(image, shrink, mask, (N4_ITERATIONS_PER_LEVEL,) * levels))
+
+
+def n4_fit_shrink(spacing: Sequence[float], size: Sequence[int]) -> list[int]:
+    """The whole factor (x y z, as SimpleITK's grid) by which :func:`bias_corrected` shrinks each axis of an
+    image for N4's fit: to voxels of about :data:`N4_FIT_VOXEL_MM`, keeping at least 8 samples along each
+    axis (a few-slice scan) so that the B-spline has points to fit."""
+    return [max(1, min(int(N4_FIT_VOXEL_MM // float(step)), int(n) // 8)) for step, n in zip(spacing, size)]
 
 
 def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[str] = ("flair",)) -> PreparedCase:

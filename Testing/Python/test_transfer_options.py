@@ -17,7 +17,7 @@ from ADMAnomalyLib.postprocess import (MidSagittalPlane, add_intensity_term, box
                                       median_window, mid_sagittal_plane, midline_shift, mirror, mirror_overlaps, normal_tissue,
                                       postprocess_energy, postprocess_scores, slice_axis, smooth_in_brain,
                                       standardise_in_brain, suppress_rim, t2_term)
-from ADMAnomalyLib.preprocess import normalisation_statistics, prepare_case, standardise_histogram
+from ADMAnomalyLib.preprocess import n4_fit_shrink, normalisation_statistics, prepare_case, standardise_histogram
 from conftest import synthetic_volumes
 
 
@@ -232,6 +232,15 @@ def test_the_network_input_can_be_bias_corrected_and_the_flair_term_reads_the_sa
     # Both options together mean the same as the input's alone.
     both = prepare_case(case, PreprocessConfig(**base, bias_correction_levels=2, native_bias_correction_levels=2))
     np.testing.assert_array_equal(both.native_zscored["flair"], corrected.native_zscored["flair"])
+
+
+def test_n4_is_fitted_on_voxels_of_about_six_mm_whatever_the_grid():
+    assert n4_fit_shrink((1.0, 1.0, 1.0), (240, 240, 155)) == [6, 6, 6]  # BraTS: 40 x 40 x 25 samples
+    # A scanner's thick-slice FLAIR is shrunk in plane only; its 5.5 mm slices are fitted as they are.
+    assert n4_fit_shrink((0.43, 0.43, 5.5), (512, 512, 26)) == [13, 13, 1]
+    assert n4_fit_shrink((3.0, 3.0, 3.0), (80, 80, 50)) == [2, 2, 2]
+    # A few-slice scan keeps 8 samples along its short axis.
+    assert n4_fit_shrink((1.0, 1.0, 1.0), (48, 48, 20)) == [6, 6, 2]
 
 
 def test_bias_correction_leaves_an_already_normalised_image_alone(caplog):
