@@ -259,9 +259,27 @@ def n4_correct(image: sitk.Image, shrink: int | Sequence[int] = 4, mask: Optiona
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations([int(n) for n in iterations])
     corrector.Execute(small, small_mask)
-    # The control points span the grid the field is asked for: it must be the whole image's.
-    log_field = corrector.GetLogBiasFieldAsImage(floats)
-    return sitk.Cast(floats / sitk.Exp(log_field), sitk.sitkFloat32)
+    return sitk.Cast(floats / bias_field(corrector, floats, factors), sitk.sitkFloat32)
+
+
+def bias_field(corrector: sitk.N4BiasFieldCorrectionImageFilter, image: sitk.Image,
+               step: Sequence[int]) -> sitk.Image:
+    """The multiplicative field a fitted ``corrector`` found, on ``image``'s grid: evaluated every ``step``
+    voxels (x y z) and interpolated linearly between. N4's control points span whatever grid the field is asked
+    for, so the coarse grid has exactly the image's extent (first and last voxel centres). The field's
+    cubic pieces span a quarter of the head or more; between samples 6 mm apart the linear interpolation is off
+    by about 1e-4 of the intensity, while evaluating it at every voxel of a 240 x 240 x 155 grid took 0.6 s."""
+    size = image.GetSize()
+    coarse_size = [int(np.ceil((n - 1) / max(1, s))) + 1 if n > 1 else 1 for n, s in zip(size, step)]
+    coarse = sitk.Image(coarse_size, sitk.sitkFloat32)
+    coarse.SetOrigin(image.GetOrigin())
+    coarse.SetDirection(image.GetDirection())
+    coarse.SetSpacing([sp * (n - 1) / (m - 1) if m > 1 else sp
+                       for sp, n, m in zip(image.GetSpacing(), size, coarse_size)])
+    field = sitk.Exp(corrector.GetLogBiasFieldAsImage(coarse))
+    # Rounding can put the grid's last voxel a hair beyond the coarse one's: it takes the nearest sample there.
+    return sitk.Resample(field, image, sitk.Transform(), sitk.sitkLinear, 1.0, sitk.sitkFloat32,
+                         useNearestNeighborExtrapolator=True)
 
 
 # ---------------------------------------------------------------------------------------------- registration

@@ -356,6 +356,22 @@ def test_n4_removes_most_of_a_known_bias_field(raw_images):
     assert after < 0.6 * before, (before, after)
 
 
+@pytest.mark.parametrize("step", [[4, 4, 4], [6, 6, 1], [5, 3, 2]])
+def test_the_bias_field_sampled_coarsely_is_the_field_at_every_voxel(raw_images, step):
+    flair = sitk.Cast(sitk.Shrink(raw_images["flair"], [2, 2, 1]), sitk.sitkFloat32)
+    flair.SetDirection((0.96, -0.28, 0.0, 0.28, 0.96, 0.0, 0.0, 0.0, 1.0))  # a turned grid
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([20, 20])
+    corrector.Execute(sitk.Shrink(flair, [4, 4, 2]), sitk.Shrink(rawprep.head_mask(flair), [4, 4, 2]))
+    exact = sitk.GetArrayFromImage(sitk.Exp(corrector.GetLogBiasFieldAsImage(flair)))
+    sampled = rawprep.bias_field(corrector, flair, step)
+    assert sampled.GetSize() == flair.GetSize() and sampled.GetSpacing() == flair.GetSpacing()
+    assert sampled.GetOrigin() == flair.GetOrigin() and sampled.GetDirection() == flair.GetDirection()
+    # Every voxel, the grid's faces included, gets the field (a sample missed there would read 1 or divide by 0).
+    assert np.ptp(np.log(exact)) > 0.01
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sampled), exact, rtol=2e-3)
+
+
 def test_a_dicom_series_folder_is_found_as_a_contrast(tmp_path):
     case = tmp_path / "patient"
     case.mkdir()
