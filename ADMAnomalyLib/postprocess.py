@@ -92,6 +92,17 @@ def smooth_in_brain(values: np.ndarray, brain: np.ndarray, spacing: Spacing, sig
     return np.where(brain, smoothed, values).astype(np.float32)
 
 
+def bounding_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[slice, ...]:
+    """Index slices of the smallest box holding every voxel of the non-empty bool ``mask``, widened by
+    ``margin`` voxels (per axis, or the same along each) where the array goes on."""
+    margins = [int(margin)] * mask.ndim if np.isscalar(margin) else [int(m) for m in margin]
+    box = []
+    for axis, (m, size) in enumerate(zip(margins, mask.shape)):
+        index = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(0, int(index[0]) - m), min(size, int(index[-1]) + 1 + m)))
+    return tuple(box)
+
+
 def signed_distance_mm(mask: np.ndarray, spacing: Spacing) -> np.ndarray:
     """float32 distance (mm) of every voxel from the edge of the bool ``mask``: positive inside (its
     depth), negative outside."""
@@ -107,7 +118,12 @@ def suppress_rim(values: np.ndarray, brain: np.ndarray, spacing: Spacing, rim_mm
     skull-stripping residue and partial volume give false positives)."""
     cache = {} if cache is None else cache
     if "depth" not in cache:
-        cache["depth"] = signed_distance_mm(brain, spacing)
+        # The brain's edge, and so every brain voxel's depth, lies within its bounding box plus one voxel: the
+        # distance map of that box alone (~60 % of the margins' box postprocess_scores passes) is all that is read.
+        box = bounding_box(brain, 1)
+        depth = np.zeros(brain.shape, dtype=np.float32)  # the background's own distances are never read
+        depth[box] = signed_distance_mm(brain[box], spacing)
+        cache["depth"] = depth
     floor = np.float32(values[brain].min())
     return np.where(brain & (cache["depth"] <= rim_mm), floor, values).astype(np.float32)
 
@@ -313,8 +329,7 @@ def mid_sagittal_plane(brain: np.ndarray, spacing: Spacing, direction: Sequence[
     small_image.SetOrigin(small_origin)
     # Only the brain's own voxels count, so each mirror image is sampled on the brain's box alone: 357 planes
     # on a box of about a third of the shrunk grid.
-    occupied = [np.flatnonzero(small_brain.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    box = tuple(slice(int(index[0]), int(index[-1]) + 1) for index in occupied)
+    box = bounding_box(small_brain)
     box_grid, box_brain = small_image[box[::-1]], small_brain[box]
 
     def overlap(plane: MidSagittalPlane) -> float:
@@ -517,9 +532,7 @@ def postprocess_scores(
                      / np.asarray(spacing[::-1], dtype=float)).astype(int)
     window = median_window(spacing, cfg.median_size_mm) if cfg.median_size_mm > 0 else (1, 1, 1)
     margin = margin + np.asarray(window) // 2 + 2
-    occupied = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    box = tuple(slice(max(0, int(index[0]) - m), min(size, int(index[-1]) + 1 + m))
-                for index, m, size in zip(occupied, margin, brain.shape))
+    box = bounding_box(brain, margin)
     # The cached maps belong to one box; configurations with other margins get boxes of their own.
     box_cache = {} if cache is None else cache.setdefault(tuple((s.start, s.stop) for s in box), {})
     inner, inner_brain = values[box].copy(), brain[box]

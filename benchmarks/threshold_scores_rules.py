@@ -57,6 +57,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ADMAnomalyLib.metrics import balanced_best_threshold, detection_metrics, sorted_counts  # noqa: E402
+from ADMAnomalyLib.postprocess import bounding_box  # noqa: E402
 from ADMAnomalyLib.study import runner  # noqa: E402
 from ADMAnomalyLib.study.methods import quick_settings  # noqa: E402
 
@@ -134,9 +135,7 @@ def brain_boxes(domains: str) -> dict[str, np.ndarray]:
     for domain, files in runner.study_cases(None, domains, settings).items():
         for case_files in files:
             brain = runner.load_case_data(case_files, settings, domain=domain).brain
-            box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in
-                        (np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)))
-            boxes[case_files.case_id] = brain[box]
+            boxes[case_files.case_id] = brain[bounding_box(brain)]
     return boxes
 
 

@@ -16,7 +16,7 @@ from ADMAnomalyLib.postprocess import (MidSagittalPlane, add_intensity_term, box
                                       left_right_axis, load_offset, median_filter, median_filter_in_brain,
                                       median_window, mid_sagittal_plane, midline_shift, mirror, mirror_overlaps, normal_tissue,
                                       postprocess_energy, postprocess_scores, slice_axis, smooth_in_brain,
-                                      standardise_in_brain, suppress_rim, t2_term)
+                                      signed_distance_mm, standardise_in_brain, suppress_rim, t2_term)
 from ADMAnomalyLib.preprocess import n4_fit_shrink, normalisation_statistics, prepare_case, standardise_histogram
 from conftest import synthetic_volumes
 
@@ -739,6 +739,23 @@ def test_energy_asymmetry_lifts_the_one_sided_energy_and_needs_no_flair():
                                atol=1e-5)
     with pytest.raises(ValueError, match="energy_asymmetry_weight"):
         PostprocessConfig(energy_asymmetry_weight=-1.0)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.9, 1.1, 3.0)])
+def test_the_rim_is_the_brain_within_rim_mm_of_its_edge_wherever_the_brain_lies(spacing):
+    """The rim reads the distance map of the brain's box alone: the same rim as the whole grid's map, for a brain
+    in the middle of its grid and for one cut by the grid's edge."""
+    z, y, x = np.mgrid[:30, :40, :50].astype(float)
+    inside = ((z - 15) / 12) ** 2 + ((y - 20) / 15) ** 2 + ((x - 25) / 18) ** 2 <= 1
+    values = np.random.default_rng(3).normal(size=inside.shape).astype(np.float32)
+    for brain in (inside, inside[:, :, 12:], inside[2:, 9:, :40]):
+        scores = values[: brain.shape[0], : brain.shape[1], : brain.shape[2]]
+        for rim_mm in (1.0, 2.5):
+            rim = brain & (signed_distance_mm(brain, spacing) <= rim_mm + 1e-4)
+            suppressed = suppress_rim(scores, brain, spacing, rim_mm)
+            lowered = brain & (suppressed != scores)
+            np.testing.assert_array_equal(lowered, rim & (scores != scores[brain].min()))
+            assert (suppressed[rim] == scores[brain].min()).all()
 
 
 def test_a_turned_head_is_mirrored_across_its_own_turned_midline():
