@@ -243,9 +243,9 @@ N4_ITERATIONS_PER_LEVEL = 50
 ``native_bias_correction_levels``."""
 N4_FIT_VOXEL_MM = 6.0
 """N4 of a brain (:func:`bias_corrected`) is fitted on a copy of the image shrunk to voxels of about this size
-(a whole factor per axis, none along an axis whose voxels are already as large, and at least 8 samples per axis): the field's few control points
-need no finer samples. On a 240 x 240 x 155 BraTS FLAIR at 1 mm the fit takes 0.9 s where four-fold shrinking
-took 2.4 s, and the field moves by at most 0.9 % of the intensity inside the brain (its range there: 17 %)."""
+(:func:`n4_fit_shrink`): the field's few control points need no finer samples. On a 240 x 240 x 155 BraTS FLAIR
+at 1 mm the fit takes 0.9 s where four-fold shrinking took 2.4 s, and the field moves by at most 0.9 % of the
+intensity inside the brain (its range there: 17 %)."""
 
 
 NATIVE_N4_CONTRASTS: tuple[str, ...] = ("flair",)

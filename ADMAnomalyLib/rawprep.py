@@ -267,8 +267,9 @@ def bias_field(corrector: sitk.N4BiasFieldCorrectionImageFilter, image: sitk.Ima
     """The multiplicative field a fitted ``corrector`` found, on ``image``'s grid: evaluated every ``step``
     voxels (x y z) and interpolated linearly between. N4's control points span whatever grid the field is asked
     for, so the coarse grid has exactly the image's extent (first and last voxel centres). The field's
-    cubic pieces span a quarter of the head or more; between samples 6 mm apart the linear interpolation is off
-    by about 1e-4 of the intensity, while evaluating it at every voxel of a 240 x 240 x 155 grid took 0.6 s."""
+    cubic pieces span a quarter of the head or more: between samples 6 mm apart the linear interpolation was off
+    by at most 3e-4 of the intensity on four scans, while evaluating it at every voxel of a 240 x 240 x 155 grid
+    took 0.6 s."""
     size = image.GetSize()
     coarse_size = [int(np.ceil((n - 1) / max(1, s))) + 1 if n > 1 else 1 for n, s in zip(size, step)]
     coarse = sitk.Image(coarse_size, sitk.sitkFloat32)
