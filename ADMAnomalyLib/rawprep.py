@@ -259,18 +259,24 @@ def n4_correct(image: sitk.Image, shrink: int | Sequence[int] = 4, mask: Optiona
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations([int(n) for n in iterations])
     corrector.Execute(small, small_mask)
-    return sitk.Cast(floats / bias_field(corrector, floats, factors), sitk.sitkFloat32)
+    return sitk.Cast(floats / bias_field(corrector, floats), sitk.sitkFloat32)
 
 
-def bias_field(corrector: sitk.N4BiasFieldCorrectionImageFilter, image: sitk.Image,
-               step: Sequence[int]) -> sitk.Image:
-    """The multiplicative field a fitted ``corrector`` found, on ``image``'s grid: evaluated every ``step``
-    voxels (x y z) and interpolated linearly between. N4's control points span whatever grid the field is asked
-    for, so the coarse grid has exactly the image's extent (first and last voxel centres). The field's
-    cubic pieces span a quarter of the head or more: between samples 6 mm apart the linear interpolation was off
-    by at most 3e-4 of the intensity on four scans, while evaluating it at every voxel of a 240 x 240 x 155 grid
-    took 0.6 s."""
+BIAS_FIELD_SAMPLE_MM = 6.0
+""":func:`bias_field` evaluates N4's field at most this far apart (a whole number of voxels per axis; every voxel
+along an axis whose voxels are as large) and interpolates linearly between."""
+
+
+def bias_field(corrector: sitk.N4BiasFieldCorrectionImageFilter, image: sitk.Image) -> sitk.Image:
+    """The multiplicative field a fitted ``corrector`` found, on ``image``'s grid: evaluated about every
+    :data:`BIAS_FIELD_SAMPLE_MM` and interpolated linearly between. N4's control points span whatever grid the
+    field is asked for, so the coarse grid has exactly the image's extent (first and last voxel centres). The
+    field's cubic pieces span a quarter of the head or more: between samples 6 mm apart the interpolation was off
+    by at most 3e-4 of the intensity on four 1 mm scans and 8e-4 on four thick-slice scanner series (where
+    samples 4 voxels apart, 22 mm across their slices, were off by up to 9e-3), while evaluating it at every
+    voxel of a 240 x 240 x 155 grid took 0.6 s."""
     size = image.GetSize()
+    step = [max(1, int(BIAS_FIELD_SAMPLE_MM // float(spacing))) for spacing in image.GetSpacing()]
     coarse_size = [int(np.ceil((n - 1) / max(1, s))) + 1 if n > 1 else 1 for n, s in zip(size, step)]
     coarse = sitk.Image(coarse_size, sitk.sitkFloat32)
     coarse.SetOrigin(image.GetOrigin())
