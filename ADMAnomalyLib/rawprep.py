@@ -277,7 +277,7 @@ def bias_field(corrector: sitk.N4BiasFieldCorrectionImageFilter, image: sitk.Ima
     voxel of a 240 x 240 x 155 grid took 0.6 s."""
     size = image.GetSize()
     step = [max(1, int(BIAS_FIELD_SAMPLE_MM // float(spacing))) for spacing in image.GetSpacing()]
-    coarse_size = [int(np.ceil((n - 1) / max(1, s))) + 1 if n > 1 else 1 for n, s in zip(size, step)]
+    coarse_size = [int(np.ceil((n - 1) / s)) + 1 if n > 1 else 1 for n, s in zip(size, step)]
     coarse = sitk.Image(coarse_size, sitk.sitkFloat32)
     coarse.SetOrigin(image.GetOrigin())
     coarse.SetDirection(image.GetDirection())
