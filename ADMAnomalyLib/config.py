@@ -335,6 +335,17 @@ class PostprocessConfig:
     normal tissue that FLAIR thresholding mistakes for lesion (cortex, periventricular caps, the
     choroid plexus) has a bright twin in the other hemisphere; the window absorbs the few mm by which
     the two hemispheres' anatomy differs. 0 = off."""
+    flair_sheet_weight: float = 0.0
+    """Beyond the paper: the FLAIR z-score that the FLAIR term and the FLAIR asymmetry read is first lowered by
+    this weight times its sheet response (:func:`~ADMAnomalyLib.postprocess.sheet_response` at
+    ``flair_sheet_sigma_mm``): how much a voxel lies on a bright sheet, thin across and extended along two axes.
+    Normal FLAIR-bright tissue is mostly such sheets (the cortical ribbon, the insular cortex, the lining of
+    sulci and ventricles), and so are the false positives left once the asymmetry has removed what has a twin
+    across the midline (the insular cortex of both hemispheres); lesions are blobs, or flat inside. The
+    T2 term, the energy gate and the normal-tissue scale read the FLAIR as it is. 0 = off."""
+    flair_sheet_sigma_mm: float = 1.5
+    """With ``flair_sheet_weight``: the scale (Gaussian sigma, mm) of the sheets, about the half-thickness of
+    the cortical ribbon."""
     t2_asymmetry_weight: float = 0.0
     """Beyond the paper: with the FLAIR term, also add this weight times the same asymmetry of the
     native T2 z-score (``asymmetry_window_mm`` wide). Oedema and tumour are T2-bright and one-sided as
@@ -381,6 +392,10 @@ class PostprocessConfig:
             raise ValueError(f"postprocess.load_weight must be >= 0, got {self.load_weight!r}")
         if not self.asymmetry_weight >= 0:
             raise ValueError(f"postprocess.asymmetry_weight must be >= 0, got {self.asymmetry_weight!r}")
+        if not self.flair_sheet_weight >= 0:
+            raise ValueError(f"postprocess.flair_sheet_weight must be >= 0, got {self.flair_sheet_weight!r}")
+        if not self.flair_sheet_sigma_mm > 0:
+            raise ValueError(f"postprocess.flair_sheet_sigma_mm must be > 0, got {self.flair_sheet_sigma_mm!r}")
         if not self.t2_asymmetry_weight >= 0:
             raise ValueError(f"postprocess.t2_asymmetry_weight must be >= 0, got {self.t2_asymmetry_weight!r}")
         if not self.final_smoothing_sigma_mm >= 0:

@@ -15,7 +15,8 @@ from ADMAnomalyLib.config import CONTRASTS, ADMConfig, PostprocessConfig, Prepro
 from ADMAnomalyLib.postprocess import (MidSagittalPlane, add_intensity_term, box_maximum, intensity_asymmetry,
                                       left_right_axis, load_offset, median_filter, median_filter_in_brain,
                                       median_window, mid_sagittal_plane, midline_shift, mirror, mirror_overlaps, normal_tissue,
-                                      postprocess_energy, postprocess_scores, slice_axis, smooth_in_brain,
+                                      postprocess_energy, postprocess_scores, sheet_response, slice_axis, smooth_in_brain,
+                                      symmetric_eigenvalues,
                                       signed_distance_mm, standardise_in_brain, suppress_rim, t2_term)
 from ADMAnomalyLib.preprocess import n4_fit_shrink, normalisation_statistics, prepare_case, standardise_histogram
 from conftest import synthetic_volumes
@@ -787,3 +788,72 @@ def test_a_turned_head_is_mirrored_across_its_own_turned_midline():
     # untilted, the search keeps the exact flip of the grid
     level = (((x - centre) / 20.0) ** 2 + ((y - centre) / 27.0) ** 2 <= 1.0) & (z >= 1) & (z <= 4)
     assert mid_sagittal_plane(level, spacing) == MidSagittalPlane(2, 0, 0)
+
+
+def test_the_closed_form_eigenvalues_are_lapacks():
+    rng = np.random.default_rng(5)
+    matrices = rng.normal(size=(5000, 3, 3))
+    matrices = matrices + matrices.transpose(0, 2, 1)
+    matrices[:10] = np.eye(3) * rng.normal(size=(10, 1, 1))  # multiples of the identity: all three equal
+    matrices[10:20, 2, :] = matrices[10:20, :, 2] = 0  # one zero eigenvalue
+    entries = [matrices[:, i, j] for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))]
+    np.testing.assert_allclose(np.stack(symmetric_eigenvalues(*entries), axis=1), np.linalg.eigvalsh(matrices),
+                               atol=1e-6)
+
+
+def _sheet_ball_and_block(shape=(48, 48, 48)):
+    """A bright sheet 3 voxels thick turned by 30 degrees about the slice axis, a bright ball of radius 3 and a
+    bright 17-voxel block, all 3 above a background of 0, in one brain."""
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(float)
+    across = (x - 12) * np.cos(np.pi / 6) + (y - 24) * np.sin(np.pi / 6)
+    sheet = (np.abs(across) <= 1.5) & (np.abs(z - 24) <= 18) & (np.abs(y - 24) <= 18)
+    ball = (z - 24) ** 2 + (y - 10) ** 2 + (x - 34) ** 2 <= 9
+    block = (np.abs(z - 24) <= 8) & (np.abs(y - 34) <= 8) & (np.abs(x - 34) <= 8)
+    flair = np.where(sheet | ball | block, 3.0, 0.0).astype(np.float32)
+    return flair, sheet, ball, block
+
+
+@pytest.mark.parametrize("spacing, ball_share", [((1.0, 1.0, 1.0), 0.15), ((1.0, 1.0, 2.0), 0.4)])
+def test_the_sheet_response_marks_bright_sheets_not_small_lesions_or_the_inside_of_large_ones(spacing, ball_share):
+    """On 2 mm slices a ball of 3 mm radius spans three slices, too few to show its curvature through-plane in
+    full: it reads as a partial sheet (up to a third of a sheet's response), as small lesions do on thick slices."""
+    flair, sheet, ball, block = _sheet_ball_and_block()
+    step = int(spacing[2])
+    flair, sheet, ball, block = (a[::step] for a in (flair, sheet, ball, block))
+    brain = np.ones(flair.shape, bool)
+    response = sheet_response(flair, brain, spacing, 1.5)
+    centre_of_sheet = sheet & (np.abs(np.mgrid[: flair.shape[0]][:, None, None] * step - 24) <= 6)
+    inside_block = np.zeros_like(block)
+    inside_block[24 // step, 31:38, 31:38] = True  # at least 5 voxels (3.3 sigma) from the block's faces
+    assert np.median(response[centre_of_sheet]) > 0.8
+    assert response[ball].max() < ball_share * np.median(response[centre_of_sheet])
+    assert np.abs(response[inside_block]).max() < 0.02 * np.median(response[centre_of_sheet])
+    # The brain's own edge is no sheet: a brain whose voxels all read 0 has no response anywhere.
+    edge_brain = np.zeros(flair.shape, bool)
+    edge_brain[2:-2, 6:-6, 6:-6] = True
+    assert np.abs(sheet_response(np.zeros_like(flair) + 2.0 * edge_brain, edge_brain, spacing, 1.5)).max() < 1e-5
+
+
+def test_the_flair_sheet_weight_lowers_the_flair_term_on_sheets_alone():
+    flair, sheet, ball, block = _sheet_ball_and_block()
+    brain = np.zeros(flair.shape, bool)
+    brain[1:-1, 1:-1, 1:-1] = True
+    energy = np.random.default_rng(2).normal(size=flair.shape).astype(np.float32)
+    spacing = (1.0, 1.0, 1.0)
+    plain = PostprocessConfig(flair_weight=1.0)
+    without = postprocess_scores(energy, brain, spacing, plain, flair)
+    np.testing.assert_array_equal(
+        postprocess_scores(energy, brain, spacing, dataclasses.replace(plain, flair_sheet_weight=0.0), flair), without)
+    cache: dict = {}
+    with_sheets = postprocess_scores(energy, brain, spacing, dataclasses.replace(plain, flair_sheet_weight=1.0),
+                                     flair, cache)
+    lowered = without - with_sheets
+    np.testing.assert_allclose(lowered[brain], sheet_response(flair, brain, spacing, 1.5)[brain], atol=1e-5)
+    assert np.median(lowered[sheet & brain]) > 0.5
+    assert lowered[ball].max() < 0.1
+    # A cache that served another FLAIR gives this FLAIR's sheets, not the other's.
+    blank = np.zeros_like(flair)
+    again = postprocess_scores(energy, brain, spacing, dataclasses.replace(plain, flair_sheet_weight=1.0), blank, cache)
+    np.testing.assert_allclose(again, postprocess_scores(energy, brain, spacing, plain, blank), atol=1e-6)
+    with pytest.raises(ValueError, match="flair_sheet_weight"):
+        PostprocessConfig(flair_sheet_weight=-1.0)
