@@ -338,14 +338,20 @@ class PostprocessConfig:
     flair_sheet_weight: float = 0.0
     """Beyond the paper: the FLAIR z-score that the FLAIR term and the FLAIR asymmetry read is first lowered by
     this weight times its sheet response (:func:`~ADMAnomalyLib.postprocess.sheet_response` at
-    ``flair_sheet_sigma_mm``): how much a voxel lies on a bright sheet, thin across and extended along two axes.
+    ``sheet_sigma_mm``): how much a voxel lies on a bright sheet, thin across and extended along two axes.
     Normal FLAIR-bright tissue is mostly such sheets (the cortical ribbon, the insular cortex, the lining of
     sulci and ventricles), and so are the false positives left once the asymmetry has removed what has a twin
     across the midline (the insular cortex of both hemispheres); lesions are blobs, or flat inside. The
     T2 term, the energy gate and the normal-tissue scale read the FLAIR as it is. 0 = off."""
-    flair_sheet_sigma_mm: float = 1.5
-    """With ``flair_sheet_weight``: the scale (Gaussian sigma, mm) of the sheets, about the half-thickness of
-    the cortical ribbon."""
+    score_sheet_weight: float = 0.0
+    """Beyond the paper: just before the median filter, the combined score (E with its asymmetry and rim, the
+    FLAIR and T2 terms) is lowered by this weight times its own sheet response
+    (:func:`~ADMAnomalyLib.postprocess.sheet_response` at ``sheet_sigma_mm``, in the score's units). Off its
+    training sites E lights up grey matter and tissue boundaries, which are sheets as FLAIR's bright normal tissue
+    is; this removes both, whatever term they come from. 0 = off."""
+    sheet_sigma_mm: float = 1.5
+    """With ``flair_sheet_weight`` or ``score_sheet_weight``: the scale (Gaussian sigma, mm) of the sheets, about
+    the half-thickness of the cortical ribbon."""
     t2_asymmetry_weight: float = 0.0
     """Beyond the paper: with the FLAIR term, also add this weight times the same asymmetry of the
     native T2 z-score (``asymmetry_window_mm`` wide). Oedema and tumour are T2-bright and one-sided as
@@ -394,8 +400,10 @@ class PostprocessConfig:
             raise ValueError(f"postprocess.asymmetry_weight must be >= 0, got {self.asymmetry_weight!r}")
         if not self.flair_sheet_weight >= 0:
             raise ValueError(f"postprocess.flair_sheet_weight must be >= 0, got {self.flair_sheet_weight!r}")
-        if not self.flair_sheet_sigma_mm > 0:
-            raise ValueError(f"postprocess.flair_sheet_sigma_mm must be > 0, got {self.flair_sheet_sigma_mm!r}")
+        if not self.score_sheet_weight >= 0:
+            raise ValueError(f"postprocess.score_sheet_weight must be >= 0, got {self.score_sheet_weight!r}")
+        if not self.sheet_sigma_mm > 0:
+            raise ValueError(f"postprocess.sheet_sigma_mm must be > 0, got {self.sheet_sigma_mm!r}")
         if not self.t2_asymmetry_weight >= 0:
             raise ValueError(f"postprocess.t2_asymmetry_weight must be >= 0, got {self.t2_asymmetry_weight!r}")
         if not self.final_smoothing_sigma_mm >= 0:
@@ -413,10 +421,10 @@ class PostprocessConfig:
 
     @property
     def native_active(self) -> bool:
-        """Whether any native-grid step (smoothing, rim, energy asymmetry, FLAIR term, median filter, final
-        smoothing, standardisation, load term) is enabled."""
+        """Whether any native-grid step (smoothing, rim, energy asymmetry, FLAIR term, the score's sheets, median
+        filter, final smoothing, standardisation, load term) is enabled."""
         return (self.smoothing_sigma_mm > 0 or self.rim_erosion_mm > 0 or self.energy_asymmetry_weight != 0
-                or self.intensity_term
+                or self.intensity_term or self.score_sheet_weight != 0
                 or self.median_size_mm > 0 or self.final_smoothing_sigma_mm > 0 or self.standardise != "none"
                 or self.load_weight != 0)
 

@@ -13,7 +13,8 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
    it forms bright sheets, :func:`sheet_response`), and a weight
    times its left-right asymmetry (:func:`intensity_asymmetry`), one times T2's, and the T2 term of a case
    whose FLAIR shows its hyperintensities less than its T2 (:func:`t2_term`);
-4. :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
+4. the score lowered by a weight times its own :func:`sheet_response`, then
+   :func:`median_filter_in_brain` - a 3-D median filter about ``median_size_mm`` wide per axis;
 5. :func:`standardise_in_brain` - the score as (robust) SDs above the case's typical brain score
    (with ``standardise = 'normal'``: typical of its normal-looking tissue, :func:`normal_tissue`), then
    :func:`smooth_in_brain` of that combined score (``final_smoothing_sigma_mm``);
@@ -593,7 +594,7 @@ def postprocess_scores(
     # a margin wide enough for the Gaussian tails, the rim distance and the median window: the brain
     # voxels come out as on the whole grid at a fraction of the cost.
     widest_sigma_mm = max(cfg.smoothing_sigma_mm, cfg.final_smoothing_sigma_mm,
-                          cfg.flair_sheet_sigma_mm if cfg.flair_sheet_weight else 0.0)
+                          cfg.sheet_sigma_mm if cfg.flair_sheet_weight or cfg.score_sheet_weight else 0.0)
     margin = np.ceil((GAUSSIAN_TRUNCATE_SIGMAS * widest_sigma_mm + cfg.rim_erosion_mm)
                      / np.asarray(spacing[::-1], dtype=float)).astype(int)
     window = median_window(spacing, cfg.median_size_mm) if cfg.median_size_mm > 0 else (1, 1, 1)
@@ -615,7 +616,7 @@ def postprocess_scores(
         flair_evidence = intensity[box]
         if cfg.flair_sheet_weight:
             flair_evidence = (flair_evidence - np.float32(cfg.flair_sheet_weight)
-                              * flair_sheets(intensity, box, inner_brain, spacing, cfg.flair_sheet_sigma_mm,
+                              * flair_sheets(intensity, box, inner_brain, spacing, cfg.sheet_sigma_mm,
                                              box_cache)).astype(np.float32)
         inner = add_intensity_term(inner, inner_brain, flair_evidence, cfg.flair_weight, cfg.energy_gate_z, reference)
         if cfg.asymmetry_weight:
@@ -630,6 +631,9 @@ def postprocess_scores(
             term, _ = t2_term(intensity[box], t1_intensity[box], t2_intensity[box], inner_brain, cfg.t2_weight,
                               cfg.t2_csf_max_t1_z)
             inner = (inner + term).astype(np.float32)
+    if cfg.score_sheet_weight:
+        inner = (inner - np.float32(cfg.score_sheet_weight)
+                 * sheet_response(inner, inner_brain, spacing, cfg.sheet_sigma_mm)).astype(np.float32)
     if max(window) > 1:
         inner = median_filter_in_brain(inner, inner_brain, window)
     if cfg.standardise != "none":

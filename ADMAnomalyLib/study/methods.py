@@ -113,6 +113,9 @@ FLAIR_SHEET_WEIGHTS: tuple[float, ...] = (0.0, 0.5, 1.0)
 """Candidate weights of the FLAIR's sheet response (``PostprocessConfig.flair_sheet_weight``), 0 first: a tie keeps
 the row without it. Lowering FLAIR z by 0.5-1 x its sheet response raised FLAIR z +med5 in all four domains on a
 first look and 2 lowered MS (docs/domain_analysis.md, thirty-fifth round)."""
+SCORE_SHEET_WEIGHTS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+"""Candidate weights of the combined score's own sheet response (``PostprocessConfig.score_sheet_weight``), 0
+first: a tie keeps the row without it."""
 POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "normal_max_flair_z": NORMAL_CUTOFFS,
     "case_mixture_share": CASE_MIXTURE_SHARES,
@@ -125,6 +128,7 @@ POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "energy_asymmetry_weight": (0.0, 0.5, 1.0, 2.0, 4.0),
     "final_smoothing_sigma_mm": FINAL_SMOOTHING_SIGMAS_MM,
     "flair_sheet_weight": FLAIR_SHEET_WEIGHTS,
+    "score_sheet_weight": SCORE_SHEET_WEIGHTS,
 }
 """Candidate values of the post-processing fields a method chooses on validation (``search``)."""
 POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
@@ -251,7 +255,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  asymmetry: bool = False, t2_asymmetry: bool = False, energy_asymmetry: bool = False,
                  search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0,
                  t2_per_flair_weight: float = 0.0, final_smoothing: bool = False,
-                 flair_sheets: bool = False) -> MethodSpec:
+                 flair_sheets: bool = False, score_sheets: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -266,7 +270,8 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     :attr:`MethodSpec.native_bias_correction_levels`; ``t2_per_flair_weight`` its
     :attr:`MethodSpec.t2_per_flair_weight`; with ``final_smoothing`` the search then chooses the Gaussian of the
     combined score, last, on the median filter already chosen (sigma 0 first: a tie keeps the row without it); with
-    ``flair_sheets`` the search then chooses the weight of the FLAIR's sheet response, last of all (0 first)."""
+    ``flair_sheets`` the search then chooses the weight of the FLAIR's sheet response, and with ``score_sheets``
+    that of the combined score's own, last of all (0 first)."""
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
@@ -274,7 +279,8 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
               + (ENERGY_ASYMMETRY_SEARCH if energy_asymmetry else T2_ASYMMETRY_SEARCH if t2_asymmetry
                  else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH)
               + (("final_smoothing_sigma_mm",) if final_smoothing else ())
-              + (("flair_sheet_weight",) if flair_sheets else ()))
+              + (("flair_sheet_weight",) if flair_sheets else ())
+              + (("score_sheet_weight",) if score_sheets else ()))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       search_criterion=search_criterion, small_components=True, load_weights=LOAD_WEIGHTS if load else (),
                       native_normalisation=native_normalisation, held_out_selection=held_out,
@@ -456,6 +462,12 @@ METHODS: dict[str, MethodSpec] = {
         "also chooses the weight of the FLAIR's sheet response, by which the FLAIR term and the FLAIR asymmetry "
         "are lowered on bright sheets (cortical ribbon, insular cortex)", load=True, energy_asymmetry=True,
         n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT, final_smoothing=True, flair_sheets=True),
+    "ADM+ F +asym +asymE +T2gF +post+fsm+sheetS+cc (z+load) N4": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +asymE +T2gF +post+fsm+cc (z+load) N4 (the bundled row) whose search then "
+        "also chooses the weight of the combined score's own sheet response, by which the score is lowered on "
+        "bright sheets (cortical ribbon, tissue boundaries) before its median filter", load=True,
+        energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT, final_smoothing=True,
+        score_sheets=True),
     "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) N4 (the bundled row) chosen, as the held-out "
         "row, on energies of networks that did not see the validation domain", load=True, energy_asymmetry=True,
@@ -626,7 +638,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "FLAIR z N4 +T2g +med5+cc", "ADM+ F +asym +asymE +T2gF +post+cc (z+load) N4",
                                     "FLAIR z N4 +T2g +med5 +fsm+cc",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+cc (z+load) N4",
-                                    "ADM+ F +asym +asymE +T2gF +post+fsm+sheet+cc (z+load) N4")
+                                    "ADM+ F +asym +asymE +T2gF +post+fsm+sheet+cc (z+load) N4",
+                                    "ADM+ F +asym +asymE +T2gF +post+fsm+sheetS+cc (z+load) N4")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

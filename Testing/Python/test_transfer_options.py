@@ -857,3 +857,21 @@ def test_the_flair_sheet_weight_lowers_the_flair_term_on_sheets_alone():
     np.testing.assert_allclose(again, postprocess_scores(energy, brain, spacing, plain, blank), atol=1e-6)
     with pytest.raises(ValueError, match="flair_sheet_weight"):
         PostprocessConfig(flair_sheet_weight=-1.0)
+
+
+def test_the_score_sheet_weight_lowers_the_combined_score_on_its_own_sheets_before_the_median():
+    flair, sheet, ball, block = _sheet_ball_and_block()
+    brain = np.zeros(flair.shape, bool)
+    brain[1:-1, 1:-1, 1:-1] = True
+    spacing = (1.0, 1.0, 1.0)
+    cfg = PostprocessConfig(score_sheet_weight=2.0)
+    assert cfg.native_active
+    lowered = flair - postprocess_scores(flair, brain, spacing, cfg)
+    np.testing.assert_allclose(lowered[brain], 2.0 * sheet_response(flair, brain, spacing, 1.5)[brain], atol=1e-5)
+    assert np.median(lowered[sheet & brain]) > 1.0 and lowered[ball].max() < 0.2
+    # The median filter reads the lowered score: a sheet 3 voxels thick keeps less of its median than before.
+    median_only = PostprocessConfig(median_size_mm=3.0)
+    assert (postprocess_scores(flair, brain, spacing, dataclasses.replace(median_only, score_sheet_weight=2.0))[sheet]
+            .mean() < postprocess_scores(flair, brain, spacing, median_only)[sheet].mean() - 0.5)
+    with pytest.raises(ValueError, match="score_sheet_weight"):
+        PostprocessConfig(score_sheet_weight=-0.5)
