@@ -467,7 +467,8 @@ def median_filter_in_brain(values: np.ndarray, brain: np.ndarray, size: int | Se
 
     def filter_chunk(start: int, length: int = 65536) -> None:
         chunk = windows[tuple(axis[start : start + length] for axis in index)].reshape(-1, 2 * middle + 1)
-        medians[start : start + length] = np.partition(chunk, middle, axis=1)[:, middle]
+        chunk.partition(middle, axis=1)  # in place: the gathered windows are a copy already
+        medians[start : start + length] = chunk[:, middle]
 
     # numpy's partition releases the GIL, so threads share the cores without copying the volume.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
