@@ -112,10 +112,12 @@ scan lost AUPRC and Dice at threshold (docs/domain_analysis.md, thirty-second ro
 FLAIR_SHEET_WEIGHTS: tuple[float, ...] = (0.0, 0.5, 1.0)
 """Candidate weights of the FLAIR's sheet response (``PostprocessConfig.flair_sheet_weight``), 0 first: a tie keeps
 the row without it. Lowering FLAIR z by 0.5-1 x its sheet response raised FLAIR z +med5 in all four domains on a
-first look and 2 lowered MS (docs/domain_analysis.md, thirty-fifth round)."""
+first look and 2 lowered MS; in the study every fold then chose 1, and the row gained on TCGA only
+(docs/domain_analysis.md, thirty-fifth round)."""
 SCORE_SHEET_WEIGHTS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
 """Candidate weights of the combined score's own sheet response (``PostprocessConfig.score_sheet_weight``), 0
-first: a tie keeps the row without it."""
+first: a tie keeps the row without it. Every fold of the study chose 1, with the FLAIR's sheets' result within 0.004
+(docs/domain_analysis.md, thirty-fifth round)."""
 POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "normal_max_flair_z": NORMAL_CUTOFFS,
     "case_mixture_share": CASE_MIXTURE_SHARES,
