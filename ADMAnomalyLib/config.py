@@ -394,27 +394,13 @@ class PostprocessConfig:
         if not 0 < self.case_mixture_share <= 1:
             raise ValueError(f"postprocess.case_mixture_share must lie in (0, 1], got {self.case_mixture_share!r} "
                              "(the frozen mixture alone is postprocess.case_mixture=false)")
-        if not self.load_weight >= 0:
-            raise ValueError(f"postprocess.load_weight must be >= 0, got {self.load_weight!r}")
-        if not self.asymmetry_weight >= 0:
-            raise ValueError(f"postprocess.asymmetry_weight must be >= 0, got {self.asymmetry_weight!r}")
-        if not self.flair_sheet_weight >= 0:
-            raise ValueError(f"postprocess.flair_sheet_weight must be >= 0, got {self.flair_sheet_weight!r}")
-        if not self.score_sheet_weight >= 0:
-            raise ValueError(f"postprocess.score_sheet_weight must be >= 0, got {self.score_sheet_weight!r}")
-        if not self.sheet_sigma_mm > 0:
-            raise ValueError(f"postprocess.sheet_sigma_mm must be > 0, got {self.sheet_sigma_mm!r}")
-        if not self.t2_asymmetry_weight >= 0:
-            raise ValueError(f"postprocess.t2_asymmetry_weight must be >= 0, got {self.t2_asymmetry_weight!r}")
-        if not self.final_smoothing_sigma_mm >= 0:
-            raise ValueError("postprocess.final_smoothing_sigma_mm must be >= 0, got "
-                             f"{self.final_smoothing_sigma_mm!r}")
-        if not self.t2_weight >= 0:
-            raise ValueError(f"postprocess.t2_weight must be >= 0, got {self.t2_weight!r}")
-        if not self.energy_asymmetry_weight >= 0:
-            raise ValueError(f"postprocess.energy_asymmetry_weight must be >= 0, got {self.energy_asymmetry_weight!r}")
-        if not self.asymmetry_window_mm > 0:
-            raise ValueError(f"postprocess.asymmetry_window_mm must be > 0, got {self.asymmetry_window_mm!r}")
+        for name in ("load_weight", "asymmetry_weight", "flair_sheet_weight", "score_sheet_weight",
+                     "t2_asymmetry_weight", "final_smoothing_sigma_mm", "t2_weight", "energy_asymmetry_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"postprocess.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("sheet_sigma_mm", "asymmetry_window_mm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"postprocess.{name} must be > 0, got {getattr(self, name)!r}")
         if self.load_weight and self.standardise == "none":
             raise ValueError("postprocess.load_weight needs a standardised score (postprocess.standardise "
                              "'robust', 'zscore' or 'normal'): its reference level is in those units")
