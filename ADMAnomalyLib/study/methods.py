@@ -118,7 +118,12 @@ SCORE_SHEET_WEIGHTS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
 """Candidate weights of the combined score's own sheet response (``PostprocessConfig.score_sheet_weight``), 0
 first: a tie keeps the row without it. Every fold of the study chose 1, with the FLAIR's sheets' result within 0.004
 (docs/domain_analysis.md, thirty-fifth round)."""
-POST_CANDIDATES: dict[str, tuple[float, ...]] = {
+ENERGY_GATES: tuple[float | None, ...] = (None, -1.0, -0.5, 0.0, 0.5, 1.0)
+"""Candidate ``PostprocessConfig.energy_gate_z``: the FLAIR z-score at or below which the standardised energy (with
+its asymmetry) may no longer raise a voxel above typical tissue; None (no gate) first, so a tie keeps the row
+without it. On the bundled row's own choices, gates from -2 to 0.5 raised MS, BraTS-2013 and TCGA and left CBICA
+where it was; 1 and above cost BraTS-2013 (docs/domain_analysis.md, thirty-sixth round)."""
+POST_CANDIDATES: dict[str, tuple[float | None, ...]] = {
     "normal_max_flair_z": NORMAL_CUTOFFS,
     "case_mixture_share": CASE_MIXTURE_SHARES,
     "smoothing_sigma_mm": (0.0, 2.0),
@@ -131,6 +136,7 @@ POST_CANDIDATES: dict[str, tuple[float, ...]] = {
     "final_smoothing_sigma_mm": FINAL_SMOOTHING_SIGMAS_MM,
     "flair_sheet_weight": FLAIR_SHEET_WEIGHTS,
     "score_sheet_weight": SCORE_SHEET_WEIGHTS,
+    "energy_gate_z": ENERGY_GATES,
 }
 """Candidate values of the post-processing fields a method chooses on validation (``search``)."""
 POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
@@ -145,6 +151,10 @@ ENERGY_ASYMMETRY_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_m
                                             "energy_asymmetry_weight", "median_size_mm")
 """:data:`ASYMMETRY_SEARCH` with the weight of the energy's own asymmetry chosen after the FLAIR asymmetry's,
 so that the bundled row's choices come first and the search may keep them with the weight 0."""
+GATED_ENERGY_ASYMMETRY_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "energy_gate_z",
+                                                  *ENERGY_ASYMMETRY_SEARCH[2:])
+""":data:`ENERGY_ASYMMETRY_SEARCH` with the energy gate chosen before the weights: with the energy's FLAIR-dark
+false alarms capped, the FLAIR term, the asymmetries and the median filter are chosen on what remains."""
 FINAL_SMOOTHING_SIGMA_MM = FINAL_SMOOTHING_SIGMAS_MM[-1]
 """The Gaussian (sigma, mm) of the combined score in the FLAIR baselines that carry one (unsearched: a
 baseline has no validation search): the widest the search may choose."""
@@ -257,7 +267,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  asymmetry: bool = False, t2_asymmetry: bool = False, energy_asymmetry: bool = False,
                  search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0,
                  t2_per_flair_weight: float = 0.0, final_smoothing: bool = False,
-                 flair_sheets: bool = False, score_sheets: bool = False) -> MethodSpec:
+                 flair_sheets: bool = False, score_sheets: bool = False, energy_gate: str = "") -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -273,16 +283,21 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     :attr:`MethodSpec.t2_per_flair_weight`; with ``final_smoothing`` the search then chooses the Gaussian of the
     combined score, last, on the median filter already chosen (sigma 0 first: a tie keeps the row without it); with
     ``flair_sheets`` the search then chooses the weight of the FLAIR's sheet response, and with ``score_sheets``
-    that of the combined score's own, last of all (0 first)."""
+    that of the combined score's own, last of all (0 first); ``energy_gate`` 'last' chooses the energy gate after
+    everything else, 'first' before the weights (:data:`GATED_ENERGY_ASYMMETRY_SEARCH`, with ``energy_asymmetry``)."""
+    if energy_gate not in ("", "first", "last") or (energy_gate == "first" and not energy_asymmetry):
+        raise ValueError(f"energy_gate must be '', 'last' or, with energy_asymmetry, 'first'; got {energy_gate!r}")
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ())
-              + (ENERGY_ASYMMETRY_SEARCH if energy_asymmetry else T2_ASYMMETRY_SEARCH if t2_asymmetry
+              + (GATED_ENERGY_ASYMMETRY_SEARCH if energy_gate == "first"
+                 else ENERGY_ASYMMETRY_SEARCH if energy_asymmetry else T2_ASYMMETRY_SEARCH if t2_asymmetry
                  else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH)
               + (("final_smoothing_sigma_mm",) if final_smoothing else ())
               + (("flair_sheet_weight",) if flair_sheets else ())
-              + (("score_sheet_weight",) if score_sheets else ()))
+              + (("score_sheet_weight",) if score_sheets else ())
+              + (("energy_gate_z",) if energy_gate == "last" else ()))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       search_criterion=search_criterion, small_components=True, load_weights=LOAD_WEIGHTS if load else (),
                       native_normalisation=native_normalisation, held_out_selection=held_out,
@@ -470,6 +485,16 @@ METHODS: dict[str, MethodSpec] = {
         "bright sheets (cortical ribbon, tissue boundaries) before its median filter", load=True,
         energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT, final_smoothing=True,
         score_sheets=True),
+    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +asymE +T2gF +post+fsm+cc (z+load) N4 (the bundled row) whose search then "
+        "also chooses the energy gate, the FLAIR z-score at or below which the energy may not raise a voxel above "
+        "typical tissue (CSF, skull-stripping residue)", load=True, energy_asymmetry=True,
+        n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT, final_smoothing=True, energy_gate="last"),
+    "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4": _post_cc_row(
+        "ADM+ F", "zscore", "the bundled row whose search chooses the energy gate first, after the smoothing and the "
+        "rim, and the FLAIR term, the asymmetries and the median filter on the gated energy", load=True,
+        energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT, final_smoothing=True,
+        energy_gate="first"),
     "ADM+ F +asym +asymE +post+cc (z+load) N4 held-out": _post_cc_row(
         "ADM+ F", "zscore", "ADM+ F +asym +asymE +post+cc (z+load) N4 (the bundled row) chosen, as the held-out "
         "row, on energies of networks that did not see the validation domain", load=True, energy_asymmetry=True,
@@ -641,7 +666,9 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "FLAIR z N4 +T2g +med5 +fsm+cc",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+cc (z+load) N4",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+sheet+cc (z+load) N4",
-                                    "ADM+ F +asym +asymE +T2gF +post+fsm+sheetS+cc (z+load) N4")
+                                    "ADM+ F +asym +asymE +T2gF +post+fsm+sheetS+cc (z+load) N4",
+                                    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4",
+                                    "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

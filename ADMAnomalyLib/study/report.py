@@ -201,7 +201,8 @@ def _chosen_lines(study: dict[str, Any], run_name) -> list[str]:
             if result.get("load"):
                 chosen = {**chosen, "load_weight": result["load"]["weight"]}
             if chosen:
-                text = ", ".join(f"{_SHORT.get(k, k)} {v:g}" for k, v in chosen.items())
+                text = ", ".join(f"{_SHORT.get(k, k)} {'off' if v is None else format(v, 'g')}"
+                                 for k, v in chosen.items())
                 values.append(f"{run_name(run)} (seed {run['seed']}): {text}")
         if values:
             lines.append(f"  - `{method}`: " + "; ".join(values) + ".")
@@ -210,7 +211,8 @@ def _chosen_lines(study: dict[str, Any], run_name) -> list[str]:
 
 _SHORT = {"smoothing_sigma_mm": "smoothing sigma (mm)", "rim_erosion_mm": "rim (mm)", "flair_weight": "w",
           "median_size_mm": "median (mm)", "final_smoothing_sigma_mm": "final sigma (mm)",
-          "flair_sheet_weight": "FLAIR sheet weight", "score_sheet_weight": "score sheet weight", "load_weight": "load weight"}
+          "flair_sheet_weight": "FLAIR sheet weight", "score_sheet_weight": "score sheet weight", "load_weight": "load weight",
+          "energy_gate_z": "energy gate (FLAIR z)"}
 
 
 def _is_adm(study: dict[str, Any], method: str) -> bool:

@@ -528,10 +528,12 @@ def choose_postprocess(post: PostprocessConfig, fields: Sequence[str],
     fields chosen so far in place; on ties the first candidate (the simpler one) stays."""
     chosen: dict[str, Any] = {}
     for name in fields:
-        best_value, best_score = None, -np.inf
-        for value in POST_CANDIDATES[name]:
+        candidates = POST_CANDIDATES[name]
+        # A candidate may be None (a step off), so the first candidate starts the comparison, not a None sentinel.
+        best_value, best_score = candidates[0], criterion(dataclasses.replace(post, **{name: candidates[0]}))
+        for value in candidates[1:]:
             score = criterion(dataclasses.replace(post, **{name: value}))
-            if best_value is None or score > best_score:
+            if score > best_score:
                 best_value, best_score = value, score
         post = dataclasses.replace(post, **{name: best_value})
         chosen[name] = best_value
