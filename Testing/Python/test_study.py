@@ -535,6 +535,28 @@ def test_greedy_postprocess_choice_takes_the_best_candidate_field_by_field():
     assert len(seen) == sum(len(study.POST_CANDIDATES[f]) for f in study.methods.POST_SEARCH)
 
 
+def test_the_greedy_choice_may_keep_a_step_off_and_the_gate_rows_choose_the_gate():
+    from ADMAnomalyLib.study.runner import choose_postprocess
+
+    # None (no gate) is a candidate like any other: it stays when it scores best, first or not.
+    for best in (None, 0.0, 1.0):
+        post, chosen = choose_postprocess(PostprocessConfig(flair_weight=1.0), ("energy_gate_z",),
+                                          lambda p: 1.0 if p.energy_gate_z == best else 0.0)
+        assert chosen == {"energy_gate_z": best} and post.energy_gate_z == best
+    # A tie keeps the first candidate: no gate.
+    assert choose_postprocess(PostprocessConfig(), ("energy_gate_z",), lambda p: 0.5)[1] == {"energy_gate_z": None}
+    bundled = study.METHODS[study.methods.BUNDLED_METHOD].search
+    last = study.METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4"].search
+    first = study.METHODS["ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4"].search
+    assert last == (*bundled, "energy_gate_z")
+    assert first[first.index("energy_gate_z") - 1] == "rim_erosion_mm" and first.index("energy_gate_z") < first.index(
+        "flair_weight")
+    assert tuple(f for f in first if f != "energy_gate_z") == bundled
+    assert study.POST_CANDIDATES["energy_gate_z"][0] is None
+    with pytest.raises(ValueError, match="energy_gate"):
+        study.methods._post_cc_row("ADM+ F", "zscore", "gate first without the energy asymmetry", energy_gate="first")
+
+
 def test_ctoc_shared_only_between_networks_with_equal_ctoc_settings():
     settings = study.quick_settings(preset="tiny")
     groups = study.ctoc_groups(list(study.NETWORKS), settings, 0)
