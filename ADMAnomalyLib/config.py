@@ -8,6 +8,8 @@ The ``paper`` preset holds the settings of Kim et al. (2021) exactly as ``method
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -401,6 +403,12 @@ class PostprocessConfig:
         for name in ("sheet_sigma_mm", "asymmetry_window_mm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"postprocess.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.energy_gate_z is not None:
+            if (isinstance(self.energy_gate_z, bool) or not isinstance(self.energy_gate_z, numbers.Real)
+                    or not math.isfinite(self.energy_gate_z)):
+                raise ValueError(f"postprocess.energy_gate_z must be a finite FLAIR z-score or None (off), "
+                                 f"got {self.energy_gate_z!r}")
+            self.energy_gate_z = float(self.energy_gate_z)  # a --set 0 arrives as an int
         if self.load_weight and self.standardise == "none":
             raise ValueError("postprocess.load_weight needs a standardised score (postprocess.standardise "
                              "'robust', 'zscore' or 'normal'): its reference level is in those units")
@@ -515,14 +523,15 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
                         "asymmetry_weight": 1.0, "energy_asymmetry_weight": 2.0, "median_size_mm": 5.0,
                         "final_smoothing_sigma_mm": 1.0, "standardise": "zscore", "load_weight": 0.6,
-                        "t2_weight": 1.0},
+                        "t2_weight": 1.0, "energy_gate_z": 0.0},
     },
 }
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper
 (every default); 'transfer' is the bundled model's configuration for scans from other sites and
 pathologies (robust normalisation, site-shift augmentation, CtoC uncertainty, only the FLAIR residual
 among the density features, the FLAIR term read from an N4-corrected FLAIR, the T2 term weighted as the FLAIR
-term, a Gaussian of the combined score after its standardisation, and the post-processing the
+term, a Gaussian of the combined score after its standardisation, the energy gated by FLAIR (it may not raise a
+voxel whose FLAIR z-score is at most 0 above typical tissue), and the post-processing the
 leave-one-domain-out study chose, with the load weight ``admanomaly calibrate --choose-load-weight`` chose
 over the four domains; see README, "The method as implemented")."""
 NATIVE_PREPROCESS_FIELDS = ("native_normalisation", "native_bias_correction_levels")

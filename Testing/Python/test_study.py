@@ -545,7 +545,7 @@ def test_the_greedy_choice_may_keep_a_step_off_and_the_gate_rows_choose_the_gate
         assert chosen == {"energy_gate_z": best} and post.energy_gate_z == best
     # A tie keeps the first candidate: no gate.
     assert choose_postprocess(PostprocessConfig(), ("energy_gate_z",), lambda p: 0.5)[1] == {"energy_gate_z": None}
-    bundled = study.METHODS[study.methods.BUNDLED_METHOD].search
+    bundled = study.METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+cc (z+load) N4"].search  # the row before the gate
     last = study.METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4"].search
     first = study.METHODS["ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4"].search
     assert last == (*bundled, "energy_gate_z")

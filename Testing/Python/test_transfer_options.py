@@ -341,6 +341,12 @@ def test_energy_gate_lets_the_energy_raise_only_flair_hyperintense_voxels():
     assert PostprocessConfig(energy_gate_z=0.0).native_active
     with pytest.raises(ValueError, match="FLAIR"):
         postprocess_scores(energy, brain, (1.0, 1.0, 1.0), PostprocessConfig(energy_gate_z=0.0))
+    # A gate given as an int (`--set postprocess.energy_gate_z=0`) is the same gate; one that is no finite number is refused.
+    assert PostprocessConfig(energy_gate_z=0) == PostprocessConfig(energy_gate_z=0.0)
+    assert isinstance(PostprocessConfig(energy_gate_z=0).energy_gate_z, float)
+    for bad in ("0", float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="energy_gate_z"):
+            PostprocessConfig(energy_gate_z=bad)
 
 
 def test_zscore_standardisation_gives_mean_0_sd_1_over_the_brain():
