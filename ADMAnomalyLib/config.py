@@ -344,7 +344,8 @@ class PostprocessConfig:
     Normal FLAIR-bright tissue is mostly such sheets (the cortical ribbon, the insular cortex, the lining of
     sulci and ventricles), and so are the false positives left once the asymmetry has removed what has a twin
     across the midline (the insular cortex of both hemispheres); lesions are blobs, or flat inside. The
-    T2 term, the energy gate and the normal-tissue scale read the FLAIR as it is. 0 = off."""
+    energy gate reads it lowered as well (a sheet is no hyperintensity the energy may raise); the T2 term and the
+    normal-tissue scale read the FLAIR as it is. 0 = off."""
     score_sheet_weight: float = 0.0
     """Beyond the paper: just before the median filter, the combined score (E with its asymmetry and rim, the
     FLAIR and T2 terms) is lowered by this weight times its own sheet response
