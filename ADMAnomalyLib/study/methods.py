@@ -282,9 +282,10 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     :attr:`MethodSpec.native_bias_correction_levels`; ``t2_per_flair_weight`` its
     :attr:`MethodSpec.t2_per_flair_weight`; with ``final_smoothing`` the search then chooses the Gaussian of the
     combined score, last, on the median filter already chosen (sigma 0 first: a tie keeps the row without it); with
-    ``flair_sheets`` the search then chooses the weight of the FLAIR's sheet response, and with ``score_sheets``
-    that of the combined score's own, last of all (0 first); ``energy_gate`` 'last' chooses the energy gate after
-    everything else, 'first' before the weights (:data:`GATED_ENERGY_ASYMMETRY_SEARCH`, with ``energy_asymmetry``)."""
+    ``energy_gate`` 'last' the search then chooses the energy gate, 'first' before the weights
+    (:data:`GATED_ENERGY_ASYMMETRY_SEARCH`, with ``energy_asymmetry``); with ``flair_sheets`` it then chooses the
+    weight of the FLAIR's sheet response, and with ``score_sheets`` that of the combined score's own, last of all
+    (0 first), so that the sheets are weighed on the gated energy."""
     if energy_gate not in ("", "first", "last") or (energy_gate == "first" and not energy_asymmetry):
         raise ValueError(f"energy_gate must be '', 'last' or, with energy_asymmetry, 'first'; got {energy_gate!r}")
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
@@ -295,9 +296,9 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  else ENERGY_ASYMMETRY_SEARCH if energy_asymmetry else T2_ASYMMETRY_SEARCH if t2_asymmetry
                  else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH)
               + (("final_smoothing_sigma_mm",) if final_smoothing else ())
+              + (("energy_gate_z",) if energy_gate == "last" else ())
               + (("flair_sheet_weight",) if flair_sheets else ())
-              + (("score_sheet_weight",) if score_sheets else ())
-              + (("energy_gate_z",) if energy_gate == "last" else ()))
+              + (("score_sheet_weight",) if score_sheets else ()))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
                       search_criterion=search_criterion, small_components=True, load_weights=LOAD_WEIGHTS if load else (),
                       native_normalisation=native_normalisation, held_out_selection=held_out,
@@ -490,6 +491,11 @@ METHODS: dict[str, MethodSpec] = {
         "also chooses the energy gate, the FLAIR z-score at or below which the energy may not raise a voxel above "
         "typical tissue (CSF, skull-stripping residue)", load=True, energy_asymmetry=True,
         n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT, final_smoothing=True, energy_gate="last"),
+    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+sheet+cc (z+load) N4": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 (the bundled row) whose search "
+        "then also chooses the weight of the FLAIR's sheet response (cortical ribbon, insular cortex), on the gated "
+        "energy", load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT,
+        final_smoothing=True, energy_gate="last", flair_sheets=True),
     "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4": _post_cc_row(
         "ADM+ F", "zscore", "the bundled row whose search chooses the energy gate first, after the smoothing and the "
         "rim, and the FLAIR term, the asymmetries and the median filter on the gated energy", load=True,
@@ -668,7 +674,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+sheet+cc (z+load) N4",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+sheetS+cc (z+load) N4",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4",
-                                    "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4")
+                                    "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4",
+                                    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+sheet+cc (z+load) N4")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

@@ -552,6 +552,9 @@ def test_the_greedy_choice_may_keep_a_step_off_and_the_gate_rows_choose_the_gate
     assert first[first.index("energy_gate_z") - 1] == "rim_erosion_mm" and first.index("energy_gate_z") < first.index(
         "flair_weight")
     assert tuple(f for f in first if f != "energy_gate_z") == bundled
+    # With the sheets as well, the gate comes first and the sheets are weighed on the gated energy.
+    sheets = study.METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+gate+sheet+cc (z+load) N4"].search
+    assert sheets == (*last, "flair_sheet_weight")
     assert study.POST_CANDIDATES["energy_gate_z"][0] is None
     with pytest.raises(ValueError, match="energy_gate"):
         study.methods._post_cc_row("ADM+ F", "zscore", "gate first without the energy asymmetry", energy_gate="first")
