@@ -393,12 +393,25 @@ class PostprocessConfig:
     product targets (gliomas, MS) are FLAIR-hyperintense, while the energy's false positives on
     unseen sites lie in CSF, grey matter and tissue boundaries, which are not."""
 
+    small_lesion_ml: float = 0.0
+    """Beyond the paper: a case whose largest connected region (26-connected) scoring at least
+    ``small_lesion_level`` is smaller than this many ml is scored again without the energy's smoothing and the
+    median filter (``smoothing_sigma_mm`` and ``median_size_mm`` as 0; the final Gaussian and every other step
+    as they are). Filters sized for gliomas of tens of ml round off the outlines of lesions a few mm across,
+    and on the MS scan most of the error lay within 1 mm of the reference's outline; the largest region a
+    glioma scan shows is tens of ml, an MS scan's a few (docs/domain_analysis.md, thirty-seventh round). The
+    filter scale then follows the lesion scale the case itself shows, whatever the pathology. 0 = off."""
+    small_lesion_level: float = 2.0
+    """With ``small_lesion_ml``: the score (in the final units, load term included) at which the case's
+    regions are measured: about where thresholds of standardised scores lie."""
+
     def __post_init__(self) -> None:
         if not 0 < self.case_mixture_share <= 1:
             raise ValueError(f"postprocess.case_mixture_share must lie in (0, 1], got {self.case_mixture_share!r} "
                              "(the frozen mixture alone is postprocess.case_mixture=false)")
         for name in ("load_weight", "asymmetry_weight", "flair_sheet_weight", "score_sheet_weight",
-                     "t2_asymmetry_weight", "final_smoothing_sigma_mm", "t2_weight", "energy_asymmetry_weight"):
+                     "t2_asymmetry_weight", "final_smoothing_sigma_mm", "t2_weight", "energy_asymmetry_weight",
+                     "small_lesion_ml"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"postprocess.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("sheet_sigma_mm", "asymmetry_window_mm"):
@@ -410,6 +423,8 @@ class PostprocessConfig:
                 raise ValueError(f"postprocess.energy_gate_z must be a finite FLAIR z-score or None (off), "
                                  f"got {self.energy_gate_z!r}")
             self.energy_gate_z = float(self.energy_gate_z)  # a --set 0 arrives as an int
+        if not math.isfinite(self.small_lesion_ml) or not math.isfinite(self.small_lesion_level):
+            raise ValueError("postprocess.small_lesion_ml and small_lesion_level must be finite numbers")
         if self.load_weight and self.standardise == "none":
             raise ValueError("postprocess.load_weight needs a standardised score (postprocess.standardise "
                              "'robust', 'zscore' or 'normal'): its reference level is in those units")

@@ -20,6 +20,9 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
    :func:`smooth_in_brain` of that combined score (``final_smoothing_sigma_mm``);
 6. :func:`load_offset` - a per-case constant from the case's apparent lesion load, so that one
    threshold suits a large glioma and a few small MS lesions alike;
+7. with ``small_lesion_ml``: a case whose largest region at ``small_lesion_level``
+   (:func:`largest_region_ml`) is smaller than that is scored again from step 1 without the smoothing of
+   step 1 and the median filter of step 4, the filters that round off small lesions;
 
 and sets the background exactly 1 below the lowest brain score. :func:`suppress_small_components`
 works at a threshold (it needs a binary map) and is applied where a threshold is known.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -527,6 +530,16 @@ def load_offset(brain_values: np.ndarray, weight: float, reference: float) -> fl
     return float(weight) * float(np.log(max(share, LOAD_MIN_SHARE) / LOAD_BASE_SHARE))
 
 
+def largest_region_ml(binary: np.ndarray, spacing: Spacing) -> float:
+    """Volume (ml) of the largest 26-connected region of ``binary`` (0 when it is empty)."""
+    binary = np.asarray(binary, dtype=bool)
+    if not binary.any():
+        return 0.0
+    labels = sitk.GetArrayViewFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.view(np.uint8)), True))
+    largest = int(np.bincount(labels.ravel())[1:].max())
+    return largest * float(np.prod(spacing)) / 1000.0
+
+
 def remove_small_components(binary: np.ndarray, min_voxels: int, fully_connected: bool = False) -> np.ndarray:
     """Drop connected components of ``binary`` with fewer than ``min_voxels`` voxels.
 
@@ -647,6 +660,12 @@ def postprocess_scores(
     if cfg.load_weight != 0:
         offset = load_offset(inner[inner_brain], cfg.load_weight, cfg.load_reference)
         inner = np.where(inner_brain, inner + np.float32(offset), inner).astype(np.float32)
+    if (cfg.small_lesion_ml > 0 and (cfg.smoothing_sigma_mm > 0 or cfg.median_size_mm > 0)
+            and largest_region_ml((inner >= np.float32(cfg.small_lesion_level)) & inner_brain, spacing)
+            < cfg.small_lesion_ml):
+        fine = replace(cfg, smoothing_sigma_mm=0.0, median_size_mm=0.0, small_lesion_ml=0.0)
+        return postprocess_scores(values, brain, spacing, fine, intensity, cache, direction, t2_intensity,
+                                  t1_intensity)
     result = np.full(values.shape, float(inner[inner_brain].min()) - 1.0, dtype=np.float32)
     result[box] = np.where(inner_brain, inner, result[box])
     return result

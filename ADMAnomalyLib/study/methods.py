@@ -123,6 +123,11 @@ ENERGY_GATES: tuple[float | None, ...] = (None, -1.0, -0.5, 0.0, 0.5, 1.0)
 its asymmetry) may no longer raise a voxel above typical tissue; None (no gate) first, so a tie keeps the row
 without it. On the bundled row's own choices, gates from -2 to 0.5 raised MS, BraTS-2013 and TCGA and left CBICA
 where it was; 1 and above cost BraTS-2013 (docs/domain_analysis.md, thirty-sixth round)."""
+SMALL_LESION_ML = 10.0
+"""``PostprocessConfig.small_lesion_ml`` of the '+scale' row, unsearched (the training domains of the fold
+that leaves the small lesions out hold none to choose it on): a 10 ml sphere is 27 mm across. At the score 2
+the largest region of every glioma scan of the study measured 17-198 ml, that of the MS scan 1.9 ml
+(docs/domain_analysis.md, thirty-seventh round)."""
 POST_CANDIDATES: dict[str, tuple[float | None, ...]] = {
     "normal_max_flair_z": NORMAL_CUTOFFS,
     "case_mixture_share": CASE_MIXTURE_SHARES,
@@ -267,7 +272,8 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  asymmetry: bool = False, t2_asymmetry: bool = False, energy_asymmetry: bool = False,
                  search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0,
                  t2_per_flair_weight: float = 0.0, final_smoothing: bool = False,
-                 flair_sheets: bool = False, score_sheets: bool = False, energy_gate: str = "") -> MethodSpec:
+                 flair_sheets: bool = False, score_sheets: bool = False, energy_gate: str = "",
+                 small_lesion_ml: float = 0.0) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -285,11 +291,13 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     ``energy_gate`` 'last' the search then chooses the energy gate, 'first' before the weights
     (:data:`GATED_ENERGY_ASYMMETRY_SEARCH`, with ``energy_asymmetry``); with ``flair_sheets`` it then chooses the
     weight of the FLAIR's sheet response, and with ``score_sheets`` that of the combined score's own, last of all
-    (0 first), so that the sheets are weighed on the gated energy."""
+    (0 first), so that the sheets are weighed on the gated energy; ``small_lesion_ml`` is the unsearched
+    ``PostprocessConfig.small_lesion_ml``."""
     if energy_gate not in ("", "first", "last") or (energy_gate == "first" and not energy_asymmetry):
         raise ValueError(f"energy_gate must be '', 'last' or, with energy_asymmetry, 'first'; got {energy_gate!r}")
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
-            **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {})}
+            **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {}),
+            **({"small_lesion_ml": small_lesion_ml} if small_lesion_ml else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ())
               + (GATED_ENERGY_ASYMMETRY_SEARCH if energy_gate == "first"
@@ -496,6 +504,12 @@ METHODS: dict[str, MethodSpec] = {
         "then also chooses the weight of the FLAIR's sheet response (cortical ribbon, insular cortex), on the gated "
         "energy", load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT,
         final_smoothing=True, energy_gate="last", flair_sheets=True),
+    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale": _post_cc_row(
+        "ADM+ F", "zscore", "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 (the bundled row) whose cases "
+        f"with no region of more than {SMALL_LESION_ML:g} ml at score {PostprocessConfig().small_lesion_level:g} are "
+        "scored again without the energy smoothing and the median filter the search chose (small lesions)",
+        load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT,
+        final_smoothing=True, energy_gate="last", small_lesion_ml=SMALL_LESION_ML),
     "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4": _post_cc_row(
         "ADM+ F", "zscore", "the bundled row whose search chooses the energy gate first, after the smoothing and the "
         "rim, and the FLAIR term, the asymmetries and the median filter on the gated energy", load=True,
@@ -675,7 +689,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+sheetS+cc (z+load) N4",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4",
                                     "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4",
-                                    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+sheet+cc (z+load) N4")
+                                    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+sheet+cc (z+load) N4",
+                                    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}

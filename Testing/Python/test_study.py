@@ -555,6 +555,11 @@ def test_the_greedy_choice_may_keep_a_step_off_and_the_gate_rows_choose_the_gate
     # With the sheets as well, the gate comes first and the sheets are weighed on the gated energy.
     sheets = study.METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+gate+sheet+cc (z+load) N4"].search
     assert sheets == (*last, "flair_sheet_weight")
+    # The '+scale' row is the gate row with the unsearched small-lesion rule.
+    scale = study.METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale"]
+    assert scale.search == last and scale.postprocess["small_lesion_ml"] == study.methods.SMALL_LESION_ML > 0
+    assert {k: v for k, v in scale.postprocess.items() if k != "small_lesion_ml"} == study.METHODS[
+        "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4"].postprocess
     assert study.POST_CANDIDATES["energy_gate_z"][0] is None
     with pytest.raises(ValueError, match="energy_gate"):
         study.methods._post_cc_row("ADM+ F", "zscore", "gate first without the energy asymmetry", energy_gate="first")

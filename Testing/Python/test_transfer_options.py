@@ -349,6 +349,41 @@ def test_energy_gate_lets_the_energy_raise_only_flair_hyperintense_voxels():
             PostprocessConfig(energy_gate_z=bad)
 
 
+def _balls(centres, radius: int, shape=(40, 48, 48), seed: int = 0) -> np.ndarray:
+    """Low noise with bright balls of ``radius`` voxels at ``centres``."""
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    values = np.random.default_rng(seed).normal(0.0, 0.3, shape).astype(np.float32)
+    for cz, cy, cx in centres:
+        values[(z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= radius ** 2] = 5.0
+    return values
+
+
+def test_a_case_with_only_small_regions_is_scored_without_the_filters_that_erase_them():
+    brain = np.ones((40, 48, 48), bool)
+    spacing = (1.0, 1.0, 1.0)
+    coarse = PostprocessConfig(smoothing_sigma_mm=2.0, median_size_mm=5.0, standardise="zscore",
+                               final_smoothing_sigma_mm=1.0)
+    adaptive = dataclasses.replace(coarse, small_lesion_ml=1.0)
+    fine = dataclasses.replace(coarse, smoothing_sigma_mm=0.0, median_size_mm=0.0)
+    # Three lesions of radius 2 (33 voxels, 0.03 ml, below 1 ml at the level 2): scored without the smoothing
+    # and the median filter, and so otherwise than with them.
+    small = _balls([(12, 14, 14), (20, 30, 30), (28, 14, 34)], 2)
+    kept = postprocess_scores(small, brain, spacing, adaptive)
+    np.testing.assert_array_equal(kept, postprocess_scores(small, brain, spacing, fine))
+    assert np.abs(kept - postprocess_scores(small, brain, spacing, coarse)).max() > 1.0
+    # One lesion of radius 8 (2.1 ml, above 1 ml at the level 2): the case keeps the filters it was given.
+    large = _balls([(20, 24, 24)], 8)
+    np.testing.assert_array_equal(postprocess_scores(large, brain, spacing, adaptive),
+                                  postprocess_scores(large, brain, spacing, coarse))
+    # A level above every score leaves no region at all, so even the large lesion's case is scored fine.
+    np.testing.assert_array_equal(
+        postprocess_scores(large, brain, spacing, dataclasses.replace(adaptive, small_lesion_level=1e6)),
+        postprocess_scores(large, brain, spacing, fine))
+    for bad in ({"small_lesion_ml": -1.0}, {"small_lesion_ml": float("nan")}, {"small_lesion_level": float("inf")}):
+        with pytest.raises(ValueError, match="small_lesion"):
+            PostprocessConfig(**bad)
+
+
 def test_zscore_standardisation_gives_mean_0_sd_1_over_the_brain():
     rng = np.random.default_rng(4)
     brain = rng.random((6, 20, 20)) > 0.3
