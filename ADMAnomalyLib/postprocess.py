@@ -535,7 +535,7 @@ def largest_region_ml(binary: np.ndarray, spacing: Spacing) -> float:
     binary = np.asarray(binary, dtype=bool)
     if not binary.any():
         return 0.0
-    labels = sitk.GetArrayViewFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.view(np.uint8)), True))
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.view(np.uint8)), True))
     largest = int(np.bincount(labels.ravel())[1:].max())
     return largest * float(np.prod(spacing)) / 1000.0
 
