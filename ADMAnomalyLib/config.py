@@ -539,7 +539,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
                         "asymmetry_weight": 1.0, "energy_asymmetry_weight": 2.0, "median_size_mm": 5.0,
                         "final_smoothing_sigma_mm": 1.0, "standardise": "zscore", "load_weight": 0.6,
-                        "t2_weight": 1.0, "energy_gate_z": 0.0},
+                        "t2_weight": 1.0, "energy_gate_z": 0.0, "small_lesion_ml": 10.0},
     },
 }
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper
@@ -547,7 +547,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 pathologies (robust normalisation, site-shift augmentation, CtoC uncertainty, only the FLAIR residual
 among the density features, the FLAIR term read from an N4-corrected FLAIR, the T2 term weighted as the FLAIR
 term, a Gaussian of the combined score after its standardisation, the energy gated by FLAIR (it may not raise a
-voxel whose FLAIR z-score is at most 0 above typical tissue), and the post-processing the
+voxel whose FLAIR z-score is at most 0 above typical tissue), the energy smoothing and the median filter left out
+on a case whose largest region at the score 2 is under 10 ml (small lesions), and the post-processing the
 leave-one-domain-out study chose, with the load weight ``admanomaly calibrate --choose-load-weight`` chose
 over the four domains; see README, "The method as implemented")."""
 NATIVE_PREPROCESS_FIELDS = ("native_normalisation", "native_bias_correction_levels")

@@ -640,7 +640,7 @@ METHODS: dict[str, MethodSpec] = {
                                            "threshold on the scale of the standardised energy plus w x FLAIR z"),
 }
 
-BUNDLED_METHOD = "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4"
+BUNDLED_METHOD = "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale"
 """The row whose configuration the bundled model and the 'transfer' training profile carry: the best
 mean over left-out domains of AUPRC and of Dice at the threshold in the leave-one-domain-out study
 (README, "Bundled model"); the size of the removed small components does not apply to it."""
