@@ -530,14 +530,19 @@ def load_offset(brain_values: np.ndarray, weight: float, reference: float) -> fl
     return float(weight) * float(np.log(max(share, LOAD_MIN_SHARE) / LOAD_BASE_SHARE))
 
 
+def region_sizes(binary: np.ndarray) -> np.ndarray:
+    """Voxel counts of the 26-connected regions of ``binary`` (none when it is empty)."""
+    binary = np.ascontiguousarray(binary, dtype=bool)
+    if not binary.any():
+        return np.zeros(0, dtype=np.int64)
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.view(np.uint8)), True))
+    return np.bincount(labels.ravel())[1:]
+
+
 def largest_region_ml(binary: np.ndarray, spacing: Spacing) -> float:
     """Volume (ml) of the largest 26-connected region of ``binary`` (0 when it is empty)."""
-    binary = np.asarray(binary, dtype=bool)
-    if not binary.any():
-        return 0.0
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.view(np.uint8)), True))
-    largest = int(np.bincount(labels.ravel())[1:].max())
-    return largest * float(np.prod(spacing)) / 1000.0
+    sizes = region_sizes(binary)
+    return float(sizes.max()) * float(np.prod(spacing)) / 1000.0 if sizes.size else 0.0
 
 
 def remove_small_components(binary: np.ndarray, min_voxels: int, fully_connected: bool = False) -> np.ndarray:
@@ -616,56 +621,64 @@ def postprocess_scores(
     box = bounding_box(brain, margin)
     # The cached maps belong to one box; configurations with other margins get boxes of their own.
     box_cache = {} if cache is None else cache.setdefault(tuple((s.start, s.stop) for s in box), {})
-    inner, inner_brain = values[box].copy(), brain[box]
-    if cfg.smoothing_sigma_mm > 0:
-        inner = smooth_in_brain(inner, inner_brain, spacing, cfg.smoothing_sigma_mm, box_cache)
-    if cfg.rim_erosion_mm > 0:
-        inner = suppress_rim(inner, inner_brain, spacing, cfg.rim_erosion_mm, box_cache)
-    if cfg.energy_asymmetry_weight:
-        asymmetry = intensity_asymmetry(inner, inner_brain, spacing, cfg.asymmetry_window_mm, direction, box_cache)
-        inner = (inner + np.float32(cfg.energy_asymmetry_weight) * asymmetry).astype(np.float32)
-    reference = (normal_tissue(inner_brain, intensity[box], cfg.normal_max_flair_z)
-                 if cfg.standardise == "normal" else None)
-    if cfg.intensity_term:
-        flair_evidence = intensity[box]
-        if cfg.flair_sheet_weight:
-            flair_evidence = (flair_evidence - np.float32(cfg.flair_sheet_weight)
-                              * flair_sheets(intensity, box, inner_brain, spacing, cfg.sheet_sigma_mm,
-                                             box_cache)).astype(np.float32)
-        inner = add_intensity_term(inner, inner_brain, flair_evidence, cfg.flair_weight, cfg.energy_gate_z, reference)
-        if cfg.asymmetry_weight:
-            asymmetry = intensity_asymmetry(flair_evidence, inner_brain, spacing, cfg.asymmetry_window_mm, direction,
-                                            box_cache)
-            inner = (inner + np.float32(cfg.asymmetry_weight) * asymmetry).astype(np.float32)
-        if cfg.t2_asymmetry_weight:
-            asymmetry = intensity_asymmetry(t2_intensity[box], inner_brain, spacing, cfg.asymmetry_window_mm, direction,
-                                            box_cache)
-            inner = (inner + np.float32(cfg.t2_asymmetry_weight) * asymmetry).astype(np.float32)
-        if cfg.t2_weight:
-            term, _ = t2_term(intensity[box], t1_intensity[box], t2_intensity[box], inner_brain, cfg.t2_weight,
-                              cfg.t2_csf_max_t1_z)
-            inner = (inner + term).astype(np.float32)
-    if cfg.score_sheet_weight:
-        inner = (inner - np.float32(cfg.score_sheet_weight)
-                 * sheet_response(inner, inner_brain, spacing, cfg.sheet_sigma_mm)).astype(np.float32)
-    if max(window) > 1:
-        inner = median_filter_in_brain(inner, inner_brain, window)
-    if cfg.standardise != "none":
-        inner = standardise_in_brain(inner, inner_brain, cfg.standardise, reference)
-    if cfg.final_smoothing_sigma_mm > 0:
-        # After the standardisation: the threshold's unit stays the SD of the unsmoothed score. Read after it,
-        # the SD shrinks with the fine-scale variation the Gaussian removes, and the scan of small MS lesions,
-        # in SDs of its smoothed score, rose above a threshold chosen on gliomas (thirty-second round).
-        inner = smooth_in_brain(inner, inner_brain, spacing, cfg.final_smoothing_sigma_mm, box_cache)
-    if cfg.load_weight != 0:
-        offset = load_offset(inner[inner_brain], cfg.load_weight, cfg.load_reference)
-        inner = np.where(inner_brain, inner + np.float32(offset), inner).astype(np.float32)
+    inner_brain = brain[box]
+
+    def score(config: PostprocessConfig) -> np.ndarray:
+        """The steps of ``config`` on the box (its margin is wide enough for every filter of ``cfg``)."""
+        inner = values[box].copy()
+        if config.smoothing_sigma_mm > 0:
+            inner = smooth_in_brain(inner, inner_brain, spacing, config.smoothing_sigma_mm, box_cache)
+        if config.rim_erosion_mm > 0:
+            inner = suppress_rim(inner, inner_brain, spacing, config.rim_erosion_mm, box_cache)
+        if config.energy_asymmetry_weight:
+            asymmetry = intensity_asymmetry(inner, inner_brain, spacing, config.asymmetry_window_mm, direction, box_cache)
+            inner = (inner + np.float32(config.energy_asymmetry_weight) * asymmetry).astype(np.float32)
+        reference = (normal_tissue(inner_brain, intensity[box], config.normal_max_flair_z)
+                     if config.standardise == "normal" else None)
+        if config.intensity_term:
+            flair_evidence = intensity[box]
+            if config.flair_sheet_weight:
+                flair_evidence = (flair_evidence - np.float32(config.flair_sheet_weight)
+                                  * flair_sheets(intensity, box, inner_brain, spacing, config.sheet_sigma_mm,
+                                                 box_cache)).astype(np.float32)
+            inner = add_intensity_term(inner, inner_brain, flair_evidence, config.flair_weight, config.energy_gate_z, reference)
+            if config.asymmetry_weight:
+                asymmetry = intensity_asymmetry(flair_evidence, inner_brain, spacing, config.asymmetry_window_mm, direction,
+                                                box_cache)
+                inner = (inner + np.float32(config.asymmetry_weight) * asymmetry).astype(np.float32)
+            if config.t2_asymmetry_weight:
+                asymmetry = intensity_asymmetry(t2_intensity[box], inner_brain, spacing, config.asymmetry_window_mm, direction,
+                                                box_cache)
+                inner = (inner + np.float32(config.t2_asymmetry_weight) * asymmetry).astype(np.float32)
+            if config.t2_weight:
+                term, _ = t2_term(intensity[box], t1_intensity[box], t2_intensity[box], inner_brain, config.t2_weight,
+                                  config.t2_csf_max_t1_z)
+                inner = (inner + term).astype(np.float32)
+        if config.score_sheet_weight:
+            inner = (inner - np.float32(config.score_sheet_weight)
+                     * sheet_response(inner, inner_brain, spacing, config.sheet_sigma_mm)).astype(np.float32)
+        steps = median_window(spacing, config.median_size_mm) if config.median_size_mm > 0 else (1, 1, 1)
+        if max(steps) > 1:
+            inner = median_filter_in_brain(inner, inner_brain, steps)
+        if config.standardise != "none":
+            inner = standardise_in_brain(inner, inner_brain, config.standardise, reference)
+        if config.final_smoothing_sigma_mm > 0:
+            # After the standardisation: the threshold's unit stays the SD of the unsmoothed score. Read after it,
+            # the SD shrinks with the fine-scale variation the Gaussian removes, and the scan of small MS lesions,
+            # in SDs of its smoothed score, rose above a threshold chosen on gliomas (thirty-second round).
+            inner = smooth_in_brain(inner, inner_brain, spacing, config.final_smoothing_sigma_mm, box_cache)
+        if config.load_weight != 0:
+            offset = load_offset(inner[inner_brain], config.load_weight, config.load_reference)
+            inner = np.where(inner_brain, inner + np.float32(offset), inner).astype(np.float32)
+        return inner
+
+    inner = score(cfg)
     if (cfg.small_lesion_ml > 0 and (cfg.smoothing_sigma_mm > 0 or cfg.median_size_mm > 0)
             and largest_region_ml((inner >= np.float32(cfg.small_lesion_level)) & inner_brain, spacing)
             < cfg.small_lesion_ml):
-        fine = replace(cfg, smoothing_sigma_mm=0.0, median_size_mm=0.0, small_lesion_ml=0.0)
-        return postprocess_scores(values, brain, spacing, fine, intensity, cache, direction, t2_intensity,
-                                  t1_intensity)
+        # In the same box, so the maps that neither filter touches (rim, FLAIR asymmetry, T2 term) come from
+        # the cache instead of being computed again.
+        inner = score(replace(cfg, smoothing_sigma_mm=0.0, median_size_mm=0.0))
     result = np.full(values.shape, float(inner[inner_brain].min()) - 1.0, dtype=np.float32)
     result[box] = np.where(inner_brain, inner, result[box])
     return result

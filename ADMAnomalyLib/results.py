@@ -30,6 +30,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .io import PathLike, read_image, write_image_atomic, write_text_atomic
+from .postprocess import region_sizes
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +218,8 @@ def case_figures(
     anomaly = sitk.GetArrayViewFromImage(anomaly_image) > 0
     figures: dict[str, Any] = {"anomaly_ml": float(anomaly.sum()) * voxel_ml, "components": 0,
                                "largest_component_ml": 0.0, "dice": None, "auprc": None}
-    if anomaly.any():
-        components = sitk.ConnectedComponent(sitk.Cast(anomaly_image > 0, sitk.sitkUInt8), True)
-        sizes = np.bincount(sitk.GetArrayViewFromImage(components).ravel())[1:]
+    sizes = region_sizes(anomaly)
+    if sizes.size:
         figures["components"] = int((sizes > 0).sum())
         figures["largest_component_ml"] = float(sizes.max()) * voxel_ml
     if label is not None:
