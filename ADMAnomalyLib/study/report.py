@@ -16,7 +16,8 @@ from .runner import SUMMARY_METRICS
 
 
 METRIC_LABELS = {"auprc": "AUPRC (headline)", "auroc": "AUROC", "dice": "Dice @ val. threshold",
-                 "best_dice": "best Dice (oracle)", "precision": "precision @ val.", "recall": "recall @ val."}
+                 "best_dice": "best Dice (oracle)", "precision": "precision @ val.", "recall": "recall @ val.",
+                 "auprc_threshold_relative": "AUPRC, each run's scores minus its threshold"}
 
 
 def _summary_cells(summary: dict[str, Any], methods: list[str], metrics: Sequence[str],
@@ -61,7 +62,8 @@ def comparison_lines(study: dict[str, Any], reference: str = "FLAIR z") -> list[
             continue
         wins, losses = [], []
         for k in SUMMARY_METRICS:
-            a, b = summary[method][k]["mean"], summary[reference][k]["mean"]
+            # .get: studies recorded before a metric was added lack it
+            a, b = summary[method].get(k, {}).get("mean"), summary[reference].get(k, {}).get("mean")
             if a is None or b is None:
                 continue
             (wins if a > b else losses).append(f"{METRIC_LABELS[k].split(' (')[0]} {a:.3f} vs {b:.3f}")
@@ -223,12 +225,18 @@ def _is_adm(study: dict[str, Any], method: str) -> bool:
 DOMAIN_METRICS = ("auprc", "auroc", "best_dice", "dice")
 
 
+POOL_METRICS = ("auprc_threshold_relative",)
+"""Shown where a block pools runs fitted on different domains (studies from before it was recorded lack it)."""
+
+
 def _domain_table(summary: dict[str, Any], methods: list[str]) -> str:
     """One block of the leave-one-domain-out table (mean +- sd over seeds), best per column in bold."""
-    cell = _summary_cells(summary, methods, DOMAIN_METRICS)
-    lines = ["| method | " + " | ".join(METRIC_LABELS[k] for k in DOMAIN_METRICS) + " |",
-             "|---|" + "---|" * len(DOMAIN_METRICS)]
-    lines += [f"| {m} | " + " | ".join(cell[m, k] for k in DOMAIN_METRICS) + " |" for m in methods]
+    metrics = DOMAIN_METRICS + tuple(k for k in POOL_METRICS
+                                     if any(summary[m].get(k, {}).get("mean") is not None for m in methods))
+    cell = _summary_cells(summary, methods, metrics)
+    lines = ["| method | " + " | ".join(METRIC_LABELS[k] for k in metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    lines += [f"| {m} | " + " | ".join(cell[m, k] for k in metrics) + " |" for m in methods]
     return "\n".join(lines)
 
 
@@ -299,7 +307,10 @@ def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) 
         "so the largest domain does not dictate. Metrics are computed on every brain voxel of the left-out "
         "domain's cases. A domain's block gives mean ± sd over seeds; *pooled* pools the voxels of every "
         "left-out test case of a seed (each thresholded at its own run's threshold), mean ± sd over seeds; "
-        "a *Pooled:* block does the same for the domains the domains file groups into one pool.",
+        "a *Pooled:* block does the same for the domains the domains file groups into one pool. Runs fitted on "
+        "different domains score on different scales, so a pooled block also gives the AUPRC of the pooled voxels "
+        "with each run's threshold subtracted from its scores (where the study recorded it): the curve on which "
+        "the pooled Dice at threshold lies.",
         "",
     ]
     blocks = [(f"Test domain: {name} ({len(domains[name])} case(s))", study["domain_summary"][name])

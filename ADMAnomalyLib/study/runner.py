@@ -568,12 +568,21 @@ def evaluate_method(name: str, scores: dict[str, np.ndarray], groups: Sequence[S
 def pooled_test_metrics(entries: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> dict[str, Any]:
     """Metrics over the test voxels of several runs pooled, ``entries`` of (scores, labels, that run's
     threshold): AUROC, AUPRC and best Dice of the pooled voxels; Dice, precision and recall of the
-    pooled counts, each case thresholded at its own run's validation threshold."""
+    pooled counts, each case thresholded at its own run's validation threshold; and
+    ``threshold_relative``: AUROC, AUPRC and best Dice of the pooled voxels with each run's threshold
+    subtracted from its scores.
+
+    Runs fitted on different training domains put their scores on different scales (their
+    thresholds differ), so the raw pool ranks one run's voxels against another's on no common scale,
+    while the pooled Dice already reads each case at its own run's threshold. Shifted to their own
+    thresholds, the runs meet at the point that Dice is read at: it lies on that pooled curve."""
     from ..metrics import _cast_threshold, detection_metrics
 
     s = _pooled([e[0] for e in entries]).astype(np.float32)
     y = _pooled([e[1] for e in entries]).astype(bool)
     detection = dataclasses.asdict(detection_metrics(s, y))
+    shifted = _pooled([np.asarray(e[0], np.float64) - float(e[2]) for e in entries])
+    relative = dataclasses.asdict(detection_metrics(shifted, y))
     tp = n_pred = 0
     for scores, labels, threshold in entries:
         predicted = scores >= _cast_threshold(threshold, np.asarray(scores).dtype)
@@ -583,7 +592,8 @@ def pooled_test_metrics(entries: Sequence[tuple[np.ndarray, np.ndarray, float]])
     ratio = lambda num, den: num / den if den else None  # noqa: E731
     return json_safe({"pooled": detection,
                       "at_threshold": {"dice": ratio(2 * tp, n_pred + n_pos), "precision": ratio(tp, n_pred),
-                                       "recall": ratio(tp, n_pos)}})
+                                       "recall": ratio(tp, n_pos)},
+                      "threshold_relative": {k: relative[k] for k in ("auroc", "auprc", "best_f1")}})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1098,13 +1108,16 @@ def study_summaries(runs: Sequence[dict[str, Any]], seed_pooled: Sequence[dict[s
             "seed_pooled": list(seed_pooled)}
 
 
-SUMMARY_METRICS = ("auroc", "auprc", "dice", "best_dice", "precision", "recall")
+SUMMARY_METRICS = ("auroc", "auprc", "dice", "best_dice", "precision", "recall", "auprc_threshold_relative")
 
 
 def _run_values(result: dict[str, Any]) -> dict[str, float | None]:
+    """The summary metrics of one run's or one pool's result; ``auprc_threshold_relative`` only where several
+    runs were pooled (:func:`pooled_test_metrics`): within one run it is the AUPRC."""
     pooled, at = result["pooled"], result["at_threshold"]
     return {"auroc": pooled["auroc"], "auprc": pooled["auprc"], "best_dice": pooled["best_f1"],
-            "dice": at["dice"], "precision": at["precision"], "recall": at["recall"]}
+            "dice": at["dice"], "precision": at["precision"], "recall": at["recall"],
+            "auprc_threshold_relative": result.get("threshold_relative", {}).get("auprc")}
 
 
 def summarise(runs: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:

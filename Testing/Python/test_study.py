@@ -656,6 +656,11 @@ def test_domain_summary_per_domain_and_pooled(domain_runs):
         assert in_pool["at_threshold"]["recall"] == pytest.approx(
             sum(p * q for p, q in zip(positives, recalls)) / sum(positives)), method
         assert first["pool_summary"]["A and C"][method]["auprc"]["mean"] == in_pool["pooled"]["auprc"]
+        assert first["pool_summary"]["A and C"][method]["auprc_threshold_relative"]["mean"] == \
+            in_pool["threshold_relative"]["auprc"]
+        # Within one run the shift changes no ranking, so a domain's block does not report it.
+        assert all(first["domain_summary"][d][method]["auprc_threshold_relative"]["mean"] is None
+                   for d in first["domain_summary"])
     assert first["singularity"] is None
     on_disk = json.loads((root / "out" / "study.json").read_text(encoding="utf-8"))
     assert on_disk["domain_summary"] == json.loads(json.dumps(first["domain_summary"]))
@@ -673,6 +678,10 @@ def test_report_with_in_domain_and_domain_sections(domain_runs, study_run, tmp_p
     assert "### Pooled over all left-out test cases" in text
     assert "### Pooled: A and C (site A, site C; 3 case(s), each left out with its domain)" in text
     assert text.count("Verdict:") == 5 and "the raw ADM energy" in text
+    pool_block = text.split("### Pooled: A and C")[1].split("### ")[0]
+    assert "AUPRC, each run's scores minus its threshold" in pool_block
+    domain_block = text.split("### Test domain: site A")[1].split("### ")[0]
+    assert "minus its threshold" not in domain_block
     assert f"{first['summary']['ADM']['auprc']['mean']:.3f}" in text
     assert "pytest domains" in text
     # The study JSONs themselves (as docs/ keeps them) give the same report.
@@ -1047,3 +1056,20 @@ def test_the_pool_benchmark_weighs_each_domain_by_its_share_of_the_pools_lesion_
     for summary_of in (*summary.values(), study_json["pool_summary"]["AB"]):
         summary_of["FLAIR z +med5+cc"] = {"auprc": {"mean": 0.7}}
     assert [r["row"] for r in bench.pool_rows(study_json, target=0.9)] == ["R +post", "FLAIR z +med5+cc"]
+
+
+def test_pooled_runs_on_different_scales_meet_at_their_thresholds():
+    """Two runs that rank their own voxels perfectly but score on scales 10 apart: the raw pool ranks one run's
+    normal tissue above the other's lesions; shifted to their own thresholds, the pool ranks perfectly again,
+    and the pooled Dice at threshold is a point of that curve."""
+    from ADMAnomalyLib.study.runner import pooled_test_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.random(4000) < 0.1
+    scores = np.where(labels, rng.uniform(0.6, 1.0, labels.size), rng.uniform(0.0, 0.4, labels.size))
+    pooled = pooled_test_metrics([(scores.astype(np.float32), labels, 0.5),
+                                  ((scores + 10).astype(np.float32), labels, 10.5)])
+    assert pooled["pooled"]["auprc"] < 0.7
+    assert pooled["threshold_relative"]["auprc"] == pytest.approx(1.0)
+    assert pooled["at_threshold"]["dice"] == pytest.approx(1.0)
+    assert pooled["threshold_relative"]["best_f1"] >= pooled["at_threshold"]["dice"] - 1e-9
