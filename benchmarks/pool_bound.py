@@ -4,7 +4,8 @@ A pool (the BraTS 2018 gliomas: the CBICA and the BraTS-2013 cases) is scored wi
 fold's scale. Its AUPRC is compared with the mean of its domains' pooled AUPRCs weighted by their share
 of the pool's lesion voxels (``n_positive`` of the study's per-case rows). When the folds' scales agree,
 the pool's AUPRC comes close to that weighted mean (over the 128-pixel study JSONs: 0.091 below to 0.016
-above); when they disagree it falls below it. The strong baseline is printed beside the ADM rows. The last column
+above); when they disagree it falls below it. Studies since the thirty-eighth round also record the pool's AUPRC
+with each fold's threshold subtracted from its scores (``auprc_threshold_relative``), printed beside it. The strong baseline is printed beside the ADM rows. The last column
 is the AUPRC the pool's last domain would need, the others' as measured, for the pool's weighted mean to
 reach ``--target``.
 
@@ -43,6 +44,9 @@ def pool_rows(study: dict, target: float, rows: list[str] | None = None) -> list
             out.append({"pool": pool, "row": row, "domains": domains, "auprcs": auprcs, "shares": shares,
                         "weighted": sum(s * a for s, a in zip(shares, auprcs)),
                         "pool_auprc": study["pool_summary"][pool][row]["auprc"]["mean"],
+                        # recorded by studies since the thirty-eighth round (None before)
+                        "pool_auprc_relative": study["pool_summary"][pool][row].get(
+                            "auprc_threshold_relative", {}).get("mean"),
                         "needed": (target - sum(s * a for s, a in zip(shares[:-1], auprcs[:-1]))) / shares[-1]})
     return out
 
@@ -54,13 +58,15 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.9, help="the pool AUPRC to reach")
     args = parser.parse_args()
     print("| study | row | pool | domains' AUPRC (lesion share) | lesion-weighted mean | pool's AUPRC | "
-          f"last domain's AUPRC needed for {args.target} |")
-    print("|---|---|---|---|---|---|---|")
+          f"pool's AUPRC, each fold's scores minus its threshold | last domain's AUPRC needed for {args.target} |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in args.studies:
         for r in pool_rows(json.loads(path.read_text()), args.target, args.rows.split(";") if args.rows else None):
             print(f"| {path.stem} | {r['row']} | {r['pool']} | "
                   + ", ".join(f"{d} {a:.3f} ({s:.0%})" for d, a, s in zip(r["domains"], r["auprcs"], r["shares"]))
-                  + f" | {r['weighted']:.3f} | {r['pool_auprc']:.3f} | {r['needed']:.3f} |")
+                  + f" | {r['weighted']:.3f} | {r['pool_auprc']:.3f} | "
+                  + ("n/a" if r["pool_auprc_relative"] is None else f"{r['pool_auprc_relative']:.3f}")
+                  + f" | {r['needed']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1048,7 +1048,7 @@ def test_the_pool_benchmark_weighs_each_domain_by_its_share_of_the_pools_lesion_
     (row,) = bench.pool_rows(study_json, target=0.9)  # rows without 'post' are left out by default
     assert row["shares"] == pytest.approx([0.75, 0.25])
     assert row["weighted"] == pytest.approx(0.75 * 0.9 + 0.25 * 0.6)
-    assert row["pool_auprc"] == 0.8
+    assert row["pool_auprc"] == 0.8 and row["pool_auprc_relative"] is None  # a study from before it was recorded
     assert row["needed"] == pytest.approx(0.9)  # A already at 0.9: B must reach it too
     (row,) = bench.pool_rows(study_json, target=0.8, rows=["FLAIR z", "not run"])
     assert row["row"] == "FLAIR z" and row["needed"] == pytest.approx((0.8 - 0.75 * 0.5) / 0.25)
@@ -1056,6 +1056,8 @@ def test_the_pool_benchmark_weighs_each_domain_by_its_share_of_the_pools_lesion_
     for summary_of in (*summary.values(), study_json["pool_summary"]["AB"]):
         summary_of["FLAIR z +med5+cc"] = {"auprc": {"mean": 0.7}}
     assert [r["row"] for r in bench.pool_rows(study_json, target=0.9)] == ["R +post", "FLAIR z +med5+cc"]
+    study_json["pool_summary"]["AB"]["R +post"]["auprc_threshold_relative"] = {"mean": 0.85}
+    assert bench.pool_rows(study_json, target=0.9)[0]["pool_auprc_relative"] == 0.85
 
 
 def test_pooled_runs_on_different_scales_meet_at_their_thresholds():
