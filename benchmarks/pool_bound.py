@@ -5,9 +5,9 @@ fold's scale. Its AUPRC is compared with the mean of its domains' pooled AUPRCs 
 of the pool's lesion voxels (``n_positive`` of the study's per-case rows). When the folds' scales agree,
 the pool's AUPRC comes close to that weighted mean (over the 128-pixel study JSONs: 0.091 below to 0.016
 above); when they disagree it falls below it. Studies since the thirty-eighth round also record the pool's AUPRC
-with each fold's threshold subtracted from its scores (``auprc_threshold_relative``), printed beside it. The strong baseline is printed beside the ADM rows. The last column
-is the AUPRC the pool's last domain would need, the others' as measured, for the pool's weighted mean to
-reach ``--target``.
+with each fold's threshold subtracted from its scores (``auprc_threshold_relative``), printed beside it. The strong
+baseline is printed beside the ADM rows. The last column is the AUPRC the pool's last domain would need, the
+others' as measured, for the pool's weighted mean to reach ``--target``.
 
     python3 benchmarks/pool_bound.py docs/study_domains_128b.json docs/study_domains_128i.json --target 0.9
 
