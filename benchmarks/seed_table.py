@@ -7,46 +7,42 @@ gliomas) from the first JSON that reported it for that seed, and prints one mark
 each seed's AUPRC / Dice at the transferred threshold, then mean +- sd over the seeds found. A pool's cell adds,
 where the study recorded it, the AUPRC of each fold's scores minus its own threshold (in brackets).
 
-    python3 benchmarks/seed_table.py docs/study_domains_128scale.json docs/study_domains_128gate.json \\
+    .venv/bin/python benchmarks/seed_table.py docs/study_domains_128scale.json docs/study_domains_128gate.json \\
         docs/study_domains_128s1.json docs/study_domains_128s2.json \\
         --rows "FLAIR z +med5+cc;ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale"
 
-Reads nothing but the JSONs (no data, no network).
+Reads nothing but the JSONs (no data, no network); the mean +- sd is the study's own (``runner.summarise``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
+
+from ADMAnomalyLib.study.runner import summarise
 
 
 def gather(studies: list[dict], rows: list[str]) -> dict[tuple[str, str], dict[int, dict]]:
-    """{(row, domain or 'pool: name'): {seed: {'auprc', 'dice', 'relative'}}}, the first study holding each wins."""
+    """{(row, domain or 'pool: name'): {seed: the row's result record}}, the first study holding each wins."""
     found: dict[tuple[str, str], dict[int, dict]] = {}
     for study in studies:
         for run in study["runs"]:
             for row in rows:
                 if row in run["methods"]:
-                    result = run["methods"][row]
-                    found.setdefault((row, run["domain"]), {}).setdefault(run["seed"], {
-                        "auprc": result["pooled"]["auprc"], "dice": result["at_threshold"]["dice"], "relative": None})
+                    found.setdefault((row, run["domain"]), {}).setdefault(run["seed"], run["methods"][row])
         for seeded in study.get("seed_pooled", []):
             for pool, methods in seeded.get("pools", {}).items():
                 for row in rows:
                     if row in methods:
-                        result = methods[row]
-                        found.setdefault((row, f"pool: {pool}"), {}).setdefault(seeded["seed"], {
-                            "auprc": result["pooled"]["auprc"], "dice": result["at_threshold"]["dice"],
-                            "relative": result.get("threshold_relative", {}).get("auprc")})
+                        found.setdefault((row, f"pool: {pool}"), {}).setdefault(seeded["seed"], methods[row])
     return found
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "n/a"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def _mean_sd(summary: dict) -> str:
+    if summary["mean"] is None:
+        return "n/a"
+    return f"{summary['mean']:.3f}" if summary["sd"] is None else f"{summary['mean']:.3f} ± {summary['sd']:.3f}"
 
 
 def table(studies: list[dict], rows: list[str]) -> list[str]:
@@ -64,11 +60,12 @@ def table(studies: list[dict], rows: list[str]) -> list[str]:
             if value is None:
                 cells.append("–")
                 continue
-            relative = "" if value["relative"] is None else f" ({value['relative']:.3f})"
-            cells.append(f"{value['auprc']:.3f}{relative} / {value['dice']:.3f}")
-        auprcs = [v["auprc"] for v in per_seed.values()]
-        dices = [v["dice"] for v in per_seed.values()]
-        lines.append(f"| {row} | {domain} | " + " | ".join(cells) + f" | {_mean_sd(auprcs)} | {_mean_sd(dices)} |")
+            relative = value.get("threshold_relative", {}).get("auprc")
+            relative = "" if relative is None else f" ({relative:.3f})"
+            cells.append(f"{value['pooled']['auprc']:.3f}{relative} / {value['at_threshold']['dice']:.3f}")
+        summary = summarise([{"methods": {row: value}} for value in per_seed.values()], [row])[row]
+        lines.append(f"| {row} | {domain} | " + " | ".join(cells)
+                     + f" | {_mean_sd(summary['auprc'])} | {_mean_sd(summary['dice'])} |")
     return lines
 
 

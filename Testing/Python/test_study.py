@@ -1082,22 +1082,24 @@ def test_the_seed_table_takes_each_seed_and_domain_from_the_first_study_that_ran
     carries the threshold-relative AUPRC where the study recorded it; mean +- sd over the seeds found."""
     bench = _benchmark("seed_table")
 
+    def result(auprc, dice, relative=None):
+        # Every field the study's own summary reads (runner.summarise), as a study JSON holds them.
+        return {"pooled": {"auroc": 0.99, "auprc": auprc, "best_f1": dice + 0.01},
+                "at_threshold": {"dice": dice, "precision": dice, "recall": dice},
+                **({"threshold_relative": {"auprc": relative}} if relative is not None else {})}
+
     def run(seed, domain, row, auprc, dice):
-        return {"seed": seed, "domain": domain,
-                "methods": {row: {"pooled": {"auprc": auprc}, "at_threshold": {"dice": dice}}}}
+        return {"seed": seed, "domain": domain, "methods": {row: result(auprc, dice)}}
 
     def pooled(seed, row, auprc, dice, relative=None):
-        result = {"pooled": {"auprc": auprc}, "at_threshold": {"dice": dice},
-                  **({"threshold_relative": {"auprc": relative}} if relative is not None else {})}
-        return {"seed": seed, "pools": {"P": {row: result}}}
+        return {"seed": seed, "pools": {"P": {row: result(auprc, dice, relative)}}}
 
     first = {"runs": [run(0, "A", "R", 0.8, 0.7)], "seed_pooled": [pooled(0, "R", 0.75, 0.65)]}
     shadowed = {"runs": [run(0, "A", "R", 0.1, 0.1), run(0, "B", "R", 0.6, 0.5)]}
     second_seed = {"runs": [run(1, "A", "R", 0.9, 0.8)], "seed_pooled": [pooled(1, "R", 0.85, 0.75, relative=0.88)]}
     found = bench.gather([first, shadowed, second_seed], ["R"])
-    assert found["R", "A"] == {0: {"auprc": 0.8, "dice": 0.7, "relative": None},
-                               1: {"auprc": 0.9, "dice": 0.8, "relative": None}}
-    assert found["R", "B"] == {0: {"auprc": 0.6, "dice": 0.5, "relative": None}}
+    assert found["R", "A"] == {0: result(0.8, 0.7), 1: result(0.9, 0.8)}
+    assert found["R", "B"] == {0: result(0.6, 0.5)}
     lines = bench.table([first, shadowed, second_seed], ["R", "not run"])
     assert lines[0] == "| row | domain | seed 0 | seed 1 | mean ± sd AUPRC | mean ± sd Dice |"
     assert lines[2] == "| R | A | 0.800 / 0.700 | 0.900 / 0.800 | 0.850 ± 0.071 | 0.750 ± 0.071 |"
