@@ -1035,6 +1035,7 @@ class ADMAnomalyTest(ScriptedLoadableModuleTest):
             self.delayDisplay("PyTorch is not installed: case folder test skipped")
             return
         import numpy as np
+        from ADMAnomalyLib.postprocess import anomaly_label, component_voxels
         from ADMAnomalyLib.results import read_table
 
         self.delayDisplay("A folder of cases: table, Next/Previous, threshold applied to all, model copy")
@@ -1058,7 +1059,10 @@ class ADMAnomalyTest(ScriptedLoadableModuleTest):
         logic.applyThresholdToFolder(threshold)
         self.assertTrue(all(r.threshold == threshold for r in read_table(output).values()))
         energy = slicer.util.arrayFromVolume(case.energy)
-        expected = ((energy >= threshold) & logic.brainMask(case.energy)).astype(np.uint8)
+        # The model's label: its small regions left out (postprocess.min_component_mm3), at the new threshold too.
+        label = anomaly_label(energy, logic.brainMask(case.energy), threshold,
+                              component_voxels(logic.minComponentMm3(case.energy), case.energy.GetSpacing()))
+        expected = label.astype(np.uint8)
         np.testing.assert_array_equal(logic.segmentArray(case.anomaly), expected)
         saved = logic.saveThresholdModel(os.path.join(folder, "tuned.admm"))
         self.assertEqual(logic.loadModel(str(saved)).threshold, threshold)

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from torch import device as torch_device
 
 from .cases import CaseFiles, case_from_images, discover_cases, find_cases, load_case
-from .config import ADMConfig, CONTRASTS, NATIVE_PREPROCESS_FIELDS, PRESETS, preset, profile_overrides
+from .config import ADMConfig, CONTRASTS, LABEL_FIELDS, NATIVE_PREPROCESS_FIELDS, PRESETS, preset, profile_overrides
 from .device import PRECISIONS, describe_device, resolve_device, training_dtype
 from .errors import ADMError, InputError, ModelFileError, OutputError
 from .infer import InferenceOptions, Prediction, anomaly_mask, percentile_threshold, predict_case
@@ -229,7 +229,8 @@ def predict_folder(
         record_case(_write_row(output_dir, files.case_id, files.problem or "", model_id))
     for record in rethreshold:
         try:
-            outcome: results.CaseRecord | str = results.rethreshold_case(output_dir, record, chosen)
+            outcome: results.CaseRecord | str = results.rethreshold_case(
+                output_dir, record, chosen, loaded.config.postprocess.min_component_mm3)
         except ADMError as exc:
             outcome = str(exc)
         record_case(_write_row(output_dir, record.case_id, outcome, model_id), rethresholded=True)
@@ -246,8 +247,8 @@ def predict_folder(
         _predict_in_workers(loaded.path, postprocess, pending, output_dir, options, chosen, model_id, workers,
                             record_case, (raw, write_preprocessed))
     report_json = {"threshold": chosen, "model": model_id, "shard": None if part is None else f"{part[0]}/{part[1]}",
-                   **report.__dict__}
-    write_text_atomic(json.dumps(report_json, indent=2, allow_nan=False), output_dir / "report.json")
+                   "min_component_mm3": loaded.config.postprocess.min_component_mm3, **report.__dict__}
+    write_text_atomic(json.dumps(report_json, indent=2, allow_nan=False), output_dir / results.REPORT_JSON)
     results.write_error_log(output_dir)
     return report
 
@@ -446,7 +447,8 @@ def with_postprocess(model: ADMModel, overrides: dict[str, Any] | None) -> ADMMo
     of :data:`~ADMAnomalyLib.config.NATIVE_PREPROCESS_FIELDS`, which shape only what the post-processing
     reads), for trying it without retraining; e.g. ``{"flair_weight": 0}`` shows the model's own
     evidence. The stored threshold was chosen for the model's own post-processing, so the result has
-    none: give one."""
+    none: give one (unless only :data:`~ADMAnomalyLib.config.LABEL_FIELDS` change, which leave the energy as it
+    was)."""
     if not overrides:
         return model
     native = {k: v for k, v in overrides.items() if k in NATIVE_PREPROCESS_FIELDS}
@@ -457,7 +459,9 @@ def with_postprocess(model: ADMModel, overrides: dict[str, Any] | None) -> ADMMo
         raise InputError(f"invalid post-processing setting: {exc}") from None
     config = dataclasses.replace(model.config, preprocess=prep, postprocess=post)
     metadata = {**model.metadata, "postprocess_overrides": dict(overrides)}
-    return ADMModel(config, model.network, model.gmm, None, metadata, model.path)
+    # A label-only setting leaves the energy, and so the threshold chosen on it, as it was.
+    threshold = model.threshold if set(overrides) <= set(LABEL_FIELDS) else None
+    return ADMModel(config, model.network, model.gmm, threshold, metadata, model.path)
 
 
 def evaluate(

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import CONTRASTS
 from .errors import InputError, TrainingDataError
-from .postprocess import median_filter_in_brain, suppress_small_components
+from .postprocess import median_filter_in_brain
 
 FLAIR_CHANNEL = CONTRASTS.index("flair")
 
@@ -92,24 +92,13 @@ def flair_zscore_filtered(
     volume: np.ndarray,
     brain: np.ndarray,
     median_size: int = 5,
-    min_component_voxels: int = 0,
-    threshold: float | None = None,
 ) -> np.ndarray:
-    """FLAIR z-score, median filtered in 3-D, optionally cleaned of small components.
-
-    Component removal needs a binary map, so it only applies with a ``threshold``: voxels at or
-    above it (the anomalous ones, as in :mod:`ADMAnomalyLib.metrics`) that lie in a component of
-    fewer than ``min_component_voxels`` voxels are lowered to just below the threshold. The map
-    stays continuous (AUROC is still defined) and ``map >= threshold`` is the cleaned segmentation.
-    """
+    """FLAIR z-score, median filtered in 3-D. The strong baseline's label at a threshold leaves out small
+    regions as every label does (:func:`~ADMAnomalyLib.postprocess.anomaly_label`); the score stays as it is."""
     volume, brain = _check_volume(volume, brain)
     score = flair_zscore(volume, brain)
     if median_size > 1:
         score = _fill_background(median_filter_in_brain(score, brain, median_size), brain)
-    if min_component_voxels > 1:
-        if threshold is None or not math.isfinite(threshold):
-            raise ValueError("min_component_voxels needs a finite threshold to define components")
-        score = suppress_small_components(score, brain, threshold, min_component_voxels)
     return score
 
 

@@ -404,6 +404,11 @@ class PostprocessConfig:
     small_lesion_level: float = 2.0
     """With ``small_lesion_ml``: the score (in the final units, load term included) at which the case's
     regions are measured: about where thresholds of standardised scores lie."""
+    min_component_mm3: float = 0.0
+    """Beyond the paper, at the threshold: regions of the anomaly label (face-connected) smaller than this many
+    mm³ are left out of it; the energy map keeps their scores. A voxel-scale speck above the threshold is noise
+    for the lesions the product targets; the strong FLAIR baselines of the study drop the same (20 mm³). The
+    voxel count follows each case's voxel size. 0 = off."""
 
     def __post_init__(self) -> None:
         if not 0 < self.case_mixture_share <= 1:
@@ -411,7 +416,7 @@ class PostprocessConfig:
                              "(the frozen mixture alone is postprocess.case_mixture=false)")
         for name in ("load_weight", "asymmetry_weight", "flair_sheet_weight", "score_sheet_weight",
                      "t2_asymmetry_weight", "final_smoothing_sigma_mm", "t2_weight", "energy_asymmetry_weight",
-                     "small_lesion_ml"):
+                     "small_lesion_ml", "min_component_mm3"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"postprocess.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("sheet_sigma_mm", "asymmetry_window_mm"):
@@ -425,6 +430,8 @@ class PostprocessConfig:
             self.energy_gate_z = float(self.energy_gate_z)  # a --set 0 arrives as an int
         if not math.isfinite(self.small_lesion_ml) or not math.isfinite(self.small_lesion_level):
             raise ValueError("postprocess.small_lesion_ml and small_lesion_level must be finite numbers")
+        if not math.isfinite(self.min_component_mm3):
+            raise ValueError(f"postprocess.min_component_mm3 must be a finite volume, got {self.min_component_mm3!r}")
         if self.load_weight and self.standardise == "none":
             raise ValueError("postprocess.load_weight needs a standardised score (postprocess.standardise "
                              "'robust', 'zscore' or 'normal'): its reference level is in those units")
@@ -539,7 +546,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
                         "asymmetry_weight": 1.0, "energy_asymmetry_weight": 2.0, "median_size_mm": 5.0,
                         "final_smoothing_sigma_mm": 1.0, "standardise": "zscore", "load_weight": 0.6,
-                        "t2_weight": 1.0, "energy_gate_z": 0.0, "small_lesion_ml": 10.0},
+                        "t2_weight": 1.0, "energy_gate_z": 0.0, "small_lesion_ml": 10.0, "min_component_mm3": 20.0},
     },
 }
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper
@@ -548,9 +555,13 @@ pathologies (robust normalisation, site-shift augmentation, CtoC uncertainty, on
 among the density features, the FLAIR term read from an N4-corrected FLAIR, the T2 term weighted as the FLAIR
 term, a Gaussian of the combined score after its standardisation, the energy gated by FLAIR (it may not raise a
 voxel whose FLAIR z-score is at most 0 above typical tissue), the energy smoothing and the median filter left out
-on a case whose largest region at the score 2 is under 10 ml (small lesions), and the post-processing the
+on a case whose largest region at the score 2 is under 10 ml (small lesions), regions under 20 mm³ left out of
+the anomaly label, and the post-processing the
 leave-one-domain-out study chose, with the load weight ``admanomaly calibrate --choose-load-weight`` chose
 over the four domains; see README, "The method as implemented")."""
+LABEL_FIELDS = ("min_component_mm3",)
+"""The post-processing fields that shape only the anomaly label at the threshold, never the energy: a model's
+threshold stays valid when they change."""
 NATIVE_PREPROCESS_FIELDS = ("native_normalisation", "native_bias_correction_levels")
 """The preprocessing fields that shape only the native volumes the post-processing reads, never the
 network input: like post-processing, they may change on a trained model."""

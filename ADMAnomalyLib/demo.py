@@ -15,7 +15,7 @@ from .errors import ModelFileError
 from .figures import case_overlay_figure
 from .infer import InferenceOptions, predict_case
 from .io import write_image_atomic, write_text_atomic
-from .metrics import detection_metrics, threshold_metrics
+from .metrics import detection_metrics, label_metrics
 
 
 def demo_case_dir() -> Path:
@@ -45,7 +45,8 @@ def run_demo(output_dir: str | Path = "admanomaly_demo", device: str = "auto",
     brain = sitk.GetArrayViewFromImage(prediction.brain_mask) > 0
     labels = sitk.GetArrayViewFromImage(case.label) > 0
     ranking = detection_metrics(energy, labels, brain)
-    at_threshold = threshold_metrics(energy, labels, prediction.threshold, brain)
+    predicted = sitk.GetArrayViewFromImage(anomaly) > 0
+    at_threshold = label_metrics(predicted[brain], labels[brain], prediction.threshold)  # the label written
     title = (f"{files.case_id} (multiple sclerosis, FLAIR) \u2014 {model.path.name}: AUPRC {ranking.auprc:.3f} \u00b7 "
              f"AUROC {ranking.auroc:.3f} \u00b7 Dice at its threshold {at_threshold.dice:.3f} \u00b7 "
              f"best Dice {ranking.best_f1:.3f}")

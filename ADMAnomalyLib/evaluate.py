@@ -14,6 +14,7 @@ from .errors import InputError
 from .infer import InferenceOptions, energy_volume, prepare_for_model
 from .metrics import pooled_and_per_case
 from .model import ADMModel
+from .postprocess import anomaly_label, component_voxels
 from .preprocess import native_slice_region
 
 SliceSelection = Literal["lesion", "all"]
@@ -44,12 +45,16 @@ def evaluate(
         case = load_case(files, model.config.preprocess.grid_tolerance)
         prepared = prepare_for_model(model, case)
         flair = prepared.native_zscored["flair"]
-        energy = sitk.GetArrayFromImage(energy_volume(model, prepared, options))
+        energy_image = energy_volume(model, prepared, options)
+        energy = sitk.GetArrayFromImage(energy_image)
         brain, labels = prepared.native_brain, prepared.native_lesion
         region = brain
         if slices == "lesion":
             region = brain & native_slice_region(prepared, prepared.has_lesion)
-        results["ADM"].append((files.case_id, energy, labels, region))
+        # Dice at the threshold reads the label predict writes (its small regions left out), the other figures E.
+        predicted = None if chosen is None else anomaly_label(
+            energy, brain, chosen, component_voxels(model.config.postprocess.min_component_mm3, energy_image.GetSpacing()))
+        results["ADM"].append((files.case_id, energy, labels, region, predicted))
         results["FLAIR z-score"].append((files.case_id, flair, labels, region))
         if progress is not None:
             progress(number, len(cases), files.case_id)

@@ -16,7 +16,7 @@ from .errors import CancelledError, InputError
 from .gmm import GMMAccumulator, GMMParams, energy
 from .model import ADMModel
 from .networks import check_neighbours
-from .postprocess import postprocess_energy
+from .postprocess import anomaly_label, component_voxels, postprocess_energy
 from .preprocess import MIRROR_AXIS, PreparedCase, native_brain_mask, prepare_case, slices_to_image
 from .validation import check_positive_int, check_threshold
 
@@ -39,12 +39,16 @@ class Prediction:
     """The raw-scan preprocessing report (:class:`~ADMAnomalyLib.rawprep.RawResult`) when the case
     went through it, else None."""
 
+    min_component_mm3: float = 0.0
+    """The model's ``PostprocessConfig.min_component_mm3``: smaller regions are left out of the anomaly label."""
+
     def anomaly(self, threshold: float | None = None) -> sitk.Image:
-        """Binary anomaly map at ``threshold`` (default: the model's)."""
+        """Binary anomaly map at ``threshold`` (default: the model's), without the regions smaller than
+        ``min_component_mm3``."""
         chosen = self.threshold if threshold is None else check_threshold(threshold)
         if chosen is None:
             raise ValueError("this model has no validation threshold; pass one explicitly")
-        return anomaly_mask(self.energy, self.brain_mask, chosen)
+        return anomaly_mask(self.energy, self.brain_mask, chosen, self.min_component_mm3)
 
 
 @dataclass(frozen=True)
@@ -352,14 +356,18 @@ def predict_case(
     prepared = prepare_for_model(model, case)
     energy_image = energy_volume(model, prepared, options, progress, should_cancel)
     return Prediction(energy_image, native_brain_mask(prepared), model.threshold,
-                      int(prepared.has_brain.sum()))
+                      int(prepared.has_brain.sum()), min_component_mm3=model.config.postprocess.min_component_mm3)
 
 
-def anomaly_mask(energy_image: sitk.Image, brain_mask: sitk.Image, threshold: float) -> sitk.Image:
-    """uint8 map: 1 where energy >= threshold inside the brain, on the energy image's grid."""
+def anomaly_mask(energy_image: sitk.Image, brain_mask: sitk.Image, threshold: float,
+                 min_component_mm3: float = 0.0) -> sitk.Image:
+    """uint8 map on the energy image's grid: 1 where energy >= threshold inside the brain, without the regions
+    smaller than ``min_component_mm3`` (``PostprocessConfig.min_component_mm3``; :func:`~.postprocess.anomaly_label`)."""
     energy_array = sitk.GetArrayViewFromImage(energy_image)
     brain_array = sitk.GetArrayViewFromImage(brain_mask) > 0
-    mask = sitk.GetImageFromArray(((energy_array >= threshold) & brain_array).astype(np.uint8))
+    label = anomaly_label(energy_array, brain_array, threshold,
+                          component_voxels(min_component_mm3, energy_image.GetSpacing()))
+    mask = sitk.GetImageFromArray(label.astype(np.uint8))
     mask.CopyInformation(energy_image)
     return mask
 

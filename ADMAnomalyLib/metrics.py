@@ -171,7 +171,12 @@ def _cast_threshold(threshold: float, dtype: np.dtype) -> np.floating:
 
 
 def _threshold_of(s: np.ndarray, y: np.ndarray, threshold: float) -> ThresholdMetrics:
-    predicted = s >= _cast_threshold(threshold, s.dtype)
+    return label_metrics(s >= _cast_threshold(threshold, s.dtype), y, threshold)
+
+
+def label_metrics(predicted: np.ndarray, y: np.ndarray, threshold: float) -> ThresholdMetrics:
+    """Dice (F1), precision and recall of the bool anomaly label ``predicted`` against the bool ``y`` (the same
+    voxels), reported at the ``threshold`` the label was made at."""
     tp = int(np.count_nonzero(predicted & y))
     n_pred = int(np.count_nonzero(predicted))
     n_pos = int(np.count_nonzero(y))
@@ -329,14 +334,17 @@ def _mean_sd(values: list[float]) -> dict[str, Any]:
 
 
 def pooled_and_per_case(
-    results: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
+    results: Iterable[tuple],
     threshold: float | None = None,
 ) -> dict[str, Any]:
     """Metrics pooled over all brain voxels of all cases, per case, and mean ± sd over cases.
 
-    ``results`` yields ``(case_id, scores, labels, brain)``; it may be a generator, since only the
-    brain voxels of each case are kept (scores as float32, labels as bool), which bounds memory to
-    about 5 bytes per brain voxel plus the sort of the pooled scores.
+    ``results`` yields ``(case_id, scores, labels, brain)`` or ``(case_id, scores, labels, brain, predicted)``;
+    it may be a generator, since only the brain voxels of each case are kept (scores as float32, labels as
+    bool), which bounds memory to about 5 bytes per brain voxel plus the sort of the pooled scores.
+    ``predicted`` (bool, the shape of ``scores``; None: ``scores >= threshold``) is the anomaly label the
+    threshold metrics read, e.g. :func:`~ADMAnomalyLib.postprocess.anomaly_label` with its small regions left
+    out; it needs a given ``threshold``. AUROC, AUPRC and best Dice always read ``scores``.
 
     ``threshold`` is the operating point for Dice/precision/recall, normally the best-F1 threshold
     of the validation data. When None, the pooled best-F1 threshold of *these* data is used and
@@ -356,13 +364,23 @@ def pooled_and_per_case(
     case_ids: list[str] = []
     kept_scores: list[np.ndarray] = []
     kept_labels: list[np.ndarray] = []
+    kept_predicted: list[np.ndarray | None] = []
     per_case_detection: list[DetectionMetrics] = []
-    for case_id, scores, labels, brain in results:
+    for case_id, scores, labels, brain, *rest in results:
         s, y = _select(scores, labels, brain)
         s = s.astype(np.float32, copy=False)
+        predicted = rest[0] if rest else None
+        if predicted is not None:
+            if threshold is None:
+                raise ValueError("an anomaly label (predicted) needs the threshold it was made at")
+            predicted = np.asarray(predicted, dtype=bool)
+            if predicted.shape != np.shape(scores):
+                raise ValueError(f"anomaly label shape {predicted.shape} differs from scores shape {np.shape(scores)}")
+            predicted = predicted[np.asarray(brain, dtype=bool)] if brain is not None else predicted.ravel()
         case_ids.append(str(case_id))
         kept_scores.append(s)
         kept_labels.append(y)
+        kept_predicted.append(predicted)
         per_case_detection.append(_metrics_of(s, y))
 
     pooled_s = np.concatenate(kept_scores) if kept_scores else np.zeros(0, np.float32)
@@ -378,19 +396,24 @@ def pooled_and_per_case(
             raise ValueError(f"threshold must be finite, got {threshold!r}")
     threshold = float(threshold)
 
-    def at(s: np.ndarray, y: np.ndarray) -> ThresholdMetrics:
+    def at(s: np.ndarray, y: np.ndarray, predicted: np.ndarray | None) -> ThresholdMetrics:
+        if predicted is not None:
+            return label_metrics(predicted, y, threshold)
         if math.isfinite(threshold):
             return _threshold_of(s, y, threshold)
         # No threshold exists (None given and no positive voxel anywhere).
         return ThresholdMetrics(threshold, math.nan, math.nan, math.nan)
 
     per_case = []
-    for case_id, det, s, y in zip(case_ids, per_case_detection, kept_scores, kept_labels):
-        m = at(s, y)
+    for case_id, det, s, y, predicted in zip(case_ids, per_case_detection, kept_scores, kept_labels, kept_predicted):
+        m = at(s, y, predicted)
         per_case.append(
             {"case_id": case_id, **dataclasses.asdict(det), "dice": m.dice, "precision": m.precision, "recall": m.recall}
         )
-    pooled_at = at(pooled_s, pooled_y)
+    labelled = [p for p in kept_predicted if p is not None]
+    if labelled and len(labelled) != len(kept_predicted):
+        raise ValueError("give an anomaly label (predicted) for every case or for none")
+    pooled_at = at(pooled_s, pooled_y, np.concatenate(labelled) if labelled else None)
 
     mean_sd = {key: _mean_sd([row[key] for row in per_case]) for key in _SUMMARY_KEYS}
     return json_safe(

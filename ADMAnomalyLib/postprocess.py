@@ -24,8 +24,8 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
    (:func:`largest_region_ml`) is smaller than that is scored again from step 1 without the smoothing of
    step 1 and the median filter of step 4, the filters that round off small lesions;
 
-and sets the background exactly 1 below the lowest brain score. :func:`suppress_small_components`
-works at a threshold (it needs a binary map) and is applied where a threshold is known.
+and sets the background exactly 1 below the lowest brain score. :func:`anomaly_label` works at a threshold
+(the label, without regions under ``min_component_mm3``) and is applied wherever a threshold meets the map.
 """
 
 from __future__ import annotations
@@ -559,16 +559,20 @@ def remove_small_components(binary: np.ndarray, min_voxels: int, fully_connected
     return sitk.GetArrayFromImage(kept) > 0
 
 
-def suppress_small_components(values: np.ndarray, brain: np.ndarray, threshold: float,
-                              min_voxels: int) -> np.ndarray:
-    """At ``threshold``: voxels at or above it in components of fewer than ``min_voxels`` voxels are
-    lowered to just below it. The map stays continuous (AUROC is still defined) and
-    ``map >= threshold`` is the cleaned segmentation."""
-    values = np.array(values, dtype=np.float32)
-    above = (values >= threshold) & brain
-    small = above & ~remove_small_components(above, min_voxels)
-    values[small] = np.nextafter(np.float32(threshold), np.float32(-np.inf))
-    return values
+def component_voxels(min_mm3: float, spacing: Spacing) -> int:
+    """Voxel count of ``min_mm3`` mm³ on a grid of ``spacing`` (at least 1: a count of 1 drops nothing)."""
+    return max(1, int(round(float(min_mm3) / float(np.prod(spacing)))))
+
+
+def anomaly_label(values: np.ndarray, brain: np.ndarray, threshold: float, min_voxels: int = 1) -> np.ndarray:
+    """The anomaly label of a score volume: brain voxels at or above ``threshold``, without the components of
+    fewer than ``min_voxels`` voxels (``PostprocessConfig.min_component_mm3`` through :func:`component_voxels`).
+    Every label the product writes or shows, and the study's Dice at threshold, comes from here."""
+    from .metrics import _cast_threshold
+
+    values = np.asarray(values)
+    above = (values >= _cast_threshold(threshold, values.dtype)) & np.asarray(brain, dtype=bool)
+    return remove_small_components(above, min_voxels)
 
 
 # -- composition -----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 
 from .errors import InputError
 from .io import PathLike, read_image, write_image_atomic, write_text_atomic
-from .postprocess import region_sizes
+from .postprocess import anomaly_label, component_voxels, region_sizes
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +198,13 @@ def brain_of_energy(energy: np.ndarray) -> np.ndarray:
     return np.ones(energy.shape, dtype=bool)
 
 
-def anomaly_from_energy(energy_image: sitk.Image, threshold: float) -> sitk.Image:
-    """uint8 anomaly map (energy >= threshold inside the brain) of a stored energy image."""
+def anomaly_from_energy(energy_image: sitk.Image, threshold: float, min_component_mm3: float = 0.0) -> sitk.Image:
+    """uint8 anomaly map of a stored energy image: energy >= threshold inside the brain, without the regions
+    smaller than ``min_component_mm3`` (the label ``predict`` writes, :func:`~.postprocess.anomaly_label`)."""
     energy = sitk.GetArrayViewFromImage(energy_image)
-    mask = sitk.GetImageFromArray(((energy >= threshold) & brain_of_energy(energy)).astype(np.uint8))
+    label = anomaly_label(energy, brain_of_energy(energy), threshold,
+                          component_voxels(min_component_mm3, energy_image.GetSpacing()))
+    mask = sitk.GetImageFromArray(label.astype(np.uint8))
     mask.CopyInformation(energy_image)
     return mask
 
@@ -249,12 +252,13 @@ def read_reference(path: PathLike | None, like: sitk.Image) -> Optional[sitk.Ima
 
 
 # -- re-thresholding -------------------------------------------------------------------------------
-def rethreshold_case(output_dir: PathLike, record: CaseRecord, threshold: float) -> CaseRecord:
-    """Rewrite a done case's anomaly map at ``threshold`` from its stored energy (no network run) and
-    return its updated record (not yet written to the table)."""
+def rethreshold_case(output_dir: PathLike, record: CaseRecord, threshold: float,
+                     min_component_mm3: float = 0.0) -> CaseRecord:
+    """Rewrite a done case's anomaly map at ``threshold`` (regions under ``min_component_mm3`` left out) from its
+    stored energy (no network run) and return its updated record (not yet written to the table)."""
     energy_path, anomaly_path = output_paths(output_dir, record.case_id)
     energy_image = read_image(energy_path)
-    anomaly = anomaly_from_energy(energy_image, threshold)
+    anomaly = anomaly_from_energy(energy_image, threshold, min_component_mm3)
     write_image_atomic(anomaly, anomaly_path)
     label = read_reference(record.reference, energy_image)
     figures = case_figures(energy_image, anomaly, label)
@@ -264,18 +268,36 @@ def rethreshold_case(output_dir: PathLike, record: CaseRecord, threshold: float)
     return updated
 
 
+REPORT_JSON = "report.json"
+"""The folder run's report (:func:`~ADMAnomalyLib.api.predict_folder`): threshold, model, label settings, cases."""
+
+
+def folder_min_component_mm3(output_dir: PathLike) -> float:
+    """The ``min_component_mm3`` the folder's labels were written with (its report), 0 for a folder without one."""
+    import json
+
+    try:
+        report = json.loads((Path(output_dir) / REPORT_JSON).read_text(encoding="utf-8"))
+        value = float(report.get("min_component_mm3", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+    return value if math.isfinite(value) and value >= 0 else 0.0
+
+
 def rethreshold_folder(output_dir: PathLike, threshold: float, progress=None) -> dict[str, CaseRecord]:
     """Rewrite every done case's anomaly map in ``output_dir`` at ``threshold`` from its stored
-    energy and update ``cases.csv``; returns the table. ``progress(done, total, case_id)``."""
+    energy, with the regions its predict run left out (:func:`folder_min_component_mm3`) left out again, and
+    update ``cases.csv``; returns the table. ``progress(done, total, case_id)``."""
     from .validation import check_threshold
 
     threshold = check_threshold(threshold)
+    min_component_mm3 = folder_min_component_mm3(output_dir)
     table = read_table(output_dir)
     done = [record for record in table.values() if record.done]
     if not done:
         raise InputError(f"{output_dir}: no finished case in {CASES_CSV} to re-threshold")
     for index, record in enumerate(done, start=1):
-        table = update_table(output_dir, rethreshold_case(output_dir, record, threshold))
+        table = update_table(output_dir, rethreshold_case(output_dir, record, threshold, min_component_mm3))
         if progress is not None:
             progress(index, len(done), record.case_id)
     return table

@@ -58,7 +58,8 @@ def run_one(model_name: str, case_dir: Path, device: str, repeats: int, precisio
         if on_gpu:
             torch.cuda.synchronize()
         predict_seconds = time.perf_counter() - predict_start
-        anomaly_mask(energy, native_brain_mask(prepared), model.threshold)
+        anomaly_mask(energy, native_brain_mask(prepared), model.threshold,
+                     model.config.postprocess.min_component_mm3)
         timings.append((time.perf_counter() - start, predict_seconds, int(prepared.has_brain.sum())))
     total, predict_seconds, slices = min(timings)
     size = case.images["flair"].GetSize()

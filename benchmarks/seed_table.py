@@ -5,7 +5,9 @@ in a later round, on the same networks). For each row asked for, this takes each
 first JSON on the command line that ran it, and each pool of domains (``pools`` of the study, e.g. the BraTS 2018
 gliomas) from the first JSON that reported it for that seed, and prints one markdown table: per domain and pool,
 each seed's AUPRC / Dice at the transferred threshold, then mean +- sd over the seeds found. A pool's cell adds,
-where the study recorded it, the AUPRC of each fold's scores minus its own threshold (in brackets).
+where the study recorded it, the AUPRC of each fold's scores minus its own threshold (in brackets). With
+``--metrics``, one line per (domain or pool, row) instead: mean +- sd over the seeds found of AUPRC, AUROC, best Dice
+and Dice at the transferred threshold, and which seeds (the README's headline table).
 
     .venv/bin/python benchmarks/seed_table.py docs/study_domains_128scale.json docs/study_domains_128gate.json \\
         docs/study_domains_128s1.json docs/study_domains_128s2.json \\
@@ -69,13 +71,37 @@ def table(studies: list[dict], rows: list[str]) -> list[str]:
     return lines
 
 
+METRIC_COLUMNS = (("auprc", "AUPRC"), ("auroc", "AUROC"), ("best_dice", "best Dice"), ("dice", "Dice at threshold"))
+
+
+def metrics_table(studies: list[dict], rows: list[str], labels: dict[str, str] | None = None) -> list[str]:
+    """The markdown lines of ``--metrics``: per domain (as found) and row (in the order given), mean +- sd over the
+    seeds found of each of :data:`METRIC_COLUMNS`; ``labels`` renames rows for the table."""
+    found = gather(studies, rows)
+    labels = labels or {}
+    lines = ["| left-out domain | method | " + " | ".join(title for _, title in METRIC_COLUMNS) + " | seeds |",
+             "|---|---|" + "---|" * (len(METRIC_COLUMNS) + 1)]
+    domains = list(dict.fromkeys(domain for _, domain in found))
+    for domain, row in ((d, r) for d in domains for r in rows if (r, d) in found):
+        per_seed = found[row, domain]
+        summary = summarise([{"methods": {row: value}} for value in per_seed.values()], [row])[row]
+        cells = [_mean_sd(summary[metric]) for metric, _ in METRIC_COLUMNS]
+        seeds = ", ".join(str(seed) for seed in sorted(per_seed))
+        lines.append(f"| {domain} | {labels.get(row, row)} | " + " | ".join(cells) + f" | {seeds} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("studies", type=Path, nargs="+", help="leave-one-domain-out study JSONs")
-    parser.add_argument("--rows", required=True, help="';'-separated rows")
+    parser.add_argument("--rows", required=True, help="';'-separated rows; 'row=label' shows the row as label (--metrics)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="mean +- sd of AUPRC, AUROC, best Dice and Dice at threshold, one line per domain and row")
     args = parser.parse_args()
     studies = [json.loads(path.read_text(encoding="utf-8")) for path in args.studies]
-    print("\n".join(table(studies, args.rows.split(";"))))
+    named = [item.split("=", 1) if "=" in item else [item, item] for item in args.rows.split(";")]
+    rows, labels = [row for row, _ in named], {row: label for row, label in named}
+    print("\n".join(metrics_table(studies, rows, labels) if args.metrics else table(studies, rows)))
 
 
 if __name__ == "__main__":

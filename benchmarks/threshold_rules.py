@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ADMAnomalyLib.device import resolve_device  # noqa: E402
 from ADMAnomalyLib.infer import InferenceOptions  # noqa: E402
 from ADMAnomalyLib.metrics import (balanced_best_threshold, choose_load_weight, detection_metrics,  # noqa: E402
-                                   dice_curve, loaded_parts, threshold_metrics)
+                                   dice_curve, label_metrics, loaded_parts, threshold_metrics)
 from ADMAnomalyLib.model import ADMModel  # noqa: E402
 from ADMAnomalyLib.postprocess import load_offset  # noqa: E402
 from ADMAnomalyLib.study import runner  # noqa: E402
@@ -98,10 +98,12 @@ def test_dice(scores: dict[str, np.ndarray], run, threshold: float, small_compon
               min_component_mm3: float) -> tuple[float, float, float]:
     """Dice, precision and recall of the test domain's pooled whole brains at ``threshold``, after ``+cc``
     when the row has it (as the study scores a row)."""
+    labels = np.concatenate([c.labels for c in run.test_cases]).astype(bool)
     if small_components:
-        scores = runner._component_override(run.test_cases, min_component_mm3, scores)(threshold)
-    at = threshold_metrics(np.concatenate([scores[c.case_id] for c in run.test_cases]),
-                           np.concatenate([c.labels for c in run.test_cases]).astype(bool), threshold)
+        predicted = runner._component_labels(run.test_cases, min_component_mm3, scores)(threshold)
+        at = label_metrics(np.concatenate([predicted[c.case_id] for c in run.test_cases]), labels, threshold)
+    else:
+        at = threshold_metrics(np.concatenate([scores[c.case_id] for c in run.test_cases]), labels, threshold)
     return at.dice, at.precision, at.recall
 
 

@@ -218,7 +218,8 @@ class CaseBrowser:
                 brain.CopyInformation(energy)
                 # The segmentation is the stored map: the energy at the threshold it was made with.
                 loaded.energy, loaded.anomaly = self.logic.createOutputNodes(
-                    energy, brain, record.threshold, flair_node, threshold=record.threshold, show=False)
+                    energy, brain, record.threshold, flair_node, threshold=record.threshold, show=False,
+                    minComponentMm3=results.folder_min_component_mm3(self.resultsDir))
             for node in loaded.nodes():
                 node.SetAttribute(CASE_ATTRIBUTE, files.case_id)
         except BaseException:

@@ -401,7 +401,7 @@ class InferenceJob(FolderJob):
 
     def finish(self, energyNode=None, segmentationNode=None, threshold=None, percentile=None, show=True):
         """Create (or overwrite) the output nodes from the finished child; raises its error."""
-        from ADMAnomalyLib.results import brain_of_energy, output_paths
+        from ADMAnomalyLib.results import brain_of_energy, folder_min_component_mm3, output_paths
 
         try:
             summary = self.result()
@@ -419,7 +419,8 @@ class InferenceJob(FolderJob):
             return self.logic.createOutputNodes(
                 energy, brain, self.modelThreshold, reference, energyNode=energyNode,
                 segmentationNode=segmentationNode, threshold=threshold, percentile=percentile,
-                modelPath=self.modelPath, show=show, brainSegment=self.preprocess != "none")
+                modelPath=self.modelPath, show=show, brainSegment=self.preprocess != "none",
+                minComponentMm3=folder_min_component_mm3(self.outputDir))
         finally:
             self.cleanup()
 

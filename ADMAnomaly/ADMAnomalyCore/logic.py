@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 ROLE_ATTRIBUTE = "ADMAnomaly.Role"
 MODEL_PATH_ATTRIBUTE = "ADMAnomaly.ModelPath"
 MODEL_THRESHOLD_ATTRIBUTE = "ADMAnomaly.ModelThreshold"
+MIN_COMPONENT_ATTRIBUTE = "ADMAnomaly.MinComponentMm3"
+"""The model's ``postprocess.min_component_mm3``: regions under it are left out of the anomaly segment."""
 BRAIN_MINIMUM_ATTRIBUTE = "ADMAnomaly.BrainMinimumEnergy"
 THRESHOLD_ATTRIBUTE = "ADMAnomaly.Threshold"
 PERCENTILE_ATTRIBUTE = "ADMAnomaly.Percentile"
@@ -285,14 +287,15 @@ class ADMAnomalyCoreLogic:
             prediction.energy, prediction.brain_mask, prediction.threshold, nodes[CONTRASTS[0]],
             energyNode=energyNode, segmentationNode=segmentationNode, threshold=threshold,
             percentile=percentile, modelPath=str(loaded.path) if loaded.path else None, show=show,
-            brainSegment=not sameGrid)
+            brainSegment=not sameGrid, minComponentMm3=prediction.min_component_mm3)
 
     def createOutputNodes(self, energy: sitk.Image, brainMask: sitk.Image, modelThreshold: float | None,
                           referenceNode, energyNode=None, segmentationNode=None, threshold: float | None = None,
                           percentile: float | None = None, modelPath: str | None = None, show: bool = True,
-                          brainSegment: bool = False):
+                          brainSegment: bool = False, minComponentMm3: float = 0.0):
         """Put an engine result (energy + brain mask on the grid of ``referenceNode``) into the scene.
-        ``brainSegment`` adds the brain mask as a segment "Brain" (raw scans: the extracted brain).
+        ``brainSegment`` adds the brain mask as a segment "Brain" (raw scans: the extracted brain);
+        ``minComponentMm3`` is the model's: at every threshold, smaller regions are left out of the segment.
 
         New nodes are created unless ``energyNode`` / ``segmentationNode`` are given (then they are
         overwritten). Nodes created here are removed again if anything fails."""
@@ -324,6 +327,7 @@ class ADMAnomalyCoreLogic:
             energyNode.SetAttribute(BRAIN_MINIMUM_ATTRIBUTE, repr(brain_minimum))
             energyNode.SetAttribute(MODEL_THRESHOLD_ATTRIBUTE, "" if modelThreshold is None else repr(float(modelThreshold)))
             energyNode.SetAttribute(MODEL_PATH_ATTRIBUTE, modelPath or "")
+            energyNode.SetAttribute(MIN_COMPONENT_ATTRIBUTE, repr(float(minComponentMm3)))
             energyNode.SetNodeReferenceID(BACKGROUND_REFERENCE_ROLE, referenceNode.GetID())
             energyNode.EndModify(wasModifying)
             self._brainMasks[energyNode.GetID()] = brain_array
@@ -437,6 +441,11 @@ class ADMAnomalyCoreLogic:
         value = energyNode.GetAttribute(MODEL_THRESHOLD_ATTRIBUTE) if energyNode else None
         return float(value) if value else None
 
+    def minComponentMm3(self, energyNode) -> float:
+        """Regions smaller than this (mm³) are left out of the anomaly segment (the model's setting; 0 = none)."""
+        value = energyNode.GetAttribute(MIN_COMPONENT_ATTRIBUTE) if energyNode else None
+        return float(value) if value else 0.0
+
     def energyRange(self, energyNode) -> tuple[float, float]:
         """Lowest and highest energy inside the brain (the useful slider range)."""
         values = slicer.util.arrayFromVolume(energyNode)[self.brainMask(energyNode)]
@@ -466,7 +475,7 @@ class ADMAnomalyCoreLogic:
         threshold = float(threshold)
         if not math.isfinite(threshold):
             raise errors.InputError(f"threshold must be a finite number, not {threshold}")
-        mask = api.anomaly_mask(energy, brain, threshold)
+        mask = api.anomaly_mask(energy, brain, threshold, self.minComponentMm3(energyNode))
         mask_array = sitk.GetArrayFromImage(mask)
         segmentId = self._segmentId(segmentationNode) or self._setupSegmentation(segmentationNode, energyNode)
         labelmap = conversion.oriented_labelmap(mask_array, energyNode)

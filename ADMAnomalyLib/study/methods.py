@@ -44,7 +44,8 @@ class StudySettings:
     median_size_mm: float = 5.0
     """Window of the 3-D median filter of the 'median' placeholder of the ADM variants."""
     min_component_mm3: float = 20.0
-    """``+cc``: components smaller than this volume are dropped at the threshold (20 voxels at 1 mm)."""
+    """``+cc``: regions smaller than this volume are left out of the label at the threshold (20 voxels at 1 mm);
+    the transfer profile's ``PostprocessConfig.min_component_mm3`` is the same."""
     search_cases_per_group: int | None = 4
     """The '+post' search scores at most this many training cases of each selection group (spread
     over the group's cases in id order; None: all). The search post-processes every candidate
@@ -190,8 +191,10 @@ class MethodSpec:
     in the domain split): 'mean', or 'worst', the lowest of them: a choice that must hold on the
     training site it suits least, as it must on an unseen one."""
     small_components: bool = False
-    """At the threshold, lower voxels in components smaller than the settings' ``min_component_mm3``
-    to just below it (as the FLAIR +med+cc baselines do)."""
+    """At the threshold, the anomaly label leaves out the regions smaller than the settings' ``min_component_mm3``
+    (as ``predict`` does with ``PostprocessConfig.min_component_mm3``): Dice, precision and recall read that label;
+    AUROC, AUPRC and best Dice read the scores. Study JSONs written before the thirty-ninth round lowered those
+    regions' scores to just below the threshold, so their AUPRC read that map (a difference of about 0.001)."""
     native_normalisation: str | None = None
     """``PreprocessConfig.native_normalisation`` of the native FLAIR the row reads: for 'adm' its FLAIR
     term's (None: the network's own normalisation; a post-processing choice that needs no network of

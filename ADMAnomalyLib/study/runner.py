@@ -32,7 +32,7 @@ from ..io import write_text_atomic
 from ..metrics import _curve, balanced_best_threshold, choose_load_weight, json_safe, pooled_and_per_case
 from ..model import ADMModel
 from ..networks import DRDecoder, DREncoder
-from ..postprocess import IDENTITY_DIRECTION, load_offset, postprocess_scores, suppress_small_components
+from ..postprocess import IDENTITY_DIRECTION, anomaly_label, component_voxels, load_offset, postprocess_scores
 from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices_to_image
 from ..train import Trainer, masked_mse
 from ..domains import domain_pools, load_domains
@@ -554,21 +554,24 @@ def curve_points(s: np.ndarray, y: np.ndarray, n: int) -> dict[str, list[float]]
 
 def evaluate_method(name: str, scores: dict[str, np.ndarray], groups: Sequence[Sequence[CaseData]],
                     test_cases: Sequence[CaseData],
-                    test_override: Callable[[float], dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+                    test_labels: Callable[[float], dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
     """Validation threshold on the training cases (:func:`validation_threshold` over ``groups``),
-    metrics on the test cases' brains."""
+    metrics on the test cases' brains: AUROC, AUPRC and best Dice of the scores, Dice, precision and recall
+    of the anomaly labels ``test_labels(threshold)`` (None: the scores at the threshold)."""
     threshold = validation_threshold(scores, groups)
-    test_scores = test_override(threshold) if test_override else {c.case_id: scores[c.case_id] for c in test_cases}
-    report = pooled_and_per_case([(c.case_id, test_scores[c.case_id], c.labels, None) for c in test_cases], threshold)
+    predicted = test_labels(threshold) if test_labels else {}
+    report = pooled_and_per_case([(c.case_id, scores[c.case_id], c.labels, None, predicted.get(c.case_id))
+                                  for c in test_cases], threshold)
     for row, case in zip(report["per_case"], test_cases):
         row["lesion_ml"] = case.lesion_ml
     return report
 
 
-def pooled_test_metrics(entries: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> dict[str, Any]:
+def pooled_test_metrics(entries: Sequence[tuple]) -> dict[str, Any]:
     """Metrics over the test voxels of several runs pooled, ``entries`` of (scores, labels, that run's
-    threshold): AUROC, AUPRC and best Dice of the pooled voxels; Dice, precision and recall of the
-    pooled counts, each case thresholded at its own run's validation threshold; and
+    threshold) or (scores, labels, threshold, anomaly label): AUROC, AUPRC and best Dice of the pooled voxels;
+    Dice, precision and recall of the pooled counts, each case's label made at its own run's validation
+    threshold (its anomaly label where given, else its scores at the threshold); and
     ``threshold_relative``: AUROC, AUPRC and best Dice of the pooled voxels with each run's threshold
     subtracted from its scores.
 
@@ -584,8 +587,9 @@ def pooled_test_metrics(entries: Sequence[tuple[np.ndarray, np.ndarray, float]])
     shifted = _pooled([np.asarray(e[0], np.float64) - float(e[2]) for e in entries])
     relative = dataclasses.asdict(detection_metrics(shifted, y))
     tp = n_pred = 0
-    for scores, labels, threshold in entries:
-        predicted = scores >= _cast_threshold(threshold, np.asarray(scores).dtype)
+    for scores, labels, threshold, *label in entries:
+        predicted = label[0] if label and label[0] is not None \
+            else scores >= _cast_threshold(threshold, np.asarray(scores).dtype)
         tp += int(np.count_nonzero(predicted & labels))
         n_pred += int(np.count_nonzero(predicted))
     n_pos = int(np.count_nonzero(y))
@@ -697,18 +701,17 @@ def _postprocessed(raw: dict[str, np.ndarray], post: PostprocessConfig, cases: S
     return out
 
 
-def _component_override(test_cases: Sequence[CaseData], min_mm3: float, scores: dict[str, np.ndarray]):
-    """``+cc``: at the threshold, :func:`~ADMAnomalyLib.postprocess.suppress_small_components` on each
-    test case's brain-voxel scores (the map stays continuous); the size is a volume, so the voxel
-    count follows each case's voxel size."""
+def _component_labels(test_cases: Sequence[CaseData], min_mm3: float, scores: dict[str, np.ndarray]):
+    """``+cc``: at the threshold, each test case's anomaly label (bool over its brain voxels) without the regions
+    smaller than ``min_mm3``, made as ``predict`` makes it (:func:`~ADMAnomalyLib.postprocess.anomaly_label`;
+    ``PostprocessConfig.min_component_mm3``). The scores stay as they are: the map ``predict`` writes."""
 
     def apply(threshold: float) -> dict[str, np.ndarray]:
         out = {}
         for c in test_cases:
             volume = np.full(c.brain.shape, -np.inf, dtype=np.float32)
             volume[c.brain] = scores[c.case_id]
-            min_voxels = max(1, int(round(min_mm3 / c.voxel_mm3)))
-            out[c.case_id] = suppress_small_components(volume, c.brain, threshold, min_voxels)[c.brain]
+            out[c.case_id] = anomaly_label(volume, c.brain, threshold, component_voxels(min_mm3, c.spacing))[c.brain]
         return out
 
     return apply
@@ -845,10 +848,10 @@ def baseline_method_scores(method: str, spec: MethodSpec, run: RunData) -> tuple
 
 
 def evaluate_methods(methods: Sequence[str], run: RunData, record: dict[str, Any],
-                     tick: Callable[[str, float], None]) -> dict[str, dict[str, np.ndarray]]:
-    """Score and evaluate every method of one run into ``record['methods']``; returns each method's
-    final test scores (after ``+cc`` at its threshold) per test case."""
-    finals: dict[str, dict[str, np.ndarray]] = {}
+                     tick: Callable[[str, float], None]) -> dict[str, tuple[dict[str, np.ndarray], dict | None]]:
+    """Score and evaluate every method of one run into ``record['methods']``; returns each method's final test
+    scores per test case and, for ``+cc`` rows, its anomaly labels at its threshold (else None)."""
+    finals: dict[str, tuple[dict[str, np.ndarray], dict | None]] = {}
     for method in methods:
         t = time.perf_counter()
         spec = METHODS[method]
@@ -856,14 +859,14 @@ def evaluate_methods(methods: Sequence[str], run: RunData, record: dict[str, Any
             scores, extra = adm_method_scores(spec, run)
         else:
             scores, extra = baseline_method_scores(method, spec, run)
-        override = _component_override(run.test_cases, run.settings.min_component_mm3, scores) \
+        labels_at = _component_labels(run.test_cases, run.settings.min_component_mm3, scores) \
             if spec.small_components else None
-        result = evaluate_method(method, scores, run.groups, run.test_cases, override)
+        result = evaluate_method(method, scores, run.groups, run.test_cases, labels_at)
         result.update(extra)
         result["seconds"] = time.perf_counter() - t
         record["methods"][method] = result
-        final = override(result["threshold"]) if override else scores
-        finals[method] = {c.case_id: np.asarray(final[c.case_id], np.float32) for c in run.test_cases}
+        finals[method] = ({c.case_id: np.asarray(scores[c.case_id], np.float32) for c in run.test_cases},
+                          labels_at(result["threshold"]) if labels_at else None)
         tick(f"evaluate {method}", t)
     return finals
 
@@ -963,9 +966,11 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
             run_data.training.clear()
             finals = evaluate_methods(methods, run_data, record, tick)
             entry_domains += [c.domain for c in run_data.test_cases]
-            for method, final in finals.items():
+            for method, (final, predicted) in finals.items():
                 threshold = record["methods"][method]["threshold"]
-                seed_entries[method] += [(final[c.case_id], c.labels, threshold) for c in run_data.test_cases]
+                seed_entries[method] += [(final[c.case_id], c.labels, threshold,
+                                          None if predicted is None else predicted[c.case_id])
+                                         for c in run_data.test_cases]
                 if seed == settings.seeds[0]:
                     curves[method]["scores"] += [final[c.case_id] for c in run_data.test_cases]
                     curves[method]["labels"] += [c.labels for c in run_data.test_cases]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ADMAnomalyLib.postprocess import median_filter, remove_small_components
+from ADMAnomalyLib.postprocess import anomaly_label, component_voxels, median_filter, remove_small_components
 from ADMAnomalyLib.baselines import (
     MahalanobisBaseline,
     OCSVMBaseline,
@@ -77,17 +77,23 @@ def test_remove_small_components():
     assert not remove_small_components(np.zeros((3, 3), bool), 4).any()
 
 
-def test_filtered_score_suppresses_small_components_at_threshold():
+def test_the_label_leaves_out_small_regions_and_the_score_keeps_them():
+    """postprocess.anomaly_label, the label of every map at a threshold (predict, the study, the Slicer slider)."""
     volume, brain, lesion = _phantom(2)
-    volume[0][10, 25, 8] = 50.0  # isolated hot voxel (survives the size-1 median)
-    plain = flair_zscore_filtered(volume, brain, median_size=1)
-    assert plain[10, 25, 8] >= 3.0
-    cleaned = flair_zscore_filtered(volume, brain, median_size=1, min_component_voxels=10, threshold=3.0)
-    assert cleaned[10, 25, 8] < 3.0
-    binary = cleaned >= 3.0
-    np.testing.assert_array_equal(binary, remove_small_components((plain >= 3.0) & brain, 10))
-    with pytest.raises(ValueError, match="threshold"):
-        flair_zscore_filtered(volume, brain, min_component_voxels=10)
+    volume[0][10, 25, 8] = 10.0  # isolated hot voxel (survives the size-1 median)
+    score = flair_zscore_filtered(volume, brain, median_size=1)
+    assert score[10, 25, 8] >= 2.0
+    label = anomaly_label(score, brain, 2.0, 10)
+    assert not label[10, 25, 8] and label[lesion].mean() > 0.5
+    np.testing.assert_array_equal(label, remove_small_components((score >= 2.0) & brain, 10))
+    np.testing.assert_array_equal(anomaly_label(score, brain, 2.0), (score >= 2.0) & brain)
+    # The voxel count follows the voxel size: 20 mm³ are 20 voxels of 1 mm³, 2 of 2 × 2 × 2 mm (2.5 rounded).
+    assert component_voxels(20.0, (1.0, 1.0, 1.0)) == 20 and component_voxels(20.0, (2.0, 2.0, 2.0)) == 2
+    assert component_voxels(0.0, (1.0, 1.0, 1.0)) == 1
+    # Exact at a threshold between two float32 values, as the metrics are.
+    edge = np.float32(0.1)
+    assert anomaly_label(np.array([edge]), np.array([True]), float(edge))[0]
+    assert not anomaly_label(np.array([edge]), np.array([True]), np.nextafter(float(edge), 1.0))[0]
 
 
 def test_volume_input_checks():

@@ -199,6 +199,28 @@ def test_pooled_with_given_threshold_and_no_positives():
     assert pooled_and_per_case([], None)["pooled"]["degenerate"] == "no voxels"
 
 
+def test_threshold_metrics_read_the_anomaly_label_where_one_is_given():
+    """The product's label leaves small regions out (postprocess.anomaly_label): Dice at threshold reads that
+    label, while AUROC / AUPRC / best Dice read the scores, as the map predict writes."""
+    scores = np.array([0.1, 0.9, 0.8, 0.95, 0.2, 0.7], np.float32)
+    labels = np.array([0, 1, 1, 0, 0, 1], bool)
+    brain = np.array([1, 1, 1, 1, 1, 0], bool)
+    label = np.array([0, 1, 1, 0, 0, 1], bool)  # the 0.95 speck left out; the voxel outside the brain is not read
+    plain = pooled_and_per_case([("a", scores, labels, brain)], 0.5)
+    cleaned = pooled_and_per_case([("a", scores, labels, brain, label)], 0.5)
+    assert cleaned["pooled"] == plain["pooled"]
+    assert plain["at_threshold"]["precision"] == pytest.approx(2 / 3)
+    assert cleaned["at_threshold"] == {"threshold": 0.5, "dice": 1.0, "precision": 1.0, "recall": 1.0}
+    assert cleaned["per_case"][0]["dice"] == 1.0
+    assert pooled_and_per_case([("a", scores, labels, brain, None)], 0.5) == plain
+    with pytest.raises(ValueError, match="threshold"):
+        pooled_and_per_case([("a", scores, labels, brain, label)], None)
+    with pytest.raises(ValueError, match="every case"):
+        pooled_and_per_case([("a", scores, labels, brain, label), ("b", scores, labels, brain)], 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        pooled_and_per_case([("a", scores, labels, brain, label[:3])], 0.5)
+
+
 def test_json_safe():
     out = json_safe({"a": np.float32(1.5), "b": float("nan"), "c": (np.int64(2), np.bool_(True)), "d": np.arange(2)})
     assert out == {"a": 1.5, "b": None, "c": [2, True], "d": [0, 1]}

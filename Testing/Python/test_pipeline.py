@@ -118,6 +118,36 @@ def test_cli_predict_writes_outputs_and_skips_done_cases(trained_model, cohort, 
     assert (out / "synth_0_energy.nii.gz").stat().st_mtime_ns == before
 
 
+def test_the_label_leaves_out_small_regions_at_every_threshold_and_the_energy_keeps_them(trained_model, cohort, tmp_path):
+    """postprocess.min_component_mm3: predict's label leaves out smaller regions, its energy map does not; a
+    label-only setting keeps the model's threshold; re-thresholding the folder leaves them out again."""
+    from ADMAnomalyLib.postprocess import anomaly_label, component_voxels
+    from ADMAnomalyLib.results import brain_of_energy
+
+    case_dir, plain, cleaned = cohort / "synth_0", tmp_path / "plain", tmp_path / "cleaned"
+    run = ["--device", "cpu", "--progress", "none"]
+    assert main(["predict", str(trained_model), str(case_dir), "-o", str(plain), *run]) == 0
+    # No --threshold needed: the setting changes the label, not the energy the threshold was chosen on.
+    assert main(["predict", str(trained_model), str(case_dir), "-o", str(cleaned), *run,
+                 "--set", "postprocess.min_component_mm3=30"]) == 0
+    read = lambda folder, name: sitk.ReadImage(str(folder / f"synth_0_{name}.nii.gz"))  # noqa: E731
+    energy_image = read(cleaned, "energy")
+    energy = sitk.GetArrayFromImage(energy_image)
+    np.testing.assert_array_equal(energy, sitk.GetArrayFromImage(read(plain, "energy")))
+    assert json.loads((cleaned / "report.json").read_text(encoding="utf-8"))["min_component_mm3"] == 30
+    brain = brain_of_energy(energy)
+    # A low threshold, where the energy breaks up into specks: the folder's re-threshold leaves them out too.
+    low = float(np.quantile(energy[brain], 0.8))
+    assert main(["threshold", str(cleaned), "--threshold", repr(low), "--progress", "none"]) == 0
+    label = sitk.GetArrayFromImage(read(cleaned, "anomaly")) > 0
+    minimum = component_voxels(30, energy_image.GetSpacing())
+    assert minimum > 1
+    np.testing.assert_array_equal(label, anomaly_label(energy, brain, low, minimum))
+    assert 0 < label.sum() < ((energy >= low) & brain).sum()
+    assert main(["threshold", str(plain), "--threshold", repr(low), "--progress", "none"]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read(plain, "anomaly")) > 0, (energy >= low) & brain)
+
+
 def test_cli_predict_partial_failure_keeps_going(trained_model, cohort, tmp_path, capsys):
     data = tmp_path / "data"
     make_synthetic_case(data, case_id="good", seed=1)
@@ -422,6 +452,10 @@ def test_profiles_faithful_by_default_and_transfer_is_the_bundled_configuration(
     for section in ("preprocess", "model", "postprocess"):
         assert getattr(bundled, section) == getattr(expected, section), section
     assert bundled.train.augmentation == expected.train.augmentation
+    # The bundled label leaves out what the study's '+cc' rows leave out, so predict writes the label measured.
+    from ADMAnomalyLib.study.methods import StudySettings
+
+    assert bundled.postprocess.min_component_mm3 == StudySettings().min_component_mm3 > 0
 
 
 def test_train_with_the_ctoc_of_another_model_trains_step_2_only(trained_model, cohort, tmp_path):

@@ -329,6 +329,33 @@ def test_training_on_folders_without_usable_cases(tmp_path):
 
 # -- background processes (the GUI path) -----------------------------------------------------------
 
+def test_the_segment_leaves_out_the_models_small_regions_at_every_threshold(mrml, case, model_path, data, tmp_path):
+    """postprocess.min_component_mm3 reaches the slider (blocking and background runs): at any threshold the
+    segment is the engine's label, smaller regions left out; the energy map keeps them."""
+    plain = api.load_model(model_path)
+    cleaned = api.with_postprocess(plain, {"min_component_mm3": 30.0})
+    assert cleaned.threshold == plain.threshold  # a label-only setting keeps the threshold
+    cleaned_path = cleaned.save(tmp_path / "cleaned.admm")
+    logic = ADMAnomalyCoreLogic()
+    energy_node, segmentation_node = logic.run(*case.values(), model=cleaned_path, device="cpu")
+    assert logic.minComponentMm3(energy_node) == 30.0
+    _, prediction = engine_prediction(cleaned_path, data / "synth_0", "synth_0")
+    low = api.percentile_threshold(prediction.energy, prediction.brain_mask, 80.0)
+    logic.setThreshold(segmentation_node, threshold=low)
+    expected = sitk.GetArrayFromImage(api.anomaly_mask(prediction.energy, prediction.brain_mask, low, 30.0))
+    everything = sitk.GetArrayFromImage(api.anomaly_mask(prediction.energy, prediction.brain_mask, low))
+    np.testing.assert_array_equal(logic.segmentArray(segmentation_node), expected)
+    assert 0 < expected.sum() < everything.sum()
+    # The background run reads the setting from the folder its engine process wrote.
+    job = logic.startInference(*case.values(), model=cleaned_path, device="cpu")
+    job.process.wait(120)
+    job.poll()
+    background_energy, background_segmentation = job.finish()
+    assert logic.minComponentMm3(background_energy) == 30.0
+    logic.setThreshold(background_segmentation, threshold=low)
+    np.testing.assert_array_equal(logic.segmentArray(background_segmentation), expected)
+
+
 def test_background_inference_equals_the_blocking_run_and_cancel_leaves_no_node(mrml, case, model_path):
     logic = ADMAnomalyCoreLogic()
     job = logic.startInference(*case.values(), model=model_path, device="cpu")

@@ -312,7 +312,8 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     from ADMAnomalyLib import api
     from ADMAnomalyLib.cases import find_cases
     from ADMAnomalyLib.infer import ctoc_translations
-    from ADMAnomalyLib.study.runner import RunCaches, RunData, _postprocessed, _with_chosen_load, raw_energy
+    from ADMAnomalyLib.study.runner import (RunCaches, RunData, _component_labels, _postprocessed, _with_chosen_load,
+                                            raw_energy)
 
     model = api.load_model(trained_model)
     settings = study.quick_settings(preset="tiny", image_size=model.config.preprocess.image_size, device="cpu")
@@ -340,6 +341,15 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     product_load = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(shifted[case.case_id], product_load[case.brain])
     assert not np.allclose(shifted[case.case_id], study_post[case.case_id])
+    # '+cc': the study's label at the threshold is the one predict writes, its small regions left out; the
+    # energy map is the same with or without them.
+    threshold = float(np.quantile(shifted[case.case_id], 0.95))
+    study_label = _component_labels([case], 20.0, shifted)(threshold)[case.case_id]
+    model.config.postprocess = dataclasses.replace(post, load_weight=0.7, min_component_mm3=20.0)
+    prediction = api.predict(model, images, device="cpu")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(prediction.energy)[case.brain], shifted[case.case_id])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(prediction.anomaly(threshold))[case.brain] > 0, study_label)
+    assert 0 < study_label.sum() < (shifted[case.case_id] >= threshold).sum()  # something was left out
 
     def study_equals_predict(config: PostprocessConfig) -> np.ndarray:
         scored = _postprocessed({case.case_id: study_energy}, config, [case],
@@ -1105,4 +1115,10 @@ def test_the_seed_table_takes_each_seed_and_domain_from_the_first_study_that_ran
     assert lines[2] == "| R | A | 0.800 / 0.700 | 0.900 / 0.800 | 0.850 ± 0.071 | 0.750 ± 0.071 |"
     assert lines[3] == "| R | pool: P | 0.750 / 0.650 | 0.850 (0.880) / 0.750 | 0.800 ± 0.071 | 0.700 ± 0.071 |"
     assert lines[4] == "| R | B | 0.600 / 0.500 | – | 0.600 | 0.500 |"
+    assert len(lines) == 5
+    lines = bench.metrics_table([first, shadowed, second_seed], ["R"], {"R": "the row"})
+    assert lines[0] == "| left-out domain | method | AUPRC | AUROC | best Dice | Dice at threshold | seeds |"
+    assert lines[2] == "| A | the row | 0.850 ± 0.071 | 0.990 ± 0.000 | 0.760 ± 0.071 | 0.750 ± 0.071 | 0, 1 |"
+    assert lines[3] == "| pool: P | the row | 0.800 ± 0.071 | 0.990 ± 0.000 | 0.710 ± 0.071 | 0.700 ± 0.071 | 0, 1 |"
+    assert lines[4] == "| B | the row | 0.600 | 0.990 | 0.510 | 0.500 | 0 |"
     assert len(lines) == 5
