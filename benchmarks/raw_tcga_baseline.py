@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from ADMAnomalyLib import api, rawprep  # noqa: E402
 from ADMAnomalyLib.baselines import flair_zscore  # noqa: E402
 from ADMAnomalyLib.config import CONTRASTS  # noqa: E402
-from ADMAnomalyLib.metrics import detection_metrics, threshold_metrics  # noqa: E402
+from ADMAnomalyLib.metrics import detection_metrics, label_metrics  # noqa: E402
 from ADMAnomalyLib.postprocess import median_filter_in_brain, median_window  # noqa: E402
 
 TCGA = (REPO / ".." / "shared" / "data" / "tcga" / "TCGA-FG-6692").resolve()
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if not any(args.out.glob("*_energy.nii.gz")):
         api.predict_folder(None, raw_dir, args.out, device="cpu", preprocess="auto", write_preprocessed=True)
     energy = sitk.GetArrayFromImage(sitk.ReadImage(str(next(args.out.glob("*_energy.nii.gz")))))
+    written_label = sitk.GetArrayFromImage(sitk.ReadImage(str(next(args.out.glob("*_anomaly.nii.gz"))))) > 0
+    threshold = json.loads((args.out / "report.json").read_text(encoding="utf-8"))["threshold"]
     case_dir = next(args.out.rglob("*_flair.nii.gz")).parent
     flair_image = sitk.ReadImage(str(next(case_dir.glob("*_flair.nii.gz"))))
     brain = sitk.GetArrayFromImage(sitk.ReadImage(str(next(case_dir.glob("*_mask.nii.gz"))))) > 0
@@ -58,14 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     flair = sitk.GetArrayFromImage(flair_image).astype(np.float32)
     zscore = flair_zscore(np.stack([flair] * len(CONTRASTS)), brain)  # reads only the FLAIR channel
     window = median_window(flair_image.GetSpacing(), 5.0)
-    threshold = api.load_model().threshold
     rows = {"bundled model": energy, f"FLAIR z + 5 mm median {window}": median_filter_in_brain(zscore, brain, window),
             "FLAIR z": zscore}
     for name, score in rows.items():
         ranking = detection_metrics(score, tumour, brain)
         line = f"{name}: AUROC {ranking.auroc:.3f} AUPRC {ranking.auprc:.3f} best Dice {ranking.best_f1:.3f}"
-        if name == "bundled model":
-            line += f", Dice at its threshold {threshold_metrics(score, tumour, threshold, brain).dice:.3f}"
+        if name == "bundled model":  # the label predict wrote, at the model's threshold
+            line += f", Dice at its threshold {label_metrics(written_label[brain], tumour[brain], threshold).dice:.3f}"
         print(line)
     return 0
 

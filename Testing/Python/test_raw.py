@@ -26,7 +26,7 @@ from conftest import REPO
 from ADMAnomalyLib import api, rawprep
 from ADMAnomalyLib.config import CONTRASTS
 from ADMAnomalyLib.errors import InputError
-from ADMAnomalyLib.metrics import detection_metrics, threshold_metrics
+from ADMAnomalyLib.metrics import detection_metrics, label_metrics
 
 TCGA = (REPO / ".." / "shared" / "data" / "tcga" / "TCGA-FG-6692").resolve()
 RAW = TCGA / "raw"
@@ -102,10 +102,11 @@ def reference(raw_images, preprocessed):
     }
 
 
-def _metrics(energy: np.ndarray, tumour: np.ndarray, brain: np.ndarray, threshold: float) -> dict:
+def _metrics(energy: np.ndarray, tumour: np.ndarray, brain: np.ndarray, anomaly: np.ndarray, threshold: float) -> dict:
+    """AUPRC and AUROC of the energy, Dice of the anomaly label predict writes (its small regions left out)."""
     ranking = detection_metrics(energy, tumour, brain)
     return {"auprc": ranking.auprc, "auroc": ranking.auroc,
-            "dice": threshold_metrics(energy, tumour, threshold, brain).dice}
+            "dice": label_metrics(anomaly[brain] > 0, tumour[brain], threshold).dice}
 
 
 # ------------------------------------------------------------------------------------------- reading, detection
@@ -248,10 +249,12 @@ def test_raw_path_finds_the_tumour_as_well_as_the_preprocessed_path(raw_run, ref
     # A copy: a view of a temporary image would point into freed memory once the image is collected.
     energy = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "raw_energy.nii.gz")))
     brain = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "raw_preprocessed" / "raw_mask.nii.gz"))) > 0
-    raw = _metrics(energy, reference["tumour"], brain, model.threshold)
+    anomaly = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "raw_anomaly.nii.gz")))
+    raw = _metrics(energy, reference["tumour"], brain, anomaly, model.threshold)
     prediction = api.predict(model, {c: preprocessed[c] for c in CONTRASTS}, device="cpu")
     pre = _metrics(sitk.GetArrayFromImage(prediction.energy), sitk.GetArrayFromImage(preprocessed["label"]) > 0,
-                   sitk.GetArrayFromImage(prediction.brain_mask) > 0, model.threshold)
+                   sitk.GetArrayFromImage(prediction.brain_mask) > 0, sitk.GetArrayFromImage(prediction.anomaly()),
+                   model.threshold)
     print(f"raw path: AUPRC {raw['auprc']:.3f} AUROC {raw['auroc']:.3f} Dice {raw['dice']:.3f}; "
           f"preprocessed path: AUPRC {pre['auprc']:.3f} AUROC {pre['auroc']:.3f} Dice {pre['dice']:.3f}")
     # The bundled model has this patient's preprocessed scans in its training pool (their normal
