@@ -706,13 +706,17 @@ def _component_labels(test_cases: Sequence[CaseData], min_mm3: float, scores: di
     smaller than ``min_mm3``, made as ``predict`` makes it (:func:`~ADMAnomalyLib.postprocess.anomaly_label`;
     ``PostprocessConfig.min_component_mm3``). The scores stay as they are: the map ``predict`` writes."""
 
+    made: dict[float, dict[str, np.ndarray]] = {}  # the metrics and the pool ask for the same threshold's labels
+
     def apply(threshold: float) -> dict[str, np.ndarray]:
-        out = {}
-        for c in test_cases:
-            volume = np.full(c.brain.shape, -np.inf, dtype=np.float32)
-            volume[c.brain] = scores[c.case_id]
-            out[c.case_id] = anomaly_label(volume, c.brain, threshold, component_voxels(min_mm3, c.spacing))[c.brain]
-        return out
+        if threshold not in made:
+            made[threshold] = {}
+            for c in test_cases:
+                volume = np.full(c.brain.shape, -np.inf, dtype=np.float32)
+                volume[c.brain] = scores[c.case_id]
+                made[threshold][c.case_id] = anomaly_label(volume, c.brain, threshold,
+                                                           component_voxels(min_mm3, c.spacing))[c.brain]
+        return made[threshold]
 
     return apply
 

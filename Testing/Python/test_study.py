@@ -1085,6 +1085,13 @@ def test_pooled_runs_on_different_scales_meet_at_their_thresholds():
     assert pooled["threshold_relative"]["auprc"] == pytest.approx(1.0)
     assert pooled["at_threshold"]["dice"] == pytest.approx(1.0)
     assert pooled["threshold_relative"]["best_f1"] >= pooled["at_threshold"]["dice"] - 1e-9
+    # A '+cc' row's pooled Dice reads each case's anomaly label (its small regions left out), as predict writes it.
+    above = scores >= 0.5
+    speckled = above | (np.arange(labels.size) == np.flatnonzero(~labels)[0])  # one false voxel in the label
+    with_label = pooled_test_metrics([(scores.astype(np.float32), labels, 0.5, speckled),
+                                      ((scores + 10).astype(np.float32), labels, 10.5, above)])
+    assert with_label["pooled"] == pooled["pooled"]
+    assert with_label["at_threshold"]["precision"] < 1.0 == pooled["at_threshold"]["precision"]
 
 
 def test_the_seed_table_takes_each_seed_and_domain_from_the_first_study_that_ran_it():
