@@ -81,7 +81,8 @@ def _add_postprocess_settings(parser: argparse.ArgumentParser, needs_threshold: 
                         help="other post-processing than the model's, without retraining, e.g. "
                              "--set postprocess.flair_weight=0 (the model's own evidence) or "
                              "--set preprocess.native_bias_correction_levels=2 (N4 of the FLAIR it reads)"
-                             + ("; needs --threshold for the anomaly maps" if needs_threshold else ""))
+                             + ("; needs --threshold for the anomaly maps, except postprocess.min_component_mm3 (the "
+                                "label's smallest region, mm³), which leaves the energy as it was" if needs_threshold else ""))
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
