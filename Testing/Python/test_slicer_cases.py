@@ -322,6 +322,28 @@ def test_apply_to_all_equals_predict_with_that_threshold(mrml, folder, tmp_path)
         logic.applyThresholdToFolder(float("nan"))
 
 
+def test_a_browsed_case_leaves_out_the_regions_its_folder_left_out(mrml, folder, tmp_path):
+    """A folder predicted with postprocess.min_component_mm3: the browsed case's segment follows it at every
+    threshold, as `admanomaly threshold` does (the folder's report.json says what its labels were made with)."""
+    from ADMAnomalyLib.postprocess import anomaly_label, component_voxels
+
+    cleaned = api.with_postprocess(api.load_model(folder["model"]), {"min_component_mm3": 30.0})
+    out = tmp_path / "cleaned"
+    assert api.predict_folder(cleaned, folder["cases"], out, device="cpu", shard="1/3").done == ["case_1", "case_4"]
+    logic = ADMAnomalyCoreLogic()
+    logic.openFolder(folder["cases"], out, model=folder["model"])
+    loaded = logic.loadCase("case_1")
+    assert logic.minComponentMm3(loaded.energy) == 30.0
+    np.testing.assert_array_equal(logic.segmentArray(loaded.anomaly), read_array(results.output_paths(out, "case_1")[1]))
+    energy, brain = slicer.util.arrayFromVolume(loaded.energy), logic.brainMask(loaded.energy)
+    low = float(np.percentile(energy[brain], 80.0))
+    logic.setThreshold(loaded.anomaly, threshold=low)
+    expected = anomaly_label(energy, brain, low, component_voxels(30.0, loaded.energy.GetSpacing()))
+    np.testing.assert_array_equal(logic.segmentArray(loaded.anomaly), expected)
+    assert 0 < expected.sum() < ((energy >= low) & brain).sum()
+    logic.closeFolder()
+
+
 def test_the_case_table_round_trips_and_agrees_with_the_cli(mrml, folder, tmp_path):
     panel, shell = copy_results(folder, tmp_path, "panel"), copy_results(folder, tmp_path, "shell")
     logic = ADMAnomalyCoreLogic()
