@@ -310,7 +310,10 @@ def _domain_lines(study: dict[str, Any], figures: dict[str, str] | None = None) 
         "a *Pooled:* block does the same for the domains the domains file groups into one pool. Runs fitted on "
         "different domains score on different scales, so a pooled block also gives the AUPRC of the pooled voxels "
         "with each run's threshold subtracted from its scores (where the study recorded it): the curve on which "
-        "the pooled Dice at threshold lies.",
+        "the pooled Dice at threshold lies. In *+cc* rows Dice, precision and recall read the label without its "
+        f"regions under {study['settings'].get('min_component_mm3', 20.0):g} mm³, the label `predict` writes with "
+        "`postprocess.min_component_mm3`; AUROC, AUPRC and best Dice read the scores (studies run before the "
+        "thirty-ninth round read them with those regions lowered to just below the threshold, about 0.001 apart).",
         "",
     ]
     blocks = [(f"Test domain: {name} ({len(domains[name])} case(s))", study["domain_summary"][name])
