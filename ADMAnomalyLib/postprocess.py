@@ -39,6 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import PostprocessConfig
+from .metrics import _cast_threshold
 
 Spacing = Sequence[float]
 """Voxel spacing in SimpleITK (x, y, z) order, in mm."""
@@ -568,8 +569,6 @@ def anomaly_label(values: np.ndarray, brain: np.ndarray, threshold: float, min_v
     """The anomaly label of a score volume: brain voxels at or above ``threshold``, without the components of
     fewer than ``min_voxels`` voxels (``PostprocessConfig.min_component_mm3`` through :func:`component_voxels`).
     Every label the product writes or shows, and the study's Dice at threshold, comes from here."""
-    from .metrics import _cast_threshold
-
     values = np.asarray(values)
     above = (values >= _cast_threshold(threshold, values.dtype)) & np.asarray(brain, dtype=bool)
     return remove_small_components(above, min_voxels)

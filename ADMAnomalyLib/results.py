@@ -18,6 +18,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import json
 import logging
 import math
 import time
@@ -273,15 +274,20 @@ REPORT_JSON = "report.json"
 
 
 def folder_min_component_mm3(output_dir: PathLike) -> float:
-    """The ``min_component_mm3`` the folder's labels were written with (its report), 0 for a folder without one."""
-    import json
-
-    try:
-        report = json.loads((Path(output_dir) / REPORT_JSON).read_text(encoding="utf-8"))
-        value = float(report.get("min_component_mm3", 0.0))
-    except (OSError, ValueError, TypeError, AttributeError):
+    """The ``min_component_mm3`` the folder's labels were written with (its report); 0 for a folder without one
+    (written before the setting existed), and 0 with a warning for a report that cannot be read."""
+    path = Path(output_dir) / REPORT_JSON
+    if not path.is_file():
         return 0.0
-    return value if math.isfinite(value) and value >= 0 else 0.0
+    try:
+        value = float(json.loads(path.read_text(encoding="utf-8")).get("min_component_mm3", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("%s: unreadable (%s); labels keep their small regions", path, exc)
+        return 0.0
+    if not (math.isfinite(value) and value >= 0):
+        log.warning("%s: min_component_mm3 %r is not a volume; labels keep their small regions", path, value)
+        return 0.0
+    return value
 
 
 def rethreshold_folder(output_dir: PathLike, threshold: float, progress=None) -> dict[str, CaseRecord]:

@@ -41,6 +41,11 @@ def gather(studies: list[dict], rows: list[str]) -> dict[tuple[str, str], dict[i
     return found
 
 
+def _summary(row: str, per_seed: dict[int, dict]) -> dict:
+    """The study's own mean +- sd (``runner.summarise``) of one row's records over the seeds found."""
+    return summarise([{"methods": {row: value}} for value in per_seed.values()], [row])[row]
+
+
 def _mean_sd(summary: dict) -> str:
     if summary["mean"] is None:
         return "n/a"
@@ -65,7 +70,7 @@ def table(studies: list[dict], rows: list[str]) -> list[str]:
             relative = value.get("threshold_relative", {}).get("auprc")
             relative = "" if relative is None else f" ({relative:.3f})"
             cells.append(f"{value['pooled']['auprc']:.3f}{relative} / {value['at_threshold']['dice']:.3f}")
-        summary = summarise([{"methods": {row: value}} for value in per_seed.values()], [row])[row]
+        summary = _summary(row, per_seed)
         lines.append(f"| {row} | {domain} | " + " | ".join(cells)
                      + f" | {_mean_sd(summary['auprc'])} | {_mean_sd(summary['dice'])} |")
     return lines
@@ -84,7 +89,7 @@ def metrics_table(studies: list[dict], rows: list[str], labels: dict[str, str] |
     domains = list(dict.fromkeys(domain for _, domain in found))
     for domain, row in ((d, r) for d in domains for r in rows if (r, d) in found):
         per_seed = found[row, domain]
-        summary = summarise([{"methods": {row: value}} for value in per_seed.values()], [row])[row]
+        summary = _summary(row, per_seed)
         cells = [_mean_sd(summary[metric]) for metric, _ in METRIC_COLUMNS]
         seeds = ", ".join(str(seed) for seed in sorted(per_seed))
         lines.append(f"| {domain} | {labels.get(row, row)} | " + " | ".join(cells) + f" | {seeds} |")

@@ -118,7 +118,8 @@ def test_cli_predict_writes_outputs_and_skips_done_cases(trained_model, cohort, 
     assert (out / "synth_0_energy.nii.gz").stat().st_mtime_ns == before
 
 
-def test_the_label_leaves_out_small_regions_at_every_threshold_and_the_energy_keeps_them(trained_model, cohort, tmp_path):
+def test_the_label_leaves_out_small_regions_at_every_threshold_and_the_energy_keeps_them(trained_model, cohort, tmp_path,
+                                                                                         caplog):
     """postprocess.min_component_mm3: predict's label leaves out smaller regions, its energy map does not; a
     label-only setting keeps the model's threshold; re-thresholding the folder leaves them out again."""
     from ADMAnomalyLib.postprocess import anomaly_label, component_voxels
@@ -146,6 +147,14 @@ def test_the_label_leaves_out_small_regions_at_every_threshold_and_the_energy_ke
     assert 0 < label.sum() < ((energy >= low) & brain).sum()
     assert main(["threshold", str(plain), "--threshold", repr(low), "--progress", "none"]) == 0
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read(plain, "anomaly")) > 0, (energy >= low) & brain)
+    # A report that cannot be read leaves the regions in, and says so.
+    from ADMAnomalyLib.results import folder_min_component_mm3
+
+    (cleaned / "report.json").write_text("{not json", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        assert folder_min_component_mm3(cleaned) == 0.0
+    assert "report.json" in caplog.text
+    assert folder_min_component_mm3(tmp_path / "nowhere") == 0.0
 
 
 def test_cli_predict_partial_failure_keeps_going(trained_model, cohort, tmp_path, capsys):
