@@ -513,6 +513,11 @@ METHODS: dict[str, MethodSpec] = {
         "scored again without the energy smoothing and the median filter the search chose (small lesions)",
         load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT,
         final_smoothing=True, energy_gate="last", small_lesion_ml=SMALL_LESION_ML),
+    "ADM+ F> ct +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale": _post_cc_row(
+        "ADM+ F> ct", "zscore", "the bundled row's post-processing, search and small-lesion rule on ADM+ F> ct, the "
+        "density of the brighter FLAIR residual alone (the learned energy that ranks lesions above raw FLAIR in more "
+        "unseen domains than ADM+ F's)", load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS,
+        t2_per_flair_weight=T2_TERM_WEIGHT, final_smoothing=True, energy_gate="last", small_lesion_ml=SMALL_LESION_ML),
     "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4": _post_cc_row(
         "ADM+ F", "zscore", "the bundled row whose search chooses the energy gate first, after the smoothing and the "
         "rim, and the FLAIR term, the asymmetries and the median filter on the gated energy", load=True,
@@ -693,7 +698,8 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4",
                                     "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+gate+sheet+cc (z+load) N4",
-                                    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale")
+                                    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale",
+                                    "ADM+ F> ct +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""
 _DOMAIN_ONLY = set(DOMAIN_METHODS) - {"FLAIR z", "FLAIR z +med5+cc", "ADM"}
