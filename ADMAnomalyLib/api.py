@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from torch import device as torch_device
 
 from .cases import CaseFiles, case_from_images, discover_cases, find_cases, load_case
-from .config import ADMConfig, CONTRASTS, LABEL_FIELDS, NATIVE_PREPROCESS_FIELDS, PRESETS, preset, profile_overrides
+from .config import ADMConfig, CONTRASTS, LABEL_FIELDS, INFERENCE_PREPROCESS_FIELDS, PRESETS, preset, profile_overrides
 from .device import PRECISIONS, describe_device, resolve_device, training_dtype
 from .errors import ADMError, InputError, ModelFileError, OutputError
 from .infer import InferenceOptions, Prediction, anomaly_mask, percentile_threshold, predict_case
@@ -444,17 +444,18 @@ def training_config(
 
 def with_postprocess(model: ADMModel, overrides: dict[str, Any] | None) -> ADMModel:
     """``model`` with other post-processing (``PostprocessConfig`` fields, or the preprocessing fields
-    of :data:`~ADMAnomalyLib.config.NATIVE_PREPROCESS_FIELDS`, which shape only what the post-processing
-    reads), for trying it without retraining; e.g. ``{"flair_weight": 0}`` shows the model's own
+    of :data:`~ADMAnomalyLib.config.INFERENCE_PREPROCESS_FIELDS`, which a trained model may take), for trying
+    it without retraining; e.g. ``{"flair_weight": 0}`` shows the model's own
     evidence. The stored threshold was chosen for the model's own post-processing, so the result has
     none: give one (unless only :data:`~ADMAnomalyLib.config.LABEL_FIELDS` change, which leave the energy as it
     was)."""
     if not overrides:
         return model
-    native = {k: v for k, v in overrides.items() if k in NATIVE_PREPROCESS_FIELDS}
+    preprocessing = {k: v for k, v in overrides.items() if k in INFERENCE_PREPROCESS_FIELDS}
     try:
-        post = dataclasses.replace(model.config.postprocess, **{k: v for k, v in overrides.items() if k not in native})
-        prep = dataclasses.replace(model.config.preprocess, **native)
+        post = dataclasses.replace(model.config.postprocess,
+                                   **{k: v for k, v in overrides.items() if k not in preprocessing})
+        prep = dataclasses.replace(model.config.preprocess, **preprocessing)
     except (TypeError, ValueError) as exc:
         raise InputError(f"invalid post-processing setting: {exc}") from None
     config = dataclasses.replace(model.config, preprocess=prep, postprocess=post)

@@ -80,7 +80,8 @@ def _add_postprocess_settings(parser: argparse.ArgumentParser, needs_threshold: 
     parser.add_argument("--set", action="append", default=[], metavar="postprocess.FIELD=VALUE",
                         help="other post-processing than the model's, without retraining, e.g. "
                              "--set postprocess.flair_weight=0 (the model's own evidence) or "
-                             "--set preprocess.native_bias_correction_levels=2 (N4 of the FLAIR it reads)"
+                             "--set preprocess.native_bias_correction_levels=2 (N4 of the FLAIR it reads) or "
+                             "--set preprocess.max_slice_mm=0 (thick slices as they are)"
                              + ("; needs --threshold for the anomaly maps, except postprocess.min_component_mm3 (the "
                                 "label's smallest region, mm³), which leaves the energy as it was" if needs_threshold else ""))
 
@@ -498,17 +499,18 @@ def _run_study(args: argparse.Namespace) -> int:
 
 def _postprocess_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
     """``--set postprocess.FIELD=VALUE`` of predict, evaluate and calibrate, and ``--set preprocess.FIELD=VALUE``
-    for the fields that shape only what the post-processing reads (other settings need retraining)."""
+    for the fields a trained model may take (:data:`~ADMAnomalyLib.config.INFERENCE_PREPROCESS_FIELDS`; other
+    settings need retraining)."""
     from .api import parse_settings
-    from .config import NATIVE_PREPROCESS_FIELDS
+    from .config import INFERENCE_PREPROCESS_FIELDS
 
     sections = parse_settings(args.set)
     native = sections.pop("preprocess", {})
     other = sorted(set(sections) - {"postprocess"}) + sorted(f"preprocess.{k}" for k in native
-                                                              if k not in NATIVE_PREPROCESS_FIELDS)
+                                                              if k not in INFERENCE_PREPROCESS_FIELDS)
     if other:
         raise InputError(f"--set here takes postprocess.FIELD=VALUE and "
-                         f"{', '.join(f'preprocess.{k}' for k in NATIVE_PREPROCESS_FIELDS)} only, not {', '.join(other)}: "
+                         f"{', '.join(f'preprocess.{k}' for k in INFERENCE_PREPROCESS_FIELDS)} only, not {', '.join(other)}: "
                          "those shape the trained networks")
     overrides = {**sections.get("postprocess", {}), **native}
     return overrides or None

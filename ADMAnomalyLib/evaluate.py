@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from .cases import CaseFiles, load_case
 from .domains import cohort_cases
 from .errors import InputError
-from .infer import InferenceOptions, energy_volume, prepare_for_model
+from .infer import InferenceOptions, predict_case, prepare_for_model
 from .metrics import pooled_and_per_case
 from .model import ADMModel
 from .postprocess import anomaly_label, component_voxels
@@ -45,7 +45,8 @@ def evaluate(
         case = load_case(files, model.config.preprocess.grid_tolerance)
         prepared = prepare_for_model(model, case)
         flair = prepared.native_zscored["flair"]
-        energy_image = energy_volume(model, prepared, options)
+        # predict's own path: a thick-slice case is scored on thinner slices, as predict scores it.
+        energy_image = predict_case(model, case, options, prepared=prepared).energy
         energy = sitk.GetArrayFromImage(energy_image)
         brain, labels = prepared.native_brain, prepared.native_lesion
         region = brain
@@ -105,7 +106,7 @@ def calibrate_threshold(
             prepared = prepare_for_model(model, case)
             if not prepared.has_lesion.any():
                 continue
-            energy = sitk.GetArrayFromImage(energy_volume(unloaded, prepared, options))
+            energy = sitk.GetArrayFromImage(predict_case(unloaded, case, options, prepared=prepared).energy)
             region = prepared.native_brain & native_slice_region(prepared, prepared.has_lesion)
             log_load = load_offset(energy[prepared.native_brain], 1.0, post.load_reference)
             measured.setdefault(name, []).append((energy[region], prepared.native_lesion[region], log_load))

@@ -18,6 +18,7 @@ from .model import ADMModel
 from .networks import check_neighbours
 from .postprocess import anomaly_label, component_voxels, postprocess_energy
 from .preprocess import MIRROR_AXIS, PreparedCase, native_brain_mask, prepare_case, slices_to_image
+from .slicing import energy_onto, thin_case
 from .validation import check_positive_int, check_threshold
 
 ProgressCallback = Callable[[int, int], None]
@@ -350,10 +351,23 @@ def predict_case(
     options: InferenceOptions = InferenceOptions(),
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    prepared: PreparedCase | None = None,
 ) -> Prediction:
-    """Preprocess a validated case with the model's settings and predict its energy image."""
+    """Preprocess a validated case with the model's settings (or take it ``prepared`` so, by
+    :func:`prepare_for_model`) and predict its energy image; a case sampled coarser than
+    ``preprocess.max_slice_mm`` is predicted on thinner slices and its energy carried back onto its own grid
+    (:mod:`~ADMAnomalyLib.slicing`)."""
     options = options.checked()  # before the preprocessing: a bad option must not cost a case's time
-    prepared = prepare_for_model(model, case)
+    resampled = thin_case(case, model.config.preprocess)
+    if resampled is not None:
+        thin, brain = resampled
+        on_thin = predict_case(model, thin, options, progress, should_cancel)
+        reference = case.images[CONTRASTS[0]]
+        brain_mask = sitk.GetImageFromArray(brain.astype(np.uint8))
+        brain_mask.CopyInformation(reference)
+        return replace(on_thin, energy=energy_onto(on_thin.energy, on_thin.brain_mask, reference, brain),
+                       brain_mask=brain_mask)
+    prepared = prepare_for_model(model, case) if prepared is None else prepared
     energy_image = energy_volume(model, prepared, options, progress, should_cancel)
     return Prediction(energy_image, native_brain_mask(prepared), model.threshold,
                       int(prepared.has_brain.sum()), min_component_mm3=model.config.postprocess.min_component_mm3)

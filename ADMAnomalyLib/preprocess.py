@@ -279,19 +279,15 @@ def n4_fit_shrink(spacing: Sequence[float], size: Sequence[int]) -> list[int]:
     return [max(1, min(int(N4_FIT_VOXEL_MM // float(step)), int(n) // 8)) for step, n in zip(spacing, size)]
 
 
-def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[str] = ("flair",)) -> PreparedCase:
-    """Turn a loaded case into normalised, oriented, resized axial slices (see module doc).
-
-    ``keep_native`` names the contrasts whose native-grid normalised volumes are kept in
-    :attr:`PreparedCase.native_zscored` (``cfg.native_normalisation``, by default the network input's;
-    4 bytes a voxel each; training keeps none)."""
-    reference = case.images[CONTRASTS[0]]
-    arrays = [sitk.GetArrayViewFromImage(case.images[c]) for c in CONTRASTS]
-
+def case_brain(case: CaseImages, cfg: PreprocessConfig) -> np.ndarray:
+    """The case's brain (bool, native array order): its supplied mask, else every voxel with |value| >
+    ``cfg.brain_threshold`` in any contrast; an empty brain, or a "brain" that fills the field of view (the
+    background is not zero), is an :class:`InputError`."""
     if case.mask is not None:
-        brain = sitk.GetArrayViewFromImage(case.mask) > 0
+        brain = sitk.GetArrayFromImage(case.mask) > 0
         how = "the supplied brain mask is empty"
     else:
+        arrays = [sitk.GetArrayViewFromImage(case.images[c]) for c in CONTRASTS]
         brain = np.abs(arrays[0]) > cfg.brain_threshold
         for values in arrays[1:]:
             brain |= np.abs(values) > cfg.brain_threshold
@@ -305,6 +301,18 @@ def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[
             "taken for a skull-stripped brain on a zero background; run brain extraction first "
             "(predict --preprocess full) or supply a brain mask (the case's 'mask' file)"
         )
+    return brain
+
+
+def prepare_case(case: CaseImages, cfg: PreprocessConfig, keep_native: Sequence[str] = ("flair",)) -> PreparedCase:
+    """Turn a loaded case into normalised, oriented, resized axial slices (see module doc).
+
+    ``keep_native`` names the contrasts whose native-grid normalised volumes are kept in
+    :attr:`PreparedCase.native_zscored` (``cfg.native_normalisation``, by default the network input's;
+    4 bytes a voxel each; training keeps none)."""
+    reference = case.images[CONTRASTS[0]]
+    arrays = [sitk.GetArrayViewFromImage(case.images[c]) for c in CONTRASTS]
+    brain = case_brain(case, cfg)
     lesion = sitk.GetArrayViewFromImage(case.label) != 0 if case.label is not None else None
 
     axes, flips = orientation_axes(reference.GetDirection(), cfg.orientation)
