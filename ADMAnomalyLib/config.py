@@ -97,7 +97,7 @@ class PreprocessConfig:
     resampled to this spacing along those axes for the networks and the post-processing, which were made on
     1 mm volumes, and its energy carried back onto its own grid (:mod:`ADMAnomalyLib.slicing`); 0 = off (the
     paper: every case as it is). Training data are left alone. On the raw TCGA scans (5.5 mm slices) 2 mm
-    raised AUPRC from 0.81 to 0.86 and Dice at the model's threshold from 0.67 to 0.80 (docs/raw_case.md)."""
+    raised AUPRC from 0.81 to 0.89 and Dice at the model's threshold from 0.67 to 0.81 (docs/raw_case.md)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.max_slice_mm, bool) or not isinstance(self.max_slice_mm, (int, float)) or not (
@@ -564,11 +564,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper
 (every default); 'transfer' is the bundled model's configuration for scans from other sites and
 pathologies (robust normalisation, site-shift augmentation, CtoC uncertainty, only the FLAIR residual
-among the density features, slices thicker than 2 mm resampled to 2 mm at inference, the FLAIR term read from an N4-corrected FLAIR, the T2 term weighted as the FLAIR
-term, a Gaussian of the combined score after its standardisation, the energy gated by FLAIR (it may not raise a
-voxel whose FLAIR z-score is at most 0 above typical tissue), the energy smoothing and the median filter left out
-on a case whose largest region at the score 2 is under 10 ml (small lesions), regions under 20 mm³ left out of
-the anomaly label, and the post-processing the
+among the density features, slices thicker than 2 mm resampled to 2 mm at inference, the FLAIR term read from an
+N4-corrected FLAIR, the T2 term weighted as the FLAIR term, a Gaussian of the combined score after its
+standardisation, the energy gated by FLAIR (it may not raise a voxel whose FLAIR z-score is at most 0 above typical
+tissue), the energy smoothing and the median filter left out on a case whose largest region at the score 2 is under
+10 ml (small lesions), regions under 20 mm³ left out of the anomaly label, and the post-processing the
 leave-one-domain-out study chose, with the load weight ``admanomaly calibrate --choose-load-weight`` chose
 over the four domains; see README, "The method as implemented")."""
 LABEL_FIELDS = ("min_component_mm3",)
