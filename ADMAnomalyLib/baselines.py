@@ -20,10 +20,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import SimpleITK as sitk
 
-from .config import CONTRASTS
+from .cases import CaseImages
+from .config import CONTRASTS, PreprocessConfig
 from .errors import InputError, TrainingDataError
-from .postprocess import median_filter_in_brain
+from .postprocess import median_filter_in_brain, median_window
+from .slicing import energy_onto, thin_case
 
 FLAIR_CHANNEL = CONTRASTS.index("flair")
 
@@ -100,6 +103,30 @@ def flair_zscore_filtered(
     if median_size > 1:
         score = _fill_background(median_filter_in_brain(score, brain, median_size), brain)
     return score
+
+
+def strong_baseline_image(flair: sitk.Image, brain: np.ndarray, median_mm: float = 5.0,
+                          max_slice_mm: float = 0.0) -> np.ndarray:
+    """The strong baseline of one case on its own grid (array order): FLAIR z-score over ``brain`` and a median of
+    about ``median_mm`` along each axis (:func:`~ADMAnomalyLib.postprocess.median_window`, so one slice across a
+    thick slice). With ``max_slice_mm`` it is computed on the thinner slices a model with that
+    ``preprocess.max_slice_mm`` sees and carried back the same way (:mod:`~ADMAnomalyLib.slicing`): the baseline
+    given what the model is given."""
+    mask = sitk.GetImageFromArray(np.asarray(brain, dtype=np.uint8))
+    mask.CopyInformation(flair)
+    resampled = thin_case(CaseImages("baseline", {c: flair for c in CONTRASTS}, mask=mask),
+                          PreprocessConfig(max_slice_mm=max_slice_mm))
+    image, inside = (flair, np.asarray(brain, dtype=bool)) if resampled is None else (
+        resampled[0].images["flair"], sitk.GetArrayFromImage(resampled[0].mask) > 0)
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    score = flair_zscore(values[None].repeat(len(CONTRASTS), axis=0), inside)
+    score = _fill_background(median_filter_in_brain(score, inside, median_window(image.GetSpacing(), median_mm)),
+                             inside)
+    if resampled is None:
+        return score
+    thin_score = sitk.GetImageFromArray(score)
+    thin_score.CopyInformation(image)
+    return sitk.GetArrayFromImage(energy_onto(thin_score, resampled[0].mask, flair, np.asarray(brain, dtype=bool)))
 
 
 # --------------------------------------------------------------------------------------------------

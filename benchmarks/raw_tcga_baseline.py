@@ -28,12 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ADMAnomalyLib import api, rawprep  # noqa: E402
-from ADMAnomalyLib.baselines import flair_zscore  # noqa: E402
-from ADMAnomalyLib.cases import CaseImages  # noqa: E402
-from ADMAnomalyLib.config import CONTRASTS, PreprocessConfig  # noqa: E402
+from ADMAnomalyLib.baselines import flair_zscore, strong_baseline_image  # noqa: E402
+from ADMAnomalyLib.config import CONTRASTS  # noqa: E402
 from ADMAnomalyLib.metrics import detection_metrics, label_metrics  # noqa: E402
-from ADMAnomalyLib.postprocess import median_filter_in_brain, median_window  # noqa: E402
-from ADMAnomalyLib.slicing import energy_onto, thin_case  # noqa: E402
 
 TCGA = (REPO / ".." / "shared" / "data" / "tcga" / "TCGA-FG-6692").resolve()
 REFERENCE_FILES = {"flair": "flair", "t1": "t1", "t1c": "t1ce", "t2": "t2", "label": "seg"}
@@ -60,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     mapping = rawprep.map_skull_stripped(raw_flair, reference["flair"], reference_brain, affine=False)
     tumour = sitk.GetArrayFromImage(rawprep.resample_mask(reference["label"] > 0, raw_flair, mapping.transform)) > 0
 
-    flair = sitk.GetArrayFromImage(flair_image).astype(np.float32)
-    zscore = flair_zscore(np.stack([flair] * len(CONTRASTS)), brain)  # reads only the FLAIR channel
-    window = median_window(flair_image.GetSpacing(), 5.0)
-    rows = {"bundled model": energy, f"FLAIR z + 5 mm median {window}": median_filter_in_brain(zscore, brain, window),
-            "FLAIR z + 5 mm median on the 2 mm slices the model sees": resampled_baseline(flair_image, brain),
+    zscore = flair_zscore(np.stack([sitk.GetArrayFromImage(flair_image).astype(np.float32)] * len(CONTRASTS)), brain)
+    rows = {"bundled model": energy,
+            "FLAIR z + 5 mm median (1 x 5 x 5 on the thick slices)": strong_baseline_image(flair_image, brain),
+            "FLAIR z + 5 mm median on the 2 mm slices the model sees": strong_baseline_image(
+                flair_image, brain, max_slice_mm=2.0),
             "FLAIR z": zscore}
     for name, score in rows.items():
         ranking = detection_metrics(score, tumour, brain)
@@ -73,22 +70,6 @@ def main(argv: list[str] | None = None) -> int:
             line += f", Dice at its threshold {label_metrics(written_label[brain], tumour[brain], threshold).dice:.3f}"
         print(line)
     return 0
-
-
-def resampled_baseline(flair_image: sitk.Image, brain: np.ndarray) -> np.ndarray:
-    """The strong baseline given the bundled model's thick-slice handling: FLAIR z-score and a 5 mm median on the
-    case resampled to 2 mm slices (:mod:`ADMAnomalyLib.slicing`), carried back onto the raw grid."""
-    mask = sitk.GetImageFromArray(brain.astype(np.uint8))
-    mask.CopyInformation(flair_image)
-    case = CaseImages("raw", {c: flair_image for c in CONTRASTS}, mask=mask)
-    thin, _ = thin_case(case, PreprocessConfig(max_slice_mm=2.0))
-    thin_flair = thin.images["flair"]
-    thin_brain = sitk.GetArrayFromImage(thin.mask) > 0
-    zscore = flair_zscore(np.stack([sitk.GetArrayFromImage(thin_flair)] * len(CONTRASTS)), thin_brain)
-    filtered = median_filter_in_brain(zscore, thin_brain, median_window(thin_flair.GetSpacing(), 5.0))
-    image = sitk.GetImageFromArray(np.where(thin_brain, filtered, filtered[thin_brain].min() - 1).astype(np.float32))
-    image.CopyInformation(thin_flair)
-    return sitk.GetArrayFromImage(energy_onto(image, thin.mask, flair_image, brain))
 
 
 if __name__ == "__main__":

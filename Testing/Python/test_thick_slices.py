@@ -152,3 +152,22 @@ def test_evaluate_scores_a_thick_case_as_predict_does(trained_model, tmp_path):
     assert report["methods"]["ADM"]["pooled"]["auprc"] == pytest.approx(expected.auprc, abs=1e-9)
     as_is = api.evaluate(trained_model, tmp_path / "cohort", slices="all", device="cpu", threshold=0.0)
     assert as_is["methods"]["ADM"]["pooled"]["auprc"] != pytest.approx(expected.auprc, abs=1e-9)
+
+
+def test_the_strong_baseline_can_be_given_the_slices_the_model_sees():
+    from ADMAnomalyLib.baselines import flair_zscore, strong_baseline_image
+    from ADMAnomalyLib.postprocess import median_filter_in_brain, median_window
+
+    images, label = _images()
+    flair = images["flair"]
+    brain = sitk.GetArrayFromImage(flair) > 0
+    as_is = strong_baseline_image(flair, brain)
+    volume = sitk.GetArrayFromImage(flair)[None].repeat(4, axis=0)
+    expected = median_filter_in_brain(flair_zscore(volume, brain), brain, median_window(flair.GetSpacing(), 5.0))
+    np.testing.assert_allclose(as_is[brain], expected[brain], rtol=0, atol=1e-6)
+    thin = strong_baseline_image(flair, brain, max_slice_mm=2.0)
+    assert thin.shape == brain.shape and np.isfinite(thin).all()
+    assert not np.allclose(thin[brain], as_is[brain])
+    lesion = (label > 0) & brain
+    assert np.median(thin[lesion]) > np.percentile(thin[brain & ~lesion], 90)
+    assert (thin[~brain] == thin[brain].min() - 1.0).all()
