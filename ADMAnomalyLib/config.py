@@ -416,6 +416,14 @@ class PostprocessConfig:
     small_lesion_level: float = 2.0
     """With ``small_lesion_ml``: the score (in the final units, load term included) at which the case's
     regions are measured: about where thresholds of standardised scores lie."""
+    small_lesion_load: bool = True
+    """With ``small_lesion_ml``: whether a case scored again for its small lesions keeps the load term
+    (``load_weight``). The load term reads the lesion load from the share of the brain above
+    ``load_reference``; on a case already found to hold no region of ``small_lesion_ml``, that share is mostly
+    the tail of normal tissue, which moves with the acquisition rather than with the lesions (on the MS scan
+    made of 5 mm slices, 2.3 % → 4.2 % of the brain, quadrupling its label; docs/domain_analysis.md,
+    forty-first round). False: that case gets no load term (its threshold reads as for a load of
+    :data:`~ADMAnomalyLib.postprocess.LOAD_BASE_SHARE`)."""
     min_component_mm3: float = 0.0
     """Beyond the paper, at the threshold: regions of the anomaly label (face-connected) smaller than this many
     mm³ are left out of it; the energy map keeps their scores. A voxel-scale speck above the threshold is noise
@@ -442,6 +450,8 @@ class PostprocessConfig:
             self.energy_gate_z = float(self.energy_gate_z)  # a --set 0 arrives as an int
         if not math.isfinite(self.small_lesion_ml) or not math.isfinite(self.small_lesion_level):
             raise ValueError("postprocess.small_lesion_ml and small_lesion_level must be finite numbers")
+        if not isinstance(self.small_lesion_load, bool):
+            raise ValueError(f"postprocess.small_lesion_load must be true or false, got {self.small_lesion_load!r}")
         if not math.isfinite(self.min_component_mm3):
             raise ValueError(f"postprocess.min_component_mm3 must be a finite volume, got {self.min_component_mm3!r}")
         if self.load_weight and self.standardise == "none":

@@ -570,6 +570,10 @@ def test_the_greedy_choice_may_keep_a_step_off_and_the_gate_rows_choose_the_gate
     assert scale.search == last and scale.postprocess["small_lesion_ml"] == study.methods.SMALL_LESION_ML > 0
     assert {k: v for k, v in scale.postprocess.items() if k != "small_lesion_ml"} == study.METHODS[
         "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4"].postprocess
+    # The '-load' row is the '+scale' row whose small-lesion cases get no load term, searched alike.
+    unloaded = study.METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale -load"]
+    assert unloaded.search == scale.search and unloaded.network == scale.network
+    assert unloaded.postprocess == {**scale.postprocess, "small_lesion_load": False}
     assert study.POST_CANDIDATES["energy_gate_z"][0] is None
     with pytest.raises(ValueError, match="energy_gate"):
         study.methods._post_cc_row("ADM+ F", "zscore", "gate first without the energy asymmetry", energy_gate="first")

@@ -384,6 +384,32 @@ def test_a_case_with_only_small_regions_is_scored_without_the_filters_that_erase
             PostprocessConfig(**bad)
 
 
+def test_a_case_scored_for_its_small_lesions_may_drop_the_load_term_and_only_that_case():
+    brain = np.ones((40, 48, 48), bool)
+    spacing = (1.0, 1.0, 1.0)
+    loaded = PostprocessConfig(smoothing_sigma_mm=2.0, median_size_mm=5.0, standardise="zscore",
+                               final_smoothing_sigma_mm=1.0, load_weight=0.5, small_lesion_ml=1.0)
+    unloaded = dataclasses.replace(loaded, small_lesion_load=False)
+    fine = dataclasses.replace(loaded, smoothing_sigma_mm=0.0, median_size_mm=0.0)
+    small = _balls([(12, 14, 14), (20, 30, 30), (28, 14, 34)], 2)
+    # The small lesions' case: scored fine in both, with the load term in one and without it in the other, so the
+    # two differ by the load term's constant over the brain (its share above the reference is not 1 %).
+    with_load = postprocess_scores(small, brain, spacing, loaded)
+    np.testing.assert_array_equal(with_load, postprocess_scores(small, brain, spacing, fine))
+    without_load = postprocess_scores(small, brain, spacing, unloaded)
+    np.testing.assert_array_equal(without_load, postprocess_scores(
+        small, brain, spacing, dataclasses.replace(fine, load_weight=0.0)))
+    shift = with_load - without_load
+    assert abs(float(shift.mean())) > 0.05 and float(shift.max() - shift.min()) < 1e-4
+    # The large lesion's case keeps its filters and its load term either way.
+    large = _balls([(20, 24, 24)], 8)
+    np.testing.assert_array_equal(postprocess_scores(large, brain, spacing, unloaded),
+                                  postprocess_scores(large, brain, spacing, loaded))
+    for bad in (0, 1, "false", None):
+        with pytest.raises(ValueError, match="small_lesion_load"):
+            PostprocessConfig(small_lesion_load=bad)
+
+
 def test_zscore_standardisation_gives_mean_0_sd_1_over_the_brain():
     rng = np.random.default_rng(4)
     brain = rng.random((6, 20, 20)) > 0.3
