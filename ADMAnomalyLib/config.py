@@ -33,6 +33,9 @@ CONTRAST_NAMES: dict[str, tuple[str, ...]] = {
 NORMALISATIONS = ("zscore", "robust", "histogram")
 """Per-contrast intensity normalisations (``PreprocessConfig.normalisation``)."""
 
+SMALL_LESION_LOADS = ("always", "thin", "never")
+"""Where a case scored for its small lesions keeps the load term (``PostprocessConfig.small_lesion_load``)."""
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Precision of the CtoC network, for training (``train.precision``, see
 :func:`ADMAnomalyLib.device.training_dtype`) and inference (see
@@ -416,14 +419,16 @@ class PostprocessConfig:
     small_lesion_level: float = 2.0
     """With ``small_lesion_ml``: the score (in the final units, load term included) at which the case's
     regions are measured: about where thresholds of standardised scores lie."""
-    small_lesion_load: bool = True
+    small_lesion_load: str = "always"
     """With ``small_lesion_ml``: whether a case scored again for its small lesions keeps the load term
-    (``load_weight``). The load term reads the lesion load from the share of the brain above
+    (``load_weight``): 'always', 'never', or 'thin': only when the scan's own slices are the grid it is scored on
+    (at most ``preprocess.max_slice_mm`` apart), not on the thinner slices made from thicker ones
+    (:mod:`~ADMAnomalyLib.slicing`). The load term reads the lesion load from the share of the brain above
     ``load_reference``; on a case already found to hold no region of ``small_lesion_ml``, that share is mostly
-    the tail of normal tissue, which moves with the acquisition rather than with the lesions (on the MS scan
-    made of 5 mm slices, 2.3 % → 4.2 % of the brain, quadrupling its label; docs/domain_analysis.md,
-    forty-first round). False: that case gets no load term (its threshold reads as for a load of
-    :data:`~ADMAnomalyLib.postprocess.LOAD_BASE_SHARE`)."""
+    the tail of normal tissue. Thresholds and load weights are chosen on 1 mm scans, where the term fits the MS
+    scan; on thick slices partial volume lifts that tail (the MS scan made of 5 mm slices: 2.3 % → 4.2 % of the
+    brain) and the term quadruples the label (docs/domain_analysis.md, forty-first round). Without the term a
+    case's threshold reads as for a load of :data:`~ADMAnomalyLib.postprocess.LOAD_BASE_SHARE`."""
     min_component_mm3: float = 0.0
     """Beyond the paper, at the threshold: regions of the anomaly label (face-connected) smaller than this many
     mm³ are left out of it; the energy map keeps their scores. A voxel-scale speck above the threshold is noise
@@ -450,8 +455,9 @@ class PostprocessConfig:
             self.energy_gate_z = float(self.energy_gate_z)  # a --set 0 arrives as an int
         if not math.isfinite(self.small_lesion_ml) or not math.isfinite(self.small_lesion_level):
             raise ValueError("postprocess.small_lesion_ml and small_lesion_level must be finite numbers")
-        if not isinstance(self.small_lesion_load, bool):
-            raise ValueError(f"postprocess.small_lesion_load must be true or false, got {self.small_lesion_load!r}")
+        if self.small_lesion_load not in SMALL_LESION_LOADS:
+            raise ValueError(f"postprocess.small_lesion_load must be one of {SMALL_LESION_LOADS}, "
+                             f"got {self.small_lesion_load!r}")
         if not math.isfinite(self.min_component_mm3):
             raise ValueError(f"postprocess.min_component_mm3 must be a finite volume, got {self.min_component_mm3!r}")
         if self.load_weight and self.standardise == "none":

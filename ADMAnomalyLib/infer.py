@@ -345,6 +345,15 @@ def prepare_for_model(model: ADMModel, case: CaseImages) -> PreparedCase:
     return prepare_case(case, model.config.preprocess, keep_native=model.config.postprocess.native_contrasts)
 
 
+def on_made_slices(model: ADMModel) -> ADMModel:
+    """``model`` as it scores the thin slices made from a thick scan: ``postprocess.small_lesion_load`` 'thin' turns
+    'never' there (the load term's share of the brain is lifted by the thick slices' partial volume)."""
+    post = model.config.postprocess
+    if post.small_lesion_load != "thin":
+        return model
+    return replace(model, config=replace(model.config, postprocess=replace(post, small_lesion_load="never")))
+
+
 def predict_case(
     model: ADMModel,
     case: CaseImages,
@@ -361,7 +370,7 @@ def predict_case(
     resampled = thin_case(case, model.config.preprocess)
     if resampled is not None:
         thin, brain = resampled
-        on_thin = predict_case(model, thin, options, progress, should_cancel)
+        on_thin = predict_case(on_made_slices(model), thin, options, progress, should_cancel)
         reference = case.images[CONTRASTS[0]]
         brain_mask = sitk.GetImageFromArray(brain.astype(np.uint8))
         brain_mask.CopyInformation(reference)

@@ -22,8 +22,9 @@ the steps a :class:`~ADMAnomalyLib.config.PostprocessConfig` switches on, in a f
    threshold suits a large glioma and a few small MS lesions alike;
 7. with ``small_lesion_ml``: a case whose largest region at ``small_lesion_level``
    (:func:`largest_region_ml`) is smaller than that is scored again from step 1 without the smoothing of
-   step 1 and the median filter of step 4, the filters that round off small lesions (and, unless
-   ``small_lesion_load``, without the load term of step 6);
+   step 1 and the median filter of step 4, the filters that round off small lesions (and with
+   ``small_lesion_load`` 'never' without the load term of step 6; 'thin' is 'always' here, and
+   :func:`~ADMAnomalyLib.infer.predict_case` makes it 'never' on the thin slices made from thick ones);
 
 and sets the background exactly 1 below the lowest brain score. :func:`anomaly_label` works at a threshold
 (the label, without regions under ``min_component_mm3``) and is applied wherever a threshold meets the map.
@@ -683,7 +684,7 @@ def postprocess_scores(
         # In the same box, so the maps that neither filter touches (rim, FLAIR asymmetry, T2 term) come from
         # the cache instead of being computed again.
         inner = score(replace(cfg, smoothing_sigma_mm=0.0, median_size_mm=0.0,
-                              load_weight=cfg.load_weight if cfg.small_lesion_load else 0.0))
+                              load_weight=0.0 if cfg.small_lesion_load == "never" else cfg.load_weight))
     result = np.full(values.shape, float(inner[inner_brain].min()) - 1.0, dtype=np.float32)
     result[box] = np.where(inner_brain, inner, result[box])
     return result

@@ -5,12 +5,12 @@ baseline (FLAIR z + a median of 5 mm and of 3 mm per axis) computed both ways on
 pooled, against the reference averaged the same way (a thick voxel is lesion where most of it is).
 
     python benchmarks/thick_slices.py [--thickness 5] [--json runs/thick.json]
-    python benchmarks/thick_slices.py --study runs/lodo_s1n --seed 1      # leave-one-domain-out
+    python benchmarks/thick_slices.py --study runs/lodo_s1n --seed 1 [--row ROW]     # leave-one-domain-out
 
 By default every case is predicted by the bundled model, whose training pool holds these cases: the figures compare
 the ways of feeding thick slices, not generalisation. With ``--study`` each left-out domain's cases are predicted by
 that fold's model of the study folder (its kept network with the post-processing, load weight and threshold the fold
-chose for the bundled row, and the label's small-region rule), as ``predict`` would run it.
+chose for the bundled row, or for ``--row``, and the label's small-region rule), as ``predict`` would run it.
 """
 
 from __future__ import annotations
@@ -77,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thickness", type=int, default=5, help="slices of 1 mm per thick slice")
     parser.add_argument("--study", type=Path, help="a leave-one-domain-out study folder (study.json, networks/)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--row", default=BUNDLED_METHOD, help="with --study: the study row whose fold models predict")
+    parser.add_argument("--model", help="without --study: the model file that predicts every case (default: bundled)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     domains = load_domains(args.domains)
-    models = fold_models(args.study, args.seed) if args.study else {d: api.load_model() for d in domains}
+    models = fold_models(args.study, args.seed, args.row) if args.study else {d: api.load_model(args.model) for d in domains}
     feedings = {"as they are": 0.0, "resampled to 2 mm": 2.0}
     entries: dict[str, dict[str, list]] = {}
     seconds: dict[str, float] = {}
@@ -106,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                     entries.setdefault(f"FLAIR z + {median_mm:g} mm median, {feeding}", {}).setdefault(
                         domain, []).append((files.case_id, score[brain], label[brain], None, None))
             print(f"{domain} {files.case_id} done", flush=True)
-    out = {"thickness_mm": args.thickness, "models": str(args.study or "bundled"), "seed": args.seed,
+    out = {"thickness_mm": args.thickness, "models": str(args.study or args.model or "bundled"), "seed": args.seed,
+           **({"row": args.row} if args.study else {}),
            "seconds": seconds, "rows": {}}
     names = list(domains)
-    print(f"\n{args.thickness} mm slices, {'fold models of ' + str(args.study) if args.study else 'bundled model'}; "
+    print(f"\n{args.thickness} mm slices, {'fold models of ' + str(args.study) if args.study else (args.model or 'bundled model')}; "
           "AUPRC / AUROC / best Dice / Dice at the model's threshold (ADM rows)")
     print("| row | " + " | ".join(names) + " | all |")
     for name, per_domain in entries.items():

@@ -276,7 +276,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0,
                  t2_per_flair_weight: float = 0.0, final_smoothing: bool = False,
                  flair_sheets: bool = False, score_sheets: bool = False, energy_gate: str = "",
-                 small_lesion_ml: float = 0.0, small_lesion_load: bool = True) -> MethodSpec:
+                 small_lesion_ml: float = 0.0, small_lesion_load: str = "always") -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -301,7 +301,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {}),
             **({"small_lesion_ml": small_lesion_ml} if small_lesion_ml else {}),
-            **({} if small_lesion_load else {"small_lesion_load": False})}
+            **({} if small_lesion_load == "always" else {"small_lesion_load": small_lesion_load})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ())
               + (GATED_ENERGY_ASYMMETRY_SEARCH if energy_gate == "first"
@@ -519,7 +519,7 @@ METHODS: dict[str, MethodSpec] = {
         "cases scored again for their small lesions get no load term: on them the share of the brain the load term "
         "reads is mostly the tail of normal tissue, which moves with the acquisition (slice thickness)",
         load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT,
-        final_smoothing=True, energy_gate="last", small_lesion_ml=SMALL_LESION_ML, small_lesion_load=False),
+        final_smoothing=True, energy_gate="last", small_lesion_ml=SMALL_LESION_ML, small_lesion_load="never"),
     "ADM+ F> ct +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale": _post_cc_row(
         "ADM+ F> ct", "zscore", "the bundled row's post-processing, search and small-lesion rule on ADM+ F> ct, the "
         "density of the brighter FLAIR residual alone (the learned energy that ranks lesions above raw FLAIR in more "

@@ -573,7 +573,7 @@ def test_the_greedy_choice_may_keep_a_step_off_and_the_gate_rows_choose_the_gate
     # The '-load' row is the '+scale' row whose small-lesion cases get no load term, searched alike.
     unloaded = study.METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale -load"]
     assert unloaded.search == scale.search and unloaded.network == scale.network
-    assert unloaded.postprocess == {**scale.postprocess, "small_lesion_load": False}
+    assert unloaded.postprocess == {**scale.postprocess, "small_lesion_load": "never"}
     assert study.POST_CANDIDATES["energy_gate_z"][0] is None
     with pytest.raises(ValueError, match="energy_gate"):
         study.methods._post_cc_row("ADM+ F", "zscore", "gate first without the energy asymmetry", energy_gate="first")

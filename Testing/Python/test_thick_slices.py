@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ADMAnomalyLib import api
+from ADMAnomalyLib import api, infer
 from ADMAnomalyLib.cases import CaseImages
 from ADMAnomalyLib.config import CONTRASTS, PROFILES, PreprocessConfig
 from ADMAnomalyLib.errors import InputError
@@ -103,6 +103,29 @@ def test_a_thin_case_gives_the_same_energy_with_or_without_the_setting(trained_m
     as_is = api.predict(plain, images, device="cpu")
     limited = api.predict(api.with_postprocess(plain, {"max_slice_mm": 2.0}), images, device="cpu")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(as_is.energy), sitk.GetArrayFromImage(limited.energy))
+
+
+def test_small_lesion_load_thin_drops_the_load_term_only_on_slices_made_from_thick_ones(trained_model):
+    # Every case takes the small-lesion path (no region reaches 1e6 ml), which scores it again with the load term
+    # or without it.
+    settings = {"standardise": "zscore", "median_size_mm": 3.0, "load_weight": 0.5, "small_lesion_ml": 1e6,
+                "max_slice_mm": 2.0}
+    models = {load: api.with_postprocess(api.load_model(trained_model), {**settings, "small_lesion_load": load})
+              for load in ("always", "thin", "never")}
+    for spacing, same, other in (((1.0, 1.0, 5.0), "never", "always"), ((1.0, 1.0, 1.2), "always", "never")):
+        images, _ = _images(spacing=spacing)
+        energy = {load: sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
+                  for load, model in models.items()}
+        np.testing.assert_array_equal(energy["thin"], energy[same])
+        shift = (energy[other] - energy["thin"])[sitk.GetArrayFromImage(images["flair"]) > 0]
+        assert abs(float(np.median(shift))) > 0.01  # the load term's constant, on the brain
+    # The model object a thick case's thin slices are scored with; the others pass through unchanged.
+    assert infer.on_made_slices(models["thin"]).config.postprocess.small_lesion_load == "never"
+    assert infer.on_made_slices(models["thin"]).threshold == models["thin"].threshold
+    assert all(infer.on_made_slices(models[load]) is models[load] for load in ("always", "never"))
+    for bad in ("sometimes", True, None):
+        with pytest.raises(InputError, match="small_lesion_load"):
+            api.with_postprocess(models["always"], {"small_lesion_load": bad})
 
 
 def test_a_supplied_brain_mask_is_carried_onto_the_thin_slices_and_kept_on_the_case_grid():

@@ -389,7 +389,7 @@ def test_a_case_scored_for_its_small_lesions_may_drop_the_load_term_and_only_tha
     spacing = (1.0, 1.0, 1.0)
     loaded = PostprocessConfig(smoothing_sigma_mm=2.0, median_size_mm=5.0, standardise="zscore",
                                final_smoothing_sigma_mm=1.0, load_weight=0.5, small_lesion_ml=1.0)
-    unloaded = dataclasses.replace(loaded, small_lesion_load=False)
+    unloaded = dataclasses.replace(loaded, small_lesion_load="never")
     fine = dataclasses.replace(loaded, smoothing_sigma_mm=0.0, median_size_mm=0.0)
     small = _balls([(12, 14, 14), (20, 30, 30), (28, 14, 34)], 2)
     # The small lesions' case: scored fine in both, with the load term in one and without it in the other, so the
@@ -405,7 +405,10 @@ def test_a_case_scored_for_its_small_lesions_may_drop_the_load_term_and_only_tha
     large = _balls([(20, 24, 24)], 8)
     np.testing.assert_array_equal(postprocess_scores(large, brain, spacing, unloaded),
                                   postprocess_scores(large, brain, spacing, loaded))
-    for bad in (0, 1, "false", None):
+    # 'thin' scores the grid it is given as 'always' does: predict_case makes it 'never' on slices made from thick ones.
+    thin = dataclasses.replace(loaded, small_lesion_load="thin")
+    np.testing.assert_array_equal(postprocess_scores(small, brain, spacing, thin), with_load)
+    for bad in (False, True, "false", None):
         with pytest.raises(ValueError, match="small_lesion_load"):
             PostprocessConfig(small_lesion_load=bad)
 
