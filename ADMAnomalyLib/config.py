@@ -574,7 +574,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "postprocess": {"smoothing_sigma_mm": 2.0, "rim_erosion_mm": 3.0, "flair_weight": 1.0,
                         "asymmetry_weight": 1.0, "energy_asymmetry_weight": 2.0, "median_size_mm": 5.0,
                         "final_smoothing_sigma_mm": 1.0, "standardise": "zscore", "load_weight": 0.6,
-                        "t2_weight": 1.0, "energy_gate_z": 0.0, "small_lesion_ml": 10.0, "min_component_mm3": 20.0},
+                        "t2_weight": 1.0, "energy_gate_z": 0.0, "small_lesion_ml": 10.0, "small_lesion_load": "thin",
+                        "min_component_mm3": 20.0},
     },
 }
 """What a model is trained for, orthogonal to the size presets: 'faithful' is the ADM of the paper
@@ -584,7 +585,8 @@ among the density features, slices thicker than 2 mm resampled to 2 mm at infere
 N4-corrected FLAIR, the T2 term weighted as the FLAIR term, a Gaussian of the combined score after its
 standardisation, the energy gated by FLAIR (it may not raise a voxel whose FLAIR z-score is at most 0 above typical
 tissue), the energy smoothing and the median filter left out on a case whose largest region at the score 2 is under
-10 ml (small lesions), regions under 20 mm³ left out of the anomaly label, and the post-processing the
+10 ml (small lesions), and there without the load term on the thin slices made from thick ones, regions under 20 mm³
+left out of the anomaly label, and the post-processing the
 leave-one-domain-out study chose, with the load weight ``admanomaly calibrate --choose-load-weight`` chose
 over the four domains; see README, "The method as implemented")."""
 LABEL_FIELDS = ("min_component_mm3",)

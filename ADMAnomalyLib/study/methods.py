@@ -276,7 +276,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0,
                  t2_per_flair_weight: float = 0.0, final_smoothing: bool = False,
                  flair_sheets: bool = False, score_sheets: bool = False, energy_gate: str = "",
-                 small_lesion_ml: float = 0.0, small_lesion_load: str = "always") -> MethodSpec:
+                 small_lesion_ml: float = 0.0) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -294,14 +294,13 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     ``energy_gate`` 'last' the search then chooses the energy gate, 'first' before the weights
     (:data:`GATED_ENERGY_ASYMMETRY_SEARCH`, with ``energy_asymmetry``); with ``flair_sheets`` it then chooses the
     weight of the FLAIR's sheet response, and with ``score_sheets`` that of the combined score's own, last of all
-    (0 first), so that the sheets are weighed on the gated energy; ``small_lesion_ml`` and ``small_lesion_load``
-    are the unsearched ``PostprocessConfig.small_lesion_ml`` and ``small_lesion_load``."""
+    (0 first), so that the sheets are weighed on the gated energy; ``small_lesion_ml`` is the unsearched
+    ``PostprocessConfig.small_lesion_ml``."""
     if energy_gate not in ("", "first", "last") or (energy_gate == "first" and not energy_asymmetry):
         raise ValueError(f"energy_gate must be '', 'last' or, with energy_asymmetry, 'first'; got {energy_gate!r}")
     post = {"standardise": standardise, **({"case_mixture": True} if case_mixture else {}),
             **({"case_mixture_share": share} if share != 1 else {}), **({"flip_tta": True} if flip else {}),
-            **({"small_lesion_ml": small_lesion_ml} if small_lesion_ml else {}),
-            **({} if small_lesion_load == "always" else {"small_lesion_load": small_lesion_load})}
+            **({"small_lesion_ml": small_lesion_ml} if small_lesion_ml else {})}
     search = ((("normal_max_flair_z",) if choose_cutoff else ())
               + (("case_mixture_share",) if choose_share else ())
               + (GATED_ENERGY_ASYMMETRY_SEARCH if energy_gate == "first"
@@ -514,12 +513,6 @@ METHODS: dict[str, MethodSpec] = {
         "scored again without the energy smoothing and the median filter the search chose (small lesions)",
         load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT,
         final_smoothing=True, energy_gate="last", small_lesion_ml=SMALL_LESION_ML),
-    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale -load": _post_cc_row(
-        "ADM+ F", "zscore", "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale (the bundled row) whose "
-        "cases scored again for their small lesions get no load term: on them the share of the brain the load term "
-        "reads is mostly the tail of normal tissue, which moves with the acquisition (slice thickness)",
-        load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT,
-        final_smoothing=True, energy_gate="last", small_lesion_ml=SMALL_LESION_ML, small_lesion_load="never"),
     "ADM+ F> ct +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale": _post_cc_row(
         "ADM+ F> ct", "zscore", "the bundled row's post-processing, search and small-lesion rule on ADM+ F> ct, the "
         "density of the brighter FLAIR residual alone (the learned energy that ranks lesions above raw FLAIR in more "
@@ -706,7 +699,6 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+gate+sheet+cc (z+load) N4",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale",
-                                    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale -load",
                                     "ADM+ F> ct +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""

@@ -805,6 +805,10 @@ def _with_chosen_load(scores: dict[str, np.ndarray], post: PostprocessConfig, we
     """The scores with the load term (``PostprocessConfig.load_weight``, the last post-processing step,
     :func:`~ADMAnomalyLib.postprocess.load_offset`) of the weight among ``weights`` whose threshold
     transfers best between the selection groups' validation voxels (:func:`~ADMAnomalyLib.metrics.choose_load_weight`)."""
+    if post.small_lesion_load == "never":
+        # 'thin' is 'always' here: every study case is scored on its own slices.
+        raise ValueError("the study adds the load term after the post-processing, to every case: it cannot leave it "
+                         "out of the cases scored for their small lesions (postprocess.small_lesion_load 'never')")
     log_load = {case.case_id: load_offset(scores[case.case_id], 1.0, post.load_reference) for case in run.all_cases}
     groups = [[(scores[c.case_id][c.validation], c.labels[c.validation], log_load[c.case_id]) for c in group]
               for group in run.groups]

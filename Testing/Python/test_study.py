@@ -341,6 +341,9 @@ def test_the_study_scores_adm_exactly_as_the_product_predicts(trained_model, coh
     product_load = sitk.GetArrayFromImage(api.predict(model, images, device="cpu").energy)
     np.testing.assert_array_equal(shifted[case.case_id], product_load[case.brain])
     assert not np.allclose(shifted[case.case_id], study_post[case.case_id])
+    # It adds it to every case, so a row whose small-lesion cases should go without it is refused, not mismeasured.
+    with pytest.raises(ValueError, match="small_lesion_load"):
+        _with_chosen_load(study_post, dataclasses.replace(post, small_lesion_load="never"), (0.7,), run)
     # '+cc': the study's label at the threshold is the one predict writes, its small regions left out; the
     # energy map is the same with or without them.
     threshold = float(np.quantile(shifted[case.case_id], 0.95))
@@ -570,10 +573,6 @@ def test_the_greedy_choice_may_keep_a_step_off_and_the_gate_rows_choose_the_gate
     assert scale.search == last and scale.postprocess["small_lesion_ml"] == study.methods.SMALL_LESION_ML > 0
     assert {k: v for k, v in scale.postprocess.items() if k != "small_lesion_ml"} == study.METHODS[
         "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4"].postprocess
-    # The '-load' row is the '+scale' row whose small-lesion cases get no load term, searched alike.
-    unloaded = study.METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale -load"]
-    assert unloaded.search == scale.search and unloaded.network == scale.network
-    assert unloaded.postprocess == {**scale.postprocess, "small_lesion_load": "never"}
     assert study.POST_CANDIDATES["energy_gate_z"][0] is None
     with pytest.raises(ValueError, match="energy_gate"):
         study.methods._post_cc_row("ADM+ F", "zscore", "gate first without the energy asymmetry", energy_gate="first")
@@ -929,6 +928,8 @@ def test_the_transfer_profile_is_the_bundled_rows_configuration():
     for field in spec.search:
         assert profile["postprocess"][field] in study.methods.POST_CANDIDATES[field], field
     assert profile["postprocess"].get("load_weight", 0.0) in (spec.load_weights or (0.0,))
+    # Small lesions keep the load term on their own slices: the study's cases (all 1 mm) score as the row does.
+    assert profile["postprocess"]["small_lesion_load"] == "thin"
     # The T2 term, unsearched, weighted as the row ties it to the FLAIR weight.
     assert profile["postprocess"].get("t2_weight", 0.0) == (spec.t2_per_flair_weight
                                                             * profile["postprocess"]["flair_weight"])
