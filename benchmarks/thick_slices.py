@@ -5,7 +5,8 @@ baseline (FLAIR z + a median of 5 mm and of 3 mm per axis) computed both ways on
 pooled, against the reference averaged the same way (a thick voxel is lesion where most of it is).
 
     python benchmarks/thick_slices.py [--thickness 5] [--json runs/thick.json]
-    python benchmarks/thick_slices.py --study runs/lodo_s1n --seed 1 [--row ROW] [--set postprocess.F=V]   # leave-one-domain-out
+    python benchmarks/thick_slices.py --study runs/lodo_s1n --seed 1 [--row ROW]      # leave-one-domain-out
+    python benchmarks/thick_slices.py ... --set postprocess.small_lesion_load=thin   # other post-processing
 
 By default every case is predicted by the bundled model, whose training pool holds these cases: the figures compare
 the ways of feeding thick slices, not generalisation. With ``--study`` each left-out domain's cases are predicted by
@@ -84,13 +85,15 @@ def main(argv: list[str] | None = None) -> int:
                              "postprocess.small_lesion_load=thin: on 1 mm scans the fold models score as they did)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    domains = load_domains(args.domains)
-    models = fold_models(args.study, args.seed, args.row) if args.study else {d: api.load_model(args.model) for d in domains}
     settings = api.parse_settings(args.set)
     if set(settings) - {"postprocess"}:
         parser.error("--set takes postprocess.FIELD=VALUE only")
+    domains = load_domains(args.domains)
+    models = (fold_models(args.study, args.seed, args.row) if args.study
+              else {d: api.load_model(args.model) for d in domains})
     overrides = settings.get("postprocess", {})
-    models = {d: dataclasses.replace(api.with_postprocess(m, overrides), threshold=m.threshold) for d, m in models.items()}
+    models = {d: dataclasses.replace(api.with_postprocess(m, overrides), threshold=m.threshold)
+              for d, m in models.items()}
     feedings = {"as they are": 0.0, "resampled to 2 mm": 2.0}
     entries: dict[str, dict[str, list]] = {}
     seconds: dict[str, float] = {}
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
            **({"row": args.row} if args.study else {}), **({"set": args.set} if args.set else {}),
            "seconds": seconds, "rows": {}}
     names = list(domains)
-    print(f"\n{args.thickness} mm slices, {'fold models of ' + str(args.study) if args.study else (args.model or 'bundled model')}; "
+    predictor = f"fold models of {args.study}" if args.study else (args.model or "bundled model")
+    print(f"\n{args.thickness} mm slices, {predictor}; "
           "AUPRC / AUROC / best Dice / Dice at the model's threshold (ADM rows)")
     print("| row | " + " | ".join(names) + " | all |")
     for name, per_domain in entries.items():
