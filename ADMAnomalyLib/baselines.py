@@ -22,11 +22,10 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
-from .cases import CaseImages
-from .config import CONTRASTS, PreprocessConfig
+from .config import CONTRASTS
 from .errors import InputError, TrainingDataError
 from .postprocess import median_filter_in_brain, median_window
-from .slicing import energy_onto, thin_case
+from .slicing import brain_onto_grid, energy_onto, onto_grid, thin_grid
 
 FLAIR_CHANNEL = CONTRASTS.index("flair")
 
@@ -112,21 +111,20 @@ def strong_baseline_image(flair: sitk.Image, brain: np.ndarray, median_mm: float
     thick slice). With ``max_slice_mm`` it is computed on the thinner slices a model with that
     ``preprocess.max_slice_mm`` sees and carried back the same way (:mod:`~ADMAnomalyLib.slicing`): the baseline
     given what the model is given."""
-    mask = sitk.GetImageFromArray(np.asarray(brain, dtype=np.uint8))
-    mask.CopyInformation(flair)
-    resampled = thin_case(CaseImages("baseline", {c: flair for c in CONTRASTS}, mask=mask),
-                          PreprocessConfig(max_slice_mm=max_slice_mm))
-    image, inside = (flair, np.asarray(brain, dtype=bool)) if resampled is None else (
-        resampled[0].images["flair"], sitk.GetArrayFromImage(resampled[0].mask) > 0)
+    brain = np.asarray(brain, dtype=bool)
+    grid = thin_grid(flair, max_slice_mm)
+    image = flair if grid is None else onto_grid(flair, grid)
+    thin_mask = None if grid is None else brain_onto_grid(brain, flair, grid)
+    inside = brain if grid is None else sitk.GetArrayFromImage(thin_mask) > 0
     values = sitk.GetArrayFromImage(image).astype(np.float32)
     score = flair_zscore(values[None].repeat(len(CONTRASTS), axis=0), inside)
     score = _fill_background(median_filter_in_brain(score, inside, median_window(image.GetSpacing(), median_mm)),
                              inside)
-    if resampled is None:
+    if grid is None:
         return score
     thin_score = sitk.GetImageFromArray(score)
     thin_score.CopyInformation(image)
-    return sitk.GetArrayFromImage(energy_onto(thin_score, resampled[0].mask, flair, np.asarray(brain, dtype=bool)))
+    return sitk.GetArrayFromImage(energy_onto(thin_score, thin_mask, flair, brain))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from .cases import CaseFiles, load_case
 from .domains import cohort_cases
 from .errors import InputError
-from .infer import InferenceOptions, predict_case, prepare_for_model
+from .infer import InferenceOptions, load_term_off_its_grid, predict_case, prepare_for_model
 from .metrics import pooled_and_per_case
 from .model import ADMModel
 from .postprocess import anomaly_label, component_voxels
@@ -94,8 +94,11 @@ def calibrate_threshold(
 
     post = model.config.postprocess
     # The load term is a per-case constant added last: energies without it, then each weight's offset.
-    unloaded = ADMModel(dataclasses.replace(model.config, postprocess=dataclasses.replace(post, load_weight=0.0)),
-                        model.network, model.gmm, model.threshold, model.metadata, model.path)
+    def with_load_weight(weight: float) -> ADMModel:
+        return dataclasses.replace(model, config=dataclasses.replace(
+            model.config, postprocess=dataclasses.replace(post, load_weight=weight)))
+
+    unloaded = with_load_weight(0.0)
     groups = dict(cases) if isinstance(cases, Mapping) else {"cases": list(cases)}
     measured: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
     for name, members in groups.items():
@@ -108,7 +111,14 @@ def calibrate_threshold(
                 continue
             energy = sitk.GetArrayFromImage(predict_case(unloaded, case, options, prepared=prepared).energy)
             region = prepared.native_brain & native_slice_region(prepared, prepared.has_lesion)
-            log_load = load_offset(energy[prepared.native_brain], 1.0, post.load_reference)
+            if load_term_off_its_grid(model, case):
+                # predict measures the term on the thin slices, or may leave it out on the small-lesion path: the
+                # offset at weight 1 is read off predict itself (0 where it leaves the term out).
+                at_one = predict_case(with_load_weight(1.0), case, options, prepared=prepared).energy
+                log_load = float(np.median(sitk.GetArrayFromImage(at_one)[prepared.native_brain]
+                                           - energy[prepared.native_brain]))
+            else:
+                log_load = load_offset(energy[prepared.native_brain], 1.0, post.load_reference)
             measured.setdefault(name, []).append((energy[region], prepared.native_lesion[region], log_load))
     if not measured:
         return None, {}

@@ -18,7 +18,7 @@ from .model import ADMModel
 from .networks import check_neighbours
 from .postprocess import anomaly_label, component_voxels, postprocess_energy
 from .preprocess import MIRROR_AXIS, PreparedCase, native_brain_mask, prepare_case, slices_to_image
-from .slicing import energy_onto, thin_case
+from .slicing import energy_onto, thin_case, thin_grid
 from .validation import check_positive_int, check_threshold
 
 ProgressCallback = Callable[[int, int], None]
@@ -352,6 +352,16 @@ def on_made_slices(model: ADMModel) -> ADMModel:
     if post.small_lesion_load != "thin":
         return model
     return replace(model, config=replace(model.config, postprocess=replace(post, small_lesion_load="never")))
+
+
+def load_term_off_its_grid(model: ADMModel, case: CaseImages) -> bool:
+    """Whether the load term :func:`predict_case` adds to ``case`` cannot be read off its unloaded energy on the case's
+    own grid (:func:`~ADMAnomalyLib.postprocess.load_offset`): a scan put on thinner slices, where the term is
+    measured, or a small-lesion path that may leave it out (``postprocess.small_lesion_load`` 'never', or 'thin' on
+    such a scan, :func:`on_made_slices`)."""
+    post = model.config.postprocess
+    return (thin_grid(case.images[CONTRASTS[0]], model.config.preprocess.max_slice_mm) is not None
+            or bool(post.small_lesion_ml) and post.small_lesion_load == "never")
 
 
 def predict_case(

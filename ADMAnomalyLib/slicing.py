@@ -44,6 +44,18 @@ def thin_grid(reference: sitk.Image, max_slice_mm: float) -> Optional[sitk.Image
     return grid
 
 
+def onto_grid(image: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """``image`` on ``grid`` (:func:`thin_grid`): linear, which never overshoots, as float32."""
+    return sitk.Resample(image, grid, _IDENTITY, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def brain_onto_grid(brain: np.ndarray, reference: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    """``brain`` (bool on ``reference``'s grid) on ``grid`` as a uint8 mask: brain where most of a voxel is."""
+    mask = sitk.GetImageFromArray(np.asarray(brain, dtype=np.float32))
+    mask.CopyInformation(reference)
+    return sitk.Cast(onto_grid(mask, grid) > 0.5, sitk.sitkUInt8)
+
+
 def thin_case(case: CaseImages, cfg: PreprocessConfig) -> Optional[tuple[CaseImages, np.ndarray]]:
     """``case`` on :func:`thin_grid` (contrasts linear, which never overshoots; its brain,
     :func:`~ADMAnomalyLib.preprocess.case_brain`, carried as a mask that is brain where most of a voxel is) and
@@ -54,12 +66,8 @@ def thin_case(case: CaseImages, cfg: PreprocessConfig) -> Optional[tuple[CaseIma
     if grid is None:
         return None
     brain = case_brain(case, cfg)
-    images = {c: sitk.Resample(case.images[c], grid, _IDENTITY, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-              for c in CONTRASTS}
-    mask = sitk.GetImageFromArray(brain.astype(np.float32))
-    mask.CopyInformation(reference)
-    thin_mask = sitk.Resample(mask, grid, _IDENTITY, sitk.sitkLinear, 0.0, sitk.sitkFloat32) > 0.5
-    return CaseImages(case.case_id, images, None, sitk.Cast(thin_mask, sitk.sitkUInt8), case.sources), brain
+    images = {c: onto_grid(case.images[c], grid) for c in CONTRASTS}
+    return CaseImages(case.case_id, images, None, brain_onto_grid(brain, reference, grid), case.sources), brain
 
 
 def energy_onto(energy: sitk.Image, energy_brain: sitk.Image, reference: sitk.Image, brain: np.ndarray) -> sitk.Image:

@@ -177,6 +177,39 @@ def test_evaluate_scores_a_thick_case_as_predict_does(trained_model, tmp_path):
     assert as_is["methods"]["ADM"]["pooled"]["auprc"] != pytest.approx(expected.auprc, abs=1e-9)
 
 
+def test_calibration_scores_a_thick_small_lesion_case_as_predict_does(trained_model, tmp_path):
+    from ADMAnomalyLib.cases import find_cases, load_case
+    from ADMAnomalyLib.evaluate import calibrate_threshold
+    from ADMAnomalyLib.infer import InferenceOptions, load_term_off_its_grid, prepare_for_model
+    from ADMAnomalyLib.metrics import detection_metrics
+    from ADMAnomalyLib.preprocess import native_slice_region
+    from conftest import make_synthetic_case
+
+    make_synthetic_case(tmp_path / "cohort", case_id="thick_1", shape=(40, 36, 12), spacing=(1.0, 1.0, 5.0))
+    files = find_cases(tmp_path / "cohort")
+    case = load_case(files[0])
+    # The case takes the small-lesion path (no region reaches 1e6 ml): with 'thin' predict leaves its load term out,
+    # with 'always' it adds it; the calibration's energies must follow predict's either way.
+    settings = {"standardise": "zscore", "median_size_mm": 3.0, "load_weight": 0.5, "small_lesion_ml": 1e6,
+                "max_slice_mm": 2.0}
+    thresholds = {}
+    for load in ("thin", "always"):
+        model = api.with_postprocess(api.load_model(trained_model), {**settings, "small_lesion_load": load})
+        assert load_term_off_its_grid(model, case)  # measured on the thin slices, or left out there
+        thresholds[load], summary = calibrate_threshold(model, files, InferenceOptions("cpu"))
+        prepared = prepare_for_model(model, case)
+        region = prepared.native_brain & native_slice_region(prepared, prepared.has_lesion)
+        energy = sitk.GetArrayFromImage(api.predict(model, case.images, device="cpu").energy)
+        expected = detection_metrics(energy[region], prepared.native_lesion[region])
+        assert summary["best_threshold"] == pytest.approx(expected.best_threshold, abs=1e-4)
+    assert abs(thresholds["thin"] - thresholds["always"]) > 0.01  # the load term's constant
+    # A scan on its own slices keeps the term under 'thin', read off its own grid; 'never' may leave it out anywhere.
+    thin_scan = dataclasses.replace(case, images={c: sitk.Image(20, 20, 10, sitk.sitkFloat32) for c in CONTRASTS})
+    for load, expected_off_grid in (("thin", False), ("always", False), ("never", True)):
+        model = api.with_postprocess(api.load_model(trained_model), {**settings, "small_lesion_load": load})
+        assert load_term_off_its_grid(model, thin_scan) == expected_off_grid
+
+
 def test_the_strong_baseline_can_be_given_the_slices_the_model_sees():
     from ADMAnomalyLib.baselines import flair_zscore, strong_baseline_image
     from ADMAnomalyLib.postprocess import median_filter_in_brain, median_window
