@@ -390,6 +390,12 @@ class PostprocessConfig:
     t2_csf_max_t1_z: float = -1.0
     """With ``t2_weight``: the highest T1 mean/SD z-score over the brain of a CSF-like voxel (no T2 term
     there, and left out of the percentiles that scale the term)."""
+    shared_hyperintensity_weight: float = 0.0
+    """Beyond the paper: with the FLAIR term, also add this weight times ``max(min(FLAIR, T2), 0)`` (the native
+    FLAIR the FLAIR term reads and the native T2, in the same normalisation): the hyperintensity the two
+    fluid-sensitive contrasts share. Oedema, tumour and MS lesions are bright on both; what FLAIR thresholding
+    mistakes for lesion is mostly bright on one only: grey matter and FLAIR's artefacts (flow, the insular cortex)
+    barely on T2, CSF not on FLAIR. On every scan, whatever its protocol, unlike ``t2_weight``. 0 = off."""
     energy_asymmetry_weight: float = 0.0
     """Beyond the paper: after smoothing and rim suppression, add this weight times the energy's own
     left-right asymmetry (how far E exceeds the highest E within ``asymmetry_window_mm`` of the voxel's
@@ -441,7 +447,7 @@ class PostprocessConfig:
                              "(the frozen mixture alone is postprocess.case_mixture=false)")
         for name in ("load_weight", "asymmetry_weight", "flair_sheet_weight", "score_sheet_weight",
                      "t2_asymmetry_weight", "final_smoothing_sigma_mm", "t2_weight", "energy_asymmetry_weight",
-                     "small_lesion_ml", "min_component_mm3"):
+                     "small_lesion_ml", "min_component_mm3", "shared_hyperintensity_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"postprocess.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("sheet_sigma_mm", "asymmetry_window_mm"):
@@ -476,9 +482,9 @@ class PostprocessConfig:
     @property
     def intensity_term(self) -> bool:
         """Whether the score is combined with the FLAIR z-score (a FLAIR weight, its asymmetry, T2's term or
-        asymmetry, or an energy gate)."""
+        asymmetry, the shared hyperintensity, or an energy gate)."""
         return (self.flair_weight != 0 or self.asymmetry_weight != 0 or self.t2_asymmetry_weight != 0
-                or self.t2_weight != 0 or self.energy_gate_z is not None)
+                or self.t2_weight != 0 or self.shared_hyperintensity_weight != 0 or self.energy_gate_z is not None)
 
     @property
     def needs_flair(self) -> bool:
@@ -490,7 +496,7 @@ class PostprocessConfig:
         """The contrasts whose native z-scored volumes the native-grid steps read (what
         ``prepare_case(..., keep_native=...)`` must keep)."""
         reads = {"flair"} | ({"t1", "t2"} if self.t2_weight else set())
-        reads |= {"t2"} if self.t2_asymmetry_weight else set()
+        reads |= {"t2"} if self.t2_asymmetry_weight or self.shared_hyperintensity_weight else set()
         return tuple(c for c in POSTPROCESS_CONTRASTS if c in reads)
 
     @property

@@ -288,6 +288,7 @@ def energy_volume(
         natives = prepared.native_zscored
         if any(c not in natives for c in post.native_contrasts if c != "flair" or post.needs_flair):
             raise ValueError("post-processing with flair_weight, asymmetry_weight, t2_asymmetry_weight, t2_weight, "
+                             "shared_hyperintensity_weight, "
                              "energy_gate_z or standardise='normal' needs "
                              f"prepare_case(..., keep_native={post.native_contrasts})")
         energy_image = postprocess_energy(energy_image, prepared.native_brain, post, natives.get("flair"),

@@ -194,6 +194,12 @@ def t2_term(flair: np.ndarray, t1: np.ndarray, t2: np.ndarray, brain: np.ndarray
     return np.where(tissue, np.float32(case_weight) * t2, np.float32(0)).astype(np.float32), case_weight
 
 
+def shared_hyperintensity(flair: np.ndarray, t2: np.ndarray) -> np.ndarray:
+    """``max(min(flair, t2), 0)``: how far a voxel is bright on both fluid-sensitive contrasts at once, in their
+    units (z-scores over the brain)."""
+    return np.maximum(np.minimum(flair, t2), np.float32(0)).astype(np.float32)
+
+
 MIDLINE_SEARCH_MM = 20.0
 """How far (mm) from the middle of the grid the mid-sagittal plane is looked for."""
 MIDLINE_TURNS_DEG: tuple[float, ...] = tuple(float(a) for a in range(-16, 17, 2) if a)
@@ -597,8 +603,9 @@ def postprocess_scores(
     """The native-grid steps of ``cfg`` applied to a score volume (see the module docstring).
 
     ``intensity`` is the native z-scored FLAIR the intensity term needs (``cfg.flair_weight``),
-    ``t2_intensity`` the native z-scored T2 its T2 asymmetry and T2 term need
-    (``cfg.t2_asymmetry_weight``, ``cfg.t2_weight``), ``t1_intensity`` the native z-scored T1 the T2 term reads CSF from;
+    ``t2_intensity`` the native z-scored T2 its T2 asymmetry, T2 term and shared hyperintensity need
+    (``cfg.t2_asymmetry_weight``, ``cfg.t2_weight``, ``cfg.shared_hyperintensity_weight``), ``t1_intensity`` the
+    native z-scored T1 the T2 term reads CSF from;
     ``direction`` holds the grid's direction cosines (SimpleITK's), which tell ``cfg.asymmetry_weight``
     which array axis runs left-right;
     ``cache`` (a dict kept per case) stores the brain-only maps when one case is post-processed
@@ -610,8 +617,8 @@ def postprocess_scores(
     if cfg.needs_flair and intensity is None:
         raise ValueError("postprocess.flair_weight, asymmetry_weight, energy_gate_z and standardise='normal' need "
                          "the native FLAIR z-score")
-    if cfg.t2_asymmetry_weight and t2_intensity is None:
-        raise ValueError("postprocess.t2_asymmetry_weight needs the native T2 z-score")
+    if (cfg.t2_asymmetry_weight or cfg.shared_hyperintensity_weight) and t2_intensity is None:
+        raise ValueError("postprocess.t2_asymmetry_weight and shared_hyperintensity_weight need the native T2 z-score")
     if cfg.t2_weight and (t2_intensity is None or t1_intensity is None):
         raise ValueError("postprocess.t2_weight needs the native T1 and T2 z-scores")
     # Everything outside the brain's bounding box is background, so the filters run on the box plus
@@ -659,6 +666,9 @@ def postprocess_scores(
                 term, _ = t2_term(intensity[box], t1_intensity[box], t2_intensity[box], inner_brain, config.t2_weight,
                                   config.t2_csf_max_t1_z)
                 inner = (inner + term).astype(np.float32)
+            if config.shared_hyperintensity_weight:
+                inner = (inner + np.float32(config.shared_hyperintensity_weight)
+                         * shared_hyperintensity(flair_evidence, t2_intensity[box])).astype(np.float32)
         if config.score_sheet_weight:
             inner = (inner - np.float32(config.score_sheet_weight)
                      * sheet_response(inner, inner_brain, spacing, config.sheet_sigma_mm)).astype(np.float32)

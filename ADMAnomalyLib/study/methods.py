@@ -124,6 +124,10 @@ ENERGY_GATES: tuple[float | None, ...] = (None, -1.0, -0.5, 0.0, 0.5, 1.0)
 its asymmetry) may no longer raise a voxel above typical tissue; None (no gate) first, so a tie keeps the row
 without it. On the bundled row's own choices, gates from -2 to 0.5 raised MS, BraTS-2013 and TCGA and left CBICA
 where it was; 1 and above cost BraTS-2013 (docs/domain_analysis.md, thirty-sixth round)."""
+SHARED_HYPERINTENSITY_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+"""Candidate ``PostprocessConfig.shared_hyperintensity_weight``, 0 first: a tie keeps the row without it. Added to
+the bundled row's final score on a first look (seeds 1 and 2, the fold models), 0.25-1 raised BraTS-2013 and MS,
+left CBICA level and lowered TCGA (docs/domain_analysis.md, forty-second round)."""
 SMALL_LESION_ML = 10.0
 """``PostprocessConfig.small_lesion_ml`` of the '+scale' row, unsearched (the training domains of the fold
 that leaves the small lesions out hold none to choose it on): a 10 ml sphere is 27 mm across. At the score 2
@@ -143,6 +147,7 @@ POST_CANDIDATES: dict[str, tuple[float | None, ...]] = {
     "flair_sheet_weight": FLAIR_SHEET_WEIGHTS,
     "score_sheet_weight": SCORE_SHEET_WEIGHTS,
     "energy_gate_z": ENERGY_GATES,
+    "shared_hyperintensity_weight": SHARED_HYPERINTENSITY_WEIGHTS,
 }
 """Candidate values of the post-processing fields a method chooses on validation (``search``)."""
 POST_SEARCH: tuple[str, ...] = ("smoothing_sigma_mm", "rim_erosion_mm", "flair_weight", "median_size_mm")
@@ -276,7 +281,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  search_criterion: str = "mean", held_out: bool = False, n4_levels: int = 0,
                  t2_per_flair_weight: float = 0.0, final_smoothing: bool = False,
                  flair_sheets: bool = False, score_sheets: bool = False, energy_gate: str = "",
-                 small_lesion_ml: float = 0.0) -> MethodSpec:
+                 small_lesion_ml: float = 0.0, shared_hyperintensity: bool = False) -> MethodSpec:
     """An improvement row of ``network`` with the '+post' search, ``standardise`` last and small
     components removed at the threshold; with ``load`` the load weight chosen among
     :data:`~ADMAnomalyLib.postprocess.LOAD_WEIGHTS`; with ``case_mixture`` each case scored with its own
@@ -294,7 +299,8 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
     ``energy_gate`` 'last' the search then chooses the energy gate, 'first' before the weights
     (:data:`GATED_ENERGY_ASYMMETRY_SEARCH`, with ``energy_asymmetry``); with ``flair_sheets`` it then chooses the
     weight of the FLAIR's sheet response, and with ``score_sheets`` that of the combined score's own, last of all
-    (0 first), so that the sheets are weighed on the gated energy; ``small_lesion_ml`` is the unsearched
+    (0 first), so that the sheets are weighed on the gated energy; with ``shared_hyperintensity`` it then chooses the
+    weight of the hyperintensity FLAIR and T2 share (0 first), after the gate; ``small_lesion_ml`` is the unsearched
     ``PostprocessConfig.small_lesion_ml``."""
     if energy_gate not in ("", "first", "last") or (energy_gate == "first" and not energy_asymmetry):
         raise ValueError(f"energy_gate must be '', 'last' or, with energy_asymmetry, 'first'; got {energy_gate!r}")
@@ -308,6 +314,7 @@ def _post_cc_row(network: str, standardise: str, description: str, load: bool = 
                  else ASYMMETRY_SEARCH if asymmetry else POST_SEARCH)
               + (("final_smoothing_sigma_mm",) if final_smoothing else ())
               + (("energy_gate_z",) if energy_gate == "last" else ())
+              + (("shared_hyperintensity_weight",) if shared_hyperintensity else ())
               + (("flair_sheet_weight",) if flair_sheets else ())
               + (("score_sheet_weight",) if score_sheets else ()))
     return MethodSpec("adm", "improvement", description, network, post, search=search,
@@ -513,6 +520,11 @@ METHODS: dict[str, MethodSpec] = {
         "scored again without the energy smoothing and the median filter the search chose (small lesions)",
         load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT,
         final_smoothing=True, energy_gate="last", small_lesion_ml=SMALL_LESION_ML),
+    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+shared+cc (z+load) N4 +scale": _post_cc_row(
+        "ADM+ F", "zscore", "the bundled row (ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale) whose "
+        "search then also chooses the weight of the hyperintensity FLAIR and T2 share, max(min(FLAIR, T2), 0), after "
+        "the gate", load=True, energy_asymmetry=True, n4_levels=NATIVE_N4_LEVELS, t2_per_flair_weight=T2_TERM_WEIGHT,
+        final_smoothing=True, energy_gate="last", small_lesion_ml=SMALL_LESION_ML, shared_hyperintensity=True),
     "ADM+ F> ct +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale": _post_cc_row(
         "ADM+ F> ct", "zscore", "the bundled row's post-processing, search and small-lesion rule on ADM+ F> ct, the "
         "density of the brighter FLAIR residual alone (the learned energy that ranks lesions above raw FLAIR in more "
@@ -699,6 +711,7 @@ DOMAIN_METHODS: tuple[str, ...] = ("FLAIR z", "FLAIR z +med3+cc", "FLAIR z +med5
                                     "ADM+ F +gate +asym +asymE +T2gF +post+fsm+cc (z+load) N4",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+gate+sheet+cc (z+load) N4",
                                     "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale",
+                                    "ADM+ F +asym +asymE +T2gF +post+fsm+gate+shared+cc (z+load) N4 +scale",
                                     "ADM+ F> ct +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4 +scale")
 """The default methods of the leave-one-domain-out split: the strong FLAIR baselines, ADM and the
 variants aimed at transfer between sites."""

@@ -214,7 +214,7 @@ def _chosen_lines(study: dict[str, Any], run_name) -> list[str]:
 _SHORT = {"smoothing_sigma_mm": "smoothing sigma (mm)", "rim_erosion_mm": "rim (mm)", "flair_weight": "w",
           "median_size_mm": "median (mm)", "final_smoothing_sigma_mm": "final sigma (mm)",
           "flair_sheet_weight": "FLAIR sheet weight", "score_sheet_weight": "score sheet weight", "load_weight": "load weight",
-          "energy_gate_z": "energy gate (FLAIR z)"}
+          "energy_gate_z": "energy gate (FLAIR z)", "shared_hyperintensity_weight": "FLAIR-and-T2 weight"}
 
 
 def _is_adm(study: dict[str, Any], method: str) -> bool:

@@ -574,6 +574,10 @@ def test_the_greedy_choice_may_keep_a_step_off_and_the_gate_rows_choose_the_gate
     assert {k: v for k, v in scale.postprocess.items() if k != "small_lesion_ml"} == study.METHODS[
         "ADM+ F +asym +asymE +T2gF +post+fsm+gate+cc (z+load) N4"].postprocess
     assert study.POST_CANDIDATES["energy_gate_z"][0] is None
+    # The shared-hyperintensity row is the '+scale' row whose search then weighs FLAIR-and-T2, 0 (off) first.
+    shared = study.METHODS["ADM+ F +asym +asymE +T2gF +post+fsm+gate+shared+cc (z+load) N4 +scale"]
+    assert shared.search == (*last, "shared_hyperintensity_weight") and shared.postprocess == scale.postprocess
+    assert study.POST_CANDIDATES["shared_hyperintensity_weight"][0] == 0.0
     with pytest.raises(ValueError, match="energy_gate"):
         study.methods._post_cc_row("ADM+ F", "zscore", "gate first without the energy asymmetry", energy_gate="first")
 

@@ -17,7 +17,7 @@ from ADMAnomalyLib.postprocess import (MidSagittalPlane, add_intensity_term, box
                                       median_window, mid_sagittal_plane, midline_shift, mirror, mirror_overlaps, normal_tissue,
                                       postprocess_energy, postprocess_scores, sheet_response, slice_axis, smooth_in_brain,
                                       symmetric_eigenvalues,
-                                      signed_distance_mm, standardise_in_brain, suppress_rim, t2_term)
+                                      signed_distance_mm, standardise_in_brain, shared_hyperintensity, suppress_rim, t2_term)
 from ADMAnomalyLib.preprocess import n4_fit_shrink, normalisation_statistics, prepare_case, standardise_histogram
 from conftest import synthetic_volumes
 
@@ -712,6 +712,41 @@ def test_the_t2_term_backs_a_weak_flair_with_t2_outside_csf():
         postprocess_scores(flair, brain, spacing, config, flair, t2_intensity=t2)
     with pytest.raises(ValueError, match="t2_weight"):
         PostprocessConfig(t2_weight=-1.0)
+
+
+def test_the_shared_hyperintensity_raises_what_is_bright_on_flair_and_t2_alike():
+    """The term adds w x max(min(FLAIR, T2), 0): a lesion bright on both contrasts gains its smaller brightness,
+    grey-matter-like tissue bright on FLAIR alone and CSF bright on T2 alone gain nothing, dark tissue loses nothing.
+    It reads the T2, and the FLAIR the FLAIR term reads; without the T2 it is an error."""
+    brain, flair, t1, t2 = _weak_flair_case()
+    spacing = (1.0, 1.0, 1.0)
+    flair_only = np.zeros_like(brain)
+    flair_only[4:6, 14:20, 3:9] = True
+    flair[flair_only] += 2.0
+    t2[flair_only] = 0.0
+    lesion = np.zeros_like(brain)
+    lesion[2:4, 3:11, 3:11] = True
+    csf = t1 < -1.5
+    shared = shared_hyperintensity(flair, t2)
+    np.testing.assert_array_equal(shared, np.maximum(np.minimum(flair, t2), 0))
+    assert not shared[flair_only].any() and shared[csf].max() < 0.5
+    assert np.median(shared[lesion]) > 0.8
+    without = PostprocessConfig(flair_weight=1.0)
+    config = PostprocessConfig(flair_weight=1.0, shared_hyperintensity_weight=0.5)
+    assert config.native_contrasts == ("flair", "t2") and config.intensity_term
+    assert PostprocessConfig(shared_hyperintensity_weight=0.5).intensity_term
+    plain = postprocess_scores(flair, brain, spacing, without, flair)
+    scored = postprocess_scores(flair, brain, spacing, config, flair, t2_intensity=t2)
+    np.testing.assert_allclose(scored[brain], (plain + 0.5 * shared)[brain], atol=1e-5)
+    np.testing.assert_allclose(scored[flair_only], plain[flair_only], atol=1e-6)
+    # Against the FLAIR-only tissue, the lesion's margin widens by half its shared brightness.
+    assert (np.median(scored[lesion]) - np.median(scored[flair_only])
+            > np.median(plain[lesion]) - np.median(plain[flair_only]) + 0.4)
+    with pytest.raises(ValueError, match="shared_hyperintensity_weight"):
+        postprocess_scores(flair, brain, spacing, config, flair)
+    with pytest.raises(ValueError, match="shared_hyperintensity_weight"):
+        PostprocessConfig(shared_hyperintensity_weight=-0.5)
+    assert ADMConfig.from_dict({"postprocess": {"flair_weight": 1.0}}).postprocess.shared_hyperintensity_weight == 0
 
 
 def test_the_study_ties_the_t2_term_to_the_chosen_flair_weight():
