@@ -126,8 +126,9 @@ without it. On the bundled row's own choices, gates from -2 to 0.5 raised MS, Br
 where it was; 1 and above cost BraTS-2013 (docs/domain_analysis.md, thirty-sixth round)."""
 SHARED_HYPERINTENSITY_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
 """Candidate ``PostprocessConfig.shared_hyperintensity_weight``, 0 first: a tie keeps the row without it. Added to
-the bundled row's final score on a first look (seeds 1 and 2, the fold models), 0.25-1 raised BraTS-2013 and MS,
-left CBICA level and lowered TCGA (docs/domain_analysis.md, forty-second round)."""
+the bundled row's final score on a first look (seeds 1 and 2, the fold models), 0.25-1 raised BraTS-2013 and MS and
+lowered TCGA, and CBICA from 0.5; in the study the folds chose 0-1 and the row traded domains, so the bundled model
+leaves the term off (docs/domain_analysis.md, forty-second round)."""
 SMALL_LESION_ML = 10.0
 """``PostprocessConfig.small_lesion_ml`` of the '+scale' row, unsearched (the training domains of the fold
 that leaves the small lesions out hold none to choose it on): a 10 ml sphere is 27 mm across. At the score 2
