@@ -739,6 +739,15 @@ def test_the_shared_hyperintensity_raises_what_is_bright_on_flair_and_t2_alike()
     scored = postprocess_scores(flair, brain, spacing, config, flair, t2_intensity=t2)
     np.testing.assert_allclose(scored[brain], (plain + 0.5 * shared)[brain], atol=1e-5)
     np.testing.assert_allclose(scored[flair_only], plain[flair_only], atol=1e-6)
+    # With the FLAIR's sheets lowered, the term reads the lowered FLAIR, as the FLAIR term does.
+    sheets = PostprocessConfig(flair_weight=1.0, flair_sheet_weight=1.0)
+    sheets_shared = dataclasses.replace(sheets, shared_hyperintensity_weight=0.5)
+    lowered = flair - sheet_response(flair, brain, spacing, sheets.sheet_sigma_mm)
+    np.testing.assert_allclose(
+        postprocess_scores(flair, brain, spacing, sheets_shared, flair, t2_intensity=t2)[brain],
+        (postprocess_scores(flair, brain, spacing, sheets, flair) + 0.5 * shared_hyperintensity(lowered, t2))[brain],
+        atol=1e-5)
+    assert not np.allclose(shared_hyperintensity(lowered, t2), shared)
     # Against the FLAIR-only tissue, the lesion's margin widens by half its shared brightness.
     assert (np.median(scored[lesion]) - np.median(scored[flair_only])
             > np.median(plain[lesion]) - np.median(plain[flair_only]) + 0.4)
