@@ -34,7 +34,7 @@ from ..model import ADMModel
 from ..networks import DRDecoder, DREncoder
 from ..postprocess import IDENTITY_DIRECTION, anomaly_label, component_voxels, load_offset, postprocess_scores
 from ..preprocess import PreparedCase, native_slice_region, prepare_case, slices_to_image
-from ..train import Trainer, masked_mse
+from ..train import Trainer, checkpoint_path_for, masked_mse
 from ..domains import domain_pools, load_domains
 from ..api import with_postprocess
 from .methods import (METHODS, POST_CANDIDATES, MethodSpec, MixtureVariant, StudySettings, baseline_preprocess,
@@ -203,8 +203,13 @@ def train_networks(names: Sequence[str], settings: StudySettings, seed: int, dat
 
     With ``cache_dir`` every trained network is saved there as a model file
     (:func:`network_cache_path`) and a network already there is loaded instead of trained: a study
-    rerun (more methods, other post-processing, an interrupted run) retrains nothing it has."""
+    rerun (more methods, other post-processing, an interrupted run) retrains nothing it has. Training
+    also checkpoints every epoch beside that file (:func:`~ADMAnomalyLib.train.checkpoint_path_for`;
+    the shared step 1 under the group's first network, with ``.ctoc``), so a rerun after an interruption
+    continues a network where it stopped: at 192 × 192 one network takes over an hour on a 2-core CPU."""
     models, histories, groups = {}, {}, []
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
     with_ctoc = ctoc_groups(list(names), settings, seed)
     without_ctoc = [n for n in sorted(names) if not any(n in g for g in with_ctoc)]
     for members in with_ctoc + ([without_ctoc] if without_ctoc else []):
@@ -224,20 +229,38 @@ def train_networks(names: Sequence[str], settings: StudySettings, seed: int, dat
                 ctoc_model = models[loaded[0]]
                 ctoc_state = ctoc_model.network.ctoc_state()
             elif pending:
-                trainer = Trainer(first, device, show_progress_bar=False)
+                trainer, _ = _resumable_trainer(first, device, _checkpoint(paths[members[0]], ".ctoc"))
                 ctoc_state = trainer.fit_ctoc(data[training_key(first)])
                 ctoc_model = trainer.model
         for name in pending:
-            trainer = Trainer(configs[name], device, show_progress_bar=False)
+            trainer, resumed = _resumable_trainer(configs[name], device, _checkpoint(paths[name]))
+            # A resumed step 2 already holds the shared CtoC; passing it again would restart step 2.
+            shared_ctoc = None if resumed else ctoc_state
             # The study chooses thresholds on native validation voxels itself, so the trainer's is skipped.
-            models[name] = trainer.fit(data[training_key(configs[name])], ctoc_state=ctoc_state,
+            models[name] = trainer.fit(data[training_key(configs[name])], ctoc_state=shared_ctoc,
                                        calibrate=False)
             histories[name] = trainer.history
             if paths[name] is not None:
                 models[name].metadata["study_history"] = json_safe(trainer.history)
                 models[name].save(paths[name])
+                _checkpoint(paths[name]).unlink(missing_ok=True)
+        if paths[members[0]] is not None:
+            _checkpoint(paths[members[0]], ".ctoc").unlink(missing_ok=True)
         groups.append((ctoc_model, members))
     return TrainedNetworks(models, groups, histories)
+
+
+def _checkpoint(network_path: Path | None, stage: str = "") -> Path | None:
+    """The per-epoch checkpoint of the network kept at ``network_path`` (None: not kept)."""
+    if network_path is None:
+        return None
+    return checkpoint_path_for(network_path.with_name(network_path.name + stage))
+
+
+def _resumable_trainer(config, device: torch.device, checkpoint: Path | None) -> tuple[Trainer, bool]:
+    """A trainer that checkpoints every epoch to ``checkpoint``, and whether it resumed from it."""
+    trainer = Trainer(config, device, checkpoint_path=checkpoint, show_progress_bar=False)
+    return trainer, trainer.load_checkpoint()
 
 
 def raw_energy(model, case: CaseData, options: InferenceOptions, translations: dict | None) -> np.ndarray:

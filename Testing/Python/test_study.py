@@ -22,6 +22,7 @@ from ADMAnomalyLib.infer import InferenceOptions, energy_slices
 from ADMAnomalyLib.postprocess import postprocess_scores as postprocess_array
 from ADMAnomalyLib.model import ADMModel
 from ADMAnomalyLib.networks import ADMNetwork
+from ADMAnomalyLib.cases import find_cases
 from ADMAnomalyLib.study.runner import study_cases
 from conftest import make_synthetic_case
 
@@ -279,6 +280,53 @@ def test_cached_networks_are_keyed_by_config_and_training_cases(tmp_path, monkey
 
     monkeypatch.setattr(ADMConfig, "to_dict", before_the_option)
     assert study.runner.network_cache_path(tmp_path, "ADM+ +x", config, ["a", "b"]) == path
+
+
+def test_an_interrupted_study_network_resumes_where_it_stopped(cohort, tmp_path, monkeypatch):
+    """Killed mid-step 1 and again mid-step 2 of the group's second network, the reruns continue from the
+    per-epoch checkpoints (no epoch is trained twice) and end with the networks of an uninterrupted run."""
+    settings = study.quick_settings(preset="tiny", image_size=32, epochs_ctoc=2, epochs_joint=2, batch_size=4,
+                                    lesion_margin=1, device="cpu")
+    cases = [study.load_case_data(files, settings) for files in find_cases(cohort)]
+    names = ("ADM", "ADM+X")
+    data = study.runner.training_sets(cases, settings, names, baseline=False)
+    saves, stop_at = [], {}
+    save_checkpoint = study.runner.Trainer.save_checkpoint
+
+    def save_then_maybe_die(trainer):
+        save_checkpoint(trainer)
+        saves.append((trainer.stage, trainer.epoch))
+        if saves.count((trainer.stage, trainer.epoch)) == stop_at.get((trainer.stage, trainer.epoch)):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(study.runner.Trainer, "save_checkpoint", save_then_maybe_die)
+
+    def train(folder):
+        return study.runner.train_networks(names, settings, 0, data, torch.device("cpu"), folder, ["synth_0", "synth_1"])
+
+    reference = train(tmp_path / "reference")
+    uninterrupted = len(saves)
+    assert uninterrupted == 6  # step 1 twice (shared), then each network's step 2 twice
+    kept = tmp_path / "kept"
+    for stop in ({("ctoc", 1): 1}, {("joint", 1): 2}):  # the second network's first step-2 epoch
+        saves.clear()
+        stop_at.clear()
+        stop_at.update(stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(kept)
+        assert list(kept.glob("*.ckpt"))
+        resumed_saves = len(saves)
+    assert len(list(kept.glob("*.admm"))) == 1  # the first network finished before the second was killed
+    saves.clear()
+    stop_at.clear()
+    resumed = train(kept)
+    assert len(saves) == 1 and resumed_saves == 4  # 1 + 4 + 1: every epoch trained once over the three runs
+    assert not list(kept.glob("*.ckpt")) and len(list(kept.glob("*.admm"))) == 2
+    for name in names:
+        expected, actual = reference.models[name].network.state_dict(), resumed.models[name].network.state_dict()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=f"{name} {key}")
+        assert resumed.histories[name][-1]["epoch"] == 2
 
 
 def _settings_of(result):
