@@ -206,7 +206,7 @@ def train_networks(names: Sequence[str], settings: StudySettings, seed: int, dat
     rerun (more methods, other post-processing, an interrupted run) retrains nothing it has. Training
     also checkpoints every epoch beside that file (:func:`~ADMAnomalyLib.train.checkpoint_path_for`;
     the shared step 1 under the group's first network, with ``.ctoc``), so a rerun after an interruption
-    continues a network where it stopped: at 192 × 192 one network takes over an hour on a 2-core CPU."""
+    continues a network where it stopped: at 192 × 192 one network took 44-74 min on a 2-core CPU."""
     models, histories, groups = {}, {}, []
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
