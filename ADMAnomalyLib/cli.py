@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--search-cases", type=_POSITIVE["cases"],
                        help="training cases per domain or fold the post-processing search scores (default: the "
                             "setting's, 4 quick, all full)")
+    study.add_argument("--synthetic-cases", type=_non_negative_int,
+                       help="with --domains: paint small lesions into this many scans of each domain and add the "
+                            "copies of a run's training domains to its selection (default 0: none)")
     _add_device(study)
 
     threshold = commands.add_parser(
@@ -465,7 +468,7 @@ def _run_study(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"device": args.device}
     for flag, name in (("folds", "n_folds"), ("image_size", "image_size"), ("epochs_ctoc", "epochs_ctoc"),
                        ("epochs_joint", "epochs_joint"), ("preset", "preset"), ("max_cases", "max_cases"),
-                       ("search_cases", "search_cases_per_group")):
+                       ("search_cases", "search_cases_per_group"), ("synthetic_cases", "synthetic_cases_per_domain")):
         if getattr(args, flag) is not None:
             overrides[name] = getattr(args, flag)
     if args.seeds:

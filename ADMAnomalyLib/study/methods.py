@@ -50,6 +50,14 @@ class StudySettings:
     """The '+post' search scores at most this many training cases of each selection group (spread
     over the group's cases in id order; None: all). The search post-processes every candidate
     on whole brains, which dominates a 2-core run; the threshold is still chosen on all cases."""
+    synthetic_cases_per_domain: int = 0
+    """Domain split: this many cases of each domain (spread over its cases in id order) are also loaded with small
+    lesions painted into their white matter (:mod:`ADMAnomalyLib.synthetic`). In every run the copies made from its
+    training domains form one more selection group, so that the post-processing search, the load weight and the
+    threshold see small lesions even when every training domain's lesions are large. 0: none (every study before
+    the forty-fifth round)."""
+    synthetic_exclusion_mm: float = 5.0
+    """A synthetic selection case's validation voxels leave out its scan's own lesion and this margin round it."""
     dagmm_lambda_energy: float = 5e-4
     dagmm_lambda_cov: float = 5e-3
     dagmm_jitter: float = 1e-6

@@ -18,10 +18,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 from torch import nn
 
 from ..baselines import MahalanobisBaseline, OCSVMBaseline
-from ..cases import find_cases, load_case
+from ..cases import CaseImages, find_cases, load_case
 from ..config import CONTRASTS, POSTPROCESS_CONTRASTS, ADMConfig, ModelConfig, PostprocessConfig, PreprocessConfig, SliceContext, preset
 from ..data import SliceSet, TrainingData, lesion_free_slices, lesion_slices, random_intensity_scaling
 from ..device import resolve_device
@@ -29,6 +30,7 @@ from ..errors import InputError
 from ..gmm import GMMAccumulator, GMMParams, SingularCovarianceError, diagonal_penalty, energy, mixture_statistics
 from ..infer import InferenceOptions, ctoc_translations, energy_volume
 from ..io import write_text_atomic
+from ..synthetic import SyntheticLesionConfig, lesion_sites, paint_lesions
 from ..metrics import _curve, balanced_best_threshold, choose_load_weight, json_safe, pooled_and_per_case
 from ..model import ADMModel
 from ..networks import DRDecoder, DREncoder
@@ -84,6 +86,8 @@ class CaseData:
     """The case's domain (leave-one-domain-out split); '' in the patient split."""
     direction: tuple[float, ...] = IDENTITY_DIRECTION
     """The native grid's direction cosines (which axis runs left-right, for the FLAIR asymmetry)."""
+    synthetic: bool = False
+    """A selection case with synthetic lesions (:func:`synthetic_case_data`): never trained or tested on."""
 
     @property
     def prepared(self) -> PreparedCase:
@@ -100,15 +104,20 @@ class CaseData:
 
 def load_case_data(files, settings: StudySettings, preprocess: Sequence[PreprocessConfig] = (),
                    domain: str = "") -> CaseData:
-    """Load one labelled case once and prepare it with the study's default preprocessing and with
-    every config of ``preprocess`` (the networks' own), keeping the native z-scored contrasts the
-    baselines read and each preparation's native FLAIR for the FLAIR term."""
-    case = load_case(files)
+    """Load one labelled case once and prepare it (:func:`case_data`)."""
+    return case_data(load_case(files), settings, preprocess, domain)
+
+
+def case_data(case: CaseImages, settings: StudySettings, preprocess: Sequence[PreprocessConfig] = (),
+              domain: str = "") -> CaseData:
+    """Prepare one labelled case with the study's default preprocessing and with every config of
+    ``preprocess`` (the networks' own), keeping the native z-scored contrasts the baselines read and each
+    preparation's native FLAIR for the FLAIR term."""
     default = baseline_preprocess(settings)
     prepared = prepare_case(case, default, keep_native=CONTRASTS)
     brain = prepared.native_brain
     if prepared.native_lesion is None:
-        raise InputError(f"case {files.case_id}: the study needs a lesion label")
+        raise InputError(f"case {case.case_id}: the study needs a lesion label")
     labels = prepared.native_lesion[brain]
     validation = native_slice_region(prepared, lesion_slices(prepared))[brain]
     normal = native_slice_region(prepared, lesion_free_slices(prepared, settings.lesion_margin))[brain]
@@ -120,9 +129,43 @@ def load_case_data(files, settings: StudySettings, preprocess: Sequence[Preproce
         if preprocess_key(cfg) not in preparations:
             preparations[preprocess_key(cfg)] = prepare_case(case, cfg, keep_native=POSTPROCESS_CONTRASTS)
     spacing = tuple(float(s) for s in case.images["flair"].GetSpacing())
-    return CaseData(files.case_id, preparations, preprocess_key(default), brain, labels, validation, normal, features,
+    return CaseData(case.case_id, preparations, preprocess_key(default), brain, labels, validation, normal, features,
                     spacing, float(labels.sum() * np.prod(spacing) / 1000.0), domain,
                     tuple(case.images["flair"].GetDirection()))
+
+
+SYNTHETIC_SUFFIX = "+synthetic"
+
+
+def synthetic_case_data(files, settings: StudySettings, preprocess: Sequence[PreprocessConfig] = (),
+                        domain: str = "", config: SyntheticLesionConfig = SyntheticLesionConfig()) -> CaseData:
+    """A selection case: the scan of ``files`` with small lesions painted into its white matter
+    (:func:`~ADMAnomalyLib.synthetic.paint_lesions`), labelled with those lesions only. Its validation voxels are
+    the brain of the slices they lie on, without the scan's own lesion and ``settings.synthetic_exclusion_mm``
+    round it (unlabelled there, it would count as false alarms). The study never trains or tests on it."""
+    case = load_case(files)
+    reference = prepare_case(case, baseline_preprocess(settings), keep_native=("t1",))
+    brain, own_lesion = reference.native_brain, reference.native_lesion
+    if own_lesion is None:
+        raise InputError(f"case {files.case_id}: the study needs a lesion label")
+    spacing = case.images["flair"].GetSpacing()
+    sites = lesion_sites(brain, reference.native_zscored["t1"], spacing, config, own_lesion)
+    del reference
+    painted = paint_lesions(dataclasses.replace(case, case_id=files.case_id + SYNTHETIC_SUFFIX), brain, sites, config)
+    data = case_data(painted, settings, preprocess, domain)
+    near_own = ndimage.distance_transform_edt(~own_lesion, sampling=tuple(reversed(spacing))) \
+        <= settings.synthetic_exclusion_mm
+    data.validation &= ~near_own[data.brain]
+    data.synthetic = True
+    return data
+
+
+def synthetic_sources(files: Sequence, count: int) -> list:
+    """The ``count`` cases of a domain that synthetic lesions are painted into, spread over its cases in id order."""
+    ordered = sorted(files, key=lambda f: f.case_id)
+    if count >= len(ordered):
+        return ordered
+    return [ordered[i] for i in np.linspace(0, len(ordered) - 1, count).round().astype(int)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -761,10 +804,18 @@ class RunData:
     held_out_raw: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     """Per :func:`raw_key`: each training case's raw scores from the network trained without its domain
     (:func:`score_held_out`), for the rows with :attr:`~.methods.MethodSpec.held_out_selection`."""
+    synthetic_cases: list[CaseData] = dataclasses.field(default_factory=list)
+    """The synthetic-lesion copies of training-domain scans (:func:`synthetic_case_data`): the last selection
+    group, never trained on."""
+
+    @property
+    def selection_cases(self) -> list[CaseData]:
+        """Every case the selection groups hold."""
+        return self.train_cases + self.synthetic_cases
 
     @property
     def all_cases(self) -> list[CaseData]:
-        return self.train_cases + self.test_cases
+        return self.selection_cases + self.test_cases
 
 
 def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -868,7 +919,7 @@ def baseline_method_scores(method: str, spec: MethodSpec, run: RunData) -> tuple
             scorer = OCSVMBaseline(max_train=settings.ocsvm_max_train, seed=run.seed).fit(normal)
             extra["n_support"] = scorer.n_support
         scores = {}
-        for c in run.train_cases:  # validation voxels only are needed from training cases
+        for c in run.selection_cases:  # validation voxels only are needed from training cases
             s = np.full(len(c.labels), -np.inf, dtype=np.float32)
             s[c.validation] = scorer.score(c.features[c.validation])
             scores[c.case_id] = s
@@ -928,6 +979,9 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
     if held_out_networks and settings.split != "domains":
         raise InputError("the held-out rows (" + ", ".join(m for m in methods if METHODS[m].held_out_selection)
                          + ") choose on left-out training domains: they need the domain split")
+    if settings.synthetic_cases_per_domain and settings.split != "domains":
+        raise InputError("synthetic selection cases go with the domain split: a patient fold's test cases share "
+                         "the domain its copies would be painted from")
     files_by_domain = study_cases(data_dir, domains_file, settings)
     domains = {name: [f.case_id for f in files] for name, files in files_by_domain.items()}
     splits = study_splits(domains, settings)  # before loading: a misnamed domain fails at once
@@ -946,6 +1000,13 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         for case_files in files:
             cases[case_files.case_id] = load_case_data(case_files, settings, network_preprocess, domain)
             say(f"loaded {case_files.case_id} ({len(cases)}/{total})")
+    synthetic: dict[str, CaseData] = {}
+    if settings.synthetic_cases_per_domain:
+        for domain, files in files_by_domain.items():
+            for case_files in synthetic_sources(files, settings.synthetic_cases_per_domain):
+                made = synthetic_case_data(case_files, settings, network_preprocess, domain)
+                synthetic[made.case_id] = made
+                say(f"painted small lesions into {case_files.case_id} ({made.lesion_ml:.1f} ml)")
     tested = [name for name, _ in splits] if settings.split == "domains" else list(domains)
     # A pool is reported only when all its domains were left out, so that it means what it says.
     pools = {pool: members for pool, members in (domain_pools(domains_file) if domains_file is not None else {}).items()
@@ -967,7 +1028,7 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         entry_domains: list[str] = []
         for fold_index, (split_name, test_ids) in enumerate(splits):
             record, run_data = _start_run(seed, fold_index, split_name, test_ids, cases, settings, networks_needed,
-                                          "DAGMM-conv" in methods)
+                                          "DAGMM-conv" in methods, list(synthetic.values()))
             say(f"seed {seed} {split_name} ({fold_index + 1}/{len(splits)}): {len(run_data.train_cases)} training "
                 f"cases ({record['train_slices']} normal slices), test {', '.join(test_ids)}")
             t = time.perf_counter()
@@ -1045,6 +1106,8 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
         "cases": {c.case_id: {"domain": c.domain, "lesion_ml": c.lesion_ml, "brain_voxels": int(c.brain.sum()),
                               "normal_slices": int(len(lesion_free_slices(c.prepared, settings.lesion_margin))),
                               "lesion_slices": int(len(lesion_slices(c.prepared)))} for c in cases.values()},
+        "synthetic_cases": {c.case_id: {"domain": c.domain, "lesion_ml": c.lesion_ml,
+                                        "validation_voxels": int(c.validation.sum())} for c in synthetic.values()},
         "folds": [ids for _, ids in splits],
         "methods": {m: {"kind": METHODS[m].kind, "group": METHODS[m].group, "description": METHODS[m].description,
                         "network_config": (network_config(METHODS[m].network, settings, 0).to_dict()
@@ -1068,11 +1131,17 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
 
 
 def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[str], cases: dict[str, CaseData],
-               settings: StudySettings, networks: Sequence[str], dagmm: bool) -> tuple[dict[str, Any], RunData]:
+               settings: StudySettings, networks: Sequence[str], dagmm: bool,
+               synthetic: Sequence[CaseData] = ()) -> tuple[dict[str, Any], RunData]:
     """The record and the data of one run: training cases (every case not tested), their training
-    slices per preparation the run's networks need, and the selection groups."""
+    slices per preparation the run's networks need, and the selection groups, the ``synthetic`` cases of the
+    training domains the last of them."""
     train_cases = [c for c in cases.values() if c.case_id not in test_ids]
     test_cases = [cases[c] for c in test_ids]
+    # A copy of a tested scan, or of any scan of a tested domain, would let the test data steer the choices.
+    test_domains = {c.domain for c in test_cases}
+    synthetic = [c for c in synthetic if c.domain not in test_domains
+                 and c.case_id.removesuffix(SYNTHETIC_SUFFIX) not in test_ids]
     baseline_key = train_cases[0].baseline_key
     training = training_sets(train_cases, settings, networks)
     record: dict[str, Any] = {"seed": seed, "fold": fold_index, "test": list(test_ids),
@@ -1084,7 +1153,11 @@ def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[s
         record["domain"] = split_name
         record["train_domains"] = sorted({c.domain for c in train_cases})
     groups = selection_groups(train_cases, settings.split)
-    return record, RunData(settings, seed, train_cases, test_cases, groups, {}, RunCaches(), training)
+    if synthetic:
+        groups.append(list(synthetic))
+        record["synthetic"] = [c.case_id for c in synthetic]
+    return record, RunData(settings, seed, train_cases, test_cases, groups, {}, RunCaches(), training,
+                           synthetic_cases=list(synthetic))
 
 
 def training_sets(train_cases: Sequence[CaseData], settings: StudySettings, networks: Sequence[str],
@@ -1120,7 +1193,7 @@ def score_held_out(run: RunData, networks: Sequence[str], variants: dict[str, se
         trained = train_networks(networks, run.settings, run.seed, training, device, cache_dir,
                                  [case.case_id for case in inner])
         del training
-        scored = score_networks(trained, [case for case in run.train_cases if case.domain == domain],
+        scored = score_networks(trained, [case for case in run.selection_cases if case.domain == domain],
                                 {name: variants.get(name, set()) for name in networks}, InferenceOptions(device))
         for key, per_case in scored.items():
             run.held_out_raw.setdefault(key, {}).update(per_case)
