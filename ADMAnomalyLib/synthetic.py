@@ -46,6 +46,8 @@ class SyntheticLesionConfig:
     """Lesion centres lie at least this far inside the brain (white matter, not cortex)."""
     clearance_mm: float = 10.0
     """Lesion centres lie at least this far from the scan's own lesion."""
+    heal_margin_mm: float = 2.0
+    """:func:`mirror_healed` replaces the scan's own lesion and this margin round it."""
 
     def __post_init__(self) -> None:
         low, high = self.diameter_mm
@@ -66,6 +68,32 @@ def lesion_sites(brain: np.ndarray, t1_zscored: np.ndarray, spacing: tuple[float
     if lesion is not None and lesion.any():
         sites &= ndimage.distance_transform_edt(~lesion, sampling=sampling) >= config.clearance_mm
     return sites
+
+
+def mirror_healed(case: CaseImages, brain: np.ndarray, lesion: np.ndarray, margin_mm: float) -> CaseImages:
+    """A copy of ``case`` whose own lesion (and ``margin_mm`` round it) shows the tissue mirrored from the other
+    hemisphere, across the mid-sagittal plane the post-processing uses
+    (:func:`~ADMAnomalyLib.postprocess.mid_sagittal_plane`), wherever that tissue is lesion-free brain. A scan with
+    a large glioma then reads as a scan with small lesions to every whole-brain step (the score's spread, the
+    lesion load, the lesion scale), which the painted lesions are meant to test. The seam stays unlabelled: the
+    study leaves the healed region out of the scored voxels."""
+    from .postprocess import mid_sagittal_plane
+
+    reference = case.images[CONTRASTS[0]]
+    spacing = reference.GetSpacing()
+    healed_region = ndimage.distance_transform_edt(~lesion, sampling=tuple(reversed(spacing))) <= margin_mm
+    plane = mid_sagittal_plane(brain, spacing, reference.GetDirection())
+    donor_ok = (plane.reflect(brain.astype(np.float32), spacing, sitk.sitkNearestNeighbor) > 0.5) & \
+        (plane.reflect(lesion.astype(np.float32), spacing, sitk.sitkNearestNeighbor) < 0.5)
+    replace = healed_region & brain & donor_ok
+    images = {}
+    for c in CONTRASTS:
+        values = sitk.GetArrayFromImage(case.images[c]).astype(np.float32)
+        mirrored = plane.reflect(values, spacing)
+        image = sitk.GetImageFromArray(np.where(replace, mirrored, values).astype(np.float32))
+        image.CopyInformation(case.images[c])
+        images[c] = image
+    return dataclasses.replace(case, images=images)
 
 
 def _robust_spread(values: np.ndarray) -> float:

@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..gmm import GMMAccumulator, GMMParams, SingularCovarianceError, diagonal_penalty, energy, mixture_statistics
 from ..infer import InferenceOptions, ctoc_translations, energy_volume
 from ..io import write_text_atomic
-from ..synthetic import SyntheticLesionConfig, lesion_sites, paint_lesions
+from ..synthetic import SyntheticLesionConfig, lesion_sites, mirror_healed, paint_lesions
 from ..metrics import _curve, balanced_best_threshold, choose_load_weight, json_safe, pooled_and_per_case
 from ..model import ADMModel
 from ..networks import DRDecoder, DREncoder
@@ -139,10 +139,15 @@ SYNTHETIC_SUFFIX = "+synthetic"
 
 def synthetic_case_data(files, settings: StudySettings, preprocess: Sequence[PreprocessConfig] = (),
                         domain: str = "", config: SyntheticLesionConfig = SyntheticLesionConfig()) -> CaseData:
-    """A selection case: the scan of ``files`` with small lesions painted into its white matter
-    (:func:`~ADMAnomalyLib.synthetic.paint_lesions`), labelled with those lesions only. Its validation voxels are
-    the brain of the slices they lie on, without the scan's own lesion and ``settings.synthetic_exclusion_mm``
-    round it (unlabelled there, it would count as false alarms). The study never trains or tests on it."""
+    """A selection case: the scan of ``files`` with its own lesion healed from the other hemisphere
+    (:func:`~ADMAnomalyLib.synthetic.mirror_healed`) and small lesions painted into its white matter
+    (:func:`~ADMAnomalyLib.synthetic.paint_lesions`) on the slices of its own lesion, which no network trains on;
+    it is labelled with the painted lesions only. Its validation voxels are the brain of the slices they lie on,
+    without the scan's own lesion and ``settings.synthetic_exclusion_mm`` round it (the healed seam, unlabelled).
+    The study never trains or tests on it."""
+    if settings.synthetic_exclusion_mm < config.heal_margin_mm:
+        raise ValueError("the scored voxels must leave out the whole healed region: synthetic_exclusion_mm "
+                         f"{settings.synthetic_exclusion_mm} < heal_margin_mm {config.heal_margin_mm}")
     case = load_case(files)
     reference = prepare_case(case, baseline_preprocess(settings), keep_native=("t1",))
     brain, own_lesion = reference.native_brain, reference.native_lesion
@@ -150,8 +155,11 @@ def synthetic_case_data(files, settings: StudySettings, preprocess: Sequence[Pre
         raise InputError(f"case {files.case_id}: the study needs a lesion label")
     spacing = case.images["flair"].GetSpacing()
     sites = lesion_sites(brain, reference.native_zscored["t1"], spacing, config, own_lesion)
+    sites &= native_slice_region(reference, lesion_slices(reference))
     del reference
-    painted = paint_lesions(dataclasses.replace(case, case_id=files.case_id + SYNTHETIC_SUFFIX), brain, sites, config)
+    healed = mirror_healed(case, brain, own_lesion, config.heal_margin_mm)
+    painted = paint_lesions(dataclasses.replace(healed, case_id=files.case_id + SYNTHETIC_SUFFIX), brain, sites,
+                            config)
     data = case_data(painted, settings, preprocess, domain)
     near_own = ndimage.distance_transform_edt(~own_lesion, sampling=tuple(reversed(spacing))) \
         <= settings.synthetic_exclusion_mm

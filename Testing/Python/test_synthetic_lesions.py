@@ -16,7 +16,7 @@ from ADMAnomalyLib.errors import InputError
 from ADMAnomalyLib.preprocess import prepare_case
 from ADMAnomalyLib.study.methods import baseline_preprocess
 from ADMAnomalyLib.study.runner import SYNTHETIC_SUFFIX, synthetic_case_data, synthetic_sources
-from ADMAnomalyLib.synthetic import SyntheticLesionConfig, lesion_sites, paint_lesions
+from ADMAnomalyLib.synthetic import SyntheticLesionConfig, lesion_sites, mirror_healed, paint_lesions
 
 from conftest import make_synthetic_case
 from test_study import _domain_settings, _make_domains, _mirror_labels
@@ -67,6 +67,21 @@ def test_painted_lesions_are_bright_on_flair_and_t2_inside_the_brain_on_the_same
     assert not np.array_equal(sitk.GetArrayFromImage(other.label), sitk.GetArrayFromImage(copy.label))
 
 
+def test_the_scans_own_lesion_is_healed_with_the_other_hemispheres_tissue(painted):
+    case, brain, own, _, _ = painted
+    healed = mirror_healed(case, brain, own, 1.0)
+    near = ndimage.distance_transform_edt(~own, sampling=tuple(reversed(case.images["flair"].GetSpacing()))) <= 1.0
+    mirrored_own = own[:, :, ::-1]  # the synthetic head is symmetric about the grid's centre plane
+    for c in CONTRASTS:
+        before, after = (sitk.GetArrayFromImage(image.images[c]) for image in (case, healed))
+        assert healed.images[c].GetOrigin() == case.images[c].GetOrigin()
+        assert np.array_equal(before[~near], after[~near]), "only the lesion and its margin change"
+        assert np.allclose(after[own & ~mirrored_own], before[:, :, ::-1][own & ~mirrored_own], atol=1e-4)
+    flair_after = sitk.GetArrayFromImage(healed.images["flair"])
+    flair_before = sitk.GetArrayFromImage(case.images["flair"])
+    assert flair_after[own].mean() < 0.8 * flair_before[own].mean(), "the bright lesion is gone"
+
+
 def test_no_room_for_lesions_and_bad_settings_are_clear_errors(painted):
     case, brain, _, sites, _ = painted
     with pytest.raises(InputError, match="no white matter deep enough"):
@@ -85,7 +100,19 @@ def test_a_selection_case_scores_only_the_painted_lesions_away_from_the_scans_ow
     own = prepare_case(load_case(files), baseline_preprocess(settings)).native_lesion[made.brain]
     assert made.labels.any() and not (made.labels & own).any()
     assert not (made.validation & own).any(), "the scan's own lesion is neither lesion nor normal tissue"
-    assert (made.labels & ~made.validation).sum() == 0, "every painted lesion voxel is a validation voxel"
+    own_volume = np.zeros(made.brain.shape, bool)
+    own_volume[made.brain] = own
+    near_own = (ndimage.distance_transform_edt(~own_volume, sampling=(1.2, 1.0, 1.0)) <= 3.0)[made.brain]
+    assert made.labels[~near_own].any() and not (made.labels & ~made.validation & ~near_own).any(), \
+        "every painted lesion voxel clear of the scan's own lesion is scored"
+    assert not (made.validation & near_own).any()
+    # Painted only on the slices of the scan's own lesion, which no network trains on.
+    lesion_slices_of_own = np.zeros(made.brain.shape, bool)
+    lesion_slices_of_own[np.unique(np.nonzero(prepare_case(load_case(files), baseline_preprocess(settings))
+                                              .native_lesion)[0])] = True
+    assert not (made.labels & ~lesion_slices_of_own[made.brain]).any()
+    with pytest.raises(ValueError, match="leave out the whole healed region"):
+        synthetic_case_data(files, dataclasses.replace(settings, synthetic_exclusion_mm=1.0), (), "site A", SMALL)
     assert synthetic_sources([files], 3) == [files]
 
 
