@@ -997,8 +997,9 @@ def test_study_command_line_settings_reach_the_study(monkeypatch, tmp_path, caps
     monkeypatch.setattr(api, "study", lambda *args, **kwargs: seen.update(kwargs) or {"result": None, "report": None})
     domains = tmp_path / "domains.json"
     assert main(["study", "--domains", str(domains), "-o", str(tmp_path / "out"), "--no-report", "--image-size", "128",
-                 "--search-cases", "12", "--epochs-ctoc", "16", "--folds", "3"]) == 0
+                 "--search-cases", "12", "--epochs-ctoc", "16", "--folds", "3", "--synthetic-cases", "2"]) == 0
     assert seen["search_cases_per_group"] == 12 and seen["image_size"] == 128 and seen["epochs_ctoc"] == 16
+    assert seen["synthetic_cases_per_domain"] == 2
     assert seen["n_folds"] == 3 and "epochs_joint" not in seen
     for flag, name in (("--search-cases", "cases"), ("--image-size", "image size"), ("--folds", "folds")):
         with pytest.raises(SystemExit):
