@@ -53,9 +53,9 @@ class StudySettings:
     synthetic_cases_per_domain: int = 0
     """Domain split: this many cases of each domain (spread over its cases in id order) are also loaded with small
     lesions painted into their white matter (:mod:`ADMAnomalyLib.synthetic`). In every run the copies made from its
-    training domains form one more selection group, so that the post-processing search, the load weight and the
-    threshold see small lesions even when every training domain's lesions are large. 0: none (every study before
-    the forty-fifth round)."""
+    training domains form one more group of the post-processing search, so that it sees small lesions even when
+    every training domain's lesions are large; the threshold and the load weight stay chosen on the real domains.
+    0: none (every study before the forty-fifth round)."""
     synthetic_exclusion_mm: float = 5.0
     """A synthetic selection case's validation voxels leave out its scan's own lesion and this margin round it."""
     dagmm_lambda_energy: float = 5e-4

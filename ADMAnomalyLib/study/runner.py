@@ -813,17 +813,18 @@ class RunData:
     """Per :func:`raw_key`: each training case's raw scores from the network trained without its domain
     (:func:`score_held_out`), for the rows with :attr:`~.methods.MethodSpec.held_out_selection`."""
     synthetic_cases: list[CaseData] = dataclasses.field(default_factory=list)
-    """The synthetic-lesion copies of training-domain scans (:func:`synthetic_case_data`): the last selection
-    group, never trained on."""
-
-    @property
-    def selection_cases(self) -> list[CaseData]:
-        """Every case the selection groups hold."""
-        return self.train_cases + self.synthetic_cases
+    """The synthetic-lesion copies of training-domain scans (:func:`synthetic_case_data`): one more group of the
+    post-processing search (:func:`adm_method_scores`), never trained on, never in the threshold or load choice."""
 
     @property
     def all_cases(self) -> list[CaseData]:
-        return self.selection_cases + self.test_cases
+        """The cases every row scores: the training cases (the groups) and the test cases."""
+        return self.train_cases + self.test_cases
+
+    @property
+    def scored_cases(self) -> list[CaseData]:
+        """The cases the networks score: :attr:`all_cases` and the synthetic ones."""
+        return self.all_cases + self.synthetic_cases
 
 
 def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -857,7 +858,10 @@ def adm_method_scores(spec: MethodSpec, run: RunData) -> tuple[dict[str, np.ndar
 
     extra: dict[str, Any] = {}
     if spec.search:
-        groups = search_groups(run.groups, settings.search_cases_per_group)
+        # The painted lesions' brightness is a prior, not a measurement, so they steer which terms rank lesions
+        # first, never the threshold or the load weight, which put the scores on the real scans' scale.
+        groups = search_groups(run.groups + ([run.synthetic_cases] if run.synthetic_cases else []),
+                               settings.search_cases_per_group)
         search_cases = [case for group in groups for case in group]
 
         def criterion(candidate: PostprocessConfig) -> float:
@@ -927,7 +931,7 @@ def baseline_method_scores(method: str, spec: MethodSpec, run: RunData) -> tuple
             scorer = OCSVMBaseline(max_train=settings.ocsvm_max_train, seed=run.seed).fit(normal)
             extra["n_support"] = scorer.n_support
         scores = {}
-        for c in run.selection_cases:  # validation voxels only are needed from training cases
+        for c in run.train_cases:  # validation voxels only are needed from training cases
             s = np.full(len(c.labels), -np.inf, dtype=np.float32)
             s[c.validation] = scorer.score(c.features[c.validation])
             scores[c.case_id] = s
@@ -1046,7 +1050,7 @@ def run_study(data_dir: str | Path | None, output_dir: str | Path, settings: Stu
             tick("train ADM networks", t)
             say(f"  ADM networks trained ({timings['train ADM networks']:.0f} s so far)")
             t = time.perf_counter()
-            run_data.raw.update(score_networks(trained, run_data.all_cases, variants_needed, InferenceOptions(device)))
+            run_data.raw.update(score_networks(trained, run_data.scored_cases, variants_needed, InferenceOptions(device)))
             del trained
             tick("score ADM networks", t)
             if held_out_networks:
@@ -1142,8 +1146,8 @@ def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[s
                settings: StudySettings, networks: Sequence[str], dagmm: bool,
                synthetic: Sequence[CaseData] = ()) -> tuple[dict[str, Any], RunData]:
     """The record and the data of one run: training cases (every case not tested), their training
-    slices per preparation the run's networks need, and the selection groups, the ``synthetic`` cases of the
-    training domains the last of them."""
+    slices per preparation the run's networks need, the selection groups, and the ``synthetic`` cases of the
+    training domains."""
     train_cases = [c for c in cases.values() if c.case_id not in test_ids]
     test_cases = [cases[c] for c in test_ids]
     # A copy of a tested scan, or of any scan of a tested domain, would let the test data steer the choices.
@@ -1162,7 +1166,6 @@ def _start_run(seed: int, fold_index: int, split_name: str, test_ids: Sequence[s
         record["train_domains"] = sorted({c.domain for c in train_cases})
     groups = selection_groups(train_cases, settings.split)
     if synthetic:
-        groups.append(list(synthetic))
         record["synthetic"] = [c.case_id for c in synthetic]
     return record, RunData(settings, seed, train_cases, test_cases, groups, {}, RunCaches(), training,
                            synthetic_cases=list(synthetic))
@@ -1201,7 +1204,8 @@ def score_held_out(run: RunData, networks: Sequence[str], variants: dict[str, se
         trained = train_networks(networks, run.settings, run.seed, training, device, cache_dir,
                                  [case.case_id for case in inner])
         del training
-        scored = score_networks(trained, [case for case in run.selection_cases if case.domain == domain],
+        scored = score_networks(trained, [case for case in run.train_cases + run.synthetic_cases
+                                          if case.domain == domain],
                                 {name: variants.get(name, set()) for name in networks}, InferenceOptions(device))
         for key, per_case in scored.items():
             run.held_out_raw.setdefault(key, {}).update(per_case)
