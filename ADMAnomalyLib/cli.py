@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "setting's, 4 quick, all full)")
     study.add_argument("--synthetic-cases", type=_non_negative_int,
                        help="with --domains: paint small lesions into this many scans of each domain and add the "
-                            "copies of a run's training domains to its selection (default 0: none)")
+                            "copies of a run's training domains to its post-processing search (default 0: none)")
     _add_device(study)
 
     threshold = commands.add_parser(
