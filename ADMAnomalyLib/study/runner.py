@@ -169,11 +169,9 @@ def synthetic_case_data(files, settings: StudySettings, preprocess: Sequence[Pre
 
 
 def synthetic_sources(files: Sequence, count: int) -> list:
-    """The ``count`` cases of a domain that synthetic lesions are painted into, spread over its cases in id order."""
-    ordered = sorted(files, key=lambda f: f.case_id)
-    if count >= len(ordered):
-        return ordered
-    return [ordered[i] for i in np.linspace(0, len(ordered) - 1, count).round().astype(int)]
+    """The ``count`` cases of a domain that synthetic lesions are painted into, spread over its cases in id order as
+    the search spreads its cases (:func:`search_groups`)."""
+    return search_groups([files], count)[0]
 
 
 # ------------------------------------------------------------------------------------------------
