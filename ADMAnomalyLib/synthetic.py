@@ -25,6 +25,7 @@ from scipy import ndimage
 from .cases import CaseImages
 from .config import CONTRASTS
 from .errors import InputError
+from .preprocess import normalisation_statistics
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,6 @@ def mirror_healed(case: CaseImages, brain: np.ndarray, lesion: np.ndarray, margi
     return dataclasses.replace(case, images=images)
 
 
-def _robust_spread(values: np.ndarray) -> float:
-    q25, q75 = np.percentile(values, [25, 75])
-    return float(q75 - q25) / 1.349
-
-
 def paint_lesions(case: CaseImages, brain: np.ndarray, sites: np.ndarray, config: SyntheticLesionConfig,
                   seed: int | None = None) -> CaseImages:
     """A copy of ``case`` with ``config.count`` lesions painted at random ``sites`` (see :func:`lesion_sites`) of
@@ -113,7 +109,8 @@ def paint_lesions(case: CaseImages, brain: np.ndarray, sites: np.ndarray, config
     reference = case.images[CONTRASTS[0]]
     spacing_zyx = np.array(tuple(reversed(reference.GetSpacing())), float)
     arrays = {c: sitk.GetArrayFromImage(case.images[c]).astype(np.float32) for c in CONTRASTS}
-    spreads = {c: _robust_spread(arrays[c][brain]) for c in CONTRASTS}
+    # The network input's robust scale (IQR / 1.349), so a change of 1 reads as about 1 in the network's units.
+    spreads = {c: normalisation_statistics(arrays[c][brain], "robust")[1] for c in CONTRASTS}
     softened = np.zeros(brain.shape, np.float32)
     changes = {c: np.zeros(brain.shape, np.float32) for c in CONTRASTS}
     candidates = np.argwhere(sites)
